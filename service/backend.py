@@ -1,0 +1,175 @@
+"""Model backends: padded token arrays in, one reward per row out.
+
+A backend knows only tensors. Requests, batching and formatting live in other layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .model_dir import ModelDirError, RewardModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Batch:
+    """Right-padded inputs of one forward pass."""
+
+    input_ids: np.ndarray  # int64 [batch, seq]
+    attention_mask: np.ndarray  # int64 [batch, seq]
+    token_type_ids: np.ndarray | None  # int64 [batch, seq] for encoders with segments
+
+
+class Backend(Protocol):
+    name: str
+    device: str
+    dtype: str
+
+    def score_batch(self, batch: Batch) -> np.ndarray:
+        """float32 [batch] rewards."""
+        ...
+
+
+def _check_weights(model_dir: Path, allow_pickle: bool) -> None:
+    if any(model_dir.glob("*.safetensors")) or (model_dir / "adapter_model.safetensors").exists():
+        return
+    pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+    if pickles and not allow_pickle:
+        raise ModelDirError(
+            f"{model_dir} holds only pickle weights ({', '.join(sorted(pickles))}), which can run "
+            "arbitrary code when loaded; convert them to safetensors or pass --allow-pickle if you trust them"
+        )
+    if not pickles:
+        raise ModelDirError(f"{model_dir} has no weights (*.safetensors)")
+
+
+class TorchBackend:
+    """Any HF ``AutoModelForSequenceClassification`` with one output, in ``torch.inference_mode``.
+
+    Decoders are scored at the last attended token of each (right-padded) row, by running the
+    base model and the ``score`` head ourselves, so a missing or odd pad token cannot shift the
+    position being read.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        spec: RewardModelSpec,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+    ) -> None:
+        import torch
+
+        self.torch = torch
+        self.model_dir = Path(model_dir)
+        self.spec = spec
+        self.device = device
+        if dtype not in DTYPES:
+            raise ModelDirError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        self.dtype = dtype
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelDirError("--device cuda was asked for but torch sees no CUDA device")
+        self.model = load_sequence_classifier(
+            self.model_dir, spec, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        ).to(device)
+        self.model.eval()
+        self._head = getattr(self.model, "score", None) if spec.architecture == "decoder" else None
+
+    def score_batch(self, batch: Batch) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            input_ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
+            attention_mask = torch.from_numpy(batch.attention_mask).to(self.device, non_blocking=True)
+            if self.spec.architecture == "decoder" and self._head is not None:
+                hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                last = attention_mask.sum(dim=1) - 1
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+                rewards = self._head(pooled)[:, 0]
+            else:
+                kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+                if batch.token_type_ids is not None:
+                    kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(self.device, non_blocking=True)
+                rewards = self.model(**kwargs).logits[:, 0]
+            return rewards.float().cpu().numpy()
+
+
+def load_sequence_classifier(
+    model_dir: Path, spec: RewardModelSpec, *, dtype: Any = None, trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Build the HF model of a reward-model directory (with its base model when it has one).
+
+    Shared by serving and training so a directory means the same model to both.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from .model_dir import resolve_base_model
+
+    model_dir = Path(model_dir)
+    _check_weights(model_dir, allow_pickle)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        # A bare backbone (e.g. sentence-transformers' MiniLM): give it a one-output head.
+        log.warning("%s has no sequence-classification head; its reward head is untrained", model_dir)
+        config.num_labels = 1
+    if config.num_labels != 1:
+        raise ModelDirError(
+            f"{model_dir} has {config.num_labels} outputs; a reward model has one (num_labels=1)"
+        )
+    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+        eos = config.eos_token_id
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    kwargs: dict[str, Any] = dict(config=config, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised head" warnings are handled below
+    try:
+        if spec.base_model:
+            base_path = resolve_base_model(spec.base_model, model_dir)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                base_path, output_loading_info=True, **kwargs
+            )
+            _lay_partial_weights(model, model_dir, info["missing_keys"])
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)
+    except OSError as exc:
+        raise ModelDirError(f"cannot load model from {model_dir}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def _lay_partial_weights(model: Any, model_dir: Path, missing_from_base: list[str]) -> None:
+    """Load the directory's partial state dict (trained layers + head) over the base weights."""
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(path))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ModelDirError(
+            f"{model_dir} has weights the base model does not: {result.unexpected_keys[:5]}; "
+            "is base_model in reward_model.json right?"
+        )
+    untrained = sorted(set(missing_from_base) - set(state))
+    if untrained:
+        raise ModelDirError(
+            f"{model_dir}: {untrained[:5]} are in neither the base model nor the directory"
+        )

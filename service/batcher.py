@@ -1,0 +1,185 @@
+"""Dynamic batching across concurrent requests, bounded by a token budget.
+
+Every request's items go into one queue per model. A worker gathers what is waiting (after at
+most ``max_wait_ms`` for company when the queue was empty), sorts it by length so rows of a
+batch have similar lengths (little padding), cuts it into batches whose padded size
+(rows x longest row) fits ``max_batch_tokens``, and runs each forward in a worker thread so the
+event loop keeps accepting and tokenising requests meanwhile. Each request gets its own scores
+back through per-item futures, so a request larger than one batch is simply split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import Backend, Batch
+from .formatting import EncodedInput
+from .metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _QueuedItem:
+    encoded: EncodedInput
+    future: asyncio.Future
+
+
+def plan_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches: sorted by length, each batch's rows x longest row within
+    the budget (a single row longer than the budget gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[i]  # ascending order: the new row is the longest
+        too_many = max_batch_size is not None and len(current) >= max_batch_size
+        if current and ((len(current) + 1) * longest > max_batch_tokens or too_many):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(encoded: list[EncodedInput], pad_token_id: int) -> Batch:
+    longest = max(len(e) for e in encoded)
+    input_ids = np.full((len(encoded), longest), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(encoded), longest), dtype=np.int64)
+    with_types = encoded[0].token_type_ids is not None
+    token_type_ids = np.zeros((len(encoded), longest), dtype=np.int64) if with_types else None
+    for row, e in enumerate(encoded):
+        n = len(e)
+        input_ids[row, :n] = e.input_ids
+        attention_mask[row, :n] = 1
+        if token_type_ids is not None:
+            token_type_ids[row, :n] = e.token_type_ids
+    return Batch(input_ids, attention_mask, token_type_ids)
+
+
+class TokenBudgetBatcher:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        model_name: str,
+        pad_token_id: int,
+        max_batch_tokens: int = 16384,
+        max_wait_ms: float = 5.0,
+        max_batch_size: int | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.backend = backend
+        self.model_name = model_name
+        self.pad_token_id = pad_token_id
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_batch_size = max_batch_size
+        self.metrics = metrics
+        self._queue: list[_QueuedItem] = []
+        self._queued_tokens = 0
+        self._arrived = asyncio.Event()
+        self._budget_full = asyncio.Event()
+        # One forward at a time per model: torch already spreads one forward over all cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}")
+        self._worker: asyncio.Task | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model_name}")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        for queued in self._queue:
+            if not queued.future.done():
+                queued.future.set_exception(RuntimeError("service is shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    async def score(self, encoded: list[EncodedInput]) -> list[float]:
+        """Queue the items and wait for their rewards (in the given order)."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in encoded]
+        for e, f in zip(encoded, futures):
+            self._queue.append(_QueuedItem(e, f))
+            self._queued_tokens += len(e)
+        self._update_depth()
+        self._arrived.set()
+        if self._queued_tokens >= self.max_batch_tokens:
+            self._budget_full.set()
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            # The caller went away (disconnect, deadline): drop its items that are still queued.
+            for f in futures:
+                f.cancel()
+            raise
+
+    async def _run(self) -> None:
+        while True:
+            await self._arrived.wait()
+            if self._queued_tokens < self.max_batch_tokens and self.max_wait > 0:
+                try:
+                    await asyncio.wait_for(self._budget_full.wait(), self.max_wait)
+                except asyncio.TimeoutError:
+                    pass
+            taken = [q for q in self._queue if not q.future.done()]
+            self._queue.clear()
+            self._queued_tokens = 0
+            self._arrived.clear()
+            self._budget_full.clear()
+            self._update_depth()
+            if not taken:
+                continue
+            plan = plan_batches([len(q.encoded) for q in taken], self.max_batch_tokens, self.max_batch_size)
+            for indices in plan:
+                live = [taken[i] for i in indices if not taken[i].future.done()]
+                if live:
+                    await self._forward(live)
+
+    async def _forward(self, items: list[_QueuedItem]) -> None:
+        batch = pad_batch([q.encoded for q in items], self.pad_token_id)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            rewards = await loop.run_in_executor(self._executor, self.backend.score_batch, batch)
+        except Exception as exc:  # one bad batch fails its own requests, not the server
+            log.exception("forward pass failed for %d items of model %s", len(items), self.model_name)
+            for q in items:
+                if not q.future.done():
+                    q.future.set_exception(exc)
+            return
+        if self.metrics is not None:
+            m, name = self.metrics, self.model_name
+            rows, longest = batch.input_ids.shape
+            real = int(batch.attention_mask.sum())
+            m.forward_latency.labels(name).observe(time.perf_counter() - started)
+            m.batch_size.labels(name).observe(rows)
+            m.batch_tokens.labels(name).observe(rows * longest)
+            m.items_scored.labels(name).inc(rows)
+            m.tokens_scored.labels(name).inc(real)
+            m.padded_tokens.labels(name).inc(rows * longest)
+        for q, reward in zip(items, rewards.tolist()):
+            if not q.future.done():
+                q.future.set_result(float(reward))
+
+    def _update_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.model_name).set(len(self._queue))

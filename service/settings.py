@@ -1,0 +1,63 @@
+"""Service settings: one pydantic-settings class, filled from ``REWARD_*`` environment variables
+and overridden by ``reward serve`` flags (one flag per field)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default-rm"
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REWARD_", extra="forbid")
+
+    models: list[str] = Field(
+        default_factory=lambda: [f"default={DEFAULT_MODEL_DIR}"],
+        description="Models to serve, as name=PATH (or PATH: named after its folder). The first is the default.",
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, description="Port to bind.")
+    backend: Literal["torch"] = Field("torch", description="Model backend.")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
+    max_length: int | None = Field(None, description="Override the models' max input tokens (truncation).")
+    max_batch_tokens: int = Field(
+        16384, gt=0, description="Padded tokens (rows x longest row) per forward pass."
+    )
+    max_batch_size: int | None = Field(None, gt=0, description="Rows per forward pass (no cap by default).")
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="How long the first queued item waits for others to share its batch."
+    )
+    max_items: int = Field(1024, gt=0, description="Items (or pairs x 2) per request.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body accepted.")
+    tokenizer_threads: int = Field(2, gt=0, description="Threads that tokenise requests off the event loop.")
+    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped in a model directory.")
+    allow_pickle: bool = Field(False, description="Load pickle (.bin) weights; safetensors only otherwise.")
+    log_level: str = Field("info", description="Logging level.")
+
+    @field_validator("models")
+    @classmethod
+    def _at_least_one(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one model (name=PATH)")
+        return value
+
+    def model_paths(self) -> list[tuple[str, Path]]:
+        """(name, path) pairs; names are unique."""
+        pairs: list[tuple[str, Path]] = []
+        for entry in self.models:
+            name, sep, path = entry.partition("=")
+            if not sep:
+                name, path = Path(entry).name, entry
+            if not name:
+                raise ValueError(f"model entry {entry!r} has an empty name; use name=PATH")
+            if any(n == name for n, _ in pairs):
+                raise ValueError(f"model name {name!r} is given twice; names must be unique")
+            pairs.append((name, Path(path).expanduser()))
+        return pairs

