@@ -48,8 +48,11 @@ class APIError(Exception):
         self.status, self.type, self.message = status, type_, message
 
 
-def _error(status: int, type_: str, message: str, request: Request | None = None, details=None) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", None) if request is not None else None
+def _error(
+    status: int, type_: str, message: str, request: Request | None = None, details=None, request_id: str | None = None
+) -> JSONResponse:
+    if request is not None:
+        request_id = getattr(request.state, "request_id", None)
     body = ErrorResponse(error=dict(code=status, type=type_, message=message, request_id=request_id, details=details))
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
@@ -83,7 +86,7 @@ class GuardMiddleware:
         declared = headers.get(b"content-length")
         try:
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                await self._refuse_too_large(scope, receive, send_with_id)
+                await self._refuse_too_large(scope, receive, send_with_id, request_id)
                 return
             received = 0
             refused = False
@@ -97,7 +100,7 @@ class GuardMiddleware:
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
                         refused = True
-                        await self._refuse_too_large(scope, receive, send_with_id)
+                        await self._refuse_too_large(scope, receive, send_with_id, request_id)
                         return {"type": "http.disconnect"}
                 return message
 
@@ -110,9 +113,9 @@ class GuardMiddleware:
             self.metrics.requests.labels(route, str(status_holder["status"])).inc()
             self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)
 
-    async def _refuse_too_large(self, scope, receive, send) -> None:
+    async def _refuse_too_large(self, scope, receive, send, request_id: str) -> None:
         self.metrics.rejections.labels("body_too_large").inc()
-        await _error(413, "body_too_large", self._too_large_message())(scope, receive, send)
+        await _error(413, "body_too_large", self._too_large_message(), request_id=request_id)(scope, receive, send)
 
     def _too_large_message(self) -> str:
         return (

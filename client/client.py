@@ -1,0 +1,545 @@
+"""HTTP clients for the reward service: ``RewardClient`` (sync) and ``AsyncRewardClient``.
+
+Both split large inputs into chunks, send the chunks concurrently over one pooled connection
+set, retry transient failures with backoff, and merge the answers back in item order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+import httpx
+import tenacity
+from pydantic import BaseModel, ValidationError
+
+from .protocol import (
+    API_VERSION,
+    ComparePair,
+    CompareRequest,
+    CompareResponse,
+    ErrorResponse,
+    MessagesItem,
+    ModelList,
+    PromptResponseItem,
+    ScoreRequest,
+    ScoreResponse,
+    Usage,
+    as_item,
+)
+
+__all__ = ["RewardClient", "AsyncRewardClient", "RewardServiceError", "ServiceUnavailable", "ProgressCallback"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+USER_AGENT = "reward-client/0.1"
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as ``progress(done_items, total_items)`` each time a chunk finishes."""
+
+ItemLike = PromptResponseItem | MessagesItem | Mapping[str, Any]
+PairLike = ComparePair | Mapping[str, Any]
+ResponseT = TypeVar("ResponseT", ScoreResponse, CompareResponse)
+
+# Failures where the request never reached the application, so sending it again is safe:
+# no connection, no connection in time, or a pooled keep-alive connection the server had
+# already closed (surfaces as RemoteProtocolError before any response byte arrives).
+RETRYABLE_TRANSPORT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+# Overloaded (429) or not ready / stopping (503): the server says "later", often with Retry-After.
+RETRYABLE_STATUSES = frozenset({429, 503})
+
+# Looked up at call time (not bound into the retry policy) so tests can replace them.
+_sleep = time.sleep
+_async_sleep = asyncio.sleep
+
+
+class RewardServiceError(Exception):
+    """The service refused a request, or could not be used; fields from its ErrorResponse."""
+
+    def __init__(self, status: int | None, type: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status} " if self.status is not None else ""
+        rid = f" (request id {self.request_id})" if self.request_id else ""
+        return f"{where}{self.type}: {self.message}{rid}"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(status={self.status!r}, type={self.type!r}, "
+            f"message={self.message!r}, request_id={self.request_id!r})"
+        )
+
+
+class ServiceUnavailable(RewardServiceError):
+    """The service could not be reached, or stayed unavailable (503), after all retries."""
+
+
+class _RetryableStatus(Exception):
+    """A 429/503 answer, raised inside the retry loop so tenacity sees it as a failure."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def error_from_response(response: httpx.Response) -> RewardServiceError:
+    """The typed error for a non-2xx answer, from its ErrorResponse body or, failing that, its text."""
+    status = response.status_code
+    cls = ServiceUnavailable if status == 503 else RewardServiceError
+    header_request_id = response.headers.get("x-request-id")
+    try:
+        detail = ErrorResponse.model_validate(response.json()).error
+    except (ValueError, ValidationError):
+        # Not our service's error shape (a proxy's HTML page, a bare text body): keep the text.
+        text = response.text.strip()[:1000] or response.reason_phrase or "no body"
+        return cls(status, f"http_{status}", text, header_request_id)
+    return cls(status, detail.type, detail.message, detail.request_id or header_request_id)
+
+
+def _chunks(seq: Sequence, size: int) -> list[Sequence]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+def _merge(responses: list[ResponseT]) -> ResponseT:
+    """One response from per-chunk responses given in item order."""
+    first = responses[0]
+    usage = Usage(
+        items=sum(r.usage.items for r in responses),
+        tokens=sum(r.usage.tokens for r in responses),
+        truncated=sum(r.usage.truncated for r in responses),
+    )
+    if isinstance(first, ScoreResponse):
+        return ScoreResponse(model=first.model, scores=[s for r in responses for s in r.scores], usage=usage)
+    return CompareResponse(model=first.model, results=[x for r in responses for x in r.results], usage=usage)
+
+
+class _ClientCore:
+    """Configuration, request building and retry policy shared by the sync and async clients."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        backoff_max: float = 20.0,
+        chunk_size: int = 64,
+        max_concurrency: int = 8,
+        headers: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.chunk_size = chunk_size
+        self.max_concurrency = max_concurrency
+        self.headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        # Enough pooled connections for every concurrent chunk, kept alive between calls.
+        self._limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_url!r})"
+
+    # -- request building --------------------------------------------------------------------
+
+    @staticmethod
+    def _items(items: Iterable[ItemLike]) -> list[PromptResponseItem | MessagesItem]:
+        built = []
+        for index, item in enumerate(items):
+            try:
+                built.append(as_item(item))
+            except ValidationError as exc:
+                # Name the item: pydantic alone would not say which of thousands is wrong.
+                raise ValueError(f"item {index}: {exc}") from exc
+        if not built:
+            raise ValueError("no items to score; give at least one")
+        return built
+
+    @staticmethod
+    def _pairs(pairs: Iterable[PairLike]) -> list[ComparePair]:
+        built = []
+        for index, pair in enumerate(pairs):
+            try:
+                built.append(pair if isinstance(pair, ComparePair) else ComparePair.model_validate(pair))
+            except ValidationError as exc:
+                raise ValueError(f"pair {index}: {exc}") from exc
+        if not built:
+            raise ValueError("no pairs to compare; give at least one")
+        return built
+
+    def _pairs_per_chunk(self) -> int:
+        # The server counts two responses per pair against its item limit, so a compare chunk
+        # holds chunk_size // 2 pairs to stay within the same limit as a score chunk.
+        return max(1, self.chunk_size // 2)
+
+    @staticmethod
+    def _body(request: BaseModel) -> dict:
+        return request.model_dump(mode="json", exclude_none=True)
+
+    # -- retry policy ------------------------------------------------------------------------
+
+    def _wait_seconds(self, retry_state: tenacity.RetryCallState) -> float:
+        # Exponential backoff with full jitter (uniform in [0, min(max, base * 2**n)]): many
+        # RL workers hitting one restarting service would otherwise retry in lockstep and
+        # knock it over again. tenacity gives us this, attempt counting and sync/async
+        # loops with one policy instead of two hand-written retry loops.
+        wait = tenacity.wait_random_exponential(multiplier=self.backoff, max=self.backoff_max)(retry_state)
+        outcome = retry_state.outcome
+        failure = outcome.exception() if outcome is not None else None
+        if isinstance(failure, _RetryableStatus):
+            retry_after = _retry_after_seconds(failure.response)
+            if retry_after is not None:
+                wait = max(wait, retry_after)
+        return min(wait, self.backoff_max)
+
+    def _retry_kwargs(self) -> dict:
+        return dict(
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            wait=self._wait_seconds,
+            retry=tenacity.retry_if_exception_type((*RETRYABLE_TRANSPORT_ERRORS, _RetryableStatus)),
+            reraise=True,
+        )
+
+    @staticmethod
+    def _check(response: httpx.Response) -> httpx.Response:
+        if response.status_code in RETRYABLE_STATUSES:
+            raise _RetryableStatus(response)
+        if response.is_error:
+            raise error_from_response(response)
+        return response
+
+    def _final_error(self, exc: Exception, path: str, tries: int) -> RewardServiceError:
+        """The typed error for what was left once retries ended (or were not allowed)."""
+        url = self.base_url + path
+        if isinstance(exc, _RetryableStatus):
+            return error_from_response(exc.response)
+        if isinstance(exc, RETRYABLE_TRANSPORT_ERRORS):
+            return ServiceUnavailable(
+                None,
+                "connection_error",
+                f"cannot reach the reward service at {url} after {tries} tries: {type(exc).__name__}: {exc}",
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return RewardServiceError(
+                None,
+                "timeout",
+                f"the reward service at {url} did not answer in time (timeout {self.timeout} s): "
+                f"{type(exc).__name__}; raise timeout or send smaller chunks",
+            )
+        return RewardServiceError(None, "transport_error", f"request to {url} failed: {type(exc).__name__}: {exc}")
+
+    def _parse(self, model: type[BaseModel], response: httpx.Response, path: str):
+        try:
+            return model.model_validate(response.json())
+        except (ValueError, ValidationError) as exc:
+            raise RewardServiceError(
+                response.status_code,
+                "invalid_response",
+                f"{self.base_url + path} answered with something that is not a {model.__name__}: {exc}",
+                response.headers.get("x-request-id"),
+            ) from exc
+
+
+class RewardClient(_ClientCore):
+    """Synchronous client. Thread-safe; chunks are sent from a pool of ``max_concurrency`` threads.
+
+    >>> with RewardClient("http://127.0.0.1:8000") as client:
+    ...     client.score([{"prompt": "2+2?", "response": "4"}]).scores
+    """
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, transport: httpx.BaseTransport | None = None, **options: Any) -> None:
+        super().__init__(base_url, **options)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, limits=self._limits, transport=transport
+        )
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._executor_lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+        self._http.close()
+
+    def __enter__(self) -> "RewardClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- API ---------------------------------------------------------------------------------
+
+    def score(
+        self,
+        items: Iterable[ItemLike],
+        model: str | None = None,
+        normalize: bool = False,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> ScoreResponse:
+        """One reward per item, in item order. Items are protocol items or dicts."""
+        chunks = _chunks(self._items(items), self.chunk_size)
+        bodies = [self._body(ScoreRequest(model=model, items=list(c), normalize=normalize)) for c in chunks]
+        return self._send_chunks(f"/{API_VERSION}/score", bodies, [len(c) for c in chunks], ScoreResponse, progress)
+
+    def compare(
+        self, pairs: Iterable[PairLike], model: str | None = None, *, progress: ProgressCallback | None = None
+    ) -> CompareResponse:
+        """Rewards of both responses of each pair and P(a better than b), in pair order."""
+        chunks = _chunks(self._pairs(pairs), self._pairs_per_chunk())
+        bodies = [self._body(CompareRequest(model=model, pairs=list(c))) for c in chunks]
+        return self._send_chunks(f"/{API_VERSION}/compare", bodies, [len(c) for c in chunks], CompareResponse, progress)
+
+    def models(self) -> ModelList:
+        path = f"/{API_VERSION}/models"
+        return self._parse(ModelList, self._request("GET", path), path)
+
+    def health(self) -> bool:
+        """Whether the process answers /healthz (one try, no retries)."""
+        return self._probe("/healthz")
+
+    def ready(self) -> bool:
+        """Whether models are loaded and warm (/readyz; one try, no retries)."""
+        return self._probe("/readyz")
+
+    def wait_ready(self, timeout: float = 60.0, interval: float = 0.5) -> None:
+        """Poll /readyz until ready; raise ServiceUnavailable after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() >= deadline:
+                raise ServiceUnavailable(None, "not_ready", f"the reward service at {self.base_url} was not ready after {timeout} s")
+            _sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _probe(self, path: str) -> bool:
+        try:
+            return self._http.get(path).is_success
+        except httpx.HTTPError:
+            return False
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        tries = 0
+
+        def send_once() -> httpx.Response:
+            nonlocal tries
+            tries += 1
+            return self._check(self._http.request(method, path, json=body))
+
+        retrying = tenacity.Retrying(sleep=lambda seconds: _sleep(seconds), **self._retry_kwargs())
+        try:
+            return retrying(send_once)
+        except RewardServiceError:
+            raise
+        except (_RetryableStatus, httpx.HTTPError) as exc:
+            raise self._final_error(exc, path, tries) from exc
+
+    def _send_chunk(self, path: str, body: dict, response_model: type[ResponseT]) -> ResponseT:
+        return self._parse(response_model, self._request("POST", path, body), path)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="reward-client")
+            return self._executor
+
+    def _send_chunks(
+        self,
+        path: str,
+        bodies: list[dict],
+        sizes: list[int],
+        response_model: type[ResponseT],
+        progress: ProgressCallback | None,
+    ) -> ResponseT:
+        total, done = sum(sizes), 0
+        if len(bodies) == 1:
+            result = self._send_chunk(path, bodies[0], response_model)
+            if progress:
+                progress(total, total)
+            return result
+        pool = self._pool()
+        futures: dict[Future, int] = {pool.submit(self._send_chunk, path, b, response_model): i for i, b in enumerate(bodies)}
+        results: list[ResponseT | None] = [None] * len(bodies)
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = futures[future]
+                    results[index] = future.result()  # re-raises the chunk's error
+                    done += sizes[index]
+                    if progress:
+                        progress(done, total)
+        finally:
+            # On the first failure, drop the chunks not yet started: the call fails anyway.
+            for future in pending:
+                future.cancel()
+        return _merge(results)  # type: ignore[arg-type]
+
+
+class AsyncRewardClient(_ClientCore):
+    """Asyncio client; chunks are sent concurrently, at most ``max_concurrency`` at a time.
+
+    >>> async with AsyncRewardClient("http://127.0.0.1:8000") as client:
+    ...     (await client.score([{"prompt": "2+2?", "response": "4"}])).scores
+    """
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, transport: httpx.AsyncBaseTransport | None = None, **options: Any) -> None:
+        super().__init__(base_url, **options)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, limits=self._limits, transport=transport
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncRewardClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- API ---------------------------------------------------------------------------------
+
+    async def score(
+        self,
+        items: Iterable[ItemLike],
+        model: str | None = None,
+        normalize: bool = False,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> ScoreResponse:
+        """One reward per item, in item order. Items are protocol items or dicts."""
+        chunks = _chunks(self._items(items), self.chunk_size)
+        bodies = [self._body(ScoreRequest(model=model, items=list(c), normalize=normalize)) for c in chunks]
+        return await self._send_chunks(f"/{API_VERSION}/score", bodies, [len(c) for c in chunks], ScoreResponse, progress)
+
+    async def compare(
+        self, pairs: Iterable[PairLike], model: str | None = None, *, progress: ProgressCallback | None = None
+    ) -> CompareResponse:
+        """Rewards of both responses of each pair and P(a better than b), in pair order."""
+        chunks = _chunks(self._pairs(pairs), self._pairs_per_chunk())
+        bodies = [self._body(CompareRequest(model=model, pairs=list(c))) for c in chunks]
+        return await self._send_chunks(
+            f"/{API_VERSION}/compare", bodies, [len(c) for c in chunks], CompareResponse, progress
+        )
+
+    async def models(self) -> ModelList:
+        path = f"/{API_VERSION}/models"
+        return self._parse(ModelList, await self._request("GET", path), path)
+
+    async def health(self) -> bool:
+        """Whether the process answers /healthz (one try, no retries)."""
+        return await self._probe("/healthz")
+
+    async def ready(self) -> bool:
+        """Whether models are loaded and warm (/readyz; one try, no retries)."""
+        return await self._probe("/readyz")
+
+    async def wait_ready(self, timeout: float = 60.0, interval: float = 0.5) -> None:
+        """Poll /readyz until ready; raise ServiceUnavailable after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self.ready():
+            if loop.time() >= deadline:
+                raise ServiceUnavailable(None, "not_ready", f"the reward service at {self.base_url} was not ready after {timeout} s")
+            await _async_sleep(min(interval, max(0.0, deadline - loop.time())))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    async def _probe(self, path: str) -> bool:
+        try:
+            return (await self._http.get(path)).is_success
+        except httpx.HTTPError:
+            return False
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        tries = 0
+
+        async def send_once() -> httpx.Response:
+            nonlocal tries
+            tries += 1
+            return self._check(await self._http.request(method, path, json=body))
+
+        retrying = tenacity.AsyncRetrying(sleep=lambda seconds: _async_sleep(seconds), **self._retry_kwargs())
+        try:
+            return await retrying(send_once)
+        except RewardServiceError:
+            raise
+        except (_RetryableStatus, httpx.HTTPError) as exc:
+            raise self._final_error(exc, path, tries) from exc
+
+    async def _send_chunks(
+        self,
+        path: str,
+        bodies: list[dict],
+        sizes: list[int],
+        response_model: type[ResponseT],
+        progress: ProgressCallback | None,
+    ) -> ResponseT:
+        total, done = sum(sizes), 0
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+
+        async def send(body: dict, size: int) -> ResponseT:
+            nonlocal done
+            async with semaphore:
+                result = self._parse(response_model, await self._request("POST", path, body), path)
+            done += size
+            if progress:
+                progress(done, total)
+            return result
+
+        tasks = [asyncio.ensure_future(send(b, n)) for b, n in zip(bodies, sizes)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            # gather does not stop the other chunks when one fails; cancel them so no request
+            # outlives the call that wanted it.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return _merge(list(results))

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+import tiny_models  # noqa: E402
+
+SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-init BERT / Llama (chat template) / GPT-2 (no template, no pad token) and the
+    real MiniLM backbone with a seeded head, each saved as a model directory."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "bert": tiny_models.build_tiny_bert(root / "bert"),
+        "llama": tiny_models.build_tiny_llama(root / "llama"),
+        "gpt2": tiny_models.build_tiny_gpt2(root / "gpt2"),
+        "minilm": tiny_models.build_minilm_rm(root / "minilm"),
+    }
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the preference data at {SHARED_DATA} (../shared/data from the repo root)")
+    return SHARED_DATA

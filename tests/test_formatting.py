@@ -1,0 +1,110 @@
+"""How an item becomes model input: chat templates, the documented fallbacks, truncation."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from service.batcher import plan_batches
+from service.formatting import encode_conversations, item_to_conversation, render_conversation
+from service.model_dir import RewardModelSpec
+
+USER = [{"role": "user", "content": "What is 2+2?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(model_dirs):
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in model_dirs.items()}
+
+
+def spec(arch: str, max_length: int = 512) -> RewardModelSpec:
+    return RewardModelSpec(architecture=arch, max_length=max_length)
+
+
+def test_items_of_both_shapes_become_the_same_conversation():
+    as_pair = item_to_conversation({"prompt": "What is 2+2?", "response": "4"})
+    as_messages = item_to_conversation({"messages": USER + [{"role": "assistant", "content": "4"}]})
+    assert as_pair == as_messages == (USER, "4")
+
+
+def test_a_decoder_with_a_chat_template_reads_the_template(tokenizers):
+    prompt, response = render_conversation(USER, "4", tokenizers["llama"], spec("decoder"))
+    assert prompt == "<|user|>What is 2+2?</s><|assistant|>"
+    assert response == "4</s>"
+
+
+def test_a_decoder_without_a_template_reads_the_hh_transcript_fallback(tokenizers):
+    prompt, response = render_conversation(
+        [{"role": "system", "content": "Be nice."}] + USER, "4", tokenizers["gpt2"], spec("decoder")
+    )
+    assert prompt == "\n\nSystem: Be nice.\n\nHuman: What is 2+2?\n\nAssistant:"
+    assert response == " 4</s>"
+
+
+def test_an_encoder_reads_a_text_pair_with_segment_ids(tokenizers):
+    tok = tokenizers["minilm"]
+    (encoded,) = encode_conversations([(USER, "4")], tok, spec("encoder"))
+    assert encoded.input_ids == tok("What is 2+2?", "4")["input_ids"]
+    assert encoded.token_type_ids[-2:] == [1, 1] and encoded.token_type_ids[0] == 0
+
+
+def test_an_encoder_reads_a_multi_turn_prompt_as_role_lines(tokenizers):
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye?"}]
+    prompt, _ = render_conversation(turns, "Bye!", tokenizers["minilm"], spec("encoder"))
+    assert prompt == "User: Hi\nAssistant: Hello\nUser: Bye?"
+
+
+@pytest.mark.parametrize("name,arch", [("minilm", "encoder"), ("llama", "decoder"), ("gpt2", "decoder")])
+def test_truncation_cuts_the_start_of_the_prompt_and_keeps_the_response(tokenizers, name, arch):
+    tok = tokenizers[name]
+    response = "Paris is the capital of France."
+    long_prompt = [{"role": "user", "content": "blah " * 200 + "What is the capital of France?"}]
+    (full,) = encode_conversations([(long_prompt, response)], tok, spec(arch, max_length=10_000))
+    (cut,) = encode_conversations([(long_prompt, response)], tok, spec(arch, max_length=64))
+    assert cut.truncated and not full.truncated and len(cut) == 64
+    # The response (and the template tokens after it) survive whole: the two end alike.
+    n_response = len(tok(response, add_special_tokens=False)["input_ids"])
+    assert cut.input_ids[-(n_response + 4):] == full.input_ids[-(n_response + 4):]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prompt=st.text(min_size=0, max_size=300),
+    response=st.text(min_size=0, max_size=300),
+    max_length=st.integers(min_value=8, max_value=96),
+)
+def test_truncation_properties_hold_for_any_text(model_dirs, prompt, response, max_length):
+    # The response is never cut before the prompt is exhausted, and nothing exceeds max_length.
+    tok = _cached_tokenizer(str(model_dirs["minilm"]))
+    messages = [{"role": "user", "content": prompt}]
+    (full,) = encode_conversations([(messages, response)], tok, spec("encoder", 100_000))
+    (cut,) = encode_conversations([(messages, response)], tok, spec("encoder", max_length))
+    assert len(cut) <= max_length
+    response_full = [i for i, t in zip(full.input_ids, full.token_type_ids) if t == 1]
+    response_cut = [i for i, t in zip(cut.input_ids, cut.token_type_ids) if t == 1]
+    prompt_cut = [i for i, t in zip(cut.input_ids[1:], cut.token_type_ids[1:]) if t == 0][:-1]  # minus [CLS]/[SEP]
+    if response_cut != response_full:
+        assert prompt_cut == [], "the response was cut while prompt tokens remained"
+    assert cut.truncated == (len(full) > max_length)
+
+
+_TOKENIZERS: dict = {}
+
+
+def _cached_tokenizer(path: str):
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZERS[path]
+
+
+def test_batches_respect_the_token_budget_and_group_similar_lengths():
+    lengths = [5, 100, 7, 90, 6, 95, 300]
+    batches = plan_batches(lengths, max_batch_tokens=200)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) * longest <= 200 or len(batch) == 1
+    assert [sorted(b) for b in batches][0] == [0, 2, 4]  # the short ones share a batch
+    assert batches[-1] == [6]  # a row over the budget goes alone
