@@ -86,7 +86,7 @@ def test_sync_chunks_are_sent_concurrently_and_merged_in_item_order():
     assert sorted(chunk_sizes) == [22, 64, 64]
     assert result.scores == [float(i) for i in range(150)]
     assert result.usage.items == 150 and result.usage.tokens == 1500 and result.usage.truncated == 3
-    assert result.model == "tiny@1"
+    assert isinstance(result, ScoreResponse) and result.model == "tiny@1"
     assert progress_calls[0] == (22, 150)  # the last chunk finished first
     assert progress_calls[-1] == (150, 150)
 
