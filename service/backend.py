@@ -87,24 +87,39 @@ class TorchBackend:
             allow_pickle=allow_pickle,
         ).to(device)
         self.model.eval()
-        self._head = getattr(self.model, "score", None) if spec.architecture == "decoder" else None
 
     def score_batch(self, batch: Batch) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
             input_ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
             attention_mask = torch.from_numpy(batch.attention_mask).to(self.device, non_blocking=True)
-            if self.spec.architecture == "decoder" and self._head is not None:
-                hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                last = attention_mask.sum(dim=1) - 1
-                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-                rewards = self._head(pooled)[:, 0]
-            else:
-                kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-                if batch.token_type_ids is not None:
-                    kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(self.device, non_blocking=True)
-                rewards = self.model(**kwargs).logits[:, 0]
+            token_type_ids = None
+            if batch.token_type_ids is not None:
+                token_type_ids = torch.from_numpy(batch.token_type_ids).to(self.device, non_blocking=True)
+            rewards = reward_forward(self.model, self.spec.architecture, input_ids, attention_mask, token_type_ids)
             return rewards.float().cpu().numpy()
+
+
+def reward_forward(model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None):
+    """One reward per right-padded row: THE forward of a reward model, shared by the service
+    (``TorchBackend.score_batch``) and the trainer, so both read the same position.
+
+    Encoders: ``model(...).logits[:, 0]`` (the head on [CLS]). Decoders with a ``score`` head: the
+    base model's hidden state at the last attended token through ``score``; other decoders fall
+    back to the model's own pooling.
+    """
+    head = getattr(model, "score", None) if architecture == "decoder" else None
+    if head is not None:
+        import torch
+
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return head(pooled)[:, 0]
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    return model(**kwargs).logits[:, 0]
 
 
 def load_sequence_classifier(
@@ -139,8 +154,18 @@ def load_sequence_classifier(
         kwargs["dtype"] = dtype
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised head" warnings are handled below
+    is_adapter = (model_dir / "adapter_config.json").is_file()
+    if is_adapter and dtype is not None:
+        import torch
+
+        # A LoRA adapter is merged in float32, then cast: merging in half precision loses bits.
+        kwargs["dtype"] = torch.float32
     try:
-        if spec.base_model:
+        if is_adapter:
+            model = _load_adapter(model_dir, spec, kwargs)
+            if dtype is not None:
+                model = model.to(dtype)
+        elif spec.base_model:
             base_path = resolve_base_model(spec.base_model, model_dir)
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 base_path, output_loading_info=True, **kwargs
@@ -153,6 +178,43 @@ def load_sequence_classifier(
     finally:
         hf_logging.set_verbosity(verbosity)
     return model
+
+
+def _load_adapter(model_dir: Path, spec: RewardModelSpec, kwargs: dict[str, Any]):
+    """A PEFT (LoRA) adapter directory: base model (``base_model`` of reward_model.json) with the
+    directory's config, the adapter (and its ``modules_to_save``, e.g. the head) on top, merged."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from .model_dir import resolve_base_model
+
+    if not spec.base_model:
+        raise ModelDirError(
+            f"{model_dir} holds a LoRA adapter (adapter_config.json) but reward_model.json names no "
+            "base_model to apply it to"
+        )
+    base_path = resolve_base_model(spec.base_model, model_dir)
+    model, info = AutoModelForSequenceClassification.from_pretrained(base_path, output_loading_info=True, **kwargs)
+    try:
+        adapter_config = json.loads((model_dir / "adapter_config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{model_dir / 'adapter_config.json'} is not valid JSON ({exc})") from exc
+    saved = [m for m in adapter_config.get("modules_to_save") or []]
+    untrained = [
+        k for k in info["missing_keys"]
+        if not any(k == m or k.startswith(m + ".") or ("." + m + ".") in ("." + k) for m in saved)
+    ]
+    if untrained:
+        raise ModelDirError(
+            f"{model_dir}: {untrained[:5]} are in neither the base model nor the adapter's modules_to_save"
+        )
+    try:
+        model = PeftModel.from_pretrained(model, model_dir)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelDirError(f"cannot apply the LoRA adapter in {model_dir} to {base_path}: {exc}") from exc
+    return model.merge_and_unload()
 
 
 def _lay_partial_weights(model: Any, model_dir: Path, missing_from_base: list[str]) -> None:

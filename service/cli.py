@@ -17,6 +17,7 @@ _SUBCOMMANDS = {
     "serve": ("service.cli", "add_serve_parser", "serve reward models over HTTP"),
     "score": ("client.cli", "add_score_parser", "score a JSONL file of items with a running service"),
     "train-rm": ("trainer.reward", "add_train_rm_parser", "train a reward model on preference data"),
+    "eval": ("trainer.evaluate", "add_eval_parser", "evaluate served reward models: accuracy, calibration, side by side, best-of-N"),
 }
 
 

@@ -151,3 +151,15 @@ def _content_version(model_dir: Path) -> str:
         stat = weights.stat()
         digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:12]
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False, base_model: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    source = model_dir
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")) and base_model:
+        source = resolve_base_model(base_model, model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"cannot load a tokenizer from {source}: {exc}") from exc

@@ -12,7 +12,7 @@ from .backend import TorchBackend
 from .batcher import TokenBudgetBatcher
 from .formatting import encode_conversations
 from .metrics import ServiceMetrics
-from .model_dir import ModelDirError, RewardModelSpec, load_spec
+from .model_dir import ModelDirError, RewardModelSpec, load_spec, load_tokenizer
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -42,20 +42,6 @@ class ServedModel:
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad) if pad is not None else 0
-
-
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False, base_model: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
-    from .model_dir import resolve_base_model
-
-    source = model_dir
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")) and base_model:
-        source = resolve_base_model(base_model, model_dir)
-    try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"cannot load a tokenizer from {source}: {exc}") from exc
 
 
 def load_model(name: str, path: Path, settings: ServiceSettings) -> ServedModel:

@@ -238,3 +238,21 @@ def test_pickle_weights_are_refused(tmp_path, model_dirs):
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode != 0 and "--allow-pickle" in done.stderr
+
+
+def test_reward_score_scores_a_jsonl_file_through_the_service(server, tmp_path):
+    import subprocess
+    import sys
+
+    lines = [{"id": i, **item} for i, item in enumerate(ITEMS)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "score", "--url", server.url, "--model", "minilm", str(source)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    scored = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [s["id"] for s in scored] == list(range(len(ITEMS)))
+    expected = RewardClient(server.url).score(ITEMS, model="minilm").scores
+    assert [s["score"] for s in scored] == pytest.approx(expected, abs=1e-5)

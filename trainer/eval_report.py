@@ -1,0 +1,288 @@
+"""Markdown and PNG plots for ``reward eval`` reports (the JSON is built in ``trainer/evaluate.py``).
+
+matplotlib is imported only when plots are drawn, with the Agg backend (no display needed);
+without matplotlib the plots are skipped with a warning and the rest of the report is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# =========================================================================== Markdown
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    return f"{x:.{digits}f}"
+
+
+def _pct(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{100 * x:.1f}%"
+
+
+def _acc_ci(block: dict[str, Any]) -> str:
+    return f"{_pct(block['accuracy'])} [{_pct(block['ci_low'])}, {_pct(block['ci_high'])}]"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    if report["kind"] == "best_of_n":
+        return _render_best_of_n(report)
+    return _render_preference(report)
+
+
+def _models_table(report: dict[str, Any]) -> str:
+    return _table(
+        ["label", "served model", "url", "architecture"],
+        [[m["label"], m["served_model"], m["url"], m.get("card", {}).get("architecture", "")] for m in report["models"]],
+    )
+
+
+def _render_preference(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    labels = [m["label"] for m in report["models"]]
+    out = ["# Reward model evaluation\n\n", f"Created {report['created']}. Scored through the service over HTTP.\n\n", _models_table(report)]
+    out.append(
+        "\nAccuracy: share of (chosen, rejected) pairs where the chosen response gets the higher reward; exact ties "
+        f"count as half and are counted in *ties*. Brackets: {int(cfg['confidence'] * 100)}% Wilson interval "
+        "(pairs treated as independent). K-way rankings contribute all their implied pairs.\n"
+    )
+    out.append("\n## Summary\n\n")
+    header = ["dataset", "pairs"] + [f"{label} accuracy" for label in labels] + ["longer-wins baseline"]
+    rows = []
+    for name, d in report["datasets"].items():
+        rows.append([name, d["n_pairs"]] + [_acc_ci(d["models"][label]) for label in labels] + [_pct(d["longer_wins"]["accuracy"])])
+    out.append(_table(header, rows))
+    if len(report["datasets"]) > 1:
+        out.append("\n" + _table(
+            ["model", "mean accuracy over datasets", "pooled accuracy", "pairs", "ties"],
+            [[label, _pct(s["mean_accuracy"]), _pct(s["pooled_accuracy"]), s["n_pairs"], s["n_ties"]] for label, s in report["summary"].items()],
+        ))
+
+    for name, d in report["datasets"].items():
+        out.append(f"\n## {name}\n\n")
+        out.append(
+            f"`{d['path']}`: {d['n_records']} records, {d['n_pairs']} pairs, {d['n_unique_responses']} unique responses "
+            f"({d['load']['malformed']} malformed rows skipped). The \"longer answer wins\" baseline: "
+            f"{_acc_ci(d['longer_wins'])} ({d['longer_wins']['n_ties']} equal-length pairs counted half).\n\n"
+        )
+        out.append("### Accuracy, length and calibration\n\n")
+        out.append(_table(
+            ["model", "accuracy [95% CI]", "ties", "chosen shorter", "chosen longer", "length-controlled", "longer wins",
+             "Pearson r(reward, length)", "Spearman", "ECE", "Brier"],
+            [[label, _acc_ci(m), m["n_ties"],
+              f"{_pct(m['length']['shorter_chosen']['accuracy'])} (n={m['length']['shorter_chosen']['n_pairs']})",
+              f"{_pct(m['length']['longer_chosen']['accuracy'])} (n={m['length']['longer_chosen']['n_pairs']})",
+              _pct(m["length"]["length_controlled_accuracy"]), _pct(m["length"]["longer_wins_accuracy"]),
+              _num(m["length"]["pearson_reward_length"]), _num(m["length"]["spearman_reward_length"]),
+              _num(m["calibration"]["ece"]), _num(m["calibration"]["brier"])]
+             for label, m in d["models"].items()],
+        ))
+        out.append(
+            "\nLength in characters; length-controlled = mean of the accuracies on pairs whose chosen answer is shorter "
+            f"and longer ({d['models'][labels[0]]['length']['equal_length_pairs']} equal-length pairs in neither). "
+            "Calibration: each pair shown in a seeded random order a/b, p = sigmoid(r_a - r_b), "
+            f"ECE over {cfg['calibration_bins']} equal-width bins.\n\n"
+        )
+        out.append("### Per category\n\n")
+        rows = []
+        for c in d["categories"]:
+            first = d["models"][labels[0]]["per_category"][c]
+            rows.append([c, first["n_pairs"]] + [
+                f"{_acc_ci(d['models'][label]['per_category'][c])}, ties {d['models'][label]['per_category'][c]['n_ties']}"
+                for label in labels
+            ])
+        out.append(_table(["category", "pairs"] + labels, rows))
+        out.append("\n### Reward distribution\n\n")
+        rows = []
+        for label in labels:
+            dist = d["models"][label]["reward_distribution"]
+            for c, s in [("all", dist["all"])] + list(dist["per_category"].items()):
+                rows.append([label, c, s["n"], _num(s["mean"]), _num(s["std"]), _num(s["q05"]), _num(s["q25"]),
+                             _num(s["median"]), _num(s["q75"]), _num(s["q95"])])
+        out.append(_table(["model", "category", "responses", "mean", "std", "q05", "q25", "median", "q75", "q95"], rows))
+        out.append("\n### Reliability\n\n")
+        first_bins = d["models"][labels[0]]["calibration"]["bins"]
+        rows = []
+        for i, b in enumerate(first_bins):
+            rows.append([f"[{b['lower']:.1f}, {b['upper']:.1f}{']' if i == len(first_bins) - 1 else ')'}"] + [
+                f"{_num(d['models'][label]['calibration']['bins'][i]['frac_a_better'], 2)} "
+                f"(p={_num(d['models'][label]['calibration']['bins'][i]['mean_p'], 2)}, "
+                f"n={d['models'][label]['calibration']['bins'][i]['n']})"
+                for label in labels
+            ])
+        out.append(_table(["p_a_better bin"] + [f"{label}: observed (mean p, n)" for label in labels], rows))
+        if d["comparisons"]:
+            out.append("\n### Side by side\n\n")
+            out.append(_table(
+                ["a", "b", "pairs", "accuracy a", "accuracy b", "b - a [95% CI]", "agreement"],
+                [[c["a"], c["b"], c["n_pairs"], _pct(c["accuracy_a"]), _pct(c["accuracy_b"]),
+                  f"{_signed_pct(c['diff'])} [{_signed_pct(c['diff_ci_low'])}, {_signed_pct(c['diff_ci_high'])}]",
+                  _pct(c["agreement"])] for c in d["comparisons"]],
+            ))
+            out.append(
+                f"\nDifference: paired bootstrap over pairs ({cfg['bootstrap']} resamples, seed {cfg['seed']}), percentile "
+                "interval. Agreement: share of pairs where both models pick the same winner.\n"
+            )
+        plots = report.get("plots", {}).get(name, {})
+        if plots:
+            out.append("\n" + "".join(f"![{kind}]({file})\n" for kind, file in plots.items()))
+    return "".join(out)
+
+
+def _signed_pct(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{100 * x:+.1f} pt"
+
+
+def _render_best_of_n(report: dict[str, Any]) -> str:
+    b = report["best_of_n"]
+    g = b["generation"]
+    out = ["# Best-of-N evaluation\n\n", f"Created {report['created']}. Scored through the service over HTTP.\n\n", _models_table(report)]
+    out.append(
+        f"\nPolicy `{b['policy']}`: {b['n_prompts']} prompts from `{b['prompts_source']}`, N = {b['n_samples']} samples each "
+        f"(temperature {g['temperature']}, top-p {g['top_p']}, top-k {g['top_k'] or 'off'}, max {g['max_new_tokens']} new "
+        f"tokens, seed {g['seed']}). Proxy: **{b['proxy']}**" + (f"; gold: **{b['gold']}**" if b["gold"] else "") + ".\n\n"
+        "Best-of-n reward: exact expectation over draws of n of the N samples without replacement "
+        "(sum_i C(i-1, n-1)/C(N, n) s_(i) over sorted scores), mean over prompts (± standard error); gold: the gold "
+        "reward of the proxy's pick. KL = log n - (n-1)/n.\n\n"
+    )
+    header = ["n", "KL (nats)", "proxy reward"] + (["gold reward"] if b["gold"] else [])
+    rows = []
+    for r in b["curve"]:
+        row = [r["n"], _num(r["kl"], 4), f"{_num(r['proxy_reward'])} ± {_num(r['proxy_reward_sem'])}"]
+        if b["gold"]:
+            row.append(f"{_num(r['gold_reward'])} ± {_num(r['gold_reward_sem'])}")
+        rows.append(row)
+    out.append(_table(header, rows))
+    if b.get("samples_file"):
+        out.append(f"\nSamples and their scores: `{b['samples_file']}`.\n")
+    plots = report.get("plots", {})
+    if plots:
+        out.append("\n" + "".join(f"![{kind}]({file})\n" for kind, file in plots.items()))
+    return "".join(out)
+
+
+# =========================================================================== plots
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        print("reward eval: matplotlib is not installed; skipping the PNG plots", file=sys.stderr)
+        return None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "data"
+
+
+def write_plots(report: dict[str, Any], out: Path, scores: dict[str, np.ndarray] | None = None, datasets: Any = None) -> dict[str, Any]:
+    """Draw the report's PNGs into ``out``; returns what goes under the report's ``plots`` key."""
+    plt = _pyplot()
+    if plt is None:
+        return {}
+    if report["kind"] == "best_of_n":
+        return {"best_of_n": _plot_best_of_n(plt, report, out)}
+    plots: dict[str, Any] = {}
+    by_name = {d.name: d for d in (datasets or [])}
+    for name, d in report["datasets"].items():
+        entry = {"reliability": _plot_reliability(plt, name, d, out)}
+        if scores is not None and name in by_name:
+            entry["reward_vs_length"] = _plot_length(plt, name, d, by_name[name], scores, out)
+        plots[name] = entry
+    return plots
+
+
+def _save(plt, fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _plot_reliability(plt, name: str, d: dict[str, Any], out: Path) -> str:
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    labels = list(d["models"])
+    width = 0.1 / max(1, len(labels))
+    for k, (label, m) in enumerate(d["models"].items()):
+        bins = [b for b in m["calibration"]["bins"] if b["n"]]
+        ax.plot([b["mean_p"] for b in bins], [b["frac_a_better"] for b in bins], marker="o",
+                label=f"{label} (ECE {m['calibration']['ece']:.3f})")
+        all_bins = m["calibration"]["bins"]
+        hist.bar([b["lower"] + (k + 0.5) * width for b in all_bins], [b["n"] for b in all_bins], width=width, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("observed frequency a is better")
+    ax.set_title(f"Reliability: {name}")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set_xlabel("p_a_better = sigmoid(r_a - r_b)")
+    hist.set_ylabel("pairs")
+    return _save(plt, fig, out / f"reliability-{slug(name)}.png")
+
+
+def _plot_length(plt, name: str, d: dict[str, Any], dataset: Any, scores: dict[str, np.ndarray], out: Path) -> str:
+    labels = list(d["models"])
+    fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), squeeze=False)
+    lengths = np.maximum(dataset.response_len, 1)
+    for ax, label in zip(axes[0], labels):
+        m = d["models"][label]["length"]
+        ax.scatter(lengths, scores[label][dataset.responses], s=6, alpha=0.4)
+        if lengths.max() >= 10 * lengths.min():
+            ax.set_xscale("log")
+        ax.set_xlabel("response length (characters)")
+        ax.set_ylabel("reward")
+        r, rho = m["pearson_reward_length"], m["spearman_reward_length"]
+        ax.set_title(f"{label}: Pearson {r if r is None else round(r, 3)}, Spearman {rho if rho is None else round(rho, 3)}", fontsize=9)
+    fig.suptitle(f"Reward vs length: {name}")
+    return _save(plt, fig, out / f"reward-vs-length-{slug(name)}.png")
+
+
+def _plot_best_of_n(plt, report: dict[str, Any], out: Path) -> str:
+    # Gains over n = 1 on one axis: proxy and gold rewards live on different scales, and what
+    # matters (Gao et al. 2022) is whether gold keeps rising with the proxy or turns down.
+    b = report["best_of_n"]
+    curve = b["curve"]
+    kl = [r["kl"] for r in curve]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    series = [("proxy", b["proxy"], "o")] + ([("gold", b["gold"], "s")] if b["gold"] else [])
+    for key, label, marker in series:
+        base = curve[0][f"{key}_reward"]
+        ax.errorbar(kl, [r[f"{key}_reward"] - base for r in curve], yerr=[r[f"{key}_reward_sem"] or 0.0 for r in curve],
+                    marker=marker, capsize=3, label=f"{key} ({label}); n=1: {base:.3f}")
+    for r in curve:
+        ax.annotate(f"n={r['n']}", (r["kl"], r["proxy_reward"] - curve[0]["proxy_reward"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("KL(best-of-n || policy) = log n - (n-1)/n  [nats]")
+    ax.set_ylabel("expected reward of the best of n, minus n=1")
+    ax.set_title(f"Best-of-N (N={b['n_samples']}, {b['n_prompts']} prompts)")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out / "best-of-n.png")
