@@ -10,11 +10,18 @@ Versioned under ``/v1``:
 - ``POST /v1/compare``  CompareRequest -> CompareResponse
 - ``GET  /v1/models``   -> ModelList
 - errors                -> ErrorResponse (every 4xx/5xx)
+
+Other frameworks' wire shapes, served beside ``/v1`` so their trainers work unchanged (last
+section of this module):
+
+- ``POST /get_reward``  GetRewardRequest      -> GetRewardResponse       (OpenRLHF remote RM)
+- ``POST /classify``    ClassificationRequest -> ClassificationResponse  (vLLM; verl's reward loop)
+- ``POST /pooling``     PoolingRequest        -> PoolingResponse         (vLLM)
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
@@ -179,3 +186,131 @@ def as_item(obj: PromptResponseItem | MessagesItem | dict) -> PromptResponseItem
         return MessagesItem.model_validate(obj)
     return PromptResponseItem.model_validate(obj)
 
+
+
+# -- Compatibility: other frameworks' shapes -------------------------------------------------
+#
+# These mirror what OpenRLHF and vLLM put on the wire, field for field, so their clients need no
+# change. Unlike our own requests they IGNORE unknown fields, as the servers they imitate do
+# (vLLM accepts and ignores extras; OpenRLHF's server reads only "query"): a newer client adding
+# a field must not break. Texts here are already formatted by the caller (chat template
+# applied); see ``service.formatting.encode_texts`` for how they are read.
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class GetRewardRequest(_Lenient):
+    """OpenRLHF's remote reward model body (``--reward.remote_url http://host:port/get_reward``)."""
+
+    query: list[str] = Field(
+        description="Full texts to score, prompt and response together, chat template already applied. "
+        "May be empty (OpenRLHF sends empty slices when it spreads a batch over several URLs)."
+    )
+    prompts: list[str] | None = Field(
+        default=None, description="The prompt of each query; where it is a prefix of its query it marks the prompt part."
+    )
+    labels: list[Any] | None = Field(default=None, description="Ground-truth labels; accepted and not used by a reward model.")
+    model: str | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> "GetRewardRequest":
+        if self.prompts is not None and len(self.prompts) != len(self.query):
+            raise ValueError(
+                f"prompts has {len(self.prompts)} entries but query has {len(self.query)}; send one prompt per query or none"
+            )
+        return self
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float] = Field(description="One reward per query, in order.")
+    scores: list[float] = Field(description="The same values: OpenRLHF reads `scores` for dynamic filtering.")
+    extra_logs: dict[str, list[float]] = Field(
+        default_factory=dict, description="Per-query values OpenRLHF logs: tokens read and whether the input was truncated."
+    )
+
+
+class _VLLMPoolingBase(_Lenient):
+    model: str | None = Field(
+        default=None, description="Served model name or its directory path (verl sends the path); the default when omitted."
+    )
+    input: Union[str, list[str]] = Field(description="One text or a list of texts, chat template already applied.")
+    use_activation: bool | None = Field(
+        default=None, description="Apply the head's activation (sigmoid for a one-output reward model)."
+    )
+    activation: bool | None = Field(default=None, description="vLLM's older name for use_activation.")
+    add_special_tokens: bool = Field(
+        default=True, description="Add the tokenizer's special tokens (BOS...), as vLLM does by default."
+    )
+    truncate_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="Keep at most this many tokens (cut from the start), within the model's max length."
+    )
+    user: str | None = None
+    priority: int = 0
+    request_id: str | None = None
+
+    @model_validator(mode="after")
+    def _input_not_empty(self) -> "_VLLMPoolingBase":
+        if isinstance(self.input, list) and not self.input:
+            raise ValueError("input is an empty list; send a string or at least one string")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def activation_wanted(self, default: bool) -> bool:
+        for value in (self.use_activation, self.activation):
+            if value is not None:
+                return value
+        return default
+
+
+class ClassificationRequest(_VLLMPoolingBase):
+    """vLLM's ``/classify`` body. Its ``use_activation`` defaults to true, as in vLLM; verl sends false."""
+
+
+class VLLMUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: dict | None = None
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str | None = Field(description="The model's label of its top class (id2label).")
+    probs: list[float] = Field(description="The reward (use_activation false) or sigmoid(reward); one class.")
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: VLLMUsage
+
+
+class PoolingRequest(_VLLMPoolingBase):
+    """vLLM's ``/pooling`` body. ``use_activation`` defaults to false here (the raw reward)."""
+
+    encoding_format: Literal["float"] = Field(default="float", description="Only 'float' is served.")
+    task: str | None = Field(default=None, description="Accepted for vLLM compatibility; a reward model has one task.")
+
+
+class PoolingData(BaseModel):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[float] = Field(description="The model's output for the text: [reward].")
+
+
+class PoolingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: VLLMUsage

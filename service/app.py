@@ -10,7 +10,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +39,7 @@ from .settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 _ERRORS = {404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
-_ROUTES = {"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics"}
+_ROUTES = {"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics", "/get_reward", "/classify", "/pooling"}
 
 
 class APIError(Exception):
@@ -122,6 +124,21 @@ class GuardMiddleware:
             f"request body is over the limit of {self.max_body_bytes} bytes; send fewer items per "
             "request (the client splits large inputs into chunks) or raise --max-body-bytes"
         )
+
+
+@dataclass
+class Scoring:
+    """What a route module needs from the app: model lookup, the item limit, and the one way to
+    score (tokenise off the loop, then the model's batcher). Routes in ``compat`` use it so no
+    endpoint has a forward path of its own."""
+
+    pick_model: Callable[[str | None], ServedModel]
+    check_count: Callable[[int, str], None]
+    score_encoded: Callable[..., Any]  # async (model, encode, *args) -> (scores, encoded inputs)
+
+
+def usage_of(encoded: list) -> Usage:
+    return Usage(items=len(encoded), tokens=sum(len(e) for e in encoded), truncated=sum(e.truncated for e in encoded))
 
 
 def _field_path(loc: tuple) -> str:
@@ -218,7 +235,7 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
     def pick_model(name: str | None) -> ServedModel:
         if name is None:
             return default_model
-        model = by_name.get(name) or by_name.get(name.split("@", 1)[0])
+        model = by_name.get(name) or by_name.get(name.split("@", 1)[0]) or _by_path(name)
         if model is None:
             raise APIError(404, "model_not_found", f"model {name!r} is not served here; served: {', '.join(by_name)} (GET /v1/models)")
         return model
@@ -231,14 +248,29 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
                 "request (the client does it for you) or raise --max-items",
             )
 
-    async def score_conversations(model: ServedModel, conversations: list[Conversation]) -> tuple[list[float], Usage]:
+    def _by_path(name: str) -> ServedModel | None:
+        # vLLM-style callers (verl) name the model by the directory they would have served.
+        try:
+            wanted = Path(name).expanduser().resolve()
+        except (OSError, ValueError):
+            return None
+        return next((m for m in models if m.path == wanted), None)
+
+    async def score_encoded(model: ServedModel, encode: Callable[..., list], *args, **kwargs) -> tuple[list[float], list]:
+        """``encode(*args, tokenizer, spec, **kwargs)`` in the tokeniser pool, then the model's
+        batcher: (scores, the EncodedInputs), in order."""
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(tokenize_pool, encode_conversations, conversations, model.tokenizer, model.spec)
+        encoded = await loop.run_in_executor(
+            tokenize_pool, lambda: encode(*args, model.tokenizer, model.spec, **kwargs)
+        )
         truncated = sum(e.truncated for e in encoded)
         if truncated:
             metrics.truncated_items.labels(model.name).inc(truncated)
-        scores = await model.batcher.score(encoded)
-        return scores, Usage(items=len(encoded), tokens=sum(len(e) for e in encoded), truncated=truncated)
+        return await model.batcher.score(encoded), encoded
+
+    async def score_conversations(model: ServedModel, conversations: list[Conversation]) -> tuple[list[float], Usage]:
+        scores, encoded = await score_encoded(model, encode_conversations, conversations)
+        return scores, usage_of(encoded)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, tags=["scoring"])
     async def score(request: ScoreRequest) -> ScoreResponse:
@@ -295,6 +327,10 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
                 metrics.queue_depth.labels(m.name).set(m.batcher.queue_depth)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    from .compat import router as compat_router
+
+    app.state.scoring = Scoring(pick_model=pick_model, check_count=check_count, score_encoded=score_encoded)
+    app.include_router(compat_router)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
 

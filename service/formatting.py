@@ -163,3 +163,82 @@ def _truncate(ids: list[int], kinds: list[int], types: list[int] | None, max_len
 def encode_items(items: Iterable[Any], tokenizer: Any, spec: RewardModelSpec) -> list[EncodedInput]:
     """Protocol items (score items or their dicts) to model input."""
     return encode_conversations((item_to_conversation(i) for i in items), tokenizer, spec)
+
+
+def encode_texts(
+    texts: Sequence[str],
+    tokenizer: Any,
+    spec: RewardModelSpec,
+    *,
+    prompt_prefixes: Sequence[str | None] | None = None,
+    add_special_tokens: bool | None = None,
+    max_length: int | None = None,
+) -> list[EncodedInput]:
+    """Already-formatted texts (OpenRLHF's ``query``, vLLM's ``input``) to model input.
+
+    Nothing is re-rendered: the caller already applied the chat template. The rules:
+
+    * Decoders: the text is tokenised as it is and scored at its last token. Special tokens
+      are added the way the tokenizer adds them to plain text, unless the text already begins
+      with the BOS token (a chat template wrote it) or ``add_special_tokens`` says otherwise.
+      When ``prompt_prefixes[i]`` is a prefix of the text, the tokens inside it count as the
+      prompt for truncation; otherwise the whole text does.
+    * Encoders: when ``prompt_prefixes[i]`` is a non-empty prefix of the text, the text is
+      split there and read as the text pair (prefix, rest), as ``encode_conversations`` does
+      for a single-turn (prompt, response); otherwise the whole text is one segment.
+
+    Trailing pad tokens (when the pad token is not also EOS) are removed first: a rollout
+    decoded with its special tokens can carry them, and a pad is never what is being judged.
+    Truncation follows the module's rule: tokens are cut from the start (the prompt) first, so
+    the end of the text, where a decoder reads its reward, is what stays. ``max_length``, when
+    given, lowers the model's limit for these texts (never raises it).
+    """
+    if not texts:
+        return []
+    limit = min(spec.max_length, max_length) if max_length else spec.max_length
+    pad, eos = getattr(tokenizer, "pad_token", None), getattr(tokenizer, "eos_token", None)
+    if pad and pad != eos:
+        texts = [_strip_trailing(t, pad) for t in texts]
+    prefixes = list(prompt_prefixes) if prompt_prefixes is not None else [None] * len(texts)
+    if len(prefixes) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(prefixes)} prompt prefixes")
+    splits = [p if p and t.startswith(p) else None for t, p in zip(texts, prefixes)]
+
+    if spec.architecture == "encoder":
+        out = []
+        for text, prefix in zip(texts, splits):
+            with_specials = True if add_special_tokens is None else add_special_tokens
+            if prefix is not None and len(prefix) < len(text):
+                enc = tokenizer(prefix, text[len(prefix):], add_special_tokens=with_specials, truncation=False, verbose=False)
+                # Both segments are kept apart so truncation cuts the prompt before the response.
+                kinds = [SPECIAL if s is None else (PROMPT if s == 0 else RESPONSE) for s in enc.sequence_ids(0)]
+            else:
+                enc = tokenizer(text, add_special_tokens=with_specials, truncation=False, verbose=False)
+                kinds = [SPECIAL if s is None else PROMPT for s in enc.sequence_ids(0)]
+            out.append(_truncate(enc["input_ids"], kinds, enc.get("token_type_ids"), limit))
+        return out
+
+    bos = getattr(tokenizer, "bos_token", None)
+    out = []
+    for text, prefix in zip(texts, splits):
+        with_specials = add_special_tokens
+        if with_specials is None:
+            with_specials = not (bos and text.startswith(bos))
+        enc = tokenizer(
+            text, add_special_tokens=with_specials, return_offsets_mapping=True, truncation=False, verbose=False
+        )
+        boundary = len(prefix) if prefix is not None else len(text)
+        # A token belongs to the prompt when it ends inside the prefix (a token straddling the
+        # boundary counts as response: truncation then never cuts into the response's start).
+        kinds = [
+            SPECIAL if seq_id is None else (PROMPT if end <= boundary else RESPONSE)
+            for seq_id, (_, end) in zip(enc.sequence_ids(0), enc["offset_mapping"])
+        ]
+        out.append(_truncate(enc["input_ids"], kinds, None, limit))
+    return out
+
+
+def _strip_trailing(text: str, token: str) -> str:
+    while text.endswith(token):
+        text = text[: -len(token)]
+    return text

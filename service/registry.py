@@ -26,6 +26,7 @@ class ServedModel:
     tokenizer: Any
     backend: TorchBackend
     batcher: TokenBudgetBatcher | None = None
+    label: str = "LABEL_0"  # the head's one class name (config.id2label[0]), as vLLM reports it
 
     @property
     def display_name(self) -> str:
@@ -73,7 +74,9 @@ def load_model(name: str, path: Path, settings: ServiceSettings) -> ServedModel:
         trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
     )
     log.info("loaded model %s from %s (%s, max_length=%d)", name, path, spec.architecture, spec.max_length)
-    return ServedModel(name=name, path=path.resolve(), spec=spec, tokenizer=tokenizer, backend=backend)
+    id2label = getattr(config, "id2label", None) or {}
+    label = str(id2label.get(0, id2label.get("0", "LABEL_0")))
+    return ServedModel(name=name, path=path.resolve(), spec=spec, tokenizer=tokenizer, backend=backend, label=label)
 
 
 def load_models(settings: ServiceSettings) -> list[ServedModel]:

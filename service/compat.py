@@ -1,0 +1,103 @@
+"""Other frameworks' endpoints, so their trainers call this service unchanged.
+
+- ``POST /get_reward``: OpenRLHF's remote reward model (``--reward.remote_url URL/get_reward``).
+- ``POST /classify`` and ``POST /pooling``: vLLM's pooling API as verl's reward loop calls it
+  (``data[-1].probs[-1]`` is the reward).
+
+Each route only translates shapes: the texts go through ``formatting.encode_texts`` and the
+model's batcher via ``app.state.scoring`` (the same path as ``/v1/score``), so a text scored here
+and the same input scored through ``/v1/score`` get the same reward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+
+from client.protocol import (
+    ClassificationData,
+    ClassificationRequest,
+    ClassificationResponse,
+    ErrorResponse,
+    GetRewardRequest,
+    GetRewardResponse,
+    PoolingData,
+    PoolingRequest,
+    PoolingResponse,
+    VLLMUsage,
+)
+
+from .formatting import encode_texts
+
+router = APIRouter(tags=["compatibility"])
+_ERRORS = {404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+
+
+@router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS)
+async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
+    """OpenRLHF's remote RM: one reward per ``query`` (full prompt + response text, template
+    applied). ``prompts[i]``, when a prefix of ``query[i]``, marks the prompt part (truncation;
+    an encoder reads the pair (prompt, rest)). An empty ``query`` gets empty lists."""
+    scoring = request.app.state.scoring
+    model = scoring.pick_model(body.model)
+    scoring.check_count(len(body.query), "queries")
+    if not body.query:
+        return GetRewardResponse(rewards=[], scores=[], extra_logs={})
+    scores, encoded = await scoring.score_encoded(model, encode_texts, body.query, prompt_prefixes=body.prompts)
+    return GetRewardResponse(
+        rewards=scores,
+        scores=scores,
+        extra_logs={
+            "reward_model_tokens": [float(len(e)) for e in encoded],
+            "reward_model_truncated": [float(e.truncated) for e in encoded],
+        },
+    )
+
+
+async def _score_vllm_texts(body, request: Request):
+    scoring = request.app.state.scoring
+    model = scoring.pick_model(body.model)
+    texts = body.texts
+    scoring.check_count(len(texts), "inputs")
+    scores, encoded = await scoring.score_encoded(
+        model, encode_texts, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
+    )
+    tokens = sum(len(e) for e in encoded)
+    # vLLM echoes the model name it was asked for; ours when none was given.
+    name = body.model or model.display_name
+    return model, name, scores, VLLMUsage(prompt_tokens=tokens, total_tokens=tokens)
+
+
+@router.post("/classify", response_model=ClassificationResponse, responses=_ERRORS)
+async def classify(body: ClassificationRequest, request: Request) -> ClassificationResponse:
+    """vLLM's classify API. A reward model has one class: ``probs`` is ``[reward]`` with
+    ``use_activation: false`` (what verl sends), ``[sigmoid(reward)]`` otherwise (vLLM's default)."""
+    model, name, scores, usage = await _score_vllm_texts(body, request)
+    activate = body.activation_wanted(default=True)
+    data = [
+        ClassificationData(index=i, label=model.label, probs=[_sigmoid(s) if activate else s], num_classes=1)
+        for i, s in enumerate(scores)
+    ]
+    return ClassificationResponse(
+        id=f"classify-{uuid.uuid4().hex}", created=int(time.time()), model=name, data=data, usage=usage
+    )
+
+
+@router.post("/pooling", response_model=PoolingResponse, responses=_ERRORS)
+async def pooling(body: PoolingRequest, request: Request) -> PoolingResponse:
+    """vLLM's pooling API: ``data[i].data`` is ``[reward]`` (``[sigmoid(reward)]`` with
+    ``use_activation: true``)."""
+    model, name, scores, usage = await _score_vllm_texts(body, request)
+    activate = body.activation_wanted(default=False)
+    data = [PoolingData(index=i, data=[_sigmoid(s) if activate else s]) for i, s in enumerate(scores)]
+    return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", created=int(time.time()), model=name, data=data, usage=usage)
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)

@@ -1,0 +1,191 @@
+"""Other frameworks call the service in their own shapes, against the real server: OpenRLHF's
+remote RM (``/get_reward``), vLLM's ``/classify`` and ``/pooling`` as verl's reward loop calls
+them. Each reward must equal what ``/v1/score`` gives for the same input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from client import RewardClient
+from server import running_server
+
+CONVERSATIONS = [
+    ([{"role": "user", "content": "What is the capital of France?"}], "Paris."),
+    ([{"role": "user", "content": "What is the capital of France?"}], "I think it is Lyon, but I am not sure at all."),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}], "Hi!"),
+    ([{"role": "user", "content": "Write a poem about the sea"}, {"role": "assistant", "content": "The sea is wide."},
+      {"role": "user", "content": "Longer please"}], "The sea is wide and deep and blue, and it is calling me and you."),
+]
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, tmp_path_factory):
+    args = [f"--model={name}={model_dirs[name]}" for name in ("llama", "gpt2", "bert")]
+    args += ["--max-items", "64", "--max-wait-ms", "10"]
+    with running_server(args, tmp_path_factory.mktemp("logs") / "server.log") as s:
+        yield s
+
+
+def v1_scores(server, model: str) -> list[float]:
+    items = [{"messages": messages + [{"role": "assistant", "content": response}]} for messages, response in CONVERSATIONS]
+    with RewardClient(server.url) as client:
+        return client.score(items, model=model).scores
+
+
+def formatted(model_dir, name: str) -> tuple[list[str], list[str]]:
+    """(queries, prompts) as a trainer builds them: the chat template applied by the trainer
+    (Llama), the HH transcript for a model without a template (GPT-2)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    queries, prompts = [], []
+    for messages, response in CONVERSATIONS:
+        if name == "llama":
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            query = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        else:
+            roles = {"user": "Human", "assistant": "Assistant", "system": "System"}
+            prompt = "".join(f"\n\n{roles[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+            query = prompt + " " + response + tokenizer.eos_token
+        queries.append(query)
+        prompts.append(prompt)
+    return queries, prompts
+
+
+def openrlhf_post(url: str, queries: list[str], prompts: list[str], **extra) -> list[httpx.Response]:
+    """What OpenRLHF's agent does: one sample per request, many requests at once."""
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=180) as http:
+            return await asyncio.gather(*(
+                http.post(f"{url}/get_reward", json={"query": [q], "prompts": [p], "labels": [""], **extra})
+                for q, p in zip(queries, prompts)
+            ))
+
+    return asyncio.run(fire())
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_openrlhf_one_sample_per_request_gets_the_v1_score(server, model_dirs, name):
+    queries, prompts = formatted(model_dirs[name], name)
+    # OpenRLHF's body names no model: the default (llama, served first) scores it. Our optional
+    # "model" field picks another.
+    answers = openrlhf_post(server.url, queries, prompts, **({} if name == "llama" else {"model": name}))
+
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    bodies = [a.json() for a in answers]
+    assert all(set(b) == {"rewards", "scores", "extra_logs"} and len(b["rewards"]) == 1 for b in bodies)
+    rewards = [b["rewards"][0] for b in bodies]
+    assert rewards == pytest.approx(v1_scores(server, name), abs=1e-4)
+    assert [b["scores"][0] for b in bodies] == rewards
+    assert all(b["extra_logs"]["reward_model_tokens"][0] > 0 for b in bodies)
+
+
+def test_openrlhf_several_samples_in_one_request_keep_their_order(server, model_dirs):
+    queries, prompts = formatted(model_dirs["llama"], "llama")
+    body = {"query": queries[::-1], "prompts": prompts[::-1], "labels": ["a", "b", "c", "d"]}
+
+    answer = httpx.post(f"{server.url}/get_reward", json=body)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["rewards"] == pytest.approx(v1_scores(server, "llama")[::-1], abs=1e-4)
+
+
+def test_openrlhf_empty_slice_gets_empty_lists(server):
+    # With several reward URLs, OpenRLHF sends the leftover URLs empty slices.
+    answer = httpx.post(f"{server.url}/get_reward", json={"query": [], "prompts": [], "labels": []})
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"rewards": [], "scores": [], "extra_logs": {}}
+
+
+def test_an_encoder_reads_the_query_split_at_its_prompt(server):
+    # A cross-encoder reads (prompt, response): the query is split where prompts[i] ends.
+    prompt, response = "What is the capital of France?", "Paris."
+    answer = httpx.post(f"{server.url}/get_reward", json={"query": [prompt + " " + response], "prompts": [prompt], "model": "bert"})
+    with RewardClient(server.url) as client:
+        expected = client.score([{"prompt": prompt, "response": response}], model="bert").scores
+
+    assert answer.json()["rewards"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_trailing_pad_tokens_of_a_decoded_rollout_are_not_scored(server, model_dirs):
+    queries, prompts = formatted(model_dirs["llama"], "llama")
+    clean = httpx.post(f"{server.url}/get_reward", json={"query": queries[:1]}).json()["rewards"]
+    padded = httpx.post(f"{server.url}/get_reward", json={"query": [queries[0] + "<pad><pad>"]}).json()["rewards"]
+
+    assert padded == pytest.approx(clean, abs=1e-5)
+
+
+@pytest.mark.parametrize("body,mentions", [
+    ({"prompts": ["p"]}, "query"),
+    ({"query": "a single string"}, "query"),
+    ({"query": ["a", "b"], "prompts": ["p"]}, "prompts"),
+    ({"query": ["a"], "model": "no-such-model"}, "no-such-model"),
+])
+def test_bad_openrlhf_bodies_get_a_4xx_naming_the_field(server, body, mentions):
+    answer = httpx.post(f"{server.url}/get_reward", json=body)
+
+    assert 400 <= answer.status_code < 500, answer.text
+    assert mentions in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_verl_classify_reads_the_reward_at_data_last_probs_last(server, model_dirs, name):
+    queries, _ = formatted(model_dirs[name], name)
+    expected = v1_scores(server, name)
+    for query, want in zip(queries, expected):
+        # verl's RewardLoopWorker: the model named by its path, raw logits requested.
+        payload = {"model": str(model_dirs[name]), "input": query, "use_activation": False}
+        answer = httpx.post(f"{server.url}/classify", json=payload)
+
+        assert answer.status_code == 200, answer.text
+        output = answer.json()
+        assert set(output) == {"id", "object", "created", "model", "data", "usage"}
+        assert output["object"] == "list" and output["id"].startswith("classify-") and output["model"] == str(model_dirs[name])
+        assert set(output["data"][-1]) == {"index", "label", "probs", "num_classes"} and output["data"][-1]["num_classes"] == 1
+        assert output["usage"]["prompt_tokens"] == output["usage"]["total_tokens"] > 0
+        assert output["data"][-1]["probs"][-1] == pytest.approx(want, abs=1e-4)
+
+
+def test_classify_applies_the_sigmoid_unless_told_not_to(server, model_dirs):
+    import math
+
+    queries, _ = formatted(model_dirs["llama"], "llama")
+    raw = httpx.post(f"{server.url}/classify", json={"model": "llama", "input": queries, "use_activation": False}).json()
+    activated = httpx.post(f"{server.url}/classify", json={"model": "llama", "input": queries, "use_activation": True}).json()
+    default = httpx.post(f"{server.url}/classify", json={"model": "llama", "input": queries}).json()
+    legacy = httpx.post(f"{server.url}/classify", json={"model": "llama", "input": queries, "activation": False}).json()
+
+    logits = [d["probs"][0] for d in raw["data"]]
+    assert [d["index"] for d in raw["data"]] == list(range(len(queries)))
+    assert logits == pytest.approx(v1_scores(server, "llama"), abs=1e-4)
+    assert [d["probs"][0] for d in activated["data"]] == pytest.approx([1 / (1 + math.exp(-x)) for x in logits], abs=1e-6)
+    assert [d["probs"][0] for d in default["data"]] == [d["probs"][0] for d in activated["data"]]
+    assert [d["probs"][0] for d in legacy["data"]] == logits
+
+
+def test_vllm_pooling_returns_the_reward(server, model_dirs):
+    queries, _ = formatted(model_dirs["gpt2"], "gpt2")
+    answer = httpx.post(f"{server.url}/pooling", json={"model": "gpt2", "input": queries})
+
+    assert answer.status_code == 200, answer.text
+    output = answer.json()
+    assert output["object"] == "list" and output["id"].startswith("pool-")
+    assert [d["object"] for d in output["data"]] == ["pooling"] * len(queries)
+    assert [d["data"][0] for d in output["data"]] == pytest.approx(v1_scores(server, "gpt2"), abs=1e-4)
+
+
+@pytest.mark.parametrize("path,body,status,mentions", [
+    ("/classify", {"model": "llama"}, 422, "input"),
+    ("/classify", {"model": "llama", "input": []}, 422, "input"),
+    ("/classify", {"model": "/no/such/dir", "input": "x"}, 404, "/no/such/dir"),
+    ("/pooling", {"model": "llama", "input": "x", "encoding_format": "base64"}, 422, "encoding_format"),
+])
+def test_bad_vllm_bodies_get_a_4xx_naming_the_field(server, path, body, status, mentions):
+    answer = httpx.post(f"{server.url}{path}", json=body)
+
+    assert answer.status_code == status, answer.text
+    assert mentions in answer.json()["error"]["message"]
