@@ -24,6 +24,8 @@ from .protocol import (
     CompareRequest,
     CompareResponse,
     ErrorResponse,
+    GetRewardRequest,
+    GetRewardResponse,
     MessagesItem,
     ModelList,
     PromptResponseItem,
@@ -43,7 +45,7 @@ ProgressCallback = Callable[[int, int], None]
 
 ItemLike = PromptResponseItem | MessagesItem | Mapping[str, Any]
 PairLike = ComparePair | Mapping[str, Any]
-ResponseT = TypeVar("ResponseT", ScoreResponse, CompareResponse)
+ResponseT = TypeVar("ResponseT", ScoreResponse, CompareResponse, GetRewardResponse)
 
 # Failures where the request never reached the application, so sending it again is safe:
 # no connection, no connection in time, or a pooled keep-alive connection the server had
@@ -130,6 +132,14 @@ def _chunks(seq: Sequence, size: int) -> list[Sequence]:
 def _merge(responses: list[ResponseT]) -> ResponseT:
     """One response from per-chunk responses given in item order."""
     first = responses[0]
+    if isinstance(first, GetRewardResponse):
+        logs: dict[str, list[float]] = {}
+        for r in responses:
+            for key, values in r.extra_logs.items():
+                logs.setdefault(key, []).extend(values)
+        return GetRewardResponse(
+            rewards=[x for r in responses for x in r.rewards], scores=[x for r in responses for x in r.scores], extra_logs=logs
+        )
     usage = Usage(
         items=sum(r.usage.items for r in responses),
         tokens=sum(r.usage.tokens for r in responses),
@@ -209,6 +219,17 @@ class _ClientCore:
         # The server counts two responses per pair against its item limit, so a compare chunk
         # holds chunk_size // 2 pairs to stay within the same limit as a score chunk.
         return max(1, self.chunk_size // 2)
+
+    def _text_bodies(self, texts: Sequence[str], prompts: Sequence[str] | None, model: str | None) -> list[dict]:
+        texts = list(texts)
+        if prompts is not None and len(prompts) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(prompts)} prompts; give one prompt per text or none")
+        bodies = []
+        for start in range(0, len(texts), self.chunk_size):
+            chunk_prompts = list(prompts[start : start + self.chunk_size]) if prompts is not None else None
+            request = GetRewardRequest(query=texts[start : start + self.chunk_size], prompts=chunk_prompts, model=model)
+            bodies.append(self._body(request))
+        return bodies
 
     @staticmethod
     def _body(request: BaseModel) -> dict:
@@ -330,6 +351,17 @@ class RewardClient(_ClientCore):
         chunks = _chunks(self._pairs(pairs), self._pairs_per_chunk())
         bodies = [self._body(CompareRequest(model=model, pairs=list(c))) for c in chunks]
         return self._send_chunks(f"/{API_VERSION}/compare", bodies, [len(c) for c in chunks], CompareResponse, progress)
+
+    def score_texts(
+        self, texts: Sequence[str], prompts: Sequence[str] | None = None, model: str | None = None
+    ) -> list[float]:
+        """Rewards of already-formatted texts (prompt + response, chat template applied), via
+        ``/get_reward``; ``prompts[i]``, when a prefix of ``texts[i]``, marks its prompt part."""
+        if not texts:
+            return []
+        bodies = self._text_bodies(texts, prompts, model)
+        sizes = [len(b["query"]) for b in bodies]
+        return self._send_chunks("/get_reward", bodies, sizes, GetRewardResponse, None).rewards
 
     def models(self) -> ModelList:
         path = f"/{API_VERSION}/models"
@@ -466,6 +498,17 @@ class AsyncRewardClient(_ClientCore):
         return await self._send_chunks(
             f"/{API_VERSION}/compare", bodies, [len(c) for c in chunks], CompareResponse, progress
         )
+
+    async def score_texts(
+        self, texts: Sequence[str], prompts: Sequence[str] | None = None, model: str | None = None
+    ) -> list[float]:
+        """Rewards of already-formatted texts (prompt + response, chat template applied), via
+        ``/get_reward``; ``prompts[i]``, when a prefix of ``texts[i]``, marks its prompt part."""
+        if not texts:
+            return []
+        bodies = self._text_bodies(texts, prompts, model)
+        sizes = [len(b["query"]) for b in bodies]
+        return (await self._send_chunks("/get_reward", bodies, sizes, GetRewardResponse, None)).rewards
 
     async def models(self) -> ModelList:
         path = f"/{API_VERSION}/models"

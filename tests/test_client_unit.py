@@ -438,7 +438,7 @@ def test_cli_standalone_main_runs_score(monkeypatch):
 
 def test_client_imports_neither_torch_nor_service():
     code = (
-        "import client, client.cli, sys; "
+        "import client, client.cli, client.integrations, sys; "
         "heavy = [m for m in ('torch', 'service', 'transformers') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -1,0 +1,144 @@
+"""Reward functions for other trainers, backed by the reward service through our client.
+
+TRL's ``GRPOTrainer(reward_funcs=[...])`` calls each function with keyword arguments only::
+
+    reward_func(prompts=..., completions=..., completion_ids=..., **dataset_columns, trainer_state=..., ...)
+
+and takes back one ``float | None`` per completion (``None`` becomes NaN and is skipped). It
+calls an ``async def`` function on its own event loop, concurrently with the other async ones
+(it tells them apart with ``inspect.iscoroutinefunction``), and logs each function under its
+``__name__``. :func:`trl_reward_func` and :func:`trl_async_reward_func` build such functions;
+:func:`text_reward_fn` is a plain ``reward_fn(texts) -> list[float]`` for trainers that hand over
+already-formatted texts.
+
+Like the rest of ``client``, this module imports neither torch, TRL nor the service.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, Literal, Sequence
+
+from .client import DEFAULT_URL, AsyncRewardClient, RewardClient, RewardServiceError
+
+__all__ = ["trl_reward_func", "trl_async_reward_func", "text_reward_fn", "completions_to_items"]
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["raise", "none"]
+
+
+def _text_of(content: Any) -> str:
+    # Messages may carry multimodal content parts ([{"type": "text", "text": ...}, ...]); a
+    # reward model reads their text.
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type", "text") == "text")
+    return "" if content is None else str(content)
+
+
+def _messages(messages: Sequence[dict]) -> list[dict[str, str]]:
+    # TRL messages can hold more keys (tool_calls, reasoning...); the protocol takes role + content.
+    return [{"role": m["role"], "content": _text_of(m.get("content"))} for m in messages]
+
+
+def completions_to_items(prompts: Sequence[Any], completions: Sequence[Any]) -> list[dict]:
+    """TRL's (prompts, completions), standard (strings) or conversational (message lists), as
+    score items: ``{"prompt", "response"}`` or ``{"messages"}`` ending with the assistant turn."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; TRL passes one prompt per completion")
+    items = []
+    for prompt, completion in zip(prompts, completions):
+        if isinstance(completion, str):
+            prompt_part = prompt if isinstance(prompt, str) else _messages(prompt)
+            items.append({"prompt": prompt_part, "response": completion})
+            continue
+        conversation = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)) + _messages(completion)
+        if not conversation or conversation[-1]["role"] != "assistant":
+            # A completion that ends in a tool call has no final assistant text: score it empty.
+            conversation.append({"role": "assistant", "content": ""})
+        items.append({"messages": conversation})
+    return items
+
+
+def _failed(n: int, exc: Exception, on_error: OnError) -> list[float | None]:
+    if on_error == "raise":
+        raise exc
+    log.warning("reward service failed (%s); returning None for %d completions", exc, n)
+    return [None] * n
+
+
+def trl_reward_func(
+    url: str = DEFAULT_URL,
+    *,
+    model: str | None = None,
+    normalize: bool = False,
+    on_error: OnError = "raise",
+    name: str = "reward_model",
+    client: RewardClient | None = None,
+    **client_options: Any,
+) -> Callable[..., list[float | None]]:
+    """A synchronous TRL reward function scoring completions with the service at ``url``.
+
+    ``on_error="none"`` returns ``None`` for every completion when the service fails after the
+    client's retries (TRL then ignores them) instead of raising. Extra keyword arguments go to
+    :class:`RewardClient` (timeout, max_retries, chunk_size...).
+    """
+    rm = client or RewardClient(url, **client_options)
+
+    def reward_func(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
+        items = completions_to_items(prompts, completions)
+        if not items:
+            return []
+        try:
+            return list(rm.score(items, model=model, normalize=normalize).scores)
+        except RewardServiceError as exc:
+            return _failed(len(items), exc, on_error)
+
+    reward_func.__name__ = reward_func.__qualname__ = name
+    reward_func.client = rm  # type: ignore[attr-defined]  # so a caller can close it
+    return reward_func
+
+
+def trl_async_reward_func(
+    url: str = DEFAULT_URL,
+    *,
+    model: str | None = None,
+    normalize: bool = False,
+    on_error: OnError = "raise",
+    name: str = "reward_model",
+    **client_options: Any,
+) -> Callable[..., Awaitable[list[float | None]]]:
+    """The ``async def`` flavour: TRL awaits it concurrently with its other async reward functions.
+
+    TRL runs async reward functions on an event loop of its own, so each call opens its client
+    on the loop it runs on (an httpx async client cannot move between loops).
+    """
+
+    async def reward_func(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
+        items = completions_to_items(prompts, completions)
+        if not items:
+            return []
+        try:
+            async with AsyncRewardClient(url, **client_options) as rm:
+                return list((await rm.score(items, model=model, normalize=normalize)).scores)
+        except RewardServiceError as exc:
+            return _failed(len(items), exc, on_error)
+
+    reward_func.__name__ = reward_func.__qualname__ = name
+    return reward_func
+
+
+def text_reward_fn(
+    url: str = DEFAULT_URL, *, model: str | None = None, client: RewardClient | None = None, **client_options: Any
+) -> Callable[..., list[float]]:
+    """``reward_fn(texts, prompts=None) -> list[float]`` for trainers that pass already-formatted
+    texts (prompt + response, chat template applied): scored as ``/get_reward`` scores them."""
+    rm = client or RewardClient(url, **client_options)
+
+    def reward_fn(texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
+        return rm.score_texts(list(texts), prompts=list(prompts) if prompts is not None else None, model=model)
+
+    reward_fn.client = rm  # type: ignore[attr-defined]
+    return reward_fn
