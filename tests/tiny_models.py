@@ -102,3 +102,77 @@ def build_minilm_rm(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
     return out
+
+
+# -- The common shapes of Hugging Face reward checkpoints ---------------------------------------
+
+def build_tiny_hf_decoder(out: Path, family: str, *, with_pad: bool, seed: int = 0) -> Path:
+    """A Qwen2 / Mistral / Gemma ``*ForSequenceClassification`` with num_labels=1, as published
+    reward models are; ``with_pad=False`` leaves tokenizer and config without a pad token (transformers'
+    Qwen2 tokenizer class adds its own ``<|endoftext|>``, hence room in the vocabulary)."""
+    from transformers import (
+        GemmaConfig, GemmaForSequenceClassification, MistralConfig, MistralForSequenceClassification,
+        Qwen2Config, Qwen2ForSequenceClassification,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer(CHATML_TEMPLATE, with_pad=with_pad)
+    config_class, model_class = {
+        "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
+        "mistral": (MistralConfig, MistralForSequenceClassification),
+        "gemma": (GemmaConfig, GemmaForSequenceClassification),
+    }[family]
+    config = config_class(
+        vocab_size=len(tokenizer) + 16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, intermediate_size=64, max_position_embeddings=256, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model_class(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_deberta(out: Path, seed: int = 0) -> Path:
+    """A DeBERTa-v2 cross-encoder (the OpenAssistant reward models' shape)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = DebertaV2Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=1, type_vocab_size=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    DebertaV2ForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_openrlhf_llama(out: Path, seed: int = 0, *, with_base_prefix: bool = True) -> Path:
+    """A reward model saved the way OpenRLHF saves one: the bare backbone's weights (under
+    ``model.``, or unprefixed as a plain ``AutoModel`` saves them) plus a bias-free one-output
+    ``value_head``; its reward_model.json names the head."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaModel
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer(CHATML_TEMPLATE, with_pad=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    backbone = LlamaModel(config)
+    value_head = torch.nn.Linear(config.hidden_size, 1, bias=False)
+    prefix = "model." if with_base_prefix else ""
+    state = {prefix + k: v.contiguous() for k, v in backbone.state_dict().items()}
+    state["value_head.weight"] = value_head.weight.detach().contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(out)
+    save_file(state, out / "model.safetensors")
+    tokenizer.save_pretrained(out)
+    (out / "reward_model.json").write_text(json.dumps({"value_head_prefix": "value_head"}))
+    return out
