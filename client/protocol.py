@@ -9,6 +9,7 @@ Versioned under ``/v1``:
 - ``POST /v1/score``    ScoreRequest   -> ScoreResponse
 - ``POST /v1/compare``  CompareRequest -> CompareResponse
 - ``GET  /v1/models``   -> ModelList
+- ``POST /v1/models/{name}/reload``  ReloadRequest -> ReloadResponse (hot reload; needs --reload-token)
 - errors                -> ErrorResponse (every 4xx/5xx)
 
 Other frameworks' wire shapes, served beside ``/v1`` so their trainers work unchanged (last
@@ -164,6 +165,18 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ReloadRequest(_Strict):
+    path: str | None = Field(
+        default=None, description="Directory to load instead; the model's current directory when omitted."
+    )
+
+
+class ReloadResponse(BaseModel):
+    model: ModelCard = Field(description="The model now serving under this name.")
+    previous_version: str
+    seconds: float = Field(description="Time to load and warm up the new weights.")
 
 
 class ErrorDetail(BaseModel):

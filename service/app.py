@@ -174,7 +174,6 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
     if models is None:
         models = load_models(settings)
     by_name = {m.name: m for m in models}
-    default_model = models[0]
     tokenize_pool = ThreadPoolExecutor(max_workers=settings.tokenizer_threads, thread_name_prefix="tokenize")
     state = {"ready": False}
 
@@ -234,7 +233,7 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
 
     def pick_model(name: str | None) -> ServedModel:
         if name is None:
-            return default_model
+            return models[0]  # the default; `models` changes in place when one is reloaded
         model = by_name.get(name) or by_name.get(name.split("@", 1)[0]) or _by_path(name)
         if model is None:
             raise APIError(404, "model_not_found", f"model {name!r} is not served here; served: {', '.join(by_name)} (GET /v1/models)")
@@ -260,13 +259,14 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
         """``encode(*args, tokenizer, spec, **kwargs)`` in the tokeniser pool, then the model's
         batcher: (scores, the EncodedInputs), in order."""
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            tokenize_pool, lambda: encode(*args, model.tokenizer, model.spec, **kwargs)
-        )
-        truncated = sum(e.truncated for e in encoded)
-        if truncated:
-            metrics.truncated_items.labels(model.name).inc(truncated)
-        return await model.batcher.score(encoded), encoded
+        with model.in_use():  # a reload waits for this before retiring the model
+            encoded = await loop.run_in_executor(
+                tokenize_pool, lambda: encode(*args, model.tokenizer, model.spec, **kwargs)
+            )
+            truncated = sum(e.truncated for e in encoded)
+            if truncated:
+                metrics.truncated_items.labels(model.name).inc(truncated)
+            return await model.batcher.score(encoded), encoded
 
     async def score_conversations(model: ServedModel, conversations: list[Conversation]) -> tuple[list[float], Usage]:
         scores, encoded = await score_encoded(model, encode_conversations, conversations)
@@ -306,7 +306,7 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"])
     async def list_models() -> ModelList:
-        return ModelList(data=[_card(m, m is default_model) for m in models])
+        return ModelList(data=[_card(m, m is models[0]) for m in models])
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:
@@ -327,10 +327,13 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
                 metrics.queue_depth.labels(m.name).set(m.batcher.queue_depth)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    from .admin import router as admin_router
     from .compat import router as compat_router
 
     app.state.scoring = Scoring(pick_model=pick_model, check_count=check_count, score_encoded=score_encoded)
+    app.state.served = models  # the list admin.reload swaps a reloaded model into
     app.include_router(compat_router)
+    app.include_router(admin_router)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
 

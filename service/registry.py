@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ class ServedModel:
     backend: TorchBackend
     batcher: TokenBudgetBatcher | None = None
     label: str = "LABEL_0"  # the head's one class name (config.id2label[0]), as vLLM reports it
+    # Requests between picking this model and getting their scores; a reload retires the
+    # model only when none is left, so no accepted request fails or hangs.
+    _users: int = field(default=0, repr=False)
+    _unused: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def display_name(self) -> str:
@@ -38,6 +44,27 @@ class ServedModel:
 
         encoded = encode_conversations([([{"role": "user", "content": "Hello"}], "Hi!")], self.tokenizer, self.spec)
         self.backend.score_batch(pad_batch(encoded, self.pad_token_id))
+
+    @contextlib.contextmanager
+    def in_use(self):
+        """Held around tokenising + scoring; enter it before the first await after picking the model."""
+        if self._unused is None:
+            self._unused = asyncio.Event()
+        self._users += 1
+        self._unused.clear()
+        try:
+            yield self
+        finally:
+            self._users -= 1
+            if self._users == 0:
+                self._unused.set()
+
+    async def retire(self) -> None:
+        """Wait for the requests still using this model, then stop its batcher."""
+        if self._users and self._unused is not None:
+            await self._unused.wait()
+        if self.batcher is not None:
+            await self.batcher.stop()
 
     @property
     def pad_token_id(self) -> int:
@@ -84,6 +111,7 @@ def load_models(settings: ServiceSettings) -> list[ServedModel]:
 
 
 def attach_batchers(models: list[ServedModel], settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+    """Give each model its batcher (not started)."""
     for m in models:
         m.batcher = TokenBudgetBatcher(
             m.backend,

@@ -39,6 +39,11 @@ class ServiceSettings(BaseSettings):
     torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
     trust_remote_code: bool = Field(False, description="Run model code shipped in a model directory.")
     allow_pickle: bool = Field(False, description="Load pickle (.bin) weights; safetensors only otherwise.")
+    reload_token: str | None = Field(
+        None,
+        description="Bearer token that allows POST /v1/models/{name}/reload (hot reload); reloading is off without "
+        "one. Prefer the REWARD_RELOAD_TOKEN variable to the flag, which other users can see in ps.",
+    )
     log_level: str = Field("info", description="Logging level.")
 
     @field_validator("models")
