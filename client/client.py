@@ -1,13 +1,16 @@
 """HTTP clients for the reward service: ``RewardClient`` (sync) and ``AsyncRewardClient``.
 
 Both split large inputs into chunks, send the chunks concurrently over one pooled connection
-set, retry transient failures with backoff, and merge the answers back in item order.
+set, retry transient failures with backoff, and merge the answers back in item order. Given
+several URLs (replicas serving the same model), they spread requests over them in turn and
+fail over to the next replica when one is down or busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -155,7 +158,7 @@ class _ClientCore:
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout: float = 60.0,
         max_retries: int = 5,
@@ -172,7 +175,14 @@ class _ClientCore:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
-        self.base_url = base_url.rstrip("/")
+        # Several URLs (replicas of one model): each request starts at the next replica in turn
+        # and, when one is unreachable or answers 429/503, moves on to the next one at once.
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("give at least one service URL")
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.base_url = self.base_urls[0]
+        self._turn = itertools.count()  # next() is atomic in CPython: safe across threads
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
@@ -186,7 +196,16 @@ class _ClientCore:
         self._limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.base_url!r})"
+        where = self.base_url if len(self.base_urls) == 1 else self.base_urls
+        return f"{type(self).__name__}({where!r})"
+
+    def _first_replica(self) -> int:
+        return next(self._turn) % len(self.base_urls)
+
+    def _where(self, path: str) -> str:
+        if len(self.base_urls) == 1:
+            return self.base_url + path
+        return f"{path} on any of {', '.join(self.base_urls)}"
 
     # -- request building --------------------------------------------------------------------
 
@@ -242,6 +261,8 @@ class _ClientCore:
         # RL workers hitting one restarting service would otherwise retry in lockstep and
         # knock it over again. tenacity gives us this, attempt counting and sync/async
         # loops with one policy instead of two hand-written retry loops.
+        if retry_state.attempt_number < len(self.base_urls):
+            return 0.0  # the next try goes to a replica not tried yet: no reason to wait
         wait = tenacity.wait_random_exponential(multiplier=self.backoff, max=self.backoff_max)(retry_state)
         outcome = retry_state.outcome
         failure = outcome.exception() if outcome is not None else None
@@ -253,7 +274,8 @@ class _ClientCore:
 
     def _retry_kwargs(self) -> dict:
         return dict(
-            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            # One try per replica, then max_retries more (one URL: 1 + max_retries, as before).
+            stop=tenacity.stop_after_attempt(self.max_retries + len(self.base_urls)),
             wait=self._wait_seconds,
             retry=tenacity.retry_if_exception_type((*RETRYABLE_TRANSPORT_ERRORS, _RetryableStatus)),
             reraise=True,
@@ -269,7 +291,7 @@ class _ClientCore:
 
     def _final_error(self, exc: Exception, path: str, tries: int) -> RewardServiceError:
         """The typed error for what was left once retries ended (or were not allowed)."""
-        url = self.base_url + path
+        url = self._where(path)
         if isinstance(exc, _RetryableStatus):
             return error_from_response(exc.response)
         if isinstance(exc, RETRYABLE_TRANSPORT_ERRORS):
@@ -294,7 +316,7 @@ class _ClientCore:
             raise RewardServiceError(
                 response.status_code,
                 "invalid_response",
-                f"{self.base_url + path} answered with something that is not a {model.__name__}: {exc}",
+                f"{self._where(path)} answered with something that is not a {model.__name__}: {exc}",
                 response.headers.get("x-request-id"),
             ) from exc
 
@@ -308,9 +330,11 @@ class RewardClient(_ClientCore):
 
     def __init__(self, base_url: str = DEFAULT_URL, *, transport: httpx.BaseTransport | None = None, **options: Any) -> None:
         super().__init__(base_url, **options)
-        self._http = httpx.Client(
-            base_url=self.base_url, headers=self.headers, timeout=self.timeout, limits=self._limits, transport=transport
-        )
+        self._replicas = [
+            httpx.Client(base_url=url, headers=self.headers, timeout=self.timeout, limits=self._limits, transport=transport)
+            for url in self.base_urls
+        ]
+        self._http = self._replicas[0]
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
 
@@ -321,7 +345,8 @@ class RewardClient(_ClientCore):
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
-        self._http.close()
+        for http in self._replicas:
+            http.close()
 
     def __enter__(self) -> "RewardClient":
         return self
@@ -386,18 +411,23 @@ class RewardClient(_ClientCore):
     # -- internals ---------------------------------------------------------------------------
 
     def _probe(self, path: str) -> bool:
-        try:
-            return self._http.get(path).is_success
-        except httpx.HTTPError:
-            return False
+        # With replicas, one that answers is enough: requests move past the others.
+        for http in self._replicas:
+            try:
+                if http.get(path).is_success:
+                    return True
+            except httpx.HTTPError:
+                pass
+        return False
 
     def _request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
-        tries = 0
+        tries, first = 0, self._first_replica()
 
         def send_once() -> httpx.Response:
             nonlocal tries
             tries += 1
-            return self._check(self._http.request(method, path, json=body))
+            http = self._replicas[(first + tries - 1) % len(self._replicas)]
+            return self._check(http.request(method, path, json=body))
 
         retrying = tenacity.Retrying(sleep=lambda seconds: _sleep(seconds), **self._retry_kwargs())
         try:
@@ -459,14 +489,17 @@ class AsyncRewardClient(_ClientCore):
 
     def __init__(self, base_url: str = DEFAULT_URL, *, transport: httpx.AsyncBaseTransport | None = None, **options: Any) -> None:
         super().__init__(base_url, **options)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=self.timeout, limits=self._limits, transport=transport
-        )
+        self._replicas = [
+            httpx.AsyncClient(base_url=url, headers=self.headers, timeout=self.timeout, limits=self._limits, transport=transport)
+            for url in self.base_urls
+        ]
+        self._http = self._replicas[0]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for http in self._replicas:
+            await http.aclose()
 
     async def __aenter__(self) -> "AsyncRewardClient":
         return self
@@ -534,18 +567,22 @@ class AsyncRewardClient(_ClientCore):
     # -- internals ---------------------------------------------------------------------------
 
     async def _probe(self, path: str) -> bool:
-        try:
-            return (await self._http.get(path)).is_success
-        except httpx.HTTPError:
-            return False
+        for http in self._replicas:
+            try:
+                if (await http.get(path)).is_success:
+                    return True
+            except httpx.HTTPError:
+                pass
+        return False
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
-        tries = 0
+        tries, first = 0, self._first_replica()
 
         async def send_once() -> httpx.Response:
             nonlocal tries
             tries += 1
-            return self._check(await self._http.request(method, path, json=body))
+            http = self._replicas[(first + tries - 1) % len(self._replicas)]
+            return self._check(await http.request(method, path, json=body))
 
         retrying = tenacity.AsyncRetrying(sleep=lambda seconds: _async_sleep(seconds), **self._retry_kwargs())
         try:

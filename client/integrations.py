@@ -11,6 +11,7 @@ calls an ``async def`` function on its own event loop, concurrently with the oth
 :func:`text_reward_fn` is a plain ``reward_fn(texts) -> list[float]`` for trainers that hand over
 already-formatted texts.
 
+Each takes one service URL or a list of replicas' URLs (spread and failed over by the client).
 Like the rest of ``client``, this module imports neither torch, TRL nor the service.
 """
 
@@ -70,7 +71,7 @@ def _failed(n: int, exc: Exception, on_error: OnError) -> list[float | None]:
 
 
 def trl_reward_func(
-    url: str = DEFAULT_URL,
+    url: str | Sequence[str] = DEFAULT_URL,
     *,
     model: str | None = None,
     normalize: bool = False,
@@ -102,7 +103,7 @@ def trl_reward_func(
 
 
 def trl_async_reward_func(
-    url: str = DEFAULT_URL,
+    url: str | Sequence[str] = DEFAULT_URL,
     *,
     model: str | None = None,
     normalize: bool = False,
@@ -131,7 +132,7 @@ def trl_async_reward_func(
 
 
 def text_reward_fn(
-    url: str = DEFAULT_URL, *, model: str | None = None, client: RewardClient | None = None, **client_options: Any
+    url: str | Sequence[str] = DEFAULT_URL, *, model: str | None = None, client: RewardClient | None = None, **client_options: Any
 ) -> Callable[..., list[float]]:
     """``reward_fn(texts, prompts=None) -> list[float]`` for trainers that pass already-formatted
     texts (prompt + response, chat template applied): scored as ``/get_reward`` scores them."""
