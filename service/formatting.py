@@ -224,6 +224,11 @@ def encode_texts(
         with_specials = add_special_tokens
         if with_specials is None:
             with_specials = not (bos and text.startswith(bos))
+        if not getattr(tokenizer, "is_fast", False):
+            # A slow tokenizer has no offsets: the whole text counts as prompt (cut from the start).
+            ids = tokenizer(text, add_special_tokens=with_specials, truncation=False, verbose=False)["input_ids"]
+            out.append(_truncate(ids, [PROMPT] * len(ids), None, limit))
+            continue
         enc = tokenizer(
             text, add_special_tokens=with_specials, return_offsets_mapping=True, truncation=False, verbose=False
         )

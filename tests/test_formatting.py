@@ -108,3 +108,29 @@ def test_batches_respect_the_token_budget_and_group_similar_lengths():
         assert len(batch) * longest <= 200 or len(batch) == 1
     assert [sorted(b) for b in batches][0] == [0, 2, 4]  # the short ones share a batch
     assert batches[-1] == [6]  # a row over the budget goes alone
+
+
+def test_a_long_formatted_text_keeps_its_response_when_cut(tokenizers):
+    from service.formatting import encode_texts
+
+    tokenizer = tokenizers["llama"]
+    prompt = "<|user|>" + "tell me more " * 50 + "</s><|assistant|>"
+    response = "The sea is wide.</s>"
+    [cut] = encode_texts([prompt + response], tokenizer, spec("decoder", max_length=24), prompt_prefixes=[prompt])
+
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    assert cut.truncated and len(cut) == 24
+    assert cut.input_ids[-len(response_ids):] == response_ids, "the response was cut"
+
+
+def test_an_encoder_reads_a_formatted_text_as_a_pair_only_when_the_prompt_is_its_prefix(tokenizers):
+    from service.formatting import encode_texts
+
+    tokenizer = tokenizers["bert"]
+    prompt, response = "What is the capital of France?", "Paris."
+    split, whole = encode_texts(
+        [prompt + " " + response, prompt + " " + response], tokenizer, spec("encoder"), prompt_prefixes=[prompt, "not a prefix"]
+    )
+
+    assert split.input_ids == tokenizer(prompt, " " + response)["input_ids"]
+    assert whole.input_ids == tokenizer(prompt + " " + response)["input_ids"]
