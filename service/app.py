@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,32 +30,55 @@ from client.protocol import (
     Usage,
 )
 
+from .auth import OPEN_ROUTES, RATE_LIMITED_ROUTES, ROUTE_SCOPES, KeyRing, RateLimiter
+from .batcher import BatcherStopped, ForwardFailed, QueueFull
 from .formatting import Conversation, encode_conversations, item_to_conversation
 from .metrics import ServiceMetrics
 from .registry import ServedModel, attach_batchers, load_models
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("service.requests")
 
-_ERRORS = {404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+_ERRORS = {
+    status: {"model": ErrorResponse} for status in (401, 403, 404, 413, 422, 429, 500, 503, 504)
+}
+# A caller's X-Request-ID is kept when it looks like an id; anything else is replaced by ours.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _ROUTES = {"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics"}
 
 
 class APIError(Exception):
     """A request the service refuses, with the status and a message saying what to fix."""
 
-    def __init__(self, status: int, type_: str, message: str) -> None:
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.type, self.message = status, type_, message
+        self.status, self.type, self.message, self.headers = status, type_, message, headers
 
 
 def _error(
-    status: int, type_: str, message: str, request: Request | None = None, details=None, request_id: str | None = None
+    status: int, type_: str, message: str, request: Request | None = None, details=None, request_id: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     if request is not None:
         request_id = getattr(request.state, "request_id", None)
     body = ErrorResponse(error=dict(code=status, type=type_, message=message, request_id=request_id, details=details))
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+class Lifecycle:
+    """Readiness as /readyz reports it: not ready while loading, and from the first SIGTERM on
+    (``draining``), so a load balancer stops sending traffic before the server stops accepting."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            log.info("draining: /readyz now answers 503; in-flight requests are being finished")
+        self.draining = True
+        self.ready = False
 
 
 class GuardMiddleware:
@@ -72,8 +96,11 @@ class GuardMiddleware:
         started = time.perf_counter()
         route = scope["path"] if scope["path"] in _ROUTES else "other"
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["started"] = started  # the request's deadline counts from here
         status_holder = {"status": 500}
 
         async def send_with_id(message):
@@ -110,8 +137,17 @@ class GuardMiddleware:
 
             await self.app(scope, counting_receive, send_unless_refused)
         finally:
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, str(status_holder["status"])).inc()
-            self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.request_latency.labels(route).observe(elapsed)
+            if route not in ("/healthz", "/readyz", "/metrics"):  # probes and scrapes would drown the log
+                fields = {k: state[k] for k in ("model", "items", "tokens", "key_id") if k in state}
+                request_log.info(
+                    "request", extra=dict(
+                        request_id=request_id, method=scope.get("method"), route=scope["path"][:200],
+                        status=status_holder["status"], latency_ms=round(1000 * elapsed, 1), **fields,
+                    ),
+                )
 
     async def _refuse_too_large(self, scope, receive, send, request_id: str) -> None:
         self.metrics.rejections.labels("body_too_large").inc()
@@ -122,6 +158,68 @@ class GuardMiddleware:
             f"request body is over the limit of {self.max_body_bytes} bytes; send fewer items per "
             "request (the client splits large inputs into chunks) or raise --max-body-bytes"
         )
+
+
+class AccessMiddleware:
+    """Pure ASGI, inside the guard: checks the Bearer key and its scope (service/auth.py) and
+    the caller's rate limit before any body is read. Open routes pass without a key."""
+
+    def __init__(self, app, *, keys: KeyRing, limiter: RateLimiter | None, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.keys = keys
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_ROUTES:
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        caller = (scope.get("client") or ("unknown",))[0]
+        if self.keys.enabled:
+            refusal = self._check_key(scope, state)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+            caller = state["key_id"]
+        if self.limiter is not None and scope["path"] in RATE_LIMITED_ROUTES:
+            wait = self.limiter.acquire(caller)
+            if wait > 0:
+                self.metrics.rejections.labels("rate_limited").inc()
+                refusal = _error(
+                    429, "rate_limited",
+                    f"over the rate limit of {self.limiter.rate:g} requests/s for this "
+                    f"{'key' if self.keys.enabled else 'client'}; retry after the Retry-After seconds",
+                    request_id=state.get("request_id"), headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+                return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _check_key(self, scope, state) -> JSONResponse | None:
+        request_id = state.get("request_id")
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            self.metrics.rejections.labels("unauthenticated").inc()
+            return _error(
+                401, "unauthenticated", "this route needs an API key: send the header 'Authorization: Bearer <key>' "
+                "(RewardClient(api_key=...) does)", request_id=request_id, headers={"WWW-Authenticate": "Bearer"},
+            )
+        key = self.keys.find(presented.strip())
+        if key is None:
+            self.metrics.rejections.labels("unauthenticated").inc()
+            return _error(
+                401, "unauthenticated", "the API key is not valid for this service; check the key you were given",
+                request_id=request_id, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        state["key_id"] = key.key_id
+        needed = ROUTE_SCOPES.get(scope["path"])
+        if needed is not None and needed not in key.scopes:
+            self.metrics.rejections.labels("forbidden").inc()
+            return _error(
+                403, "forbidden", f"{scope['path']} needs the {needed!r} scope and this key has only "
+                f"{', '.join(sorted(key.scopes))}; ask the operator for a key with {needed!r}",
+                request_id=request_id,
+            )
+        return None
 
 
 def _field_path(loc: tuple) -> str:
@@ -150,16 +248,31 @@ def _validation_message(errors: list[dict]) -> str:
     return "; ".join(lines) + more
 
 
-def create_app(settings: ServiceSettings | None = None, models: list[ServedModel] | None = None) -> FastAPI:
-    """The ASGI app. ``models`` already loaded (by ``reward serve``) or loaded here from settings."""
+def _long_fields(value: Any, limit: int, path: str = "") -> list[tuple[str, int]]:
+    """(field path, length) of every string over ``limit`` characters in a dumped request."""
+    if isinstance(value, str):
+        return [(path, len(value))] if len(value) > limit else []
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    found: list[tuple[str, int]] = []
+    for key, child in children:
+        found += _long_fields(child, limit, f"{path}.{key}" if path else str(key))
+    return found
+
+
+def create_app(
+    settings: ServiceSettings | None = None, models: list[ServedModel] | None = None, keys: KeyRing | None = None
+) -> FastAPI:
+    """The ASGI app. ``models`` already loaded (by ``reward serve``) or loaded here from settings;
+    ``keys``: the API keys (none: authentication off)."""
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
     if models is None:
         models = load_models(settings)
+    keys = keys or KeyRing([])
     by_name = {m.name: m for m in models}
     default_model = models[0]
     tokenize_pool = ThreadPoolExecutor(max_workers=settings.tokenizer_threads, thread_name_prefix="tokenize")
-    state = {"ready": False}
+    lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -168,14 +281,15 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
         for m in models:
             await loop.run_in_executor(tokenize_pool, m.warm_up)
             m.batcher.start()
-        state["ready"] = True
+        lifecycle.ready = True
         log.info("ready: %s", ", ".join(m.display_name for m in models))
         try:
             yield
         finally:
-            state["ready"] = False
-            for m in models:
-                await m.batcher.stop()
+            # The server has stopped accepting and waited for its requests; whatever is still
+            # queued gets until its deadline to run.
+            lifecycle.begin_drain()
+            await asyncio.gather(*(m.batcher.stop(drain_timeout_s=settings.request_timeout_s) for m in models))
             tokenize_pool.shutdown(wait=False)
 
     app = FastAPI(
@@ -187,6 +301,7 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
     app.state.settings = settings
     app.state.models = by_name
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(request: Request, exc: RequestValidationError):
@@ -197,8 +312,9 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
 
     @app.exception_handler(APIError)
     async def _on_api_error(request: Request, exc: APIError):
-        metrics.rejections.labels(exc.type).inc()
-        return _error(exc.status, exc.type, exc.message, request)
+        if exc.status != 500:  # a failure of ours, counted as reward_forward_failures, not a refusal
+            metrics.rejections.labels(exc.type).inc()
+        return _error(exc.status, exc.type, exc.message, request, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException):
@@ -231,42 +347,95 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
                 "request (the client does it for you) or raise --max-items",
             )
 
-    async def score_conversations(model: ServedModel, conversations: list[Conversation]) -> tuple[list[float], Usage]:
+    def check_field_lengths(body: ScoreRequest | CompareRequest) -> None:
+        too_long = _long_fields(body.model_dump(include={"items", "pairs"}), settings.max_field_chars)
+        if too_long:
+            where, n = too_long[0]
+            more = f" (and {len(too_long) - 1} more fields)" if len(too_long) > 1 else ""
+            raise APIError(
+                413, "field_too_long",
+                f"{where}: {n} characters is over the limit of {settings.max_field_chars} per field{more}; "
+                "shorten it (the model reads only its last max_length tokens anyway) or raise --max-field-chars",
+            )
+
+    async def score_conversations(
+        http: Request, model: ServedModel, conversations: list[Conversation]
+    ) -> tuple[list[float], Usage]:
+        """Tokenise and score within the request's deadline; refusals become APIErrors."""
+        http.state.model, http.state.items = model.name, len(conversations)
+        started = getattr(http.state, "started", time.perf_counter())
+        remaining = settings.request_timeout_s - (time.perf_counter() - started)
+        try:
+            model.batcher.check_room(len(conversations))  # shed load before paying for tokenisation
+            return await asyncio.wait_for(_tokenize_and_score(http, model, conversations), max(remaining, 0.0))
+        except QueueFull as full:
+            retry_after = max(1, math.ceil(full.retry_after_s))
+            raise APIError(
+                429, "queue_full",
+                f"model {model.name!r} is at capacity ({full}); retry after {retry_after} s (Retry-After) "
+                "or send fewer items at once",
+                headers={"Retry-After": str(retry_after)},
+            ) from None
+        except TimeoutError:
+            raise APIError(
+                504, "deadline_exceeded",
+                f"not scored within the request deadline of {settings.request_timeout_s:g} s (--request-timeout-s); "
+                "its items still waiting were dropped. The service is overloaded or the request is too large; "
+                "retry later or split it",
+            ) from None
+        except ForwardFailed as failure:
+            log.error("request %s: model %s failed on its batch: %s", http.state.request_id, model.name, failure)
+            raise APIError(
+                500, "forward_failed",
+                f"model {model.name!r} failed on the batch holding this request ({failure}); quote the "
+                "request id when reporting it. Other requests are unaffected; retrying may succeed",
+            ) from None
+        except BatcherStopped:
+            raise APIError(503, "stopping", "the service is shutting down; retry on another instance",
+                           headers={"Retry-After": "1"}) from None
+
+    async def _tokenize_and_score(
+        http: Request, model: ServedModel, conversations: list[Conversation]
+    ) -> tuple[list[float], Usage]:
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(tokenize_pool, encode_conversations, conversations, model.tokenizer, model.spec)
         truncated = sum(e.truncated for e in encoded)
         if truncated:
             metrics.truncated_items.labels(model.name).inc(truncated)
+        tokens = sum(len(e) for e in encoded)
+        http.state.tokens = tokens
         scores = await model.batcher.score(encoded)
-        return scores, Usage(items=len(encoded), tokens=sum(len(e) for e in encoded), truncated=truncated)
+        return scores, Usage(items=len(encoded), tokens=tokens, truncated=truncated)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, tags=["scoring"])
-    async def score(request: ScoreRequest) -> ScoreResponse:
+    async def score(request: ScoreRequest, http: Request) -> ScoreResponse:
         """Score each item: one reward per item, in item order."""
         model = pick_model(request.model)
         check_count(len(request.items), "items")
+        check_field_lengths(request)
         if request.normalize and not model.spec.normalize_available:
             raise APIError(
                 400, "normalize_unavailable",
                 f"model {model.name!r} has no reward_mean/reward_std in its reward_model.json, so "
                 "normalize is not possible; send normalize=false or serve a model trained by `reward train-rm`",
             )
-        scores, usage = await score_conversations(model, [item_to_conversation(i) for i in request.items])
+        scores, usage = await score_conversations(http, model, [item_to_conversation(i) for i in request.items])
         if request.normalize:
             mean, std = model.spec.reward_mean, model.spec.reward_std
             scores = [(s - mean) / std for s in scores]
         return ScoreResponse(model=model.display_name, scores=scores, usage=usage)
 
     @app.post("/v1/compare", response_model=CompareResponse, responses=_ERRORS, tags=["scoring"])
-    async def compare(request: CompareRequest) -> CompareResponse:
+    async def compare(request: CompareRequest, http: Request) -> CompareResponse:
         """Score both responses of each pair; p_a_better = sigmoid(reward_a - reward_b)."""
         model = pick_model(request.model)
         check_count(2 * len(request.pairs), "responses (2 per pair)")
+        check_field_lengths(request)
         conversations: list[Conversation] = []
         for pair in request.pairs:
             messages, _ = item_to_conversation({"prompt": pair.prompt, "response": ""})
             conversations += [(messages, pair.a), (messages, pair.b)]
-        scores, usage = await score_conversations(model, conversations)
+        scores, usage = await score_conversations(http, model, conversations)
         results = []
         for a, b in zip(scores[0::2], scores[1::2]):
             results.append(CompareResult(reward_a=a, reward_b=b, p_a_better=_sigmoid(a - b)))
@@ -283,9 +452,10 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request):
-        """Models are loaded and warmed up (readiness)."""
-        if not state["ready"]:
-            return _error(503, "not_ready", "models are loading or the service is stopping", request)
+        """Models are loaded and warmed up, and the service is not stopping (readiness)."""
+        if not lifecycle.ready:
+            why = "the service is stopping (draining)" if lifecycle.draining else "models are loading"
+            return _error(503, "not_ready", why, request)
         return {"status": "ready", "models": [m.display_name for m in models]}
 
     @app.get("/metrics", tags=["health"], response_class=Response)
@@ -295,6 +465,10 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
                 metrics.queue_depth.labels(m.name).set(m.batcher.queue_depth)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst) if settings.rate_limit_rps else None
+    # Starlette wraps in reverse order of adding: the guard is outermost, so every refusal by the
+    # access check also gets a request id, a metric and a log line.
+    app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics=metrics)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
 
