@@ -101,11 +101,11 @@ class GuardMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["started"] = started  # the request's deadline counts from here
-        status_holder = {"status": 500}
+        status_holder = {"status": 500, "started": False}
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status_holder["status"], status_holder["started"] = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
@@ -135,7 +135,16 @@ class GuardMiddleware:
                 if not refused:
                     await send_with_id(message)
 
-            await self.app(scope, counting_receive, send_unless_refused)
+            try:
+                await self.app(scope, counting_receive, send_unless_refused)
+            except Exception as exc:
+                # A bug of ours, not the caller's: logged with its traceback, answered as JSON
+                # with the request id (by us, so the X-Request-ID header is on it too).
+                log.exception("request %s failed", request_id)
+                if status_holder["started"] or refused:
+                    raise
+                message = f"internal error: {type(exc).__name__}; quote the request id when reporting it"
+                await _error(500, "internal_error", message, request_id=request_id)(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, str(status_holder["status"])).inc()
@@ -326,11 +335,6 @@ def create_app(
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
         return _error(exc.status_code, kind, message, request)
 
-    @app.exception_handler(Exception)
-    async def _on_unexpected(request: Request, exc: Exception):
-        log.exception("request %s failed", getattr(request.state, "request_id", "?"))
-        return _error(500, "internal_error", f"internal error: {type(exc).__name__}; quote the request id when reporting it", request)
-
     def pick_model(name: str | None) -> ServedModel:
         if name is None:
             return default_model
@@ -433,7 +437,7 @@ def create_app(
         check_field_lengths(request)
         conversations: list[Conversation] = []
         for pair in request.pairs:
-            messages, _ = item_to_conversation({"prompt": pair.prompt, "response": ""})
+            messages, _ = item_to_conversation({**pair.model_dump(include={"prompt"}), "response": ""})
             conversations += [(messages, pair.a), (messages, pair.b)]
         scores, usage = await score_conversations(http, model, conversations)
         results = []

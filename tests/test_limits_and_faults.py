@@ -46,10 +46,11 @@ def bert(model_dirs):
 
 
 @contextlib.contextmanager
-def serving(bert, keys: KeyRing | None = None, **overrides):
+def serving(bert, keys: KeyRing | None = None, tokenizer=None, **overrides):
     settings = ServiceSettings(models=[f"bert={bert.path}"], max_wait_ms=0, shutdown_drain_s=0, **overrides)
     backend = ControlledBackend(bert.backend)
-    app = create_app(settings, [replace(bert, backend=backend, batcher=None)], keys)
+    served = replace(bert, backend=backend, batcher=None, tokenizer=tokenizer or bert.tokenizer)
+    app = create_app(settings, [served], keys)
     with in_process_server(app, settings) as url:
         backend.reset()
         yield url, backend
@@ -123,6 +124,36 @@ async def test_a_backend_fault_fails_its_batch_with_the_request_id_and_the_next_
     assert after.status_code == 200 and after.json()["scores"] == pytest.approx(expected, abs=1e-4)
     assert ready.status_code == 200
     assert metric(metrics, "reward_forward_failures_total", model="bert") == 1
+
+
+class TokenizerWithABug:
+    """The real tokenizer, except that it raises on any text containing 'boom'."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __call__(self, *args, **kwargs):
+        if "boom" in repr(args):
+            raise KeyError("a bug in the service")
+        return self._inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+async def test_an_unexpected_error_is_a_json_500_with_the_request_id_and_serving_goes_on(bert):
+    with serving(bert, tokenizer=TokenizerWithABug(bert.tokenizer)) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            failed = await http.post("/v1/score", json={"items": [{"prompt": "boom", "response": "r"}]},
+                                     headers={"X-Request-ID": "bug-1"})
+            after = await http.post("/v1/score", json={"items": [ITEM]})
+
+    assert failed.status_code == 500 and failed.headers["x-request-id"] == "bug-1"
+    assert failed.json()["error"] == {
+        "code": 500, "type": "internal_error", "request_id": "bug-1",
+        "message": "internal error: KeyError; quote the request id when reporting it",
+    }
+    assert after.status_code == 200
 
 
 async def test_one_failing_batch_fails_only_the_requests_in_it(bert):
