@@ -246,3 +246,15 @@ def test_sigterm_under_load_answers_every_accepted_request(model_dirs, bert, tmp
         assert line["status"] == 200 and line["model"] == "bert" and line["items"] == 2
         assert line["tokens"] > 0 and line["latency_ms"] > 0 and line["route"] == "/v1/score"
     assert any("draining" in line["msg"] for line in lines)
+
+
+async def test_a_callers_request_id_is_kept_and_one_that_is_not_an_id_is_replaced(bert):
+    with serving(bert) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            kept = await http.post("/v1/score", json={"items": [ITEM]}, headers={"X-Request-ID": "trace-42.a"})
+            replaced = await http.post("/v1/score", json={"items": [ITEM]}, headers={"X-Request-ID": "<script> and spaces"})
+            refused = await http.post("/v1/score", json={"items": []}, headers={"X-Request-ID": "trace-43"})
+
+    assert kept.headers["x-request-id"] == "trace-42.a"
+    assert re.fullmatch(r"[0-9a-f]{32}", replaced.headers["x-request-id"])
+    assert refused.status_code == 422 and refused.headers["x-request-id"] == refused.json()["error"]["request_id"] == "trace-43"
