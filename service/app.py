@@ -249,6 +249,11 @@ def _validation_message(errors: list[dict]) -> str:
             lines.append(f"{where}: required field is missing")
         elif kind == "extra_forbidden":
             lines.append(f"{where}: unknown field; remove it (check its spelling)")
+        elif kind == "model_attributes_type" and where == "body":
+            lines.append(
+                'the body must be a JSON object such as {"items": [...]}, sent with the header '
+                "Content-Type: application/json"
+            )
         elif kind == "too_short" and where in ("items", "pairs"):
             lines.append(f"{where}: is empty; send at least one")
         else:

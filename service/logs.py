@@ -13,7 +13,8 @@ import sys
 from datetime import datetime, timezone
 
 # The attributes every LogRecord has; anything else on a record came in through ``extra=``.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# (uvicorn adds ``color_message``, the message with terminal colours: not for a log file.)
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName", "color_message"}
 
 
 def _extra(record: logging.LogRecord) -> dict:

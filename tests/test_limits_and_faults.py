@@ -258,3 +258,12 @@ async def test_a_callers_request_id_is_kept_and_one_that_is_not_an_id_is_replace
     assert kept.headers["x-request-id"] == "trace-42.a"
     assert re.fullmatch(r"[0-9a-f]{32}", replaced.headers["x-request-id"])
     assert refused.status_code == 422 and refused.headers["x-request-id"] == refused.json()["error"]["request_id"] == "trace-43"
+
+
+async def test_a_body_without_the_json_content_type_is_told_to_send_one(bert):
+    with serving(bert) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            form = await http.post("/v1/score", content=json.dumps({"items": [ITEM]}),
+                                   headers={"content-type": "application/x-www-form-urlencoded"})
+
+    assert form.status_code == 422 and "Content-Type: application/json" in form.json()["error"]["message"]
