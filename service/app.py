@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 request_log = logging.getLogger("service.requests")
 
 _ERRORS = {
-    status: {"model": ErrorResponse} for status in (401, 403, 404, 413, 422, 429, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 422, 429, 500, 503, 504)
 }
 # A caller's X-Request-ID is kept when it looks like an id; anything else is replaced by ours.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
