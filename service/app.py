@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 request_log = logging.getLogger("service.requests")
 
 _ERRORS = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 422, 429, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504)
 }
 # A caller's X-Request-ID is kept when it looks like an id; anything else is replaced by ours.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -83,11 +83,14 @@ class Lifecycle:
 
 class GuardMiddleware:
     """Pure ASGI: refuses bodies over ``max_body_bytes`` (by Content-Length or while streaming),
-    gives each request an id, and records request count and latency per route."""
+    gives each request an id, records request count and latency per route, logs each request,
+    and bounds every request's whole life (body included: a body trickled in byte by byte must
+    not hold a connection for ever) by the deadline plus a second of grace."""
 
-    def __init__(self, app, *, max_body_bytes: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, app, *, max_body_bytes: int, request_timeout_s: float, metrics: ServiceMetrics) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.hard_timeout_s = request_timeout_s + 1.0
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
@@ -117,13 +120,15 @@ class GuardMiddleware:
                 return
             received = 0
             refused = False
+            body_complete = False
 
             async def counting_receive():
                 # A body without Content-Length (chunked) is counted as it streams; past the
                 # limit we answer 413 ourselves and tell the app the client left.
-                nonlocal received, refused
+                nonlocal received, refused, body_complete
                 message = await receive()
                 if message["type"] == "http.request" and not refused:
+                    body_complete = not message.get("more_body", False)
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
                         refused = True
@@ -136,12 +141,25 @@ class GuardMiddleware:
                     await send_with_id(message)
 
             try:
-                await self.app(scope, counting_receive, send_unless_refused)
+                await asyncio.wait_for(self.app(scope, counting_receive, send_unless_refused), self.hard_timeout_s)
             except Exception as exc:
+                too_late = status_holder["started"] or refused
+                if isinstance(exc, TimeoutError) and time.perf_counter() - started >= self.hard_timeout_s:
+                    if too_late:
+                        return
+                    status, kind, message = (
+                        (504, "deadline_exceeded", "not answered within the request deadline") if body_complete else
+                        (408, "body_timeout", "the request body did not arrive within the request deadline; "
+                                              "send it at once (with Content-Length)")
+                    )
+                    self.metrics.rejections.labels(kind).inc()
+                    await _error(status, kind, f"{message} ({self.hard_timeout_s - 1:g} s, --request-timeout-s)",
+                                 request_id=request_id)(scope, receive, send_with_id)
+                    return
                 # A bug of ours, not the caller's: logged with its traceback, answered as JSON
                 # with the request id (by us, so the X-Request-ID header is on it too).
                 log.exception("request %s failed", request_id)
-                if status_holder["started"] or refused:
+                if too_late:
                     raise
                 message = f"internal error: {type(exc).__name__}; quote the request id when reporting it"
                 await _error(500, "internal_error", message, request_id=request_id)(scope, receive, send_with_id)
@@ -478,7 +496,9 @@ def create_app(
     # Starlette wraps in reverse order of adding: the guard is outermost, so every refusal by the
     # access check also gets a request id, a metric and a log line.
     app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics=metrics)
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        GuardMiddleware, max_body_bytes=settings.max_body_bytes, request_timeout_s=settings.request_timeout_s, metrics=metrics
+    )
     return app
 
 

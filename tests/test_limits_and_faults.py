@@ -267,3 +267,30 @@ async def test_a_body_without_the_json_content_type_is_told_to_send_one(bert):
                                    headers={"content-type": "application/x-www-form-urlencoded"})
 
     assert form.status_code == 422 and "Content-Type: application/json" in form.json()["error"]["message"]
+
+
+def test_a_body_trickled_in_too_slowly_is_cut_off_with_408(bert):
+    # Headers promise 200 bytes; 9 arrive, then nothing: the connection must not be held for ever.
+    import socket
+
+    with serving(bert, request_timeout_s=1.0) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 200\r\nX-Request-ID: slow-1\r\n\r\n{\"items\":")
+            started = time.monotonic()
+            first = conn.recv(65536)  # blocks until the server answers
+            waited = time.monotonic() - started
+            answer = first
+            while b'"request_id"' not in answer:  # headers and body may come in separate reads
+                more = conn.recv(65536)
+                if not more:
+                    break
+                answer += more
+            head = answer.decode("latin-1")
+        health = httpx.get(f"{url}/healthz")
+
+    assert head.startswith("HTTP/1.1 408"), head
+    assert '"body_timeout"' in head and '"request_id":"slow-1"' in head and "--request-timeout-s" in head
+    assert 1.5 <= waited < 10
+    assert health.status_code == 200
