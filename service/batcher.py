@@ -110,6 +110,7 @@ class TokenBudgetBatcher:
         # Items accepted and not yet answered: queued, or taken into a plan whose forward has not
         # run yet, or in the forward running now. This is what the queue bound applies to.
         self._pending = 0
+        self._unanswered: set[asyncio.Future] = set()  # what stop() must fail if it cannot finish it
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
@@ -159,9 +160,10 @@ class TokenBudgetBatcher:
             except asyncio.CancelledError:
                 pass
             self._worker = None
-        for queued in self._queue:
-            if not queued.future.done():
-                queued.future.set_exception(BatcherStopped("the service is shutting down"))
+        # Items still queued, or planned into a batch the cancelled worker will not run.
+        for future in list(self._unanswered):
+            if not future.done():
+                future.set_exception(BatcherStopped("the service is shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
@@ -175,6 +177,7 @@ class TokenBudgetBatcher:
         self._pending += len(futures)
         self._idle.clear()
         for e, f in zip(encoded, futures):
+            self._unanswered.add(f)
             f.add_done_callback(self._item_done)
             self._queue.append(_QueuedItem(e, f))
             self._queued_tokens += len(e)
@@ -197,6 +200,7 @@ class TokenBudgetBatcher:
             raise
 
     def _item_done(self, future: asyncio.Future) -> None:
+        self._unanswered.discard(future)
         self._pending -= 1
         if self._pending == 0:
             self._idle.set()
