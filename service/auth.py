@@ -68,10 +68,14 @@ def parse_key_entry(entry: str, where: str = "key") -> ApiKey:
     return ApiKey(key_digest(secret), scopes)
 
 
-def load_keys(api_key: str | None, api_keys_file: Path | None) -> list[ApiKey]:
+def load_keys(api_key: str | None, api_keys_file: Path | None, api_keys: str | None = None) -> list[ApiKey]:
+    """The keys of ``--api-key`` (both scopes), ``--api-keys`` (entries separated by white space)
+    and ``--api-keys-file`` (one entry per line, ``#`` comments)."""
     keys: list[ApiKey] = []
     if api_key:
         keys.append(parse_key_entry(f"{api_key}:{','.join(SCOPES)}", "--api-key"))
+    for number, entry in enumerate((api_keys or "").split(), 1):
+        keys.append(parse_key_entry(entry, f"--api-keys entry {number}"))
     if api_keys_file is not None:
         try:
             lines = Path(api_keys_file).read_text().splitlines()

@@ -57,14 +57,15 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = ServiceSettings(**overrides)
         settings.model_paths()
-        keys = KeyRing(load_keys(settings.api_key, settings.api_keys_file))
+        keys = KeyRing(load_keys(settings.api_key, settings.api_keys_file, settings.api_keys))
     except (ValidationError, ValueError, KeyFileError) as exc:
         print(f"reward serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     if not keys.enabled and not is_loopback(settings.host) and not settings.insecure:
         print(
             f"reward serve: refusing to bind {settings.host} without API keys: anyone who can reach it could "
-            "use the models. Give --api-key / --api-keys-file (or REWARD_API_KEY / REWARD_API_KEYS_FILE), bind "
+            "use the models. Give --api-key, --api-keys or --api-keys-file (or REWARD_API_KEY, REWARD_API_KEYS, "
+            "REWARD_API_KEYS_FILE), bind "
             "127.0.0.1, or pass --insecure if the network in front of it does the access control.",
             file=sys.stderr,
         )

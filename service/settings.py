@@ -47,6 +47,11 @@ class ServiceSettings(BaseSettings):
     api_key: str | None = Field(
         None, description="One API key with both scopes (score, admin). Prefer --api-keys-file or the env var."
     )
+    api_keys: str | None = Field(
+        None,
+        description="Several API key entries, as in --api-keys-file, separated by spaces or newlines (handy as "
+        "REWARD_API_KEYS in a container; sha256= entries keep the secrets out of the environment).",
+    )
     api_keys_file: Path | None = Field(
         None,
         description="File of API keys, one per line: KEY or sha256=HEX (the key's SHA-256), optionally "

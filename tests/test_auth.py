@@ -175,6 +175,8 @@ def test_key_entries(tmp_path):
     with pytest.raises(KeyFileError, match="64 hex"):
         parse_key_entry("sha256=abc")
     assert load_keys("k" * 16, None)[0].scopes == {"score", "admin"}, "--api-key is the operator's key"
+    several = load_keys(None, None, f"{'a' * 16}:score\n sha256={hashlib.sha256(b'b' * 16).hexdigest()}:admin")
+    assert [k.scopes for k in several] == [{"score"}, {"admin"}] and KeyRing(several).find("b" * 16) == several[1]
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing yet\n")
     with pytest.raises(KeyFileError, match="no keys"):
