@@ -144,7 +144,7 @@ class GuardMiddleware:
                 await asyncio.wait_for(self.app(scope, counting_receive, send_unless_refused), self.hard_timeout_s)
             except Exception as exc:
                 too_late = status_holder["started"] or refused
-                if isinstance(exc, TimeoutError) and time.perf_counter() - started >= self.hard_timeout_s:
+                if isinstance(exc, asyncio.TimeoutError) and time.perf_counter() - started >= self.hard_timeout_s:
                     if too_late:
                         return
                     status, kind, message = (
@@ -382,7 +382,7 @@ def create_app(
             raise APIError(
                 413, "field_too_long",
                 f"{where}: {n} characters is over the limit of {settings.max_field_chars} per field{more}; "
-                "shorten it (the model reads only its last max_length tokens anyway) or raise --max-field-chars",
+                "shorten it (the model reads at most max_length tokens of an item anyway) or raise --max-field-chars",
             )
 
     async def score_conversations(
@@ -403,7 +403,7 @@ def create_app(
                 "or send fewer items at once",
                 headers={"Retry-After": str(retry_after)},
             ) from None
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (the builtin TimeoutError from Python 3.11 on)
             raise APIError(
                 504, "deadline_exceeded",
                 f"not scored within the request deadline of {settings.request_timeout_s:g} s (--request-timeout-s); "
