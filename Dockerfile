@@ -44,6 +44,7 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=reward:reward models/default-rm /app/models/default-rm
 # Settings are REWARD_* variables (service/settings.py); flags given to `docker run` override them.
+# Binding 0.0.0.0 needs API keys (REWARD_API_KEYS / --api-key) or an explicit REWARD_INSECURE=true.
 # (DL3064 mistakes TOKENIZERS_PARALLELISM for a secret because of "TOKEN".)
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \

@@ -34,6 +34,9 @@ _reload_lock = asyncio.Lock()  # one reload at a time: two would hold three copi
 
 
 def _check_token(request: Request) -> None:
+    keys = getattr(request.app.state, "keys", None)
+    if keys is not None and keys.enabled:
+        return  # API keys are on: AccessMiddleware has already checked this key's `admin` scope
     expected = request.app.state.settings.reload_token
     if not expected:
         raise APIError(403, "reload_disabled", "hot reload is off; start the service with REWARD_RELOAD_TOKEN (or --reload-token) to allow it")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,41 +32,67 @@ from client.protocol import (
     Usage,
 )
 
+from .auth import OPEN_ROUTES, RATE_LIMITED_ROUTES, KeyRing, RateLimiter, required_scope
+from .batcher import BatcherStopped, ForwardFailed, QueueFull
 from .formatting import Conversation, encode_conversations, item_to_conversation
 from .metrics import ServiceMetrics
 from .registry import ServedModel, attach_batchers, load_models
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("service.requests")
 
-_ERRORS = {404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+_ERRORS = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504)
+}
+# A caller's X-Request-ID is kept when it looks like an id; anything else is replaced by ours.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _ROUTES = {"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics", "/get_reward", "/classify", "/pooling"}
 
 
 class APIError(Exception):
     """A request the service refuses, with the status and a message saying what to fix."""
 
-    def __init__(self, status: int, type_: str, message: str) -> None:
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.type, self.message = status, type_, message
+        self.status, self.type, self.message, self.headers = status, type_, message, headers
 
 
 def _error(
-    status: int, type_: str, message: str, request: Request | None = None, details=None, request_id: str | None = None
+    status: int, type_: str, message: str, request: Request | None = None, details=None, request_id: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     if request is not None:
         request_id = getattr(request.state, "request_id", None)
     body = ErrorResponse(error=dict(code=status, type=type_, message=message, request_id=request_id, details=details))
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+class Lifecycle:
+    """Readiness as /readyz reports it: not ready while loading, and from the first SIGTERM on
+    (``draining``), so a load balancer stops sending traffic before the server stops accepting."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            log.info("draining: /readyz now answers 503; in-flight requests are being finished")
+        self.draining = True
+        self.ready = False
 
 
 class GuardMiddleware:
     """Pure ASGI: refuses bodies over ``max_body_bytes`` (by Content-Length or while streaming),
-    gives each request an id, and records request count and latency per route."""
+    gives each request an id, records request count and latency per route, logs each request,
+    and bounds every request's whole life (body included: a body trickled in byte by byte must
+    not hold a connection for ever) by the deadline plus a second of grace."""
 
-    def __init__(self, app, *, max_body_bytes: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, app, *, max_body_bytes: int, request_timeout_s: float, metrics: ServiceMetrics) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.hard_timeout_s = request_timeout_s + 1.0
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
@@ -74,13 +101,16 @@ class GuardMiddleware:
         started = time.perf_counter()
         route = scope["path"] if scope["path"] in _ROUTES else "other"
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        status_holder = {"status": 500}
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["started"] = started  # the request's deadline counts from here
+        status_holder = {"status": 500, "started": False}
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status_holder["status"], status_holder["started"] = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
@@ -92,13 +122,15 @@ class GuardMiddleware:
                 return
             received = 0
             refused = False
+            body_complete = False
 
             async def counting_receive():
                 # A body without Content-Length (chunked) is counted as it streams; past the
                 # limit we answer 413 ourselves and tell the app the client left.
-                nonlocal received, refused
+                nonlocal received, refused, body_complete
                 message = await receive()
                 if message["type"] == "http.request" and not refused:
+                    body_complete = not message.get("more_body", False)
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
                         refused = True
@@ -110,10 +142,41 @@ class GuardMiddleware:
                 if not refused:
                     await send_with_id(message)
 
-            await self.app(scope, counting_receive, send_unless_refused)
+            try:
+                await asyncio.wait_for(self.app(scope, counting_receive, send_unless_refused), self.hard_timeout_s)
+            except Exception as exc:
+                too_late = status_holder["started"] or refused
+                if isinstance(exc, asyncio.TimeoutError) and time.perf_counter() - started >= self.hard_timeout_s:
+                    if too_late:
+                        return
+                    status, kind, message = (
+                        (504, "deadline_exceeded", "not answered within the request deadline") if body_complete else
+                        (408, "body_timeout", "the request body did not arrive within the request deadline; "
+                                              "send it at once (with Content-Length)")
+                    )
+                    self.metrics.rejections.labels(kind).inc()
+                    await _error(status, kind, f"{message} ({self.hard_timeout_s - 1:g} s, --request-timeout-s)",
+                                 request_id=request_id)(scope, receive, send_with_id)
+                    return
+                # A bug of ours, not the caller's: logged with its traceback, answered as JSON
+                # with the request id (by us, so the X-Request-ID header is on it too).
+                log.exception("request %s failed", request_id)
+                if too_late:
+                    raise
+                message = f"internal error: {type(exc).__name__}; quote the request id when reporting it"
+                await _error(500, "internal_error", message, request_id=request_id)(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, str(status_holder["status"])).inc()
-            self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.request_latency.labels(route).observe(elapsed)
+            if route not in ("/healthz", "/readyz", "/metrics"):  # probes and scrapes would drown the log
+                fields = {k: state[k] for k in ("model", "items", "tokens", "key_id") if k in state}
+                request_log.info(
+                    "request", extra=dict(
+                        request_id=request_id, method=scope.get("method"), route=scope["path"][:200],
+                        status=status_holder["status"], latency_ms=round(1000 * elapsed, 1), **fields,
+                    ),
+                )
 
     async def _refuse_too_large(self, scope, receive, send, request_id: str) -> None:
         self.metrics.rejections.labels("body_too_large").inc()
@@ -134,11 +197,73 @@ class Scoring:
 
     pick_model: Callable[[str | None], ServedModel]
     check_count: Callable[[int, str], None]
-    score_encoded: Callable[..., Any]  # async (model, encode, *args) -> (scores, encoded inputs)
+    score_encoded: Callable[..., Any]  # async (http, model, n_items, encode, *args) -> (scores, encoded inputs)
 
 
 def usage_of(encoded: list) -> Usage:
     return Usage(items=len(encoded), tokens=sum(len(e) for e in encoded), truncated=sum(e.truncated for e in encoded))
+
+
+class AccessMiddleware:
+    """Pure ASGI, inside the guard: checks the Bearer key and its scope (service/auth.py) and
+    the caller's rate limit before any body is read. Open routes pass without a key."""
+
+    def __init__(self, app, *, keys: KeyRing, limiter: RateLimiter | None, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.keys = keys
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_ROUTES:
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        caller = (scope.get("client") or ("unknown",))[0]
+        if self.keys.enabled:
+            refusal = self._check_key(scope, state)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+            caller = state["key_id"]
+        if self.limiter is not None and scope["path"] in RATE_LIMITED_ROUTES:
+            wait = self.limiter.acquire(caller)
+            if wait > 0:
+                self.metrics.rejections.labels("rate_limited").inc()
+                refusal = _error(
+                    429, "rate_limited",
+                    f"over the rate limit of {self.limiter.rate:g} requests/s for this "
+                    f"{'key' if self.keys.enabled else 'client'}; retry after the Retry-After seconds",
+                    request_id=state.get("request_id"), headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+                return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _check_key(self, scope, state) -> JSONResponse | None:
+        request_id = state.get("request_id")
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            self.metrics.rejections.labels("unauthenticated").inc()
+            return _error(
+                401, "unauthenticated", "this route needs an API key: send the header 'Authorization: Bearer <key>' "
+                "(RewardClient(api_key=...) does)", request_id=request_id, headers={"WWW-Authenticate": "Bearer"},
+            )
+        key = self.keys.find(presented.strip())
+        if key is None:
+            self.metrics.rejections.labels("unauthenticated").inc()
+            return _error(
+                401, "unauthenticated", "the API key is not valid for this service; check the key you were given",
+                request_id=request_id, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        state["key_id"] = key.key_id
+        needed = required_scope(scope["path"])
+        if needed is not None and needed not in key.scopes:
+            self.metrics.rejections.labels("forbidden").inc()
+            return _error(
+                403, "forbidden", f"{scope['path']} needs the {needed!r} scope and this key has only "
+                f"{', '.join(sorted(key.scopes))}; ask the operator for a key with {needed!r}",
+                request_id=request_id,
+            )
+        return None
 
 
 def _field_path(loc: tuple) -> str:
@@ -159,6 +284,11 @@ def _validation_message(errors: list[dict]) -> str:
             lines.append(f"{where}: required field is missing")
         elif kind == "extra_forbidden":
             lines.append(f"{where}: unknown field; remove it (check its spelling)")
+        elif kind == "model_attributes_type" and where == "body":
+            lines.append(
+                'the body must be a JSON object such as {"items": [...]}, sent with the header '
+                "Content-Type: application/json"
+            )
         elif kind == "too_short" and where in ("items", "pairs"):
             lines.append(f"{where}: is empty; send at least one")
         else:
@@ -167,15 +297,30 @@ def _validation_message(errors: list[dict]) -> str:
     return "; ".join(lines) + more
 
 
-def create_app(settings: ServiceSettings | None = None, models: list[ServedModel] | None = None) -> FastAPI:
-    """The ASGI app. ``models`` already loaded (by ``reward serve``) or loaded here from settings."""
+def _long_fields(value: Any, limit: int, path: str = "") -> list[tuple[str, int]]:
+    """(field path, length) of every string over ``limit`` characters in a dumped request."""
+    if isinstance(value, str):
+        return [(path, len(value))] if len(value) > limit else []
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    found: list[tuple[str, int]] = []
+    for key, child in children:
+        found += _long_fields(child, limit, f"{path}.{key}" if path else str(key))
+    return found
+
+
+def create_app(
+    settings: ServiceSettings | None = None, models: list[ServedModel] | None = None, keys: KeyRing | None = None
+) -> FastAPI:
+    """The ASGI app. ``models`` already loaded (by ``reward serve``) or loaded here from settings;
+    ``keys``: the API keys (none: authentication off)."""
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
     if models is None:
         models = load_models(settings)
+    keys = keys or KeyRing([])
     by_name = {m.name: m for m in models}
     tokenize_pool = ThreadPoolExecutor(max_workers=settings.tokenizer_threads, thread_name_prefix="tokenize")
-    state = {"ready": False}
+    lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -184,14 +329,15 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
         for m in models:
             await loop.run_in_executor(tokenize_pool, m.warm_up)
             m.batcher.start()
-        state["ready"] = True
+        lifecycle.ready = True
         log.info("ready: %s", ", ".join(m.display_name for m in models))
         try:
             yield
         finally:
-            state["ready"] = False
-            for m in models:
-                await m.batcher.stop()
+            # The server has stopped accepting and waited for its requests; whatever is still
+            # queued gets until its deadline to run.
+            lifecycle.begin_drain()
+            await asyncio.gather(*(m.batcher.stop(drain_timeout_s=settings.request_timeout_s) for m in models))
             tokenize_pool.shutdown(wait=False)
 
     app = FastAPI(
@@ -203,6 +349,7 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
     app.state.settings = settings
     app.state.models = by_name
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(request: Request, exc: RequestValidationError):
@@ -213,8 +360,9 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
 
     @app.exception_handler(APIError)
     async def _on_api_error(request: Request, exc: APIError):
-        metrics.rejections.labels(exc.type).inc()
-        return _error(exc.status, exc.type, exc.message, request)
+        if exc.status != 500:  # a failure of ours, counted as reward_forward_failures, not a refusal
+            metrics.rejections.labels(exc.type).inc()
+        return _error(exc.status, exc.type, exc.message, request, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException):
@@ -225,11 +373,6 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
         elif exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
         return _error(exc.status_code, kind, message, request)
-
-    @app.exception_handler(Exception)
-    async def _on_unexpected(request: Request, exc: Exception):
-        log.exception("request %s failed", getattr(request.state, "request_id", "?"))
-        return _error(500, "internal_error", f"internal error: {type(exc).__name__}; quote the request id when reporting it", request)
 
     def pick_model(name: str | None) -> ServedModel:
         if name is None:
@@ -247,6 +390,17 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
                 "request (the client does it for you) or raise --max-items",
             )
 
+    def check_field_lengths(body: ScoreRequest | CompareRequest) -> None:
+        too_long = _long_fields(body.model_dump(include={"items", "pairs"}), settings.max_field_chars)
+        if too_long:
+            where, n = too_long[0]
+            more = f" (and {len(too_long) - 1} more fields)" if len(too_long) > 1 else ""
+            raise APIError(
+                413, "field_too_long",
+                f"{where}: {n} characters is over the limit of {settings.max_field_chars} per field{more}; "
+                "shorten it (the model reads at most max_length tokens of an item anyway) or raise --max-field-chars",
+            )
+
     def _by_path(name: str) -> ServedModel | None:
         # vLLM-style callers (verl) name the model by the directory they would have served.
         try:
@@ -255,50 +409,89 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
             return None
         return next((m for m in models if m.path == wanted), None)
 
-    async def score_encoded(model: ServedModel, encode: Callable[..., list], *args, **kwargs) -> tuple[list[float], list]:
-        """``encode(*args, tokenizer, spec, **kwargs)`` in the tokeniser pool, then the model's
-        batcher: (scores, the EncodedInputs), in order."""
-        loop = asyncio.get_running_loop()
-        with model.in_use():  # a reload waits for this before retiring the model
-            encoded = await loop.run_in_executor(
-                tokenize_pool, lambda: encode(*args, model.tokenizer, model.spec, **kwargs)
-            )
-            truncated = sum(e.truncated for e in encoded)
-            if truncated:
-                metrics.truncated_items.labels(model.name).inc(truncated)
-            return await model.batcher.score(encoded), encoded
+    async def score_encoded(
+        http: Request, model: ServedModel, n_items: int, encode: Callable[..., list], *args, **kwargs
+    ) -> tuple[list[float], list]:
+        """THE scoring path of every route: ``encode(*args, tokenizer, spec, **kwargs)`` in the
+        tokeniser pool, then the model's batcher, within the request's deadline. Returns (scores,
+        the EncodedInputs) in order; refusals (queue full, deadline, failed forward) become APIErrors."""
+        http.state.model, http.state.items = model.name, n_items
+        started = getattr(http.state, "started", time.perf_counter())
+        remaining = settings.request_timeout_s - (time.perf_counter() - started)
+        try:
+            model.batcher.check_room(n_items)  # shed load before paying for tokenisation
+            with model.in_use():  # a reload waits for this before retiring the model
+                return await asyncio.wait_for(_tokenize_and_score(http, model, encode, args, kwargs), max(remaining, 0.0))
+        except QueueFull as full:
+            retry_after = max(1, math.ceil(full.retry_after_s))
+            raise APIError(
+                429, "queue_full",
+                f"model {model.name!r} is at capacity ({full}); retry after {retry_after} s (Retry-After) "
+                "or send fewer items at once",
+                headers={"Retry-After": str(retry_after)},
+            ) from None
+        except asyncio.TimeoutError:  # (the builtin TimeoutError from Python 3.11 on)
+            raise APIError(
+                504, "deadline_exceeded",
+                f"not scored within the request deadline of {settings.request_timeout_s:g} s (--request-timeout-s); "
+                "its items still waiting were dropped. The service is overloaded or the request is too large; "
+                "retry later or split it",
+            ) from None
+        except ForwardFailed as failure:
+            log.error("request %s: model %s failed on its batch: %s", http.state.request_id, model.name, failure)
+            raise APIError(
+                500, "forward_failed",
+                f"model {model.name!r} failed on the batch holding this request ({failure}); quote the "
+                "request id when reporting it. Other requests are unaffected; retrying may succeed",
+            ) from None
+        except BatcherStopped:
+            raise APIError(503, "stopping", "the service is shutting down; retry on another instance",
+                           headers={"Retry-After": "1"}) from None
 
-    async def score_conversations(model: ServedModel, conversations: list[Conversation]) -> tuple[list[float], Usage]:
-        scores, encoded = await score_encoded(model, encode_conversations, conversations)
+    async def _tokenize_and_score(http: Request, model: ServedModel, encode, args, kwargs) -> tuple[list[float], list]:
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(tokenize_pool, lambda: encode(*args, model.tokenizer, model.spec, **kwargs))
+        truncated = sum(e.truncated for e in encoded)
+        if truncated:
+            metrics.truncated_items.labels(model.name).inc(truncated)
+        http.state.tokens = sum(len(e) for e in encoded)
+        return await model.batcher.score(encoded), encoded
+
+    async def score_conversations(
+        http: Request, model: ServedModel, conversations: list[Conversation]
+    ) -> tuple[list[float], Usage]:
+        scores, encoded = await score_encoded(http, model, len(conversations), encode_conversations, conversations)
         return scores, usage_of(encoded)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, tags=["scoring"])
-    async def score(request: ScoreRequest) -> ScoreResponse:
+    async def score(request: ScoreRequest, http: Request) -> ScoreResponse:
         """Score each item: one reward per item, in item order."""
         model = pick_model(request.model)
         check_count(len(request.items), "items")
+        check_field_lengths(request)
         if request.normalize and not model.spec.normalize_available:
             raise APIError(
                 400, "normalize_unavailable",
                 f"model {model.name!r} has no reward_mean/reward_std in its reward_model.json, so "
                 "normalize is not possible; send normalize=false or serve a model trained by `reward train-rm`",
             )
-        scores, usage = await score_conversations(model, [item_to_conversation(i) for i in request.items])
+        scores, usage = await score_conversations(http, model, [item_to_conversation(i) for i in request.items])
         if request.normalize:
             mean, std = model.spec.reward_mean, model.spec.reward_std
             scores = [(s - mean) / std for s in scores]
         return ScoreResponse(model=model.display_name, scores=scores, usage=usage)
 
     @app.post("/v1/compare", response_model=CompareResponse, responses=_ERRORS, tags=["scoring"])
-    async def compare(request: CompareRequest) -> CompareResponse:
+    async def compare(request: CompareRequest, http: Request) -> CompareResponse:
         """Score both responses of each pair; p_a_better = sigmoid(reward_a - reward_b)."""
         model = pick_model(request.model)
         check_count(2 * len(request.pairs), "responses (2 per pair)")
+        check_field_lengths(request)
         conversations: list[Conversation] = []
         for pair in request.pairs:
-            messages, _ = item_to_conversation({"prompt": pair.prompt, "response": ""})
+            messages, _ = item_to_conversation({**pair.model_dump(include={"prompt"}), "response": ""})
             conversations += [(messages, pair.a), (messages, pair.b)]
-        scores, usage = await score_conversations(model, conversations)
+        scores, usage = await score_conversations(http, model, conversations)
         results = []
         for a, b in zip(scores[0::2], scores[1::2]):
             results.append(CompareResult(reward_a=a, reward_b=b, p_a_better=_sigmoid(a - b)))
@@ -315,9 +508,10 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request):
-        """Models are loaded and warmed up (readiness)."""
-        if not state["ready"]:
-            return _error(503, "not_ready", "models are loading or the service is stopping", request)
+        """Models are loaded and warmed up, and the service is not stopping (readiness)."""
+        if not lifecycle.ready:
+            why = "the service is stopping (draining)" if lifecycle.draining else "models are loading"
+            return _error(503, "not_ready", why, request)
         return {"status": "ready", "models": [m.display_name for m in models]}
 
     @app.get("/metrics", tags=["health"], response_class=Response)
@@ -332,9 +526,16 @@ def create_app(settings: ServiceSettings | None = None, models: list[ServedModel
 
     app.state.scoring = Scoring(pick_model=pick_model, check_count=check_count, score_encoded=score_encoded)
     app.state.served = models  # the list admin.reload swaps a reloaded model into
+    app.state.keys = keys  # with API keys on, reload is an `admin`-scope route (AccessMiddleware)
     app.include_router(compat_router)
     app.include_router(admin_router)
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst) if settings.rate_limit_rps else None
+    # Starlette wraps in reverse order of adding: the guard is outermost, so every refusal by the
+    # access check also gets a request id, a metric and a log line.
+    app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics=metrics)
+    app.add_middleware(
+        GuardMiddleware, max_body_bytes=settings.max_body_bytes, request_timeout_s=settings.request_timeout_s, metrics=metrics
+    )
     return app
 
 

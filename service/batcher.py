@@ -6,6 +6,11 @@ batch have similar lengths (little padding), cuts it into batches whose padded s
 (rows x longest row) fits ``max_batch_tokens``, and runs each forward in a worker thread so the
 event loop keeps accepting and tokenising requests meanwhile. Each request gets its own scores
 back through per-item futures, so a request larger than one batch is simply split.
+
+Backpressure: at most ``max_queue_items`` items wait per model (queued or planned into a batch
+not yet run); a request that does not fit is refused at once with ``QueueFull`` and an estimate
+of when there will be room. A request that gives up (deadline, disconnect) takes its
+not-yet-run items out of the queue. A failing forward fails only the requests in that batch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,22 @@ from .formatting import EncodedInput
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The model's queue cannot take the request's items now."""
+
+    def __init__(self, model: str, waiting: int, limit: int, retry_after_s: float) -> None:
+        super().__init__(f"model {model!r} has {waiting} items waiting (limit {limit})")
+        self.retry_after_s = retry_after_s
+
+
+class ForwardFailed(RuntimeError):
+    """The backend raised on the batch holding the request's items."""
+
+
+class BatcherStopped(RuntimeError):
+    """The service is shutting down and takes no new work."""
 
 
 @dataclass
@@ -74,6 +95,7 @@ class TokenBudgetBatcher:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 5.0,
         max_batch_size: int | None = None,
+        max_queue_items: int | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         self.backend = backend
@@ -82,8 +104,17 @@ class TokenBudgetBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_batch_size = max_batch_size
+        self.max_queue_items = max_queue_items
         self.metrics = metrics
         self._queue: list[_QueuedItem] = []
+        # Items accepted and not yet answered: queued, or taken into a plan whose forward has not
+        # run yet, or in the forward running now. This is what the queue bound applies to.
+        self._pending = 0
+        self._unanswered: set[asyncio.Future] = set()  # what stop() must fail if it cannot finish it
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._items_per_s: float | None = None  # smoothed forward throughput, for Retry-After
         self._queued_tokens = 0
         self._arrived = asyncio.Event()
         self._budget_full = asyncio.Event()
@@ -93,13 +124,35 @@ class TokenBudgetBatcher:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Items accepted and not yet answered."""
+        return self._pending
+
+    def retry_after_s(self) -> float:
+        """Rough time for the items waiting now to clear, from the observed forward throughput."""
+        if not self._items_per_s:
+            return 1.0
+        return min(60.0, max(1.0, self._pending / self._items_per_s))
+
+    def check_room(self, n_items: int) -> None:
+        """Raise QueueFull (or BatcherStopped) unless ``n_items`` more items can wait now."""
+        if self._closing:
+            raise BatcherStopped("the service is shutting down")
+        if self.max_queue_items is not None and self._pending + n_items > self.max_queue_items:
+            raise QueueFull(self.model_name, self._pending, self.max_queue_items, self.retry_after_s())
 
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model_name}")
 
-    async def stop(self) -> None:
+    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Take no new work, let what was accepted finish (up to ``drain_timeout_s``), then stop."""
+        self._closing = True
+        if self._worker is not None and drain_timeout_s > 0 and self._pending:
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
+            except asyncio.TimeoutError:
+                log.error("model %s: %d items still waiting after %.1f s of draining; failing them",
+                          self.model_name, self._pending, drain_timeout_s)
         if self._worker is not None:
             self._worker.cancel()
             try:
@@ -107,17 +160,25 @@ class TokenBudgetBatcher:
             except asyncio.CancelledError:
                 pass
             self._worker = None
-        for queued in self._queue:
-            if not queued.future.done():
-                queued.future.set_exception(RuntimeError("service is shutting down"))
+        # Items still queued, or planned into a batch the cancelled worker will not run.
+        for future in list(self._unanswered):
+            if not future.done():
+                future.set_exception(BatcherStopped("the service is shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
     async def score(self, encoded: list[EncodedInput]) -> list[float]:
-        """Queue the items and wait for their rewards (in the given order)."""
+        """Queue the items and wait for their rewards (in the given order).
+
+        Raises QueueFull when they do not fit, ForwardFailed when the backend fails on them."""
+        self.check_room(len(encoded))
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in encoded]
+        self._pending += len(futures)
+        self._idle.clear()
         for e, f in zip(encoded, futures):
+            self._unanswered.add(f)
+            f.add_done_callback(self._item_done)
             self._queue.append(_QueuedItem(e, f))
             self._queued_tokens += len(e)
         self._update_depth()
@@ -127,10 +188,22 @@ class TokenBudgetBatcher:
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:
-            # The caller went away (disconnect, deadline): drop its items that are still queued.
+            # The caller went away (disconnect, deadline) or one of its batches failed: drop its
+            # items that have not run. Those already planned into a batch are skipped there.
             for f in futures:
                 f.cancel()
+            mine = set(futures)
+            if any(q.future in mine for q in self._queue):
+                self._queue = [q for q in self._queue if q.future not in mine]
+                self._queued_tokens = sum(len(q.encoded) for q in self._queue)
+                self._update_depth()
             raise
+
+    def _item_done(self, future: asyncio.Future) -> None:
+        self._unanswered.discard(future)
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.set()
 
     async def _run(self) -> None:
         while True:
@@ -162,15 +235,21 @@ class TokenBudgetBatcher:
             rewards = await loop.run_in_executor(self._executor, self.backend.score_batch, batch)
         except Exception as exc:  # one bad batch fails its own requests, not the server
             log.exception("forward pass failed for %d items of model %s", len(items), self.model_name)
+            failure = ForwardFailed(f"{type(exc).__name__}: {exc}")
             for q in items:
                 if not q.future.done():
-                    q.future.set_exception(exc)
+                    q.future.set_exception(failure)
+            if self.metrics is not None:
+                self.metrics.forward_failures.labels(self.model_name).inc()
             return
+        elapsed = time.perf_counter() - started
+        rate = len(items) / max(elapsed, 1e-6)
+        self._items_per_s = rate if self._items_per_s is None else 0.8 * self._items_per_s + 0.2 * rate
         if self.metrics is not None:
             m, name = self.metrics, self.model_name
             rows, longest = batch.input_ids.shape
             real = int(batch.attention_mask.sum())
-            m.forward_latency.labels(name).observe(time.perf_counter() - started)
+            m.forward_latency.labels(name).observe(elapsed)
             m.batch_size.labels(name).observe(rows)
             m.batch_tokens.labels(name).observe(rows * longest)
             m.items_scored.labels(name).inc(rows)
@@ -182,4 +261,4 @@ class TokenBudgetBatcher:
 
     def _update_depth(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.model_name).set(len(self._queue))
+            self.metrics.queue_depth.labels(self.model_name).set(self._pending)

@@ -49,34 +49,51 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from .auth import KeyFileError, KeyRing, is_loopback, load_keys
+    from .logs import configure_logging
     from .settings import ServiceSettings
 
     overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
     try:
         settings = ServiceSettings(**overrides)
         settings.model_paths()
-    except (ValidationError, ValueError) as exc:
+        keys = KeyRing(load_keys(settings.api_key, settings.api_keys_file, settings.api_keys))
+    except (ValidationError, ValueError, KeyFileError) as exc:
         print(f"reward serve: invalid settings: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not keys.enabled and not is_loopback(settings.host) and not settings.insecure:
+        print(
+            f"reward serve: refusing to bind {settings.host} without API keys: anyone who can reach it could "
+            "use the models. Give --api-key, --api-keys or --api-keys-file (or REWARD_API_KEY, REWARD_API_KEYS, "
+            "REWARD_API_KEYS_FILE), bind "
+            "127.0.0.1, or pass --insecure if the network in front of it does the access control.",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("service")
+    log.info("authentication %s", f"on ({len(keys.keys)} keys)" if keys.enabled else "off (loopback only)")
 
     import torch
-    import uvicorn
 
     from .app import create_app
     from .model_dir import ModelDirError
     from .registry import load_models
+    from .server import server_for
 
     torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
     try:
         models = load_models(settings)
     except ModelDirError as exc:
         # No half-ready server: a model that cannot load stops the process with the reason.
+        log.error("cannot load a model: %s", exc)
         print(f"reward serve: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, models)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False)
-    return 0
+    app = create_app(settings, models, keys)
+    server = server_for(app, settings)
+    server.run()
+    # uvicorn reports a failed start (port in use, say) by setting started=False and returning.
+    return 0 if server.started else 1
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:

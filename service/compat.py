@@ -46,7 +46,9 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     scoring.check_count(len(body.query), "queries")
     if not body.query:
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-    scores, encoded = await scoring.score_encoded(model, encode_texts, body.query, prompt_prefixes=body.prompts)
+    scores, encoded = await scoring.score_encoded(
+        request, model, len(body.query), encode_texts, body.query, prompt_prefixes=body.prompts
+    )
     return GetRewardResponse(
         rewards=scores,
         scores=scores,
@@ -63,7 +65,7 @@ async def _score_vllm_texts(body, request: Request):
     texts = body.texts
     scoring.check_count(len(texts), "inputs")
     scores, encoded = await scoring.score_encoded(
-        model, encode_texts, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
+        request, model, len(texts), encode_texts, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
     )
     tokens = sum(len(e) for e in encoded)
     # vLLM echoes the model name it was asked for; ours when none was given.

@@ -32,7 +32,12 @@ class ServiceMetrics:
             "reward_forward_latency_seconds", "Time of one backend forward pass", ["model"],
             buckets=_LATENCY, registry=r,
         )
-        self.queue_depth = Gauge("reward_queue_depth", "Items waiting for a batch", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "reward_queue_depth", "Items accepted and not yet answered (the --max-queue-items bound)", ["model"], registry=r
+        )
+        self.forward_failures = Counter(
+            "reward_forward_failures", "Forward passes the backend raised on (their requests got a 500)", ["model"], registry=r
+        )
         self.items_scored = Counter("reward_items_scored", "Items scored", ["model"], registry=r)
         self.tokens_scored = Counter(
             "reward_tokens_scored", "Real (unpadded) tokens scored", ["model"], registry=r
@@ -44,7 +49,10 @@ class ServiceMetrics:
             "reward_truncated_items", "Items cut to the model's max length", ["model"], registry=r
         )
         self.rejections = Counter(
-            "reward_rejections", "Requests refused, by reason", ["reason"], registry=r
+            "reward_rejections",
+            "Requests refused, by reason: body_too_large, too_many_items, field_too_long, validation, "
+            "unauthenticated, forbidden, rate_limited, queue_full, deadline_exceeded, stopping, ...",
+            ["reason"], registry=r,
         )
 
     def render(self) -> bytes:

@@ -120,5 +120,6 @@ def attach_batchers(models: list[ServedModel], settings: ServiceSettings, metric
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_ms=settings.max_wait_ms,
             max_batch_size=settings.max_batch_size,
+            max_queue_items=settings.max_queue_items,
             metrics=metrics,
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,43 @@ class ServiceSettings(BaseSettings):
         "one. Prefer the REWARD_RELOAD_TOKEN variable to the flag, which other users can see in ps.",
     )
     log_level: str = Field("info", description="Logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as JSON objects (one per line) for a log pipeline."
+    )
+    # Authentication (service/auth.py). Off when no key is given, which is allowed on loopback only.
+    api_key: str | None = Field(
+        None, description="One API key with both scopes (score, admin). Prefer --api-keys-file or the env var."
+    )
+    api_keys: str | None = Field(
+        None,
+        description="Several API key entries, as in --api-keys-file, separated by spaces or newlines (handy as "
+        "REWARD_API_KEYS in a container; sha256= entries keep the secrets out of the environment).",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of API keys, one per line: KEY or sha256=HEX (the key's SHA-256), optionally "
+        "followed by :SCOPES (comma-separated score,admin; default score). # starts a comment.",
+    )
+    insecure: bool = Field(False, description="Allow binding a non-loopback address without API keys.")
+    rate_limit_rps: float | None = Field(
+        None, gt=0, description="Scoring requests per second allowed per API key (per client address without keys)."
+    )
+    rate_limit_burst: int | None = Field(
+        None, gt=0, description="Requests a key may send at once above the rate (default: 2 x rate, at least 1)."
+    )
+    # Limits and backpressure.
+    max_field_chars: int = Field(
+        200_000, gt=0, description="Characters per text field (prompt, response, message content)."
+    )
+    max_queue_items: int = Field(
+        8192, gt=0, description="Items waiting per model; a request that does not fit is answered 429."
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of a scoring request; past it the answer is 504 and its queued items are dropped."
+    )
+    shutdown_drain_s: float = Field(
+        2.0, ge=0, description="On SIGTERM, seconds to keep serving while /readyz says not ready, before closing."
+    )
 
     @field_validator("models")
     @classmethod
@@ -52,6 +89,15 @@ class ServiceSettings(BaseSettings):
         if not value:
             raise ValueError("give at least one model (name=PATH)")
         return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> "ServiceSettings":
+        if self.max_queue_items < self.max_items:
+            raise ValueError(
+                f"max_queue_items ({self.max_queue_items}) is below max_items ({self.max_items}); a request "
+                "of max_items could never be queued"
+            )
+        return self
 
     def model_paths(self) -> list[tuple[str, Path]]:
         """(name, path) pairs; names are unique."""

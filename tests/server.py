@@ -1,5 +1,6 @@
-"""Start the real service (`reward serve` in a subprocess, uvicorn on 127.0.0.1 and a free
-port) and stop it, as a user would."""
+"""Start the real service and stop it: `reward serve` in a subprocess on 127.0.0.1 and a free
+port, as a user would, or the same app and server in a thread of the test process
+(``in_process_server``) when a test needs to reach into the backend (fault injection)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -25,15 +27,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, entry: list[str] | None = None
+    ) -> None:
+        """``entry``: the program to run instead of ``python -m service.cli`` (a test wrapper)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        entry = entry or ["-m", "service.cli"]
+        command = [sys.executable, *entry, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self._log = open(log_path, "wb")
+        # No drain pause on stop unless a test asks for one: it only slows the suite down.
         self.process = subprocess.Popen(
             command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "REWARD_SHUTDOWN_DRAIN_S": "0", **(env or {})},
         )
 
     def logs(self) -> str:
@@ -64,10 +71,32 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    server = ServerProcess(args, log_path, env)
+def running_server(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None, entry: list[str] | None = None
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(args, log_path, env, entry)
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def in_process_server(app, settings) -> Iterator[str]:
+    """Serve ``app`` with the service's own server class in a background thread; yields its URL."""
+    from service.server import server_for
+
+    server = server_for(app, settings, host="127.0.0.1", port=free_port())
+    thread = threading.Thread(target=server.run, name="in-process-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("in-process server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
