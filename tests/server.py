@@ -25,8 +25,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
@@ -64,8 +64,10 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    server = ServerProcess(args, log_path, env)
+def running_server(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None, port: int | None = None
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(args, log_path, env, port)
     try:
         server.wait_ready()
         yield server
