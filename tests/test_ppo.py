@@ -6,7 +6,12 @@ being killed without losing or repeating a step."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
 import shutil
 import threading
 import time
@@ -204,8 +209,11 @@ def test_ppo_raises_the_mean_reward_of_the_planted_preference(world, server, tmp
     # the trained policy is a loadable causal LM
     assert (tmp_path / "policy" / "config.json").is_file() and (tmp_path / "value_head.pt").is_file()
     assert not (tmp_path / "checkpoints").exists()
+    if importlib.util.find_spec("tensorboard"):
+        assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # two server start-ups: ~25 s on a loaded 2-core machine
 def test_a_service_restart_mid_run_stalls_the_trainer_but_loses_no_step(world, tmp_path):
     args = [f"--model=rm={world['rm']}", *SERVE_ARGS]
     first = ServerProcess(args, tmp_path / "server-1.log")
@@ -258,6 +266,35 @@ def test_a_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(
     for x, y in zip(a, b):
         assert x["samples"] == y["samples"], x["step"]
         assert x["score"] == pytest.approx(y["score"], abs=1e-5) and x["kl"] == pytest.approx(y["kl"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_trainer_process_then_the_same_command_finishes_every_step_once(world, server, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "service.cli", "ppo", "--policy", str(world["sft"]), "--prompts", str(world["prompts"]),
+               "--output-dir", str(out), "--reward-url", server.url, "--total-steps", "40", "--rollout-batch-size", "16",
+               "--minibatch-size", "8", "--max-new-tokens", "8", "--learning-rate", "3e-4", "--save-steps", "1",
+               "--num-threads", "1", "--no-progress", "--no-tensorboard"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps_before = len(metrics.read_text().splitlines())
+    assert 3 <= steps_before < 40, "the run must be killed mid-way"
+
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stderr
+    assert json.loads(done.stdout)["step"] == 40
+    history = read_metrics(out)
+    assert [h["step"] for h in history] == list(range(1, 41)) == [h["rollout"] for h in history]
 
 
 # --------------------------------------------------------------------------- bad input, through the CLI

@@ -150,6 +150,9 @@ class PPOConfig:
     tensorboard: bool = field(default=True, metadata=_help("Also log to output_dir/tensorboard when tensorboard is installed."))
     seed: int = field(default=42, metadata=_help("Seed for prompt order and sampling."))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
+    dtype: str = field(default="float32", metadata=_help(
+        "Policy and reference weights dtype (float32: AdamW updates of a small learning rate vanish in bfloat16).",
+        choices=("float32", "bfloat16")))
     num_threads: int | None = field(default=None, metadata=_help("torch CPU threads (default: torch's choice)."))
     progress: bool = field(default=True, metadata=_help("Show a progress bar."))
     stop_after_steps: int | None = field(default=None, metadata=_help(
@@ -529,9 +532,10 @@ class PPOTrainer:
             raise SFTConfigError(f"{path} is not a model directory (no config.json); give the output of `reward sft`")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(self.config.seed)
-        lm = AutoModelForCausalLM.from_pretrained(path)
+        dtype = getattr(torch, self.config.dtype)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         check_vocab(lm, self.tokenizer, path)
-        self.reference = AutoModelForCausalLM.from_pretrained(path).to(self.device).eval()
+        self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.policy = build_policy_with_value_head(lm, self.config.value_head_init).to(self.device)
@@ -795,6 +799,9 @@ class PPOTrainer:
         import torch
 
         path = self.output_dir / CHECKPOINT / STATE_FILE
+        previous = self.output_dir / (CHECKPOINT + ".old") / STATE_FILE
+        if not path.is_file() and previous.is_file():  # killed between the two renames of save_checkpoint
+            path = previous
         if self.config.resume is False or not path.is_file():
             if self.config.resume and not path.is_file():
                 raise PPOConfigError(f"--resume given but there is no checkpoint at {path.parent}")
