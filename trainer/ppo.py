@@ -874,6 +874,7 @@ def run_ppo(args: argparse.Namespace) -> int:
     from client import RewardServiceError, ServiceUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scoring request drowns the log
     try:
         result = train_ppo(config_from_namespace(PPOConfig, args))
     except (DataError, PPOConfigError, SFTConfigError) as exc:
