@@ -342,3 +342,34 @@ def test_bad_inputs_exit_2_with_the_reason(world, server, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "tokenizer has" in err and "embedding has" in err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_chat_template_policy_with_its_own_pad_token_runs_unchanged(world, server, tmp_path):
+    """The Qwen-like path: a Llama causal LM whose tokenizer has a chat template and a pad token
+    that is not EOS; SFT then PPO with the same commands."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import tiny_models
+    from trainer.sft import SFTConfig, train_sft
+
+    torch.manual_seed(0)
+    tokenizer = tiny_models.bpe_tokenizer(tiny_models.CHATML_TEMPLATE, with_pad=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    demos = rlhf_fixtures.write_demonstrations(tmp_path / "demos.jsonl", 32, 0)
+    train_sft(SFTConfig(model=str(tmp_path / "llama"), data=[str(demos)], output_dir=str(tmp_path / "sft"), max_length=48,
+                        batch_size=16, learning_rate=5e-3, max_steps=60, num_threads=1, progress=False))
+
+    trainer = PPOTrainer(small_config({**world, "sft": tmp_path / "sft"}, server.url, tmp_path / "ppo", total_steps=2))
+    assert trainer.pad_id != tokenizer.eos_token_id and trainer.eos_token_ids == [tokenizer.eos_token_id]
+    result = trainer.run()
+    assert result.finished
+    history = read_metrics(tmp_path / "ppo")
+    assert [h["step"] for h in history] == [1, 2]
+    # prompts are rendered with the template, responses decoded without special tokens
+    query, _ = PPOTrainer.encode_prompts(trainer, [[{"role": "user", "content": "hi"}]])
+    assert tokenizer.decode(query[0]) == "<|user|>hi</s><|assistant|>"
+    assert all("</s>" not in s["response"] and "<pad>" not in s["response"] for h in history for s in h["samples"])
