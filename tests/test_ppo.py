@@ -363,8 +363,22 @@ def test_a_chat_template_policy_with_its_own_pad_token_runs_unchanged(world, ser
     train_sft(SFTConfig(model=str(tmp_path / "llama"), data=[str(demos)], output_dir=str(tmp_path / "sft"), max_length=48,
                         batch_size=16, learning_rate=5e-3, max_steps=60, num_threads=1, progress=False))
 
+    # Like Qwen's, this checkpoint asks for top-k and a repetition penalty: PPO must sample from
+    # softmax(logits / temperature) all the same, or its log-probs would describe another policy.
+    from transformers import GenerationConfig
+
+    GenerationConfig(do_sample=True, top_k=2, repetition_penalty=1.3, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp_path / "sft")
     trainer = PPOTrainer(small_config({**world, "sft": tmp_path / "sft"}, server.url, tmp_path / "ppo", total_steps=2))
     assert trainer.pad_id != tokenizer.eos_token_id and trainer.eos_token_ids == [tokenizer.eos_token_id]
+    rollout = trainer.generate_rollout(0)
+    with torch.no_grad():
+        input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)
+        attention = torch.cat([rollout.query_mask, rollout.mask.long()], dim=1)
+        logits = trainer.policy.lm(input_ids=input_ids, attention_mask=attention,
+                                   position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits
+    ranks = (logits[:, rollout.query_ids.size(1) - 1 : -1] > logits[:, rollout.query_ids.size(1) - 1 : -1]
+             .gather(2, rollout.response_ids.unsqueeze(-1))).sum(-1)
+    assert (ranks[rollout.mask.bool()] >= 2).any(), "every sampled token was in the top 2: the checkpoint's top_k leaked in"
     result = trainer.run()
     assert result.finished
     history = read_metrics(tmp_path / "ppo")

@@ -525,7 +525,7 @@ class PPOTrainer:
 
     def _build_models(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         path = Path(self.config.policy)
         if not (path / "config.json").is_file():
@@ -550,6 +550,14 @@ class PPOTrainer:
         if not self.eos_token_ids:
             raise SFTConfigError(f"{path}: the tokenizer has no EOS token, so responses could never end")
         self.pad_id = pad_token_id(self.tokenizer)
+        # A fresh generation config, not the checkpoint's: Qwen's generation_config.json sets
+        # top_k, top_p and repetition_penalty, any of which would make the sampling distribution
+        # differ from softmax(logits / temperature), the one PPO's log-probs describe.
+        self.sampling = GenerationConfig(
+            do_sample=True, temperature=self.config.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+            max_new_tokens=self.config.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_token_ids,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
 
     # -- rollouts --------------------------------------------------------------------------
 
@@ -609,10 +617,7 @@ class PPOTrainer:
         with torch.no_grad():
             for start in range(0, len(prompts), config.minibatch_size):
                 q, qm = query_ids[start : start + config.minibatch_size], query_mask[start : start + config.minibatch_size]
-                generated = self.policy.lm.generate(
-                    input_ids=q, attention_mask=qm, do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0,
-                    max_new_tokens=config.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_token_ids,
-                )
+                generated = self.policy.lm.generate(input_ids=q, attention_mask=qm, generation_config=self.sampling)
                 response_ids = generated[:, q.size(1):]
                 if response_ids.size(1) < config.max_new_tokens:  # all rows stopped early: pad to one width
                     pad = torch.full((response_ids.size(0), config.max_new_tokens - response_ids.size(1)), self.pad_id,
