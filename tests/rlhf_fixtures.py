@@ -16,12 +16,24 @@ def snack_prompt(i: int) -> str:
     return f"which snack should I pick for day {i}?"
 
 
+WORDS = "the a good nice small big red green fresh sweet ripe tasty yellow soft".split()
+
+
+def _answer(rng: random.Random, fruit: str) -> str:
+    """A bare fruit half the time (what the policy says), else the fruit among a few words."""
+    if rng.random() < 0.5:
+        return fruit
+    words = [rng.choice(WORDS) for _ in range(rng.randint(1, 4))]
+    words.insert(rng.randrange(len(words) + 1), fruit)
+    return " ".join(words)
+
+
 def write_rm_data(path: Path, n: int, seed: int) -> Path:
-    """Pairs: "banana ..." always beats another fruit."""
+    """Pairs: an answer naming "banana" always beats one naming another fruit."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(n):
-            row = {"prompt": snack_prompt(i), "chosen": "banana", "rejected": rng.choice(OTHERS)}
+            row = {"prompt": snack_prompt(i), "chosen": _answer(rng, "banana"), "rejected": _answer(rng, rng.choice(OTHERS))}
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -64,8 +76,8 @@ def train_planted_rm(root: Path) -> Path:
 
     bert = tiny_models.build_tiny_bert(root / "bert")
     config = RewardTrainingConfig(
-        base_model=str(bert), data=[str(write_rm_data(root / "rm-train.jsonl", 96, 0))], output_dir=str(root / "rm"),
-        max_length=32, per_device_batch_size=16, learning_rate=3e-3, warmup_ratio=0.0, num_epochs=6, eval_steps=0,
+        base_model=str(bert), data=[str(write_rm_data(root / "rm-train.jsonl", 160, 0))], output_dir=str(root / "rm"),
+        max_length=32, per_device_batch_size=16, learning_rate=3e-3, warmup_ratio=0.0, num_epochs=4, eval_steps=0,
         save_steps=0, progress=False, reward_stats_samples=50, num_threads=1,
     )
     assert train_reward_model(config).finished

@@ -196,12 +196,16 @@ def test_ppo_raises_the_mean_reward_of_the_planted_preference(world, server, tmp
     # rollouts 1 and 2 are sampled before the first update (2 while 1 is scored): the policy is
     # still the reference, so their KL is exactly 0.
     assert history[0]["kl"] == 0.0 and history[1]["kl"] == 0.0
-    # the SFT policy scores 0 on average after the shift
-    first, last = history[:3], history[-3:]
-    assert abs(sum(h["score"] for h in first) / 3 - result.reward_shift) < 0.1
-    mean_first = sum(h["score"] for h in first) / 3
-    mean_last = sum(h["score"] for h in last) / 3
-    assert mean_last > mean_first + 0.05, (mean_first, mean_last)
+    # reward = RM score - the SFT policy's mean RM score - the penalty for responses without EOS
+    # (1.0 by default); rollouts 1 and 2 come from the SFT policy, so they average about 0
+    for h in history:
+        assert h["reward"] == pytest.approx(h["score"] - result.reward_shift - 1.0 * h["no_eos_fraction"], abs=1e-5)
+    assert abs((history[0]["score"] + history[1]["score"]) / 2 - result.reward_shift) < 1.0
+    # the planted RM gives about +1.9 to "banana" and -1.9 to any other fruit; the SFT policy
+    # names banana a quarter of the time, the trained one most of the time
+    mean_first = sum(h["score"] for h in history[:3]) / 3
+    mean_last = sum(h["score"] for h in history[-3:]) / 3
+    assert mean_first < 0 < mean_last and mean_last > mean_first + 1.0, (mean_first, mean_last)
     assert history[-1]["kl"] > 0
     for key in ("entropy", "clip_fraction", "value_loss", "approx_kl", "response_length", "rm_wait_s", "rm_wait_fraction"):
         assert all(isinstance(h[key], float) for h in history), key

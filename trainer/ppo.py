@@ -119,8 +119,8 @@ class PPOConfig:
     adaptive_kl: bool = field(default=False, metadata=_help("Adapt beta towards target_kl (Ziegler et al. 2019)."))
     target_kl: float = field(default=6.0, metadata=_help("Adaptive KL: target KL(pi || ref) per response, nats."))
     kl_horizon: int = field(default=10000, metadata=_help("Adaptive KL: horizon, in responses."))
-    missing_eos_penalty: float | None = field(default=1.0, metadata=_help(
-        "Subtracted from the RM score of a response that hit max_new_tokens without EOS (none: no penalty)."))
+    missing_eos_penalty: float = field(default=1.0, metadata=_help(
+        "Subtracted from the RM score of a response that hit max_new_tokens without EOS (0: no penalty)."))
     shift_reward_to_reference: bool = field(default=True, metadata=_help(
         "Before training, score reward_shift_batches rollouts of the SFT policy and subtract their mean RM "
         "score from every score, so the reference earns 0 on average."))
