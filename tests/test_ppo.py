@@ -256,7 +256,9 @@ def test_a_service_restart_mid_run_stalls_the_trainer_but_loses_no_step(world, t
 
 
 def test_a_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(world, server, tmp_path):
-    config = small_config(world, server.url, tmp_path / "resumed", total_steps=6, save_steps=2)
+    # adaptive KL and running reward normalisation on: their state must survive the kill too
+    config = small_config(world, server.url, tmp_path / "resumed", total_steps=6, save_steps=2,
+                          adaptive_kl=True, target_kl=1.0, kl_horizon=100, normalize_reward=True)
     killed = train_ppo(replace(config, stop_after_steps=3))  # dies after step 3; the checkpoint is at 2
     assert not killed.finished and killed.step == 3
     assert (tmp_path / "resumed" / "checkpoints" / "last" / "state.pt").is_file()
@@ -270,6 +272,10 @@ def test_a_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(
     for x, y in zip(a, b):
         assert x["samples"] == y["samples"], x["step"]
         assert x["score"] == pytest.approx(y["score"], abs=1e-5) and x["kl"] == pytest.approx(y["kl"], abs=1e-4)
+        assert x["kl_coef"] == pytest.approx(y["kl_coef"]) and x["reward"] == pytest.approx(y["reward"], abs=1e-4)
+    # beta moved by Ziegler's rule: step 1 had KL 0, 100% under target -> error clipped to -0.2
+    assert a[1]["kl_coef"] == pytest.approx(0.02 * (1 - 0.2 * 16 / 100))
+    assert len({round(h["kl_coef"], 8) for h in a}) > 2
 
 
 @pytest.mark.slow
