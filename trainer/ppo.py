@@ -51,7 +51,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import sys
