@@ -28,10 +28,12 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(
-        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, entry: list[str] | None = None
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, entry: list[str] | None = None,
+        port: int | None = None,
     ) -> None:
-        """``entry``: the program to run instead of ``python -m service.cli`` (a test wrapper)."""
-        self.port = free_port()
+        """``entry``: the program to run instead of ``python -m service.cli`` (a test wrapper);
+        ``port``: a fixed port (to restart a server where its clients expect it)."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         entry = entry or ["-m", "service.cli"]
@@ -72,9 +74,10 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def running_server(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None, entry: list[str] | None = None
+    args: list[str], log_path: Path, env: dict[str, str] | None = None, entry: list[str] | None = None,
+    port: int | None = None,
 ) -> Iterator[ServerProcess]:
-    server = ServerProcess(args, log_path, env, entry)
+    server = ServerProcess(args, log_path, env, entry, port)
     try:
         server.wait_ready()
         yield server
