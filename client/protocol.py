@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, model_validator
 
 API_VERSION = "v1"
 
@@ -249,11 +249,11 @@ class _VLLMPoolingBase(_Lenient):
         default=None, description="Served model name or its directory path (verl sends the path); the default when omitted."
     )
     input: Union[str, list[str]] = Field(description="One text or a list of texts, chat template already applied.")
-    use_activation: bool | None = Field(
+    use_activation: StrictBool | None = Field(
         default=None, description="Apply the head's activation (sigmoid for a one-output reward model)."
     )
-    activation: bool | None = Field(default=None, description="vLLM's older name for use_activation.")
-    add_special_tokens: bool = Field(
+    activation: StrictBool | None = Field(default=None, description="vLLM's older name for use_activation.")
+    add_special_tokens: StrictBool = Field(
         default=True, description="Add the tokenizer's special tokens (BOS...), as vLLM does by default."
     )
     truncate_prompt_tokens: int | None = Field(

@@ -47,7 +47,7 @@ def _check_token(request: Request) -> None:
 
 @router.post(
     "/v1/models/{name}/reload", response_model=ReloadResponse,
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    responses={status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 408, 413, 422, 429, 500, 503)},
 )
 async def reload_model(name: str, request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
     """Load the model's directory again (or ``path``) and serve it under the same name."""

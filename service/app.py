@@ -451,6 +451,13 @@ def create_app(
     async def _tokenize_and_score(http: Request, model: ServedModel, encode, args, kwargs) -> tuple[list[float], list]:
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(tokenize_pool, lambda: encode(*args, model.tokenizer, model.spec, **kwargs))
+        empty = [i for i, e in enumerate(encoded) if len(e) == 0]
+        if empty:  # a model cannot read zero tokens (e.g. "" with add_special_tokens false)
+            raise APIError(
+                422, "empty_input",
+                f"input {empty[0]} is empty after tokenisation ({len(empty)} such inputs); send non-empty text "
+                "or let the service add the special tokens",
+            )
         truncated = sum(e.truncated for e in encoded)
         if truncated:
             metrics.truncated_items.labels(model.name).inc(truncated)

@@ -33,7 +33,8 @@ from client.protocol import (
 from .formatting import encode_texts
 
 router = APIRouter(tags=["compatibility"])
-_ERRORS = {404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+# The refusals any scoring route can give (auth, limits, deadline, failed forward), as in app.py.
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504)}
 
 
 @router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS)
