@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -39,12 +38,12 @@ import random
 import shutil
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .config_flags import add_config_flags, config_from_namespace
 from .data import DataError, DataSpec, LoadReport, PreferenceRecord, load_preferences, parse_data_spec
 
 log = logging.getLogger(__name__)
@@ -234,38 +233,15 @@ def add_train_rm_parser(subparsers) -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = typing.get_type_hints(RewardTrainingConfig)
-    for f in fields(RewardTrainingConfig):
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
-        kwargs: dict[str, Any] = {"dest": f.name, "help": meta.pop("help", None)}
-        kwargs.update(meta)
-        annotation = hints[f.name]
-        args = typing.get_args(annotation)
-        base = next((a for a in args if a is not type(None)), annotation) if args and type(None) in args else annotation
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is list or base is list:
-            kwargs["action"] = "append"
-        else:
-            kwargs["type"] = base
-        kwargs["default"] = default if not isinstance(default, list) else None
-        parser.add_argument(flag, **kwargs)
+    add_config_flags(parser, RewardTrainingConfig)
     parser.set_defaults(func=run_train_rm)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RewardTrainingConfig:
-    values: dict[str, Any] = {}
-    for f in fields(RewardTrainingConfig):
-        value = getattr(args, f.name, None)
-        if value is None and f.default_factory is not dataclasses.MISSING:
-            continue
-        if f.name == "lora_target_modules" and value:
-            value = [m.strip() for v in value for m in v.split(",") if m.strip()]
-        values[f.name] = value
-    return RewardTrainingConfig(**values)
+    if getattr(args, "lora_target_modules", None):  # repeatable and comma-separated
+        args.lora_target_modules = [m.strip() for v in args.lora_target_modules for m in v.split(",") if m.strip()]
+    return config_from_namespace(RewardTrainingConfig, args)
 
 
 def run_train_rm(args: argparse.Namespace) -> int:
