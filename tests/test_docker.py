@@ -75,3 +75,17 @@ def test_compose_puts_the_replicas_behind_the_balancer():
     assert re.search(r"server reward:8000 resolve;", nginx), "the upstream must name the compose service"
     assert re.search(r"proxy_read_timeout (\d+)s", nginx) and int(re.search(r"proxy_read_timeout (\d+)s", nginx).group(1)) >= 180
     assert json.dumps(balancer["depends_on"]["reward"]) == json.dumps({"condition": "service_healthy"})
+
+
+def test_the_kubernetes_manifests_probe_the_health_routes_and_scale_the_deployment():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((REPO_ROOT / "deploy" / "kubernetes.yaml").read_text())}
+    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {e["name"] for e in container["env"]}
+    assert "REWARD_API_KEYS" in env  # the image binds 0.0.0.0, which needs keys
+    for name in env:
+        assert name.removeprefix("REWARD_").lower() in ServiceSettings.model_fields, name
+    assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
