@@ -5,7 +5,7 @@
 ...     rm.score([{"prompt": "2+2?", "response": "4"}]).scores
 """
 
-from .client import AsyncRewardClient, RewardClient, RewardServiceError, ServiceUnavailable
+from .client import AsyncRewardClient, RewardClient, RewardServiceError, ServiceUnavailable, served_card
 from .protocol import (
     API_VERSION,
     ComparePair,

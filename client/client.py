@@ -30,6 +30,7 @@ from .protocol import (
     GetRewardRequest,
     GetRewardResponse,
     MessagesItem,
+    ModelCard,
     ModelList,
     PromptResponseItem,
     ScoreRequest,
@@ -38,7 +39,7 @@ from .protocol import (
     as_item,
 )
 
-__all__ = ["RewardClient", "AsyncRewardClient", "RewardServiceError", "ServiceUnavailable", "ProgressCallback"]
+__all__ = ["RewardClient", "AsyncRewardClient", "RewardServiceError", "ServiceUnavailable", "ProgressCallback", "served_card"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 USER_AGENT = "reward-client/0.1"
@@ -94,6 +95,20 @@ class _RetryableStatus(Exception):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"HTTP {response.status_code}")
         self.response = response
+
+
+def served_card(listing: ModelList, model: str | None, url: str) -> ModelCard:
+    """The card of ``model`` in a service's model list (its default when ``model`` is None), or a
+    RewardServiceError (404) naming what is served."""
+    cards = listing.data
+    if model is None:
+        card = next((c for c in cards if c.default), cards[0] if cards else None)
+    else:
+        card = next((c for c in cards if c.name == model), None)
+    if card is None:
+        served = ", ".join(c.name for c in cards) or "none"
+        raise RewardServiceError(404, "model_not_found", f"model {model!r} is not served at {url} (served: {served})")
+    return card
 
 
 def _retry_after_seconds(response: httpx.Response) -> float | None:

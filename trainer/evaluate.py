@@ -710,20 +710,13 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
 async def resolve_targets(clients: dict[str, Any], targets: list[Target]) -> None:
     """Ask each service for its models: checks it is reachable (with retries) and that the model
     exists, and records its card. Raises RewardServiceError."""
-    from client import RewardServiceError
+    from client import served_card
 
     listings: dict[str, Any] = {}
     for t in targets:
         if t.url not in listings:
             listings[t.url] = await clients[t.url].models()
-        cards = listings[t.url].data
-        if t.model is None:
-            card = next((c for c in cards if c.default), cards[0] if cards else None)
-        else:
-            card = next((c for c in cards if c.name == t.model), None)
-        if card is None:
-            served = ", ".join(c.name for c in cards) or "none"
-            raise RewardServiceError(404, "model_not_found", f"model {t.model!r} is not served at {t.url} (served: {served})")
+        card = served_card(listings[t.url], t.model, t.url)
         t.card = card.model_dump()
         t.served_model = f"{card.name}@{card.version}"
     _label_targets(targets)
@@ -774,6 +767,19 @@ async def _with_clients(urls: Iterable[str], args: argparse.Namespace, body: Cal
 
 
 # =========================================================================== CLI
+
+
+def score_through_service(args: argparse.Namespace, targets: list[Target], pool: ItemPool, *, resolve: bool):
+    """Score every item of ``pool`` with every target, chunked and concurrent, with a progress bar;
+    ``resolve`` first checks each target is served (resolve_targets)."""
+
+    async def body(clients):
+        if resolve:
+            await resolve_targets(clients, targets)
+        with _progress() as progress:
+            return await score_pool(clients, targets, pool.items, args.normalize, progress)
+
+    return asyncio.run(_with_clients([t.url for t in targets], args, body))
 
 
 def _positive_int(text: str) -> int:
@@ -907,13 +913,8 @@ def run_preference_eval(args: argparse.Namespace) -> int:
         print(f"reward eval: {d.name}: {len(d.records)} records, {d.n_pairs} pairs", file=sys.stderr)
     print(f"reward eval: {len(pool)} unique responses to score with {len(targets)} model(s)", file=sys.stderr)
 
-    async def body(clients):
-        await resolve_targets(clients, targets)
-        with _progress() as progress:
-            return await score_pool(clients, targets, pool.items, args.normalize, progress)
-
     try:
-        scores, timing = asyncio.run(_with_clients([t.url for t in targets], args, body))
+        scores, timing = score_through_service(args, targets, pool, resolve=True)
     except RewardServiceError as exc:
         return _fail(service_error_message(exc), EXIT_SERVICE)
 
@@ -1129,12 +1130,8 @@ def run_best_of_n(args: argparse.Namespace) -> int:
     pool = ItemPool()
     index = np.array([[pool.add(p, s) for s in row] for p, row in zip(prompts, samples)], dtype=np.int64)
 
-    async def body(clients):
-        with _progress() as progress:
-            return await score_pool(clients, targets, pool.items, args.normalize, progress)
-
     try:
-        scores, timing = asyncio.run(_with_clients([t.url for t in targets], args, body))
+        scores, timing = score_through_service(args, targets, pool, resolve=False)
     except RewardServiceError as exc:
         return _fail(service_error_message(exc), EXIT_SERVICE)
 

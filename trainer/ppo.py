@@ -411,20 +411,13 @@ class RewardScorer:
     def check(self, max_retries: int) -> str:
         """``name@version`` of the model that will score; RewardServiceError when the service cannot
         be reached (after ``max_retries``) or does not serve the model."""
-        from client import AsyncRewardClient, RewardServiceError
+        from client import AsyncRewardClient, served_card
 
         async def check():
             options = {**self._client_options, "max_retries": max_retries}
             async with AsyncRewardClient(self.url, **options) as probe:
                 listing = await probe.models()
-            cards = listing.data
-            if self.model is None:
-                card = next((c for c in cards if c.default), cards[0] if cards else None)
-            else:
-                card = next((c for c in cards if c.name == self.model), None)
-            if card is None:
-                served = ", ".join(c.name for c in cards) or "none"
-                raise RewardServiceError(404, "model_not_found", f"model {self.model!r} is not served at {self.url} (served: {served})")
+            card = served_card(listing, self.model, self.url)
             return f"{card.name}@{card.version}"
 
         return self._call(check())
