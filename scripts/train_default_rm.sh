@@ -10,7 +10,7 @@
 # * max length 256: MiniLM's own training length, and a 2x cheaper forward than 512 for serving.
 # * data: AlpacaEval (helpfulness, 30k of its 40k pairs to fit a CPU budget), HH-harmless x3 and
 #   TruthfulQA x2, so the two small axes are not drowned by AlpacaEval.
-# * --length-balance 0.5: AlpacaEval's GPT-4 judge picks the longer answer 84.5% of the time; pairs
+# * --length-balance 0.25: AlpacaEval's GPT-4 judge picks the longer answer 84.5% of the time; pairs
 #   whose chosen answer is shorter are up-weighted so that the longer answer is better in 67% of the
 #   weight instead, which keeps length useful but makes the model look past it.
 # * 520 optimizer steps of 32 records (16.6k records, 0.44 of an epoch): what a CPU budget allows.
@@ -19,15 +19,15 @@ set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT_DIR=${1:-runs/default-rm}
 exec "${REWARD:-reward}" train-rm \
-  --train-mode top --top-layers 1 --max-length 256 \
-  --data "$DATA/alpacaeval/train.jsonl.gz:1:30000" \
+  --train-mode top --top-layers 1 --max-length 512 \
+  --data "$DATA/alpacaeval/train.jsonl.gz:1" \
   --data "$DATA/hh-harmless/train.jsonl.gz:3" \
   --data "$DATA/truthfulqa/train.jsonl.gz:2" \
-  --length-balance 0.5 \
+  --length-balance 0.25 \
   --eval-data "alpacaeval/dev=$DATA/alpacaeval/dev.jsonl.gz::600" \
   --eval-data "alpacaeval/dev-balanced=$DATA/alpacaeval/dev-balanced.jsonl.gz::400" \
   --eval-data "hh-harmless/dev=$DATA/hh-harmless/dev.jsonl.gz" \
   --eval-data "truthfulqa/dev=$DATA/truthfulqa/dev.jsonl.gz" \
-  --max-steps 520 --per-device-batch-size 32 --learning-rate 1e-4 --lr-scheduler cosine --warmup-ratio 0.05 \
+  --max-steps 900 --per-device-batch-size 32 --learning-rate 1e-4 --lr-scheduler cosine --warmup-ratio 0.05 \
   --eval-steps 0 --save-steps 200 --seed 42 \
   --output-dir "$OUT_DIR" "${@:2}"

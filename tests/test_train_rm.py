@@ -207,6 +207,29 @@ def test_tiny_bert_learns_a_planted_preference(task, model_dirs, tmp_path):
         train_reward_model(config)
 
 
+def test_length_sorted_forward_chunks_give_the_rewards_of_one_padded_forward(model_dirs):
+    # Training runs a micro-batch as length-sorted chunks (each padded only to its own longest
+    # row); the rewards must come back in row order and equal one forward over the padded batch.
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from service.formatting import EncodedInput
+    from trainer.reward import _make_reward_module, _to_tensors, length_sorted_chunks
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dirs["bert"]).eval()
+    module = _make_reward_module(model, "encoder")
+    rng = np.random.default_rng(0)
+    encoded = [EncodedInput(list(rng.integers(5, 90, size=n)), [0] * n, False) for n in (30, 4, 17, 9, 30, 2, 12)]
+    whole = module(*length_sorted_chunks(encoded, 0, 10**9, "cpu"))
+    chunks, order = length_sorted_chunks(encoded, 0, 40, "cpu")
+    assert len(chunks) > 2 and sorted(len(c[0]) for c in chunks) != [len(encoded)]
+    chunked = module(chunks, order)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    # one padded forward in the original row order, as before chunking existed
+    assert torch.allclose(module([_to_tensors(pad_batch(encoded, 0), "cpu")], torch.arange(len(encoded))), whole, atol=1e-5)
+    assert whole.std() > 0  # distinct rows, so a scrambled order would show
+
+
 def test_resume_after_a_kill_continues_to_the_same_weights(task, model_dirs, tmp_path):
     common = dict(max_steps=20, save_steps=5, train_mode="full", learning_rate=1e-3, disable_dropout=False)
     reference = train_reward_model(fast_config(model_dirs["bert"], task["train"], tmp_path / "a", **common))

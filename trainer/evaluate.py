@@ -804,16 +804,18 @@ def _add_service_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--seed", type=int, default=d(0), help="seed for calibration order, bootstrap and sampling (default 0)")
     parser.add_argument("--normalize", action="store_true", default=d(False), help="score with the model's reward mean/std normalisation")
     parser.add_argument("--no-plots", dest="plots", action="store_false", default=d(True), help="skip the PNG plots")
-    parser.add_argument("--chunk-size", type=_positive_int, default=d(64), help="items per request (default 64)")
-    parser.add_argument("--concurrency", type=_positive_int, default=d(8), help="requests in flight (default 8)")
+    # 32 x 4 = 128 items in flight: enough for full batches, and on a slow CPU service (a few
+    # items/s) still well inside its request deadline; 64 x 8 was not (504s under load).
+    parser.add_argument("--chunk-size", type=_positive_int, default=d(32), help="items per request (default 32)")
+    parser.add_argument("--concurrency", type=_positive_int, default=d(4), help="requests in flight (default 4)")
     parser.add_argument("--timeout", type=float, default=d(120.0), help="seconds per request (default 120)")
     parser.add_argument("--max-retries", type=int, default=d(5), help="retries on connection errors, 429 and 503 (default 5)")
     parser.add_argument("--backoff", type=float, default=d(0.5), help="base of the exponential backoff in seconds (default 0.5)")
     parser.add_argument("--api-key", default=d(None), help="sent as 'Authorization: Bearer KEY' (env REWARD_API_KEY)")
 
 
-_SERVICE_DEFAULTS = dict(urls=None, models=None, report=None, seed=0, normalize=False, plots=True, chunk_size=64,
-                         concurrency=8, timeout=120.0, max_retries=5, backoff=0.5, api_key=None)
+_SERVICE_DEFAULTS = dict(urls=None, models=None, report=None, seed=0, normalize=False, plots=True, chunk_size=32,
+                         concurrency=4, timeout=120.0, max_retries=5, backoff=0.5, api_key=None)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:

@@ -132,6 +132,10 @@ class RewardTrainingConfig:
         "Records (prompts) per micro-batch per process; each contributes its K responses."))
     per_device_eval_batch_size: int = field(default=64, metadata=_help("Responses per forward when evaluating."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
+    forward_chunk_tokens: int = field(default=8192, metadata=_help(
+        "Token budget of one forward: a micro-batch's responses are sorted by length and run in chunks "
+        "of at most this many (padded) tokens, so short rows are not padded to the longest. Same loss; "
+        "raise it on a GPU."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0: off)."))
     use_margin: bool = field(default=True, metadata=_help("Subtract a record's 'margin' inside the loss."))
     use_soft_labels: bool = field(default=False, metadata=_help(
@@ -185,6 +189,8 @@ class RewardTrainingConfig:
             raise TrainingConfigError("num_epochs must be > 0")
         if self.train_mode == "top" and self.top_layers < 0:
             raise TrainingConfigError("top_layers must be >= 0")
+        if self.forward_chunk_tokens < 1:
+            raise TrainingConfigError("forward_chunk_tokens must be at least 1")
         if not 0.0 <= self.length_balance <= 1.0:
             raise TrainingConfigError("length_balance must be in [0, 1]")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -470,8 +476,27 @@ def _to_tensors(batch, device):
     return ids, mask, types
 
 
+def length_sorted_chunks(encoded, pad_id: int, max_tokens: int, device):
+    """A micro-batch as length-sorted chunks of at most ``max_tokens`` padded tokens (the service's
+    own plan_batches), plus the index that puts the chunks' rewards back in row order.
+
+    Padding a whole batch to its longest row wastes ~40% of the compute on AlpacaEval-length data at
+    512 tokens; the chunks do the same maths on far fewer pad tokens."""
+    import torch
+
+    from service.batcher import pad_batch, plan_batches
+
+    plan = plan_batches([len(e) for e in encoded], max_tokens)
+    chunks = [_to_tensors(pad_batch([encoded[i] for i in rows], pad_id), device) for rows in plan]
+    sorted_rows = [i for rows in plan for i in rows]
+    order = torch.empty(len(sorted_rows), dtype=torch.long)
+    order[torch.tensor(sorted_rows)] = torch.arange(len(sorted_rows))
+    return chunks, order.to(device)
+
+
 def _make_reward_module(model: Any, architecture: str):
     """An nn.Module whose forward is service.backend.reward_forward, so DDP sees the real forward."""
+    import torch
     import torch.nn as nn
 
     from service.backend import reward_forward
@@ -481,8 +506,11 @@ def _make_reward_module(model: Any, architecture: str):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, token_type_ids=None):
-            return reward_forward(self.model, architecture, input_ids, attention_mask, token_type_ids)
+        def forward(self, chunks, order):
+            # One DDP forward over several length-sorted chunks: each chunk is padded only to its
+            # own longest row, and the rewards come back in the batch's original row order.
+            rewards = torch.cat([reward_forward(self.model, architecture, *chunk) for chunk in chunks])
+            return rewards[order]
 
     return RewardModule()
 
@@ -943,7 +971,6 @@ class _Trainer:
         import numpy as np
         import torch
 
-        from service.batcher import pad_batch
         from service.formatting import encode_conversations
 
         c = self.config
@@ -961,11 +988,11 @@ class _Trainer:
                 p.append(r.p_first if soft else float("nan"))
                 weight.append(self.pair_weights[i][j])
         encoded = encode_conversations(conversations, self.tokenizer, self.spec)
-        ids, mask, types = _to_tensors(pad_batch(encoded, self.pad_id), self.device)
+        chunks, order = length_sorted_chunks(encoded, self.pad_id, c.forward_chunk_tokens, self.device)
         dev = self.device
         as_t = lambda xs, dt: torch.tensor(np.asarray(xs), dtype=dt, device=dev)  # noqa: E731
         return {
-            "input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+            "chunks": chunks, "order": order,
             "better": as_t(better, torch.long), "worse": as_t(worse, torch.long), "group": as_t(group, torch.long),
             "n_groups": len(indices),
             "margin": as_t(margin, torch.float32) if any(margin) else None,
@@ -1126,7 +1153,7 @@ class _Trainer:
                         sync = module.no_sync()
                     with sync:
                         with autocast():
-                            rewards = module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                            rewards = module(batch["chunks"], batch["order"])
                         rewards = rewards.float()
                         delta = pair_deltas(rewards, batch["better"], batch["worse"])
                         losses = pair_losses(delta, batch["margin"], batch["p"])
