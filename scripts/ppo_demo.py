@@ -1,12 +1,16 @@
 """The whole RLHF loop in one command, small enough for a CPU: SFT a tiny random-init policy on the
-chosen answers of HH-harmless, serve a reward model, run PPO against it, plot reward and KL.
+chosen answers of HH-harmless, serve a reward model (the proxy) and a second one (the gold), run PPO
+against the proxy with an adaptive KL penalty, then score SFT and PPO samples on held-out prompts
+with both RMs, and plot it all.
 
-    python scripts/ppo_demo.py RM_DIR [OUT_DIR]        (or: bash scripts/ppo_demo.sh RM_DIR [OUT_DIR])
+    python scripts/ppo_demo.py RM_DIR GOLD_DIR [OUT_DIR]     (or: bash scripts/ppo_demo.sh ...)
 
-RM_DIR is any model directory `reward serve` loads (the default RM: models/default-rm). Sizes come
-from the environment: DATA (../shared/data), DEMOS (2000), SFT_STEPS (300), PPO_STEPS (30),
-ROLLOUT (32), MAX_NEW_TOKENS (32), POLICY (a causal-LM directory to use instead of the tiny
-random-init GPT-2), DEVICE (auto). Writes OUT_DIR/{policy-init,sft,ppo,ppo_demo.png}.
+RM_DIR and GOLD_DIR are model directories `reward serve` loads (the default RM: models/default-rm).
+PPO never sees GOLD_DIR, so a gain the gold RM does not confirm is the proxy being gamed. Sizes come
+from the environment: DATA (../shared/data), DEMOS (2000), SFT_STEPS (600), PPO_STEPS (60),
+ROLLOUT (64), MAX_NEW_TOKENS (32), TARGET_KL (3), EVAL_PROMPTS (64), POLICY (a causal-LM directory
+to use instead of the tiny random-init GPT-2), DEVICE (auto). Writes OUT_DIR/{policy-init,sft,ppo,
+eval-sft,eval-ppo,summary.json,ppo_demo.png}.
 """
 
 from __future__ import annotations
@@ -62,7 +66,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def plot(metrics_path: Path, png: Path) -> None:
+def moving_average(values: list[float], window: int = 5) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
+def plot(metrics_path: Path, summary: dict, target_kl: float, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,28 +78,55 @@ def plot(metrics_path: Path, png: Path) -> None:
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steps = [r["step"] for r in rows]
-    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_reward.plot(steps, [r["score"] for r in rows], label="RM score")
-    ax_reward.plot(steps, [r["reward"] for r in rows], label="reward (shifted, EOS penalty)")
+    fig, (ax_reward, ax_kl, ax_gold) = plt.subplots(1, 3, figsize=(15, 4))
+    scores = [r["score"] for r in rows]
+    ax_reward.plot(steps, scores, alpha=0.3, color="C0")
+    ax_reward.plot(steps, moving_average(scores), color="C0", label="proxy RM score (5-step mean)")
     ax_reward.set_xlabel("PPO step")
-    ax_reward.set_title("mean reward per rollout")
+    ax_reward.set_title("proxy RM score of the rollouts")
     ax_reward.legend()
-    ax_kl.plot(steps, [r["kl"] for r in rows])
+    ax_kl.plot(steps, [r["kl"] for r in rows], label="KL")
+    ax_kl.axhline(target_kl, color="grey", linestyle="--", label=f"target {target_kl:g}")
     ax_kl.set_xlabel("PPO step")
     ax_kl.set_title("KL(policy || SFT reference), nats per response")
+    ax_kl_beta = ax_kl.twinx()
+    ax_kl_beta.plot(steps, [r["kl_coef"] for r in rows], color="C3", alpha=0.6, label="beta")
+    ax_kl_beta.set_ylabel("beta (adaptive)", color="C3")
+    ax_kl.legend(loc="upper left")
+    labels = ["proxy", "gold"]
+    for offset, policy in ((-0.2, "sft"), (0.2, "ppo")):
+        means = [summary[policy][f"{rm}_reward"] for rm in labels]
+        sems = [summary[policy][f"{rm}_reward_sem"] for rm in labels]
+        ax_gold.bar([i + offset for i in range(2)], means, width=0.4, yerr=sems, capsize=4, label=policy.upper())
+    ax_gold.set_xticks(range(2), ["proxy RM (trained against)", "gold RM (held out)"])
+    ax_gold.set_title(f"mean score on {summary['n_prompts']} held-out prompts (+- SEM)")
+    ax_gold.axhline(0, color="black", linewidth=0.5)
+    ax_gold.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
 
 
+def score_policy(policy: Path, prompts: Path, url: str, report: Path, n_prompts: str, max_new_tokens: str, device: str) -> dict:
+    """Sample from ``policy`` on held-out prompts and score with proxy and gold (`reward eval best-of-n`);
+    the n=1 point of its curve is the policy's mean score under each RM."""
+    reward("eval", "best-of-n", "--url", url, "--model", "rm", "--gold-model", "gold", "--policy", str(policy),
+           "--prompts", str(prompts), "--max-prompts", n_prompts, "--n", "4", "--max-new-tokens", max_new_tokens,
+           "--device", device, "--report", str(report), "--no-plots")
+    curve = json.loads((report / "report.json").read_text())["best_of_n"]["curve"]
+    return next(row for row in curve if row["n"] == 1)
+
+
 def main() -> int:
-    if len(sys.argv) < 2:
+    if len(sys.argv) < 3:
         print(__doc__, file=sys.stderr)
         return 2
-    rm_dir = Path(sys.argv[1]).resolve()
-    out = Path(sys.argv[2] if len(sys.argv) > 2 else "runs/ppo-demo").resolve()
+    rm_dir, gold_dir = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+    out = Path(sys.argv[3] if len(sys.argv) > 3 else "runs/ppo-demo").resolve()
     data = Path(env("DATA", str(REPO.parent / "shared" / "data")))
     device = env("DEVICE", "auto")
     demos = f"{data / 'hh-harmless' / 'train.jsonl.gz'}:1:{env('DEMOS', '2000')}"
+    target_kl = float(env("TARGET_KL", "3"))
+    max_new_tokens = env("MAX_NEW_TOKENS", "32")
 
     policy_init = Path(env("POLICY", "")) if env("POLICY", "") else None
     if policy_init is None:
@@ -99,18 +134,21 @@ def main() -> int:
         texts = [m["content"] for r in records for m in r.prompt] + [r.best for r in records]
         policy_init = tiny_policy(out / "policy-init", texts)
     reward("sft", "--model", str(policy_init), "--data", demos, "--output-dir", str(out / "sft"),
-           "--max-length", "256", "--batch-size", "16", "--learning-rate", "1e-3", "--max-steps", env("SFT_STEPS", "300"),
+           "--max-length", "256", "--batch-size", "16", "--learning-rate", "1e-3", "--max-steps", env("SFT_STEPS", "600"),
            "--device", device)
 
-    prompts = out / "prompts.jsonl"
-    dev = load_preferences([f"{data / 'hh-harmless' / 'dev.jsonl.gz'}::500"]).records
-    prompts.write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in dev))
+    # PPO prompts: the first 250 HH-harmless dev prompts; the held-out evaluation uses the rest.
+    dev = load_preferences([f"{data / 'hh-harmless' / 'dev.jsonl.gz'}"]).records
+    prompts, held_out = out / "prompts.jsonl", out / "held_out_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in dev[:250]))
+    held_out.write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in dev[250:]))
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(out / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                               "--model", f"rm={rm_dir}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                               "--model", f"rm={rm_dir}", "--model", f"gold={gold_dir}"],
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -124,15 +162,34 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("reward serve not ready after 300 s")
             time.sleep(0.5)
+        # Adaptive KL (Ziegler et al.): beta starts at 0.05 and moves by up to 0.2 x ROLLOUT/horizon
+        # per step towards TARGET_KL; the short horizon lets it act within a 60-step demo.
         reward("ppo", "--policy", str(out / "sft"), "--prompts", str(prompts), "--output-dir", str(out / "ppo"),
-               "--reward-url", url, "--total-steps", env("PPO_STEPS", "30"), "--rollout-batch-size", env("ROLLOUT", "32"),
-               "--minibatch-size", "8", "--max-new-tokens", env("MAX_NEW_TOKENS", "32"), "--learning-rate", "1e-4",
-               "--max-prompt-length", "256", "--save-steps", "10", "--device", device, "--no-resume")
+               "--reward-url", url, "--reward-model", "rm", "--total-steps", env("PPO_STEPS", "60"),
+               "--rollout-batch-size", env("ROLLOUT", "64"), "--minibatch-size", "16", "--max-new-tokens", max_new_tokens,
+               "--learning-rate", "5e-5", "--adaptive-kl", "--kl-coef", "0.05", "--target-kl", str(target_kl),
+               "--kl-horizon", "320", "--max-prompt-length", "256", "--save-steps", "20", "--device", device,
+               "--no-resume", "--no-progress")
+        n_prompts = env("EVAL_PROMPTS", "64")
+        summary = {"n_prompts": int(n_prompts), "proxy": str(rm_dir), "gold": str(gold_dir), "target_kl": target_kl}
+        for name, policy in (("sft", out / "sft"), ("ppo", out / "ppo" / "policy")):
+            summary[name] = score_policy(policy, held_out, url, out / f"eval-{name}", n_prompts, max_new_tokens, device)
     finally:
         server.terminate()
         server.wait()
         log.close()
-    plot(out / "ppo" / "metrics.jsonl", out / "ppo_demo.png")
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    summary["ppo_run"] = {
+        "steps": len(rows),
+        "score_first_10": sum(r["score"] for r in rows[:10]) / len(rows[:10]),
+        "score_last_10": sum(r["score"] for r in rows[-10:]) / len(rows[-10:]),
+        "kl_last_10": sum(r["kl"] for r in rows[-10:]) / len(rows[-10:]),
+        "kl_coef_final": rows[-1]["kl_coef"],
+        "rm_wait_fraction_mean": sum(r["rm_wait_fraction"] for r in rows) / len(rows),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(out / "ppo" / "metrics.jsonl", summary, target_kl, out / "ppo_demo.png")
+    print(json.dumps(summary, indent=2))
     print(f"plot: {out / 'ppo_demo.png'}")
     return 0
 
