@@ -224,6 +224,7 @@ class ComparisonStore:
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at every start
         try:
             with self.engine.begin() as connection:
                 config.attributes["connection"] = connection
@@ -263,6 +264,8 @@ class ComparisonStore:
                             if existing["content_sha256"] != digest:
                                 raise IdempotencyConflict(idempotency_key, existing["id"])
                             return _comparison_row(existing), False
+                    if new.task_id is not None:
+                        self._check_task_open(conn, new.task_id)
                     created_at = _now()
                     new_id = conn.execute(comparisons.insert().values(
                         created_at=created_at, labeller=new.labeller, category=new.category, prompt=new.prompt,
@@ -283,18 +286,23 @@ class ComparisonStore:
                 raise _unavailable(exc) from exc
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def _check_task_open(conn: Connection, task_id: int) -> None:
+        task = conn.execute(sa.select(label_tasks.c.status, label_tasks.c.comparison_id).where(label_tasks.c.id == task_id)).first()
+        if task is None:
+            raise TaskProblem(422, f"task_id {task_id} is not a label task here; send the id GET /v1/label/tasks/next gave")
+        if task.status != "open":
+            raise TaskProblem(409, f"label task {task_id} was already labelled (comparison {task.comparison_id}); fetch the next task")
+
     def _finish_task(self, conn: Connection, task_id: int, comparison_id: int) -> None:
         done = conn.execute(
             label_tasks.update()
             .where(label_tasks.c.id == task_id, label_tasks.c.status == "open")
             .values(status="done", comparison_id=comparison_id, leased_until=None)
         )
-        if done.rowcount == 1:
-            return
-        task = conn.execute(sa.select(label_tasks.c.comparison_id).where(label_tasks.c.id == task_id)).first()
-        if task is None:
-            raise TaskProblem(422, f"task_id {task_id} is not a label task here; send the id GET /v1/label/tasks/next gave")
-        raise TaskProblem(409, f"label task {task_id} was already labelled (comparison {task.comparison_id}); fetch the next task")
+        if done.rowcount != 1:  # another labeller's comparison for it committed in between
+            self._check_task_open(conn, task_id)
+            raise TaskProblem(409, f"label task {task_id} was labelled by someone else meanwhile; fetch the next task")
 
     def get_comparison(self, comparison_id: int) -> dict | None:
         with self._reading() as conn:
