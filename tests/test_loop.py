@@ -47,12 +47,13 @@ def reward_loop(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two trainings and two candidate servers: ~1 min on 2 quiet cores, far more on busy ones
 def test_reward_loop_retrains_on_the_store_and_deploys_only_a_model_that_is_not_worse(model_dirs, tmp_path):
     versions = tmp_path / "versions"
     shutil.copytree(model_dirs["bert"], versions / "v0")  # the random-init model being served
     (versions / "current").symlink_to("v0")
     store = f"sqlite:///{tmp_path}/comparisons.db"
-    dev = write_task(tmp_path / "dev.jsonl", 80, seed=1)
+    dev = write_task(tmp_path / "dev.jsonl", 60, seed=1)
     banana = [{"prompt": "which snack should I pick?", "response": "a ripe banana"},
               {"prompt": "which snack should I pick?", "response": "a ripe plum"}]
     args = ["--model", f"rm={versions / 'current'}", "--store", store]
@@ -60,15 +61,15 @@ def test_reward_loop_retrains_on_the_store_and_deploys_only_a_model_that_is_not_
             RewardClient(server.url, max_concurrency=8) as client:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda body: client.submit_comparison(**body, labeller="ann"),
-                          comparisons_from(write_task(tmp_path / "labelled.jsonl", 256, seed=0))))
+                          comparisons_from(write_task(tmp_path / "labelled.jsonl", 160, seed=0))))
         served_before = client.models().data[0]
-        training = ["--base-model", str(model_dirs["bert"]), "--max-length", "48", "--per-device-batch-size", "16",
+        training = ["--base-model", str(model_dirs["bert"]), "--max-length", "32", "--per-device-batch-size", "16",
                     "--warmup-ratio", "0", "--eval-steps", "0", "--save-steps", "0", "--reward-stats-samples", "200",
                     "--num-threads", "2", "--seed", "0"]
         loop = ["--from-store", store, "--url", server.url, "--model", "rm", "--versions-dir", str(versions),
                 "--dev-data", f"dev={dev}", "--reload-token", TOKEN, "--threshold", "0.02"]
 
-        first = reward_loop(*loop, *training, "--num-epochs", "3", "--learning-rate", "3e-3")
+        first = reward_loop(*loop, *training, "--num-epochs", "3", "--learning-rate", "5e-3")
         served_after = client.models().data[0]
         scores = client.score(banana, model="rm").scores
         # A second round whose training does nothing (learning rate 0) must not replace the better model.
@@ -77,14 +78,14 @@ def test_reward_loop_retrains_on_the_store_and_deploys_only_a_model_that_is_not_
 
     assert first.returncode == 0, first.stderr[-3000:]
     decision = json.loads(first.stdout)
-    assert decision["deployed"] is True and decision["comparisons"] == 256
+    assert decision["deployed"] is True and decision["comparisons"] == 160
     assert decision["candidate_mean_accuracy"] > 0.85 and decision["served_mean_accuracy"] < 0.75
     new = versions / decision["version"]
     assert (new / "comparisons.jsonl").is_file() and (new / "eval" / "report.json").is_file()
     assert served_after.version != served_before.version and served_after.path == str(new.resolve())
     assert (versions / "current").resolve() == new.resolve()
     assert scores[0] > scores[1]  # the served model now prefers the banana
-    assert len(load_file(new / "comparisons.jsonl").records) == 256
+    assert len(load_file(new / "comparisons.jsonl").records) == 160
 
     assert second.returncode == 0, second.stderr[-3000:]
     kept = json.loads(second.stdout)
