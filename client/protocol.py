@@ -361,7 +361,29 @@ def _check_prompt(prompt: Union[str, list[Message]]) -> Union[str, list[Message]
     return prompt
 
 
-class ComparisonRequest(_Strict):
+def _no_nul(value: Any, where: str = "") -> None:
+    # PostgreSQL text cannot hold NUL; refusing it here keeps both stores taking the same input.
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where or 'a text field'} contains a NUL character (\\u0000); remove it")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_nul(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _no_nul(v, f"{where}.{i}" if where else str(i))
+
+
+class _StoredText(_Strict):
+    """Bodies whose text goes into the comparison store."""
+
+    @model_validator(mode="after")
+    def _no_nul_characters(self):
+        _no_nul(self.model_dump())
+        return self
+
+
+class ComparisonRequest(_StoredText):
     """A labeller's judgement of K responses to one prompt: a ``ranking`` (best first) or, for
     two responses, a pairwise ``choice`` (the index of the better one)."""
 
@@ -442,7 +464,7 @@ class ComparisonList(BaseModel):
     next_after: int | None = Field(description="Pass as ?after= for the next page; null on the last page.")
 
 
-class LabelTaskRequest(_Strict):
+class LabelTaskRequest(_StoredText):
     prompt: Union[str, list[Message]]
     responses: list[str] = Field(description="The candidates a person will rank (2 to 16, none empty).")
     category: str | None = Field(default=None, max_length=200)

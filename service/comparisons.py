@@ -92,7 +92,10 @@ def _check_lengths(request: Request, body) -> None:
         raise APIError(413, "field_too_long", f"{where}: {n} characters is over the limit of {limit} per field (--max-field-chars)")
 
 
-@router.post("/v1/comparisons", response_model=ComparisonCreated, status_code=201, responses=_ERRORS)
+@router.post(
+    "/v1/comparisons", response_model=ComparisonCreated, status_code=201,
+    responses={**_ERRORS, 200: {"model": ComparisonCreated, "description": "Already stored under this Idempotency-Key: the original."}},
+)
 def create_comparison(
     body: ComparisonRequest,
     request: Request,
@@ -128,7 +131,14 @@ def create_comparison(
     return JSONResponse(answer.model_dump(mode="json"), status_code=201 if created else 200)
 
 
+def _no_nul(**values: str | None) -> None:
+    for name, value in values.items():
+        if value is not None and "\x00" in value:
+            raise APIError(422, "validation_error", f"query.{name}: contains a NUL character; remove it")
+
+
 def _filters(since: datetime | None, until: datetime | None, labeller: str | None, category: str | None) -> Filters:
+    _no_nul(labeller=labeller, category=category)
     if since is not None and until is not None and until <= since:
         raise APIError(422, "invalid_time_range", f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
     return Filters(since=since, until=until, labeller=labeller, category=category)
@@ -213,6 +223,7 @@ def next_label_task(
 ) -> NextLabelTask:
     """The oldest task nobody holds (or the one this labeller already holds); null when none."""
     store = _store(request)
+    _no_nul(labeller=labeller)
     labellers = request.app.state.labellers
     if labellers is not None and labeller not in labellers:
         raise APIError(422, "unknown_labeller", f"labeller {labeller!r} is not one of this service's labellers (--labellers)")

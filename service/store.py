@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def is_unavailable(exc: DBAPIError) -> bool:
+    """A failure of the database, not of the request: unreachable, restarting, locked, out of
+    disk. Anything else (a constraint, a value the database refuses) is not retried as a 503."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or bool(getattr(exc, "connection_invalidated", False))
+
+
 def _unavailable(exc: Exception) -> StoreUnavailable:
     detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return StoreUnavailable(f"the comparison store is unavailable ({type(getattr(exc, 'orig', exc)).__name__}: {detail})")
@@ -241,7 +247,9 @@ class ComparisonStore:
         try:
             with self.engine.connect() as connection:
                 return MigrationContext.configure(connection).get_current_revision()
-        except (OperationalError, DBAPIError) as exc:
+        except DBAPIError as exc:
+            if not is_unavailable(exc):
+                raise
             raise _unavailable(exc) from exc
 
     def close(self) -> None:
@@ -280,8 +288,8 @@ class ComparisonStore:
                 # Two requests with one key raced past the lookup; the loser reads the winner's row.
                 if idempotency_key is None or attempt == 1:
                     raise
-            except (OperationalError, DBAPIError) as exc:
-                if isinstance(exc, IntegrityError):
+            except DBAPIError as exc:
+                if not is_unavailable(exc):
                     raise
                 raise _unavailable(exc) from exc
         raise AssertionError("unreachable")
@@ -361,7 +369,9 @@ class ComparisonStore:
                     )).inserted_primary_key[0]
                     for t in tasks
                 ]
-        except (OperationalError, DBAPIError) as exc:
+        except DBAPIError as exc:
+            if not is_unavailable(exc):
+                raise
             raise _unavailable(exc) from exc
 
     def next_task(self, labeller: str, lease_s: float) -> tuple[dict | None, int]:
@@ -388,7 +398,9 @@ class ComparisonStore:
                         if taken.rowcount == 1:
                             return _task_row(row), waiting
                 return None, waiting
-        except (OperationalError, DBAPIError) as exc:
+        except DBAPIError as exc:
+            if not is_unavailable(exc):
+                raise
             raise _unavailable(exc) from exc
 
     def _reading(self):
@@ -404,13 +416,15 @@ class _Reading:
     def __enter__(self) -> Connection:
         try:
             self.conn = self.engine.connect()
-        except (OperationalError, DBAPIError) as exc:
+        except DBAPIError as exc:
+            if not is_unavailable(exc):
+                raise
             raise _unavailable(exc) from exc
         return self.conn
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.conn.close()
-        if isinstance(exc, (OperationalError, DBAPIError)) and not isinstance(exc, IntegrityError):
+        if isinstance(exc, DBAPIError) and is_unavailable(exc):
             raise _unavailable(exc) from exc
         return False
 
