@@ -117,9 +117,12 @@ def test_export_comparisons_writes_the_rankings_the_trainer_reads(tmp_path):
 def test_train_rm_from_an_empty_or_missing_store_says_so(model_dirs, tmp_path):
     ComparisonStore(f"sqlite:///{tmp_path}/empty.db").close()
 
-    with pytest.raises(DataError, match="holds no comparisons yet"):
-        train_reward_model(fast_config(model_dirs["bert"], tmp_path / "unused.jsonl", tmp_path / "a", data=[],
-                                       from_store=f"sqlite:///{tmp_path}/empty.db"))
+    def from_store_only(store: str, out: str):
+        config = fast_config(model_dirs["bert"], tmp_path / "unused.jsonl", tmp_path / out, from_store=store)
+        config.data = []  # the store is the only data
+        return config
+
+    with pytest.raises(DataError, match="holds no comparisons yet; collect some first"):
+        train_reward_model(from_store_only(f"sqlite:///{tmp_path}/empty.db", "a"))
     with pytest.raises(DataError, match="there is no SQLite store"):
-        train_reward_model(fast_config(model_dirs["bert"], tmp_path / "unused.jsonl", tmp_path / "b", data=[],
-                                       from_store=f"sqlite:///{tmp_path}/missing.db"))
+        train_reward_model(from_store_only(f"sqlite:///{tmp_path}/missing.db", "b"))
