@@ -23,6 +23,12 @@ from pydantic import BaseModel, ValidationError
 
 from .protocol import (
     API_VERSION,
+    ComparisonCreated,
+    ComparisonList,
+    ComparisonRequest,
+    LabelTasksCreated,
+    LabelTasksRequest,
+    NextLabelTask,
     ComparePair,
     CompareRequest,
     CompareResponse,
@@ -269,6 +275,21 @@ class _ClientCore:
     def _body(request: BaseModel) -> dict:
         return request.model_dump(mode="json", exclude_none=True)
 
+    @staticmethod
+    def _comparison(comparison: ComparisonRequest | Mapping[str, Any], fields: dict[str, Any]) -> tuple[dict, dict]:
+        """(body, headers) of POST /v1/comparisons. A fresh Idempotency-Key unless one is given:
+        the retries of this call then reuse it, so a POST whose answer was lost is stored once."""
+        import uuid
+
+        key = fields.pop("idempotency_key", None) or str(uuid.uuid4())
+        if not isinstance(comparison, ComparisonRequest):
+            comparison = ComparisonRequest.model_validate({**dict(comparison), **fields})
+        return comparison.model_dump(mode="json", exclude_none=True), {"Idempotency-Key": key}
+
+    @staticmethod
+    def _comparison_filters(**filters: Any) -> dict[str, Any]:
+        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in filters.items() if v is not None}
+
     # -- retry policy ------------------------------------------------------------------------
 
     def _wait_seconds(self, retry_state: tenacity.RetryCallState) -> float:
@@ -423,6 +444,43 @@ class RewardClient(_ClientCore):
                 raise ServiceUnavailable(None, "not_ready", f"the reward service at {self.base_url} was not ready after {timeout} s")
             _sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
+    # -- the comparison loop -----------------------------------------------------------------
+
+    def submit_comparison(self, comparison: ComparisonRequest | Mapping[str, Any] | None = None, **fields: Any) -> ComparisonCreated:
+        """Store a labeller's comparison: a ComparisonRequest, a dict, or its fields as keywords
+        (``prompt``, ``responses``, ``ranking`` or ``choice``, ``labeller``, ...). Pass
+        ``idempotency_key=`` to make repeats of your own call store once too."""
+        body, headers = self._comparison(comparison or {}, fields)
+        path = f"/{API_VERSION}/comparisons"
+        return self._parse(ComparisonCreated, self._request("POST", path, body, headers=headers), path)
+
+    def list_comparisons(self, *, since: datetime | None = None, until: datetime | None = None, labeller: str | None = None,
+                         category: str | None = None, after: int | None = None, limit: int | None = None) -> ComparisonList:
+        """One page of stored comparisons (admin scope); pass ``after=page.next_after`` for the next."""
+        params = self._comparison_filters(since=since, until=until, labeller=labeller, category=category, after=after, limit=limit)
+        path = f"/{API_VERSION}/comparisons"
+        return self._parse(ComparisonList, self._request("GET", path, params=params), path)
+
+    def export_comparisons(self, *, since: datetime | None = None, until: datetime | None = None,
+                           labeller: str | None = None, category: str | None = None) -> list[dict]:
+        """Every matching comparison as rows of the trainer's rankings format (admin scope)."""
+        import json
+
+        params = self._comparison_filters(since=since, until=until, labeller=labeller, category=category)
+        response = self._request("GET", f"/{API_VERSION}/comparisons/export", params=params)
+        return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+    def add_label_tasks(self, tasks: Iterable[Mapping[str, Any]]) -> list[int]:
+        """Queue (prompt, responses[, category, source]) tasks for the /label page; their ids."""
+        body = self._body(LabelTasksRequest.model_validate({"tasks": list(tasks)}))
+        path = f"/{API_VERSION}/label/tasks"
+        return self._parse(LabelTasksCreated, self._request("POST", path, body), path).ids
+
+    def next_label_task(self, labeller: str, lease_s: float | None = None) -> NextLabelTask:
+        params = self._comparison_filters(labeller=labeller, lease_s=lease_s)
+        path = f"/{API_VERSION}/label/tasks/next"
+        return self._parse(NextLabelTask, self._request("GET", path, params=params), path)
+
     # -- internals ---------------------------------------------------------------------------
 
     def _probe(self, path: str) -> bool:
@@ -435,14 +493,17 @@ class RewardClient(_ClientCore):
                 pass
         return False
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, body: dict | None = None, *, headers: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> httpx.Response:
         tries, first = 0, self._first_replica()
 
         def send_once() -> httpx.Response:
             nonlocal tries
             tries += 1
             http = self._replicas[(first + tries - 1) % len(self._replicas)]
-            return self._check(http.request(method, path, json=body))
+            return self._check(http.request(method, path, json=body, headers=headers, params=params))
 
         retrying = tenacity.Retrying(sleep=lambda seconds: _sleep(seconds), **self._retry_kwargs())
         try:
@@ -579,6 +640,22 @@ class AsyncRewardClient(_ClientCore):
                 raise ServiceUnavailable(None, "not_ready", f"the reward service at {self.base_url} was not ready after {timeout} s")
             await _async_sleep(min(interval, max(0.0, deadline - loop.time())))
 
+    # -- the comparison loop -----------------------------------------------------------------
+
+    async def submit_comparison(
+        self, comparison: ComparisonRequest | Mapping[str, Any] | None = None, **fields: Any
+    ) -> ComparisonCreated:
+        """Store a labeller's comparison (see RewardClient.submit_comparison)."""
+        body, headers = self._comparison(comparison or {}, fields)
+        path = f"/{API_VERSION}/comparisons"
+        return self._parse(ComparisonCreated, await self._request("POST", path, body, headers=headers), path)
+
+    async def add_label_tasks(self, tasks: Iterable[Mapping[str, Any]]) -> list[int]:
+        """Queue (prompt, responses[, category, source]) tasks for the /label page; their ids."""
+        body = self._body(LabelTasksRequest.model_validate({"tasks": list(tasks)}))
+        path = f"/{API_VERSION}/label/tasks"
+        return self._parse(LabelTasksCreated, await self._request("POST", path, body), path).ids
+
     # -- internals ---------------------------------------------------------------------------
 
     async def _probe(self, path: str) -> bool:
@@ -590,14 +667,17 @@ class AsyncRewardClient(_ClientCore):
                 pass
         return False
 
-    async def _request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, body: dict | None = None, *, headers: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> httpx.Response:
         tries, first = 0, self._first_replica()
 
         async def send_once() -> httpx.Response:
             nonlocal tries
             tries += 1
             http = self._replicas[(first + tries - 1) % len(self._replicas)]
-            return self._check(await http.request(method, path, json=body))
+            return self._check(await http.request(method, path, json=body, headers=headers, params=params))
 
         retrying = tenacity.AsyncRetrying(sleep=lambda seconds: _async_sleep(seconds), **self._retry_kwargs())
         try:

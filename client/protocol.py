@@ -22,9 +22,10 @@ section of this module):
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, field_validator, model_validator
 
 API_VERSION = "v1"
 
@@ -327,3 +328,169 @@ class PoolingResponse(BaseModel):
     model: str
     data: list[PoolingData]
     usage: VLLMUsage
+
+
+# -- Comparisons and the labelling queue (service/comparisons.py) ------------------------------
+#
+# - POST /v1/comparisons          ComparisonRequest (+ Idempotency-Key header) -> ComparisonCreated
+# - GET  /v1/comparisons          (admin) filters, page -> ComparisonList
+# - GET  /v1/comparisons/export   (admin) filters -> JSONL rows of the trainer's rankings format
+# - POST /v1/label/tasks          LabelTasksRequest -> LabelTasksCreated (the queue /label shows)
+# - GET  /v1/label/tasks/next     ?labeller= -> NextLabelTask
+
+MAX_COMPARISON_RESPONSES = 16
+MAX_TAGS = 32
+
+
+def _check_responses(responses: list[str]) -> list[str]:
+    if len(responses) < 2:
+        raise ValueError(f"a comparison needs at least 2 responses (K >= 2), got {len(responses)}")
+    if len(responses) > MAX_COMPARISON_RESPONSES:
+        raise ValueError(f"at most {MAX_COMPARISON_RESPONSES} responses per comparison, got {len(responses)}")
+    empty = [i for i, r in enumerate(responses) if not r.strip()]
+    if empty:
+        raise ValueError(f"response {empty[0]} is empty; every response must have text to judge")
+    return responses
+
+
+def _check_prompt(prompt: Union[str, list[Message]]) -> Union[str, list[Message]]:
+    if isinstance(prompt, str) and not prompt.strip():
+        raise ValueError("the prompt is empty; give the text (or messages) the responses answer")
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError("prompt is an empty message list; give at least one message or a string")
+    return prompt
+
+
+def _no_nul(value: Any, where: str = "") -> None:
+    # PostgreSQL text cannot hold NUL; refusing it here keeps both stores taking the same input.
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where or 'a text field'} contains a NUL character (\\u0000); remove it")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_nul(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _no_nul(v, f"{where}.{i}" if where else str(i))
+
+
+class _StoredText(_Strict):
+    """Bodies whose text goes into the comparison store."""
+
+    @model_validator(mode="after")
+    def _no_nul_characters(self):
+        _no_nul(self.model_dump())
+        return self
+
+
+class ComparisonRequest(_StoredText):
+    """A labeller's judgement of K responses to one prompt: a ``ranking`` (best first) or, for
+    two responses, a pairwise ``choice`` (the index of the better one)."""
+
+    prompt: Union[str, list[Message]] = Field(description="The prompt: plain text or chat messages.")
+    responses: list[str] = Field(description=f"The K candidate responses (2 <= K <= {MAX_COMPARISON_RESPONSES}), none empty.")
+    ranking: list[int] | None = Field(
+        default=None, description="Indices into responses, best first: a permutation of 0..K-1."
+    )
+    choice: int | None = Field(default=None, description="Pairwise (K = 2): the index (0 or 1) of the better response.")
+    labeller: str = Field(min_length=1, max_length=200, description="Who judged (an id the operator knows).")
+    category: str | None = Field(default=None, max_length=200, description="E.g. helpfulness, harmlessness.")
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS, description="Free labels for filtering.")
+    reason: str | None = Field(default=None, max_length=10_000, description="The labeller's free-text reason.")
+    task_id: int | None = Field(default=None, description="The label task this answers (from /v1/label/tasks/next).")
+
+    _prompt = field_validator("prompt")(_check_prompt)
+    _responses = field_validator("responses")(_check_responses)
+
+    @field_validator("labeller")
+    @classmethod
+    def _labeller_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("labeller is blank; send the labeller's id")
+        return value.strip()
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_short(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if not t.strip() or len(t) > 100]
+        if bad:
+            raise ValueError(f"tag {bad[0]!r} is blank or over 100 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _one_judgement(self) -> "ComparisonRequest":
+        k = len(self.responses)
+        if (self.ranking is None) == (self.choice is None):
+            raise ValueError("send either ranking (indices best first) or choice (pairwise: index of the better of two), not both or neither")
+        if self.choice is not None:
+            if k != 2:
+                raise ValueError(f"choice is for two responses; with {k} send a ranking (indices best first)")
+            if self.choice not in (0, 1):
+                raise ValueError(f"choice must be 0 or 1 (the index of the better response), got {self.choice}")
+        elif sorted(self.ranking) != list(range(k)):
+            raise ValueError(
+                f"ranking {self.ranking} is not a permutation of 0..{k - 1}: list every response index exactly once, best first"
+            )
+        return self
+
+    def best_first(self) -> list[int]:
+        if self.ranking is not None:
+            return list(self.ranking)
+        return [self.choice, 1 - self.choice]
+
+
+class ComparisonCreated(BaseModel):
+    id: int
+    created_at: datetime
+    duplicate: bool = Field(description="True when this Idempotency-Key was already stored: the original is returned.")
+
+
+class Comparison(BaseModel):
+    id: int
+    created_at: datetime
+    labeller: str
+    prompt: Union[str, list[Message]]
+    responses: list[str]
+    ranking: list[int] = Field(description="Best first (a pairwise choice c is stored as [c, 1 - c]).")
+    kind: Literal["ranking", "pairwise"]
+    category: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    reason: str | None = None
+    task_id: int | None = None
+
+
+class ComparisonList(BaseModel):
+    data: list[Comparison]
+    next_after: int | None = Field(description="Pass as ?after= for the next page; null on the last page.")
+
+
+class LabelTaskRequest(_StoredText):
+    prompt: Union[str, list[Message]]
+    responses: list[str] = Field(description="The candidates a person will rank (2 to 16, none empty).")
+    category: str | None = Field(default=None, max_length=200)
+    source: str | None = Field(default=None, max_length=200, description="Who queued it, e.g. 'ppo step 120'.")
+
+    _prompt = field_validator("prompt")(_check_prompt)
+    _responses = field_validator("responses")(_check_responses)
+
+
+class LabelTasksRequest(_Strict):
+    tasks: list[LabelTaskRequest] = Field(min_length=1, description="Tasks to queue, at least one.")
+
+
+class LabelTasksCreated(BaseModel):
+    ids: list[int]
+
+
+class LabelTask(BaseModel):
+    id: int
+    created_at: datetime
+    prompt: Union[str, list[Message]]
+    responses: list[str]
+    category: str | None = None
+    source: str | None = None
+
+
+class NextLabelTask(BaseModel):
+    task: LabelTask | None = Field(description="The task to label, leased to this labeller; null when the queue is empty.")
+    waiting: int = Field(description="Open tasks in the queue, this one included.")

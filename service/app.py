@@ -48,6 +48,7 @@ _ERRORS = {
 # A caller's X-Request-ID is kept when it looks like an id; anything else is replaced by ours.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _ROUTES = {"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics", "/get_reward", "/classify", "/pooling"}
+_ROUTES |= {"/v1/comparisons", "/v1/comparisons/export", "/v1/label/tasks", "/v1/label/tasks/next", "/label"}
 
 
 class APIError(Exception):
@@ -255,7 +256,7 @@ class AccessMiddleware:
                 request_id=request_id, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         state["key_id"] = key.key_id
-        needed = required_scope(scope["path"])
+        needed = required_scope(scope["path"], scope.get("method", "GET"))
         if needed is not None and needed not in key.scopes:
             self.metrics.rejections.labels("forbidden").inc()
             return _error(
@@ -309,10 +310,12 @@ def _long_fields(value: Any, limit: int, path: str = "") -> list[tuple[str, int]
 
 
 def create_app(
-    settings: ServiceSettings | None = None, models: list[ServedModel] | None = None, keys: KeyRing | None = None
+    settings: ServiceSettings | None = None, models: list[ServedModel] | None = None, keys: KeyRing | None = None,
+    store=None,
 ) -> FastAPI:
     """The ASGI app. ``models`` already loaded (by ``reward serve``) or loaded here from settings;
-    ``keys``: the API keys (none: authentication off)."""
+    ``keys``: the API keys (none: authentication off); ``store``: the comparison store already
+    opened (by ``reward serve``), else opened here from ``settings.store`` when set."""
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
     if models is None:
@@ -536,6 +539,12 @@ def create_app(
     app.state.keys = keys  # with API keys on, reload is an `admin`-scope route (AccessMiddleware)
     app.include_router(compat_router)
     app.include_router(admin_router)
+    from .comparisons import install as install_comparisons
+    from .store import ComparisonStore
+
+    if store is None and settings.store:
+        store = ComparisonStore(settings.store)
+    install_comparisons(app, store, settings.labellers)
     limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst) if settings.rate_limit_rps else None
     # Starlette wraps in reverse order of adding: the guard is outermost, so every refusal by the
     # access check also gets a request id, a metric and a log line.

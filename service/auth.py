@@ -8,8 +8,12 @@ characters of the digest.
 Scopes:
 
 - ``score``: the scoring routes (``/v1/score``, ``/v1/compare``) and ``/v1/models``.
-- ``admin``: operator routes: ``/metrics`` (traffic and model names) and, later, reload and
-  feedback export.
+- ``admin``: operator routes: ``/metrics`` (traffic and model names), reload, and reading the
+  stored comparisons (``GET /v1/comparisons``, ``/v1/comparisons/export``).
+
+Labellers and the jobs that queue label tasks need ``score``: ``POST /v1/comparisons``,
+``/v1/label/tasks`` and ``/v1/label/tasks/next``. The labelling page ``/label`` is open (it holds
+no data; its requests carry the key the person types in).
 
 ``/healthz``, ``/readyz``, ``/docs`` and ``/openapi.json`` stay open so probes and people can
 reach them without a key.
@@ -26,21 +30,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCOPES = ("score", "admin")
-OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/label"})
 # Route -> scope it needs. A route not listed (an unknown path, say) needs a valid key of any scope.
 ROUTE_SCOPES = {
     "/v1/score": "score", "/v1/compare": "score", "/v1/models": "score", "/metrics": "admin",
     "/get_reward": "score", "/classify": "score", "/pooling": "score",  # OpenRLHF / vLLM compatible
 }
+ROUTE_SCOPES.update({
+    "/v1/comparisons": "score", "/v1/comparisons/export": "admin", "/v1/label/tasks": "score",
+    "/v1/label/tasks/next": "score",
+})
+# Where one path serves both: reading everyone's comparisons is for operators, adding one is not.
+METHOD_SCOPES = {("GET", "/v1/comparisons"): "admin"}
 # Routes that do model work, and so count against a rate limit.
 RATE_LIMITED_ROUTES = frozenset({"/v1/score", "/v1/compare", "/get_reward", "/classify", "/pooling"})
 
 
-def required_scope(path: str) -> str | None:
-    """The scope a route needs: the table above, and `admin` for /v1/models/{name}/reload."""
+def required_scope(path: str, method: str = "GET") -> str | None:
+    """The scope a route needs: the tables above, and `admin` for /v1/models/{name}/reload."""
     if path.startswith("/v1/models/") and path.endswith("/reload"):
         return "admin"
-    return ROUTE_SCOPES.get(path)
+    return METHOD_SCOPES.get((method.upper(), path)) or ROUTE_SCOPES.get(path)
 
 
 class KeyFileError(ValueError):

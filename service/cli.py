@@ -20,6 +20,8 @@ _SUBCOMMANDS = {
     "eval": ("trainer.evaluate", "add_eval_parser", "evaluate served reward models: accuracy, calibration, side by side, best-of-N"),
     "sft": ("trainer.sft", "add_sft_parser", "fine-tune a causal LM on demonstrations (the chosen answers of preference data)"),
     "ppo": ("trainer.ppo", "add_ppo_parser", "RLHF: PPO on a policy from `reward sft`, rewards from a running `reward serve`"),
+    "export-comparisons": ("trainer.loop", "add_export_parser", "write stored comparisons as rankings JSONL for train-rm"),
+    "loop": ("trainer.loop", "add_loop_parser", "retrain on stored comparisons, evaluate against the served model, deploy if not worse"),
 }
 
 
@@ -76,6 +78,19 @@ def run_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("service")
     log.info("authentication %s", f"on ({len(keys.keys)} keys)" if keys.enabled else "off (loopback only)")
 
+    store = None
+    if settings.store:
+        # Opened (and migrated) before the models load, so a wrong URL or a database that is
+        # down stops the start at once with the reason.
+        from .store import ComparisonStore, StoreError
+
+        try:
+            store = ComparisonStore(settings.store)
+        except StoreError as exc:
+            print(f"reward serve: {exc}", file=sys.stderr)
+            return 2
+        log.info("comparisons are stored in %s", store.display_url)
+
     import torch
 
     from .app import create_app
@@ -91,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("cannot load a model: %s", exc)
         print(f"reward serve: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, models, keys)
+    app = create_app(settings, models, keys, store)
     server = server_for(app, settings)
     server.run()
     # uvicorn reports a failed start (port in use, say) by setting started=False and returning.

@@ -83,6 +83,16 @@ class ServiceSettings(BaseSettings):
         2.0, ge=0, description="On SIGTERM, seconds to keep serving while /readyz says not ready, before closing."
     )
 
+    # The comparison loop (service/comparisons.py, service/store.py).
+    store: str | None = Field(
+        None,
+        description="Database for labellers' comparisons and the labelling queue: sqlite:///PATH (a file, created "
+        "on first start) or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB. Comparison routes answer 404 without one.",
+    )
+    labellers: str | None = Field(
+        None, description="Labeller ids allowed to submit comparisons, separated by commas or spaces (any id when unset)."
+    )
+
     @field_validator("models")
     @classmethod
     def _at_least_one(cls, value: list[str]) -> list[str]:

@@ -23,8 +23,10 @@ EXAMPLES_PER_ROUTE = 80
 
 
 @pytest.fixture(scope="module")
-def server_url(model_dirs):
-    config = ServiceSettings(models=[f"bert={model_dirs['bert']}"], max_items=64, shutdown_drain_s=0)
+def server_url(model_dirs, tmp_path_factory):
+    # With a comparison store, so the comparison and label-queue routes are fuzzed too.
+    store = f"sqlite:///{tmp_path_factory.mktemp('fuzz-store')}/comparisons.db"
+    config = ServiceSettings(models=[f"bert={model_dirs['bert']}"], max_items=64, shutdown_drain_s=0, store=store)
     model = load_model("bert", model_dirs["bert"], config)
     app = create_app(config, [replace(model, batcher=None)])
     with in_process_server(app, config) as url:

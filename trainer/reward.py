@@ -56,6 +56,7 @@ LAST = "last"
 BEST = "best"
 BEST_WEIGHTS = "best-weights.safetensors"
 METRICS_JSONL = "metrics.jsonl"
+STORE_EXPORT = "comparisons.jsonl"  # --from-store: the stored comparisons this run trained on
 # Files of the output format; what --overwrite removes (with best/, checkpoints/, metrics.jsonl).
 MODEL_FILES = (
     "reward_model.json", "config.json", "model.safetensors", "model.safetensors.index.json",
@@ -102,6 +103,10 @@ class RewardTrainingConfig:
     eval_data: list[str] = field(default_factory=list, metadata=_help(
         "Dev set as NAME=PATH[::MAX_ROWS] or PATH (named after its folder and file) (repeatable).",
         metavar="[NAME=]PATH"))
+    from_store: str | None = field(default=None, metadata=_help(
+        "Also train on every comparison in this store (the URL given to `reward serve --store`: "
+        "sqlite:///PATH or postgresql://...); they are exported to output_dir/comparisons.jsonl first.",
+        metavar="URL"))
     max_bad_fraction: float = field(default=0.01, metadata=_help(
         "Abort when more than this fraction of a file's rows are malformed."))
     length_balance: float = field(default=0.0, metadata=_help(
@@ -166,8 +171,8 @@ class RewardTrainingConfig:
         "Testing aid: stop right after this step without saving, as if the run were killed."))
 
     def validate(self) -> None:
-        if not self.data:
-            raise TrainingConfigError("give training data with --data PATH[:WEIGHT][:MAX_ROWS]")
+        if not self.data and not self.from_store:
+            raise TrainingConfigError("give training data with --data PATH[:WEIGHT][:MAX_ROWS] and/or --from-store URL")
         if self.train_mode not in TRAIN_MODES:
             raise TrainingConfigError(f"train_mode must be one of {', '.join(TRAIN_MODES)}, not {self.train_mode!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -668,7 +673,7 @@ class _Trainer:
         finished = (self.out / "reward_model.json").is_file()
         if c.overwrite:
             if self.dist.main and self.out.exists():
-                for name in MODEL_FILES + (METRICS_JSONL, "README.md"):
+                for name in MODEL_FILES + (METRICS_JSONL, "README.md", STORE_EXPORT):
                     (self.out / name).unlink(missing_ok=True)
                 for name in (BEST, CHECKPOINTS):
                     shutil.rmtree(self.out / name, ignore_errors=True)
@@ -698,9 +703,11 @@ class _Trainer:
             return last
         return None
 
-    def _load_data(self) -> None:
+    def _load_data(self, resuming: bool = False) -> None:
         c = self.config
         specs = [parse_data_spec(s) for s in c.data]
+        if c.from_store:
+            specs.append(self._export_store(reuse=resuming))
         train = load_preferences(specs, seed=c.seed, max_bad_fraction=c.max_bad_fraction)
         self.train_records = train.records
         self.data_report: dict[str, Any] = {"train": _file_report(train.report), "eval": {}}
@@ -724,6 +731,34 @@ class _Trainer:
                     f"length balance {source}: longer-better {r['longer_better_fraction']:.1%} of pairs -> "
                     f"{r['weighted_longer_better_fraction']:.1%} of the weight"
                 )
+
+    def _export_store(self, reuse: bool) -> DataSpec:
+        """Snapshot the store's comparisons into output_dir (rank 0; the others wait and read the
+        same file). A resumed run reuses its snapshot, so it goes on over the same records."""
+        from service.store import ComparisonStore, StoreError, export_jsonl, redact
+
+        path = self.out / STORE_EXPORT
+        name = f"store:{redact(self.config.from_store)}"
+        if self.dist.main and not (reuse and path.is_file()):
+            try:
+                # No migration from here: the schema is the service's to upgrade.
+                store = ComparisonStore(self.config.from_store, migrate=False)
+                try:
+                    if store.revision() is None:
+                        raise DataError(
+                            f"{store.display_url} holds no comparison store (no schema); give the URL that "
+                            "`reward serve --store` uses"
+                        )
+                    n = export_jsonl(store, path)
+                finally:
+                    store.close()
+            except StoreError as exc:
+                raise DataError(f"--from-store: {exc}") from exc
+            if n == 0:
+                raise DataError(f"--from-store: {redact(self.config.from_store)} holds no comparisons yet; collect some first")
+            self.say(f"exported {n} comparisons from {redact(self.config.from_store)} to {path}")
+        self.barrier()
+        return DataSpec(path=str(path), name=name)
 
     def _build_model(self) -> None:
         import torch
@@ -1072,7 +1107,7 @@ class _Trainer:
                 )
         resume_path = self._prepare_output_dir()
         random.seed(c.seed)
-        self._load_data()
+        self._load_data(resuming=resume_path is not None)
         self._build_model()
         self.model.to(self.device)
         self.model.train()
