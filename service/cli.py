@@ -20,6 +20,7 @@ _SUBCOMMANDS = {
     "eval": ("trainer.evaluate", "add_eval_parser", "evaluate served reward models: accuracy, calibration, side by side, best-of-N"),
     "sft": ("trainer.sft", "add_sft_parser", "fine-tune a causal LM on demonstrations (the chosen answers of preference data)"),
     "ppo": ("trainer.ppo", "add_ppo_parser", "RLHF: PPO on a policy from `reward sft`, rewards from a running `reward serve`"),
+    "export-onnx": ("trainer.export", "add_export_onnx_parser", "export a reward-model directory to ONNX (optionally int8) for --backend onnx"),
 }
 
 
@@ -76,6 +77,10 @@ def run_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("service")
     log.info("authentication %s", f"on ({len(keys.keys)} keys)" if keys.enabled else "off (loopback only)")
 
+    # One level of parallelism for tokenisation: the --tokenizer-threads pool. The fast
+    # tokenizer's own thread pool (rayon, one thread per core) inside each of those threads would
+    # compete with the backend's intra-op threads for the same cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     from .app import create_app
