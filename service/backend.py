@@ -85,10 +85,27 @@ class TorchBackend:
         self.on_cuda = device.startswith("cuda")
         if self.on_cuda and not torch.cuda.is_available():
             raise ModelDirError("--device cuda was asked for but torch sees no CUDA device")
-        self.model = load_sequence_classifier(
+        model = load_sequence_classifier(
             self.model_dir, spec, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle, attn_implementation="sdpa" if self.on_cuda else None,
-        ).to(device)
+        )
+        self._prepare(model, compile)
+
+    @classmethod
+    def from_module(cls, model: Any, spec: RewardModelSpec, *, device: str = "cpu", compile: bool = False) -> "TorchBackend":
+        """A backend around a model already built (the GPU benchmark's random-init models)."""
+        import torch
+
+        backend = cls.__new__(cls)
+        backend.torch, backend.model_dir, backend.spec, backend.device = torch, Path("."), spec, device
+        backend.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        backend.on_cuda = device.startswith("cuda")
+        backend._prepare(model, compile)
+        return backend
+
+    def _prepare(self, model: Any, compile: bool) -> None:
+        torch = self.torch
+        self.model = model.to(self.device)
         self.model.eval()
         self._forward = reward_forward
         if compile:
@@ -96,8 +113,8 @@ class TorchBackend:
                 raise ModelDirError("--compile is for --device cuda (on CPU it costs minutes of compiling for little gain)")
             # dynamic=True: one graph for every (rows, tokens) shape instead of one per shape;
             # the sequence length is rounded up to a multiple of 64 below so the few shapes that
-            # still specialise recur.
-            # Position ids from the mask always: no data-dependent branch to break the graph.
+            # still specialise recur. Position ids from the mask always: no data-dependent
+            # branch to break the graph.
             self._forward = torch.compile(functools.partial(reward_forward, positions_from_mask=True), dynamic=True)
 
     def _to_device(self, array: np.ndarray):
