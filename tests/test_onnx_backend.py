@@ -33,6 +33,9 @@ ITEMS = [
         {"role": "assistant", "content": "The sea is wide and deep and blue, and it is calling me and you."},
     ]},
 ]
+# Three exports (torch.export tracing, ~40 s each on 2 idle cores) share the module's fixtures.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
 MAX_LENGTH = 40  # short enough that the long item above is truncated: the export must keep it
 MEAN, STD = 0.25, 2.0
 
