@@ -19,6 +19,7 @@ torch and onnxruntime and refuses an fp32 graph whose rewards differ by more tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -64,10 +65,12 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     try:
-        summary = export_onnx(
-            args.model, args.out, int8=args.int8, overwrite=args.overwrite,
-            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-        )
+        # torch's exporter prints its progress on stdout; stdout is kept for the summary JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = export_onnx(
+                args.model, args.out, int8=args.int8, overwrite=args.overwrite,
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+            )
     except (ModelDirError, ExportError) as exc:
         print(f"reward export-onnx: {exc}", file=sys.stderr)
         return 1
