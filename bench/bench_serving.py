@@ -1,14 +1,20 @@
-"""Serving throughput against the in-process limit of the same backend.
+"""Serving throughput against the in-process limit of the same backend, and against a naive peer.
 
-1. The limit: the model in this process, the same items tokenised with the service's own
-   formatting, sorted into the same token-budget batches, no HTTP.
+1. The limit: the model in this process on the chosen backend, the same items tokenised with
+   the service's own formatting, sorted into the same token-budget batches, no HTTP.
 2. The service: `reward serve` in a subprocess on loopback; C concurrent clients (our async
-   client) each sending R items per request until N items are scored.
+   client) each sending R items per request until N items are scored. R=1 is how OpenRLHF's
+   trainer calls a remote RM (each sample as soon as it is generated).
+3. With ``--naive-peer``: bench/naive_peer.py (one forward per request, no cross-request
+   batching, torch) under the same load.
+
+``--backend``: torch (fp32), onnx (fp32 export) or onnx-int8 (dynamic int8 export); the ONNX
+exports are made on the spot with `reward export-onnx`'s code unless ``--onnx-dir`` names one.
 
 Prints one JSON object and a one-line summary; `--out` also writes the JSON (commit it under
 bench/results/ with the machine described, which the JSON carries).
 
-    python bench/bench_serving.py --model models/default-rm --items 1024 --concurrency 32 --per-request 8
+    python bench/bench_serving.py --backend onnx-int8 --items 1024 --concurrency 1 8 32 128 --per-request 8 1 --naive-peer
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ def load_items(n: int) -> list[dict]:
 
 
 def machine() -> dict:
+    import onnxruntime
     import torch
 
     cpu = platform.processor()
@@ -62,12 +69,14 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
     }
 
 
-def in_process_limit(model_dir: Path, items: list[dict], max_batch_tokens: int, repeats: int) -> dict:
-    """Tokenise with the service's formatting and run the same length-sorted token-budget batches."""
+def in_process_limit(model_dir: Path, backend: str, items: list[dict], max_batch_tokens: int, repeats: int) -> dict:
+    """Tokenise with the service's formatting and run the same length-sorted token-budget batches
+    on the same backend."""
     import torch
 
     from service.batcher import pad_batch, plan_batches
@@ -76,7 +85,7 @@ def in_process_limit(model_dir: Path, items: list[dict], max_batch_tokens: int, 
     from service.settings import ServiceSettings
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = load_model("bench", model_dir, ServiceSettings(models=[str(model_dir)]))
+    model = load_model("bench", model_dir, ServiceSettings(models=[str(model_dir)], backend=backend))
     model.warm_up()
     best = None
     for _ in range(repeats):
@@ -123,11 +132,46 @@ async def drive(url: str, items: list[dict], concurrency: int, per_request: int)
     }
 
 
-def serve_and_measure(model_dir: Path, items: list[dict], args) -> list[dict]:
+def token_lengths(model_dir: Path, backend: str, items: list[dict]) -> list[int]:
+    from service.formatting import encode_items
+    from service.model_dir import load_spec, load_tokenizer
+    from transformers import AutoConfig
+
+    spec_json = model_dir / "reward_model.json"
+    base = json.loads(spec_json.read_text()).get("base_model") if spec_json.is_file() else None
+    tokenizer = load_tokenizer(model_dir, base_model=base)
+    spec = load_spec(model_dir, AutoConfig.from_pretrained(model_dir), tokenizer)
+    return [len(e) for e in encode_items(items, tokenizer, spec)]
+
+
+def naive_peer_measure(model_dir: Path, items: list[dict], lengths: list[int], args) -> list[dict]:
+    """The naive peer under the same load; its tokens and padding follow from the request
+    composition (each request is one batch padded to its longest item)."""
+    results = []
+    peer_args = ["--model", str(model_dir), "--backend", "torch"]
+    entry = [str(REPO_ROOT / "bench" / "naive_peer.py")]
+    with tempfile.TemporaryDirectory() as tmp, running_server(peer_args, Path(tmp) / "peer.log", entry=entry) as peer:
+        asyncio.run(drive(peer.url, items[: min(16, len(items))], 2, args.per_request[0]))  # warm-up
+        for concurrency in args.concurrency:
+            for per_request in args.per_request:
+                run = asyncio.run(drive(peer.url, items, concurrency, per_request))
+                groups = [lengths[i:i + per_request] for i in range(0, len(lengths), per_request)]
+                real, padded = sum(lengths), sum(len(g) * max(g) for g in groups)
+                run.update({
+                    "concurrency": concurrency, "per_request": per_request, "tokens_per_s": real / run["seconds"],
+                    "mean_batch_size": len(items) / len(groups), "padding_efficiency": real / padded,
+                })
+                results.append(run)
+                print(json.dumps({"naive_peer": run}), file=sys.stderr)
+    return results
+
+
+def serve_and_measure(model_dir: Path, backend: str, items: list[dict], args) -> list[dict]:
     import httpx
 
     results = []
-    server_args = [f"--model=bench={model_dir}", "--max-batch-tokens", str(args.max_batch_tokens),
+    server_args = [f"--model=bench={model_dir}", "--backend", "onnx" if backend.startswith("onnx") else "torch",
+                   "--max-batch-tokens", str(args.max_batch_tokens),
                    "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
     with tempfile.TemporaryDirectory() as tmp, running_server(server_args, Path(tmp) / "server.log") as server:
         asyncio.run(drive(server.url, items[: min(64, len(items))], 4, args.per_request[0]))  # warm-up
@@ -158,12 +202,29 @@ def default_model_dir() -> Path:
     return tiny_models.build_minilm_rm(Path(tempfile.mkdtemp()) / "minilm")
 
 
+def served_directory(model_dir: Path, backend: str, onnx_dir: Path | None, workdir: Path) -> Path:
+    """The directory the chosen backend serves: the model itself, or its ONNX export."""
+    if backend == "torch":
+        return model_dir
+    if onnx_dir is not None:
+        return onnx_dir
+    from trainer.export import export_onnx
+
+    out = workdir / backend
+    summary = export_onnx(model_dir, out, int8=backend == "onnx-int8")
+    print(json.dumps({"export": summary}), file=sys.stderr)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped default RM)")
+    parser.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default="torch")
+    parser.add_argument("--onnx-dir", type=Path, default=None, help="an existing export of --model for the onnx backends")
+    parser.add_argument("--naive-peer", action="store_true", help="also measure bench/naive_peer.py (torch) under the same load")
     parser.add_argument("--items", type=int, default=1024)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[32])
-    parser.add_argument("--per-request", type=int, nargs="+", default=[8])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--per-request", type=int, nargs="+", default=[8, 1])
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=2, help="in-process limit: best of this many passes")
@@ -172,26 +233,45 @@ def main() -> None:
 
     model_dir = args.model or default_model_dir()
     items = load_items(args.items)
-    limit = in_process_limit(model_dir, items, args.max_batch_tokens, args.repeats)
-    print(json.dumps({"in_process_limit": limit}), file=sys.stderr)
-    service = serve_and_measure(model_dir, items, args)
+    with tempfile.TemporaryDirectory() as workdir:
+        served = served_directory(model_dir, args.backend, args.onnx_dir, Path(workdir))
+        backend = "onnx" if args.backend.startswith("onnx") else "torch"
+        limit = in_process_limit(served, backend, items, args.max_batch_tokens, args.repeats)
+        print(json.dumps({"in_process_limit": limit}), file=sys.stderr)
+        service = serve_and_measure(served, args.backend, items, args)
+    peer = naive_peer_measure(model_dir, items, token_lengths(model_dir, "torch", items), args) if args.naive_peer else None
     report = {
-        "benchmark": "serving", "model": str(model_dir), "items": len(items), "data": str(DEV.relative_to(REPO_ROOT.parent)),
+        "benchmark": "serving", "backend": args.backend, "model": str(model_dir), "items": len(items),
+        "data": str(DEV.relative_to(REPO_ROOT.parent)),
         "max_batch_tokens": args.max_batch_tokens, "max_wait_ms": args.max_wait_ms, "machine": machine(),
         "in_process_limit": limit, "service": service,
         "ratio_to_limit": {f"c{r['concurrency']}xr{r['per_request']}": r["items_per_s"] / limit["items_per_s"] for r in service},
     }
+    if peer is not None:
+        report["naive_peer"] = peer
+        by_load = {(r["concurrency"], r["per_request"]): r for r in peer}
+        report["vs_naive_peer"] = {
+            f"c{r['concurrency']}xr{r['per_request']}": {
+                "items_per_s_ratio": r["items_per_s"] / by_load[r["concurrency"], r["per_request"]]["items_per_s"],
+                "p99_ratio": r["latency_p99_ms"] / by_load[r["concurrency"], r["per_request"]]["latency_p99_ms"],
+            } for r in service
+        }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     best = max(service, key=lambda r: r["items_per_s"])
-    print(
-        f"serving: limit {limit['items_per_s']:.1f} items/s in-process; service "
+    summary = (
+        f"serving ({args.backend}): limit {limit['items_per_s']:.1f} items/s in-process; service "
         + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratio_to_limit"].items())
         + f" (best {best['items_per_s']:.1f} items/s, p99 {best['latency_p99_ms']:.0f} ms, mean batch {best['mean_batch_size']:.1f})"
     )
+    if peer is not None:
+        summary += "; vs naive torch peer: " + ", ".join(
+            f"{k} {v['items_per_s_ratio']:.2f}x items/s, p99 x{v['p99_ratio']:.2f}" for k, v in report["vs_naive_peer"].items()
+        )
+    print(summary)
 
 
 if __name__ == "__main__":

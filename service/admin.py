@@ -65,7 +65,7 @@ async def reload_model(name: str, request: Request, body: ReloadRequest | None =
             new = await loop.run_in_executor(None, load_model, name, path, settings)
         except ModelDirError as exc:
             raise APIError(422, "model_load_failed", f"{exc}; model {name!r} keeps serving version {old.spec.version}") from exc
-        attach_batchers([new], settings, app.state.metrics)
+        attach_batchers([new], settings, app.state.metrics, app.state.score_cache)
         await loop.run_in_executor(None, new.warm_up)
         new.batcher.start()
         seconds = time.perf_counter() - started

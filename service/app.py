@@ -37,6 +37,7 @@ from .batcher import BatcherStopped, ForwardFailed, QueueFull
 from .formatting import Conversation, encode_conversations, item_to_conversation
 from .metrics import ServiceMetrics
 from .registry import ServedModel, attach_batchers, load_models
+from .score_cache import ScoreCache
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -324,10 +325,11 @@ def create_app(
     by_name = {m.name: m for m in models}
     tokenize_pool = ThreadPoolExecutor(max_workers=settings.tokenizer_threads, thread_name_prefix="tokenize")
     lifecycle = Lifecycle()
+    score_cache = ScoreCache(settings.score_cache_size, metrics) if settings.score_cache_size else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        attach_batchers(models, settings, metrics)
+        attach_batchers(models, settings, metrics, score_cache)
         loop = asyncio.get_running_loop()
         for m in models:
             await loop.run_in_executor(tokenize_pool, m.warm_up)
@@ -353,6 +355,7 @@ def create_app(
     app.state.models = by_name
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
+    app.state.score_cache = score_cache  # shared by reloaded models (keys carry the version)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(request: Request, exc: RequestValidationError):

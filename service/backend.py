@@ -5,6 +5,7 @@ A backend knows only tensors. Requests, batching and formatting live in other la
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ class TorchBackend:
         dtype: str = "float32",
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        compile: bool = False,
     ) -> None:
         import torch
 
@@ -80,27 +82,84 @@ class TorchBackend:
         if dtype not in DTYPES:
             raise ModelDirError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.dtype = dtype
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        self.on_cuda = device.startswith("cuda")
+        if self.on_cuda and not torch.cuda.is_available():
             raise ModelDirError("--device cuda was asked for but torch sees no CUDA device")
-        self.model = load_sequence_classifier(
+        model = load_sequence_classifier(
             self.model_dir, spec, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-        ).to(device)
+            allow_pickle=allow_pickle, attn_implementation="sdpa" if self.on_cuda else None,
+        )
+        self._prepare(model, compile)
+
+    @classmethod
+    def from_module(cls, model: Any, spec: RewardModelSpec, *, device: str = "cpu", compile: bool = False) -> "TorchBackend":
+        """A backend around a model already built (the GPU benchmark's random-init models)."""
+        import torch
+
+        backend = cls.__new__(cls)
+        backend.torch, backend.model_dir, backend.spec, backend.device = torch, Path("."), spec, device
+        backend.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        backend.on_cuda = device.startswith("cuda")
+        backend._prepare(model, compile)
+        return backend
+
+    def _prepare(self, model: Any, compile: bool) -> None:
+        torch = self.torch
+        self.model = model.to(self.device)
         self.model.eval()
+        self._forward = reward_forward
+        if compile:
+            if not self.on_cuda:
+                raise ModelDirError("--compile is for --device cuda (on CPU it costs minutes of compiling for little gain)")
+            # dynamic=True: one graph for every (rows, tokens) shape instead of one per shape;
+            # the sequence length is rounded up to a multiple of 64 below so the few shapes that
+            # still specialise recur. Position ids from the mask always: no data-dependent
+            # branch to break the graph.
+            self._forward = torch.compile(functools.partial(reward_forward, positions_from_mask=True), dynamic=True)
+
+    def _to_device(self, array: np.ndarray):
+        tensor = self.torch.from_numpy(array)
+        if self.on_cuda:
+            # Pinned host memory lets the copy run asynchronously (non_blocking has no effect on
+            # pageable memory); the reward's .cpu() below is the one synchronisation point.
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     def score_batch(self, batch: Batch) -> np.ndarray:
         torch = self.torch
+        if self.on_cuda:
+            batch = pad_columns(batch, multiple=64 if self._forward is not reward_forward else 8)
         with torch.inference_mode():
-            input_ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
-            attention_mask = torch.from_numpy(batch.attention_mask).to(self.device, non_blocking=True)
+            input_ids = self._to_device(batch.input_ids)
+            attention_mask = self._to_device(batch.attention_mask)
             token_type_ids = None
             if batch.token_type_ids is not None:
-                token_type_ids = torch.from_numpy(batch.token_type_ids).to(self.device, non_blocking=True)
-            rewards = reward_forward(self.model, self.spec.architecture, input_ids, attention_mask, token_type_ids)
+                token_type_ids = self._to_device(batch.token_type_ids)
+            rewards = self._forward(self.model, self.spec.architecture, input_ids, attention_mask, token_type_ids)
             return rewards.float().cpu().numpy()
 
 
-def reward_forward(model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None):
+def pad_columns(batch: Batch, multiple: int) -> Batch:
+    """Right-pad the sequence axis to a multiple of ``multiple`` (masked out, so rewards do not
+    change): tensor cores want multiples of 8, and a compiled graph sees fewer distinct shapes."""
+    seq = batch.input_ids.shape[1]
+    extra = -seq % multiple
+    if extra == 0:
+        return batch
+
+    def widen(array: np.ndarray | None, fill: int) -> np.ndarray | None:
+        if array is None:
+            return None
+        return np.pad(array, ((0, 0), (0, extra)), constant_values=fill)
+
+    # Pad id 0 is as good as any: the mask hides these columns and pooling reads the last 1 of the mask.
+    return Batch(widen(batch.input_ids, 0), widen(batch.attention_mask, 0), widen(batch.token_type_ids, 0))
+
+
+def reward_forward(
+    model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
+    *, positions_from_mask: bool | None = None,
+):
     """One reward per right-padded row: THE forward of a reward model, shared by the service
     (``TorchBackend.score_batch``) and the trainer, so both read the same position.
 
@@ -112,13 +171,17 @@ def reward_forward(model: Any, architecture: str, input_ids: Any, attention_mask
     token equal to EOS (or none at all) cannot move it. Rows may also be left-padded (as
     OpenRLHF and TRL pad): position ids then count attended tokens only, so a row's reward
     does not depend on which side it was padded.
+
+    ``positions_from_mask=True`` always derives position ids from the mask (for right-padded rows
+    they equal the default ones), so a traced graph (the ONNX export) has no data-dependent
+    branch; ``None`` decides per batch, skipping the cumsum when no row is left-padded.
     """
     head = getattr(model, "score", None) if architecture == "decoder" else None
     if head is not None:
         import torch
 
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if not bool(attention_mask[:, 0].all()):  # some row is left-padded
+        if positions_from_mask or (positions_from_mask is None and not bool(attention_mask[:, 0].all())):
             kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         hidden = model.base_model(**kwargs).last_hidden_state
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -133,7 +196,7 @@ def reward_forward(model: Any, architecture: str, input_ids: Any, attention_mask
 
 def load_sequence_classifier(
     model_dir: Path, spec: RewardModelSpec, *, dtype: Any = None, trust_remote_code: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, attn_implementation: str | None = None,
 ):
     """Build the HF model of a reward-model directory (with its base model when it has one).
 
@@ -164,6 +227,12 @@ def load_sequence_classifier(
         return _load_value_head_checkpoint(model_dir, spec, config, dtype=dtype, trust_remote_code=trust_remote_code)
     _refuse_unnamed_value_head(model_dir)
     kwargs: dict[str, Any] = dict(config=config, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
+    if attn_implementation is not None:
+        if _supports_attention(config, attn_implementation, trust_remote_code):
+            kwargs["attn_implementation"] = attn_implementation
+        else:
+            log.warning("%s: %s attention is not available for %s; using its default", model_dir,
+                        attn_implementation, getattr(config, "model_type", "this model"))
     if dtype is not None:
         kwargs["dtype"] = dtype
     verbosity = hf_logging.get_verbosity()
@@ -192,6 +261,16 @@ def load_sequence_classifier(
     finally:
         hf_logging.set_verbosity(verbosity)
     return model
+
+
+def _supports_attention(config: Any, implementation: str, trust_remote_code: bool) -> bool:
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model_class = AutoModelForSequenceClassification._model_mapping[type(config)]
+    except KeyError:  # remote code or an unusual mapping: keep what the model chooses
+        return False
+    return bool(getattr(model_class, f"_supports_{implementation}", False))
 
 
 def _load_adapter(model_dir: Path, spec: RewardModelSpec, kwargs: dict[str, Any]):

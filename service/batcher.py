@@ -26,6 +26,7 @@ import numpy as np
 from .backend import Backend, Batch
 from .formatting import EncodedInput
 from .metrics import ServiceMetrics
+from .score_cache import ScoreCache
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,14 @@ class TokenBudgetBatcher:
         max_batch_size: int | None = None,
         max_queue_items: int | None = None,
         metrics: ServiceMetrics | None = None,
+        cache: ScoreCache | None = None,
+        cache_key: str = "",
     ) -> None:
+        """``cache``: answer items seen before from it (``cache_key`` names the model and its
+        version there) and queue only the others."""
         self.backend = backend
+        self.cache = cache
+        self.cache_key = cache_key or model_name
         self.model_name = model_name
         self.pad_token_id = pad_token_id
         self.max_batch_tokens = max_batch_tokens
@@ -171,6 +178,19 @@ class TokenBudgetBatcher:
         """Queue the items and wait for their rewards (in the given order).
 
         Raises QueueFull when they do not fit, ForwardFailed when the backend fails on them."""
+        if self.cache is None:
+            return await self._score_queued(encoded)
+        keys = self.cache.keys(self.cache_key, encoded)
+        found = self.cache.lookup(self.model_name, keys)
+        missing = [i for i, reward in enumerate(found) if reward is None]
+        if missing:
+            fresh = await self._score_queued([encoded[i] for i in missing])
+            self.cache.store([keys[i] for i in missing], fresh)
+            for i, reward in zip(missing, fresh):
+                found[i] = reward
+        return found  # type: ignore[return-value]  (every None was filled)
+
+    async def _score_queued(self, encoded: list[EncodedInput]) -> list[float]:
         self.check_room(len(encoded))
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in encoded]

@@ -22,6 +22,7 @@ _SUBCOMMANDS = {
     "ppo": ("trainer.ppo", "add_ppo_parser", "RLHF: PPO on a policy from `reward sft`, rewards from a running `reward serve`"),
     "export-comparisons": ("trainer.loop", "add_export_parser", "write stored comparisons as rankings JSONL for train-rm"),
     "loop": ("trainer.loop", "add_loop_parser", "retrain on stored comparisons, evaluate against the served model, deploy if not worse"),
+    "export-onnx": ("trainer.export", "add_export_onnx_parser", "export a reward-model directory to ONNX (optionally int8) for --backend onnx"),
 }
 
 
@@ -91,6 +92,10 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
         log.info("comparisons are stored in %s", store.display_url)
 
+    # One level of parallelism for tokenisation: the --tokenizer-threads pool. The fast
+    # tokenizer's own thread pool (rayon, one thread per core) inside each of those threads would
+    # compete with the backend's intra-op threads for the same cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     from .app import create_app

@@ -55,5 +55,14 @@ class ServiceMetrics:
             ["reason"], registry=r,
         )
 
+        # The score cache (--score-cache-size); hit rate = hits / (hits + misses).
+        self.score_cache_hits = Counter(
+            "reward_score_cache_hits", "Items answered from the score cache", ["model"], registry=r
+        )
+        self.score_cache_misses = Counter(
+            "reward_score_cache_misses", "Items looked up in the score cache and not found (then scored)", ["model"], registry=r
+        )
+        self.score_cache_entries = Gauge("reward_score_cache_entries", "Rewards held in the score cache", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

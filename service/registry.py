@@ -10,10 +10,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .backend import TorchBackend
+from .backend import Backend, TorchBackend
 from .batcher import TokenBudgetBatcher
 from .formatting import encode_conversations
 from .metrics import ServiceMetrics
+from .score_cache import ScoreCache
 from .model_dir import ModelDirError, RewardModelSpec, load_spec, load_tokenizer
 from .settings import ServiceSettings
 
@@ -26,7 +27,7 @@ class ServedModel:
     path: Path
     spec: RewardModelSpec
     tokenizer: Any
-    backend: TorchBackend
+    backend: Backend
     batcher: TokenBudgetBatcher | None = None
     label: str = "LABEL_0"  # the head's one class name (config.id2label[0]), as vLLM reports it
     # Requests between picking this model and getting their scores; a reload retires the
@@ -96,22 +97,34 @@ def load_model(name: str, path: Path, settings: ServiceSettings) -> ServedModel:
     spec = load_spec(path, config, tokenizer)
     if settings.max_length is not None:
         spec = replace(spec, max_length=settings.max_length)
-    backend = TorchBackend(
-        path, spec, device=settings.device, dtype=settings.dtype,
-        trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
-    )
+    backend = _backend_for(path, spec, settings)
     log.info("loaded model %s from %s (%s, max_length=%d)", name, path, spec.architecture, spec.max_length)
     id2label = getattr(config, "id2label", None) or {}
     label = str(id2label.get(0, id2label.get("0", "LABEL_0")))
     return ServedModel(name=name, path=path.resolve(), spec=spec, tokenizer=tokenizer, backend=backend, label=label)
 
 
+def _backend_for(path: Path, spec: RewardModelSpec, settings: ServiceSettings) -> Backend:
+    from .onnx_backend import OnnxBackend, is_onnx_export
+
+    if settings.backend == "onnx":
+        return OnnxBackend(path, spec, device=settings.device, dtype=settings.dtype, threads=settings.torch_threads)
+    if is_onnx_export(path) and not any(path.glob("*.safetensors")):
+        raise ModelDirError(f"{path} is an ONNX export (reward export-onnx); serve it with --backend onnx")
+    return TorchBackend(
+        path, spec, device=settings.device, dtype=settings.dtype,
+        trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle, compile=settings.compile,
+    )
+
+
 def load_models(settings: ServiceSettings) -> list[ServedModel]:
     return [load_model(name, path, settings) for name, path in settings.model_paths()]
 
 
-def attach_batchers(models: list[ServedModel], settings: ServiceSettings, metrics: ServiceMetrics) -> None:
-    """Give each model its batcher (not started)."""
+def attach_batchers(
+    models: list[ServedModel], settings: ServiceSettings, metrics: ServiceMetrics, cache: ScoreCache | None = None
+) -> None:
+    """Give each model its batcher (not started); ``cache``: the service's score cache, if on."""
     for m in models:
         m.batcher = TokenBudgetBatcher(
             m.backend,
@@ -122,4 +135,6 @@ def attach_batchers(models: list[ServedModel], settings: ServiceSettings, metric
             max_batch_size=settings.max_batch_size,
             max_queue_items=settings.max_queue_items,
             metrics=metrics,
+            cache=cache,
+            cache_key=f"{m.path}@{m.spec.version}",
         )

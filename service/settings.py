@@ -22,7 +22,9 @@ class ServiceSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, description="Port to bind.")
-    backend: Literal["torch"] = Field("torch", description="Model backend.")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="Model backend: torch, or onnx for a directory made by `reward export-onnx` (CPU)."
+    )
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
     max_length: int | None = Field(None, description="Override the models' max input tokens (truncation).")
@@ -36,7 +38,14 @@ class ServiceSettings(BaseSettings):
     max_items: int = Field(1024, gt=0, description="Items (or pairs x 2) per request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body accepted.")
     tokenizer_threads: int = Field(2, gt=0, description="Threads that tokenise requests off the event loop.")
-    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
+    torch_threads: int | None = Field(
+        None, gt=0, description="Intra-op threads of the backend, torch or onnxruntime (default: all cores)."
+    )
+    compile: bool = Field(False, description="torch.compile the model's forward (--device cuda only).")
+    score_cache_size: int = Field(
+        0, ge=0, description="Rewards kept in an LRU cache keyed by model version and encoded input, so repeated "
+        "items skip the model (0: off).",
+    )
     trust_remote_code: bool = Field(False, description="Run model code shipped in a model directory.")
     allow_pickle: bool = Field(False, description="Load pickle (.bin) weights; safetensors only otherwise.")
     reload_token: str | None = Field(

@@ -1,0 +1,214 @@
+"""``reward export-onnx``: a reward-model directory as an ONNX graph that ``reward serve
+--backend onnx`` serves with the same formatting.
+
+The model is loaded by the service's own loader (``service.registry.load_model``: base model,
+partial weights, adapters, value heads all resolved as when serving) and the traced function is
+``service.backend.reward_forward``, so the graph computes the reward the torch backend computes,
+including last-token pooling for decoders. Batch and sequence axes are dynamic. ``--int8``
+quantises the weights of the matrix multiplications to int8 with onnxruntime's dynamic
+quantisation (activations are quantised per batch at run time), which is what makes CPU
+inference faster; its accuracy change must be measured on the dev sets (README: Performance).
+
+The output directory holds ``model.onnx``, the tokenizer, ``config.json`` and a
+``reward_model.json`` with the source's formatting, ``max_length`` and normalisation
+statistics, a version of its own (``<source version>+onnx`` or ``+onnx-int8``) and an ``onnx``
+block saying how it was made. Before returning, the export scores sample items with both
+torch and onnxruntime and refuses an fp32 graph whose rewards differ by more than 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-3
+# Items of different shapes for the tracing example and the torch-vs-onnx check.
+_SAMPLE_CONVERSATIONS = [
+    ([{"role": "user", "content": "What is the capital of France?"}], "Paris."),
+    ([{"role": "user", "content": "Write a short poem about the sea."}],
+     "The sea is wide and deep and blue, and it is calling me and you, over sand and stone and shell."),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}], "Hi!"),
+    ([{"role": "user", "content": "Explain why the sky is blue in two sentences."}],
+     "Sunlight scatters off air molecules, and blue light scatters most because its wavelength is short. "
+     "So wherever we look away from the sun, scattered blue light reaches our eyes."),
+]
+
+
+def add_export_onnx_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export-onnx", help="export a reward-model directory to ONNX (optionally int8) for --backend onnx",
+        description=__doc__.split("\n\n")[0].replace("``", "'"),
+    )
+    parser.add_argument("--model", required=True, type=Path, help="reward-model directory to export")
+    parser.add_argument("--out", required=True, type=Path, help="directory to write (must be empty or absent)")
+    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the weights (faster on CPU)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run model code shipped in the directory")
+    parser.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights")
+    parser.set_defaults(func=run_export_onnx)
+
+
+def run_export_onnx(args: argparse.Namespace) -> int:
+    from service.model_dir import ModelDirError
+
+    # The exporter's libraries log each graph pass at INFO; only their warnings are worth showing.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        # torch's exporter prints its progress on stdout; stdout is kept for the summary JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = export_onnx(
+                args.model, args.out, int8=args.int8, overwrite=args.overwrite,
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+            )
+    except (ModelDirError, ExportError) as exc:
+        print(f"reward export-onnx: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written, or its graph does not compute what torch computes."""
+
+
+def _reward_graph(model: Any, architecture: str):
+    import torch
+
+    from service.backend import reward_forward
+
+    class RewardGraph(torch.nn.Module):
+        """``reward_forward`` as a module, the function torch.export traces."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            # Position ids always from the mask: no data-dependent branch in the graph, and the
+            # same rewards for right-padded rows (the batcher's) as for left-padded ones.
+            return reward_forward(
+                self.model, architecture, input_ids, attention_mask, token_type_ids, positions_from_mask=True
+            )
+
+    return RewardGraph().eval()
+
+
+def export_onnx(
+    model_dir: str | Path, out_dir: str | Path, *, int8: bool = False, overwrite: bool = False,
+    trust_remote_code: bool = False, allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Write the ONNX export of ``model_dir`` to ``out_dir``; returns a summary (sizes, check)."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from service.batcher import pad_batch
+    from service.formatting import encode_conversations
+    from service.onnx_backend import ONNX_FILE, ONNX_META_KEY, OnnxBackend
+    from service.registry import load_model
+    from service.settings import ServiceSettings
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
+        if out_dir.resolve() == model_dir.resolve():
+            raise ExportError("--out must not be the --model directory")
+        shutil.rmtree(out_dir)
+    started = time.perf_counter()
+    settings = ServiceSettings(
+        models=[f"export={model_dir}"], device="cpu", dtype="float32",
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    )
+    served = load_model("export", model_dir, settings)
+    model, spec, tokenizer = served.backend.model, served.spec, served.tokenizer
+    encoded = encode_conversations(_SAMPLE_CONVERSATIONS, tokenizer, spec)
+    batch = pad_batch(encoded, served.pad_token_id)
+    with_types = spec.architecture == "encoder" and batch.token_type_ids is not None
+    graph = _reward_graph(model, spec.architecture)
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
+    example = tuple(torch.from_numpy(getattr(batch, n)) for n in names)
+    rows, tokens = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dynamic = {n: {0: rows, 1: tokens} for n in names}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / ONNX_FILE
+    traced_path = out_dir / "model.fp32.onnx" if int8 else onnx_path
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(
+                graph, example, input_names=names, output_names=["reward"], dynamo=True,
+                dynamic_shapes=dynamic, optimize=True,
+            )
+        # One self-contained file unless the weights pass protobuf's 2 GB limit.
+        program.save(str(traced_path), external_data=weight_bytes > 1_800_000_000)
+    except Exception as exc:  # torch.export raises many kinds; the message says which construct failed
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise ExportError(f"torch.onnx.export failed on {model_dir}: {type(exc).__name__}: {exc}") from exc
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # Signed int8 weights with one scale per output channel, matrix multiplications only:
+        # on the default RM (alpacaeval/dev items) per-tensor scales moved rewards by 0.31 on
+        # average (0.15 per channel), and quantising the embedding tables (Gather) as well cost
+        # accuracy for little speed, since a lookup is not where the time goes.
+        quantize_dynamic(traced_path, onnx_path, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"],
+                         use_external_data_format=weight_bytes > 1_800_000_000 * 4)
+        traced_path.unlink()
+        for leftover in out_dir.glob("model.fp32.onnx*"):
+            leftover.unlink()
+
+    tokenizer.save_pretrained(out_dir)
+    model.config.save_pretrained(out_dir)
+    extra = dict(spec.extra)
+    if int8:
+        extra.pop("dev_results", None)  # measured on the float weights; int8's are measured anew
+    extra[ONNX_META_KEY] = {
+        "file": ONNX_FILE,
+        "quantization": "dynamic-int8" if int8 else None,
+        "inputs": names,
+        "source": str(model_dir.resolve()),
+        "source_version": spec.version,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    exported_spec = replace(
+        spec, base_model=None, value_head_prefix=None,
+        version=f"{spec.version}+onnx{'-int8' if int8 else ''}", extra=extra,
+    )
+    exported_spec.save(out_dir)
+
+    # The check: the same padded batches through torch and through the exported graph.
+    backend = OnnxBackend(out_dir, exported_spec)
+    differences = []
+    for part in (batch, pad_batch(encoded[:1], served.pad_token_id), pad_batch(encoded[1:3], served.pad_token_id)):
+        expected = served.backend.score_batch(part)
+        got = backend.score_batch(part)
+        differences.append(float(np.max(np.abs(expected - got))))
+    max_difference = max(differences)
+    summary = {
+        "model": str(model_dir), "out": str(out_dir), "architecture": spec.architecture,
+        "quantization": "dynamic-int8" if int8 else None, "version": exported_spec.version,
+        "onnx_bytes": onnx_path.stat().st_size, "torch_weight_bytes": weight_bytes,
+        "max_abs_difference_vs_torch": max_difference, "seconds": round(time.perf_counter() - started, 1),
+    }
+    if not int8 and max_difference > FP32_TOLERANCE:
+        raise ExportError(
+            f"the exported graph's rewards differ from torch's by {max_difference:.2e} (> {FP32_TOLERANCE}); "
+            f"the export in {out_dir} is not usable. Please report the model type ({getattr(model.config, 'model_type', '?')})"
+        )
+    log.info("exported %s to %s: %s", model_dir, out_dir, summary)
+    return summary
