@@ -20,15 +20,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.data import load_preferences  # noqa: E402
+from trainer.loop import wait_until_ready  # noqa: E402
 
 
 def env(name: str, default: str) -> str:
@@ -150,18 +149,7 @@ def main() -> int:
                                "--model", f"rm={rm_dir}", "--model", f"gold={gold_dir}"],
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"reward serve exited; see {out / 'server.log'}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("reward serve not ready after 300 s")
-            time.sleep(0.5)
+        wait_until_ready(url, server, 300, out / "server.log")
         # Adaptive KL (Ziegler et al.): beta starts at 0.05 and moves by up to 0.2 x ROLLOUT/horizon
         # per step towards TARGET_KL; the short horizon lets it act within a 60-step demo.
         reward("ppo", "--policy", str(out / "sft"), "--prompts", str(prompts), "--output-dir", str(out / "ppo"),

@@ -130,11 +130,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    """Block until a `reward serve` we started answers /readyz; RuntimeError if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"reward serve exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"reward serve was not ready after {timeout:g} s; see {log_path}")
+        time.sleep(0.25)
+
+
 @contextlib.contextmanager
 def candidate_server(model_dir: Path, log_path: Path, timeout: float) -> Iterator[str]:
     """``reward serve`` of the candidate alone on a free loopback port, stopped afterwards."""
-    import httpx
-
     port = _free_port()
     command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--model", f"{CANDIDATE}={model_dir}"]
@@ -145,18 +161,7 @@ def candidate_server(model_dir: Path, log_path: Path, timeout: float) -> Iterato
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the candidate's server exited with {process.returncode}; see {log_path}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the candidate's server was not ready after {timeout:g} s; see {log_path}")
-                time.sleep(0.25)
+            wait_until_ready(url, process, timeout, log_path)
             yield url
         finally:
             process.terminate()
