@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from client import AsyncRewardClient  # noqa: E402
+from service.settings import CPU_BATCH_TOKENS  # noqa: E402
 from server import running_server  # noqa: E402  (tests/server.py: the same launcher the tests use)
 
 DEV = REPO_ROOT.parent / "shared" / "data" / "alpacaeval" / "dev.jsonl.gz"
@@ -225,7 +226,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1024)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--per-request", type=int, nargs="+", default=[8, 1])
-    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--max-batch-tokens", type=int, default=CPU_BATCH_TOKENS,
+                        help="padded tokens per forward, for the service and the in-process limit alike "
+                        "(default: the service's CPU default)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=2, help="in-process limit: best of this many passes")
     parser.add_argument("--out", type=Path, default=None)

@@ -45,7 +45,8 @@ def add_serve_parser(subparsers) -> None:
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description)
         else:
-            parser.add_argument(flag, dest=name, default=None, help=f"{field.description} (default: {field.default})")
+            default = "" if field.default is None else f" (default: {field.default})"  # None: the description says
+            parser.add_argument(flag, dest=name, default=None, help=f"{field.description}{default}")
     parser.set_defaults(func=run_serve)
 
 

@@ -88,6 +88,9 @@ def torch_rewards(model_dir, items) -> list[float]:
 def test_fp32_export_scores_match_torch_over_http(onnx_server, sources, exports, name):
     _, summaries = exports
     assert summaries[f"{name}-onnx"]["max_abs_difference_vs_torch"] <= FP32_TOLERANCE
+    # BERT-family encoders get onnxruntime's fused attention graph; other models torch.export's.
+    expected_exporter = {"bert": "torchscript+ort-bert-fusion", "llama": "torch.export"}[name]
+    assert summaries[f"{name}-onnx"]["exporter"] == expected_exporter
     with RewardClient(onnx_server.url) as client:
         response = client.score(ITEMS, model=f"{name}-onnx")
         card = next(c for c in client.models().data if c.name == f"{name}-onnx")
