@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from client import AsyncRewardClient  # noqa: E402
-from service.settings import CPU_BATCH_TOKENS  # noqa: E402
+from service.settings import CPU_BATCH_TOKENS, CPU_MAX_PADDING  # noqa: E402
 from server import running_server  # noqa: E402  (tests/server.py: the same launcher the tests use)
 
 DEV = REPO_ROOT.parent / "shared" / "data" / "alpacaeval" / "dev.jsonl.gz"
@@ -75,7 +75,9 @@ def machine() -> dict:
     }
 
 
-def in_process_limit(model_dir: Path, backend: str, items: list[dict], max_batch_tokens: int, repeats: int) -> dict:
+def in_process_limit(
+    model_dir: Path, backend: str, items: list[dict], max_batch_tokens: int, max_padding: float, repeats: int,
+) -> dict:
     """Tokenise with the service's formatting and run the same length-sorted token-budget batches
     on the same backend."""
     import torch
@@ -92,7 +94,7 @@ def in_process_limit(model_dir: Path, backend: str, items: list[dict], max_batch
     for _ in range(repeats):
         started = time.perf_counter()
         encoded = encode_items(items, model.tokenizer, model.spec)
-        batches = plan_batches([len(e) for e in encoded], max_batch_tokens)
+        batches = plan_batches([len(e) for e in encoded], max_batch_tokens, max_padding=max_padding)
         padded = 0
         for indices in batches:
             batch = pad_batch([encoded[i] for i in indices], model.pad_token_id)
@@ -172,7 +174,7 @@ def serve_and_measure(model_dir: Path, backend: str, items: list[dict], args) ->
 
     results = []
     server_args = [f"--model=bench={model_dir}", "--backend", "onnx" if backend.startswith("onnx") else "torch",
-                   "--max-batch-tokens", str(args.max_batch_tokens),
+                   "--max-batch-tokens", str(args.max_batch_tokens), "--max-padding", str(args.max_padding),
                    "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
     with tempfile.TemporaryDirectory() as tmp, running_server(server_args, Path(tmp) / "server.log") as server:
         asyncio.run(drive(server.url, items[: min(64, len(items))], 4, args.per_request[0]))  # warm-up
@@ -229,6 +231,8 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=CPU_BATCH_TOKENS,
                         help="padded tokens per forward, for the service and the in-process limit alike "
                         "(default: the service's CPU default)")
+    parser.add_argument("--max-padding", type=float, default=CPU_MAX_PADDING,
+                        help="largest padding share of a forward, for both (default: the service's CPU default)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=2, help="in-process limit: best of this many passes")
     parser.add_argument("--out", type=Path, default=None)
@@ -239,14 +243,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         served = served_directory(model_dir, args.backend, args.onnx_dir, Path(workdir))
         backend = "onnx" if args.backend.startswith("onnx") else "torch"
-        limit = in_process_limit(served, backend, items, args.max_batch_tokens, args.repeats)
+        limit = in_process_limit(served, backend, items, args.max_batch_tokens, args.max_padding, args.repeats)
         print(json.dumps({"in_process_limit": limit}), file=sys.stderr)
         service = serve_and_measure(served, args.backend, items, args)
     peer = naive_peer_measure(model_dir, items, token_lengths(model_dir, "torch", items), args) if args.naive_peer else None
     report = {
         "benchmark": "serving", "backend": args.backend, "model": str(model_dir), "items": len(items),
         "data": str(DEV.relative_to(REPO_ROOT.parent)),
-        "max_batch_tokens": args.max_batch_tokens, "max_wait_ms": args.max_wait_ms, "machine": machine(),
+        "max_batch_tokens": args.max_batch_tokens, "max_padding": args.max_padding, "max_wait_ms": args.max_wait_ms, "machine": machine(),
         "in_process_limit": limit, "service": service,
         "ratio_to_limit": {f"c{r['concurrency']}xr{r['per_request']}": r["items_per_s"] / limit["items_per_s"] for r in service},
     }

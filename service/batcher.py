@@ -3,7 +3,8 @@
 Every request's items go into one queue per model. A worker gathers what is waiting (after at
 most ``max_wait_ms`` for company when the queue was empty), sorts it by length so rows of a
 batch have similar lengths (little padding), cuts it into batches whose padded size
-(rows x longest row) fits ``max_batch_tokens``, and runs each forward in a worker thread so the
+(rows x longest row) fits ``max_batch_tokens`` (and, on CPU, whose share of padding stays under
+``max_padding``), and runs each forward in a worker thread so the
 event loop keeps accepting and tokenising requests meanwhile. Each request gets its own scores
 back through per-item futures, so a request larger than one batch is simply split.
 
@@ -53,19 +54,30 @@ class _QueuedItem:
     future: asyncio.Future
 
 
-def plan_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
+def plan_batches(
+    lengths: list[int], max_batch_tokens: int, max_batch_size: int | None = None, max_padding: float | None = None,
+) -> list[list[int]]:
     """Indices grouped into batches: sorted by length, each batch's rows x longest row within
-    the budget (a single row longer than the budget gets a batch of its own)."""
+    the budget (a single row longer than the budget gets a batch of its own).
+
+    ``max_padding``: also cut a batch before the share of its padded tokens that are padding
+    would pass this fraction. On CPU a forward costs about its padded tokens whatever the rows,
+    so padding is pure loss and one-row batches are no slower; on a GPU bigger batches pay for
+    their padding, so there it is off (None)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0  # tokens of the rows in ``current``
     for i in order:
         longest = lengths[i]  # ascending order: the new row is the longest
-        too_many = max_batch_size is not None and len(current) >= max_batch_size
-        if current and ((len(current) + 1) * longest > max_batch_tokens or too_many):
+        rows = len(current) + 1
+        too_many = max_batch_size is not None and rows > max_batch_size
+        too_padded = max_padding is not None and (real + longest) < (1 - max_padding) * rows * longest
+        if current and (rows * longest > max_batch_tokens or too_many or too_padded):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(i)
+        real += longest
     if current:
         batches.append(current)
     return batches
@@ -96,6 +108,7 @@ class TokenBudgetBatcher:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 5.0,
         max_batch_size: int | None = None,
+        max_padding: float | None = None,
         max_queue_items: int | None = None,
         metrics: ServiceMetrics | None = None,
         cache: ScoreCache | None = None,
@@ -111,6 +124,7 @@ class TokenBudgetBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_batch_size = max_batch_size
+        self.max_padding = max_padding
         self.max_queue_items = max_queue_items
         self.metrics = metrics
         self._queue: list[_QueuedItem] = []
@@ -241,7 +255,9 @@ class TokenBudgetBatcher:
             self._update_depth()
             if not taken:
                 continue
-            plan = plan_batches([len(q.encoded) for q in taken], self.max_batch_tokens, self.max_batch_size)
+            plan = plan_batches(
+                [len(q.encoded) for q in taken], self.max_batch_tokens, self.max_batch_size, self.max_padding
+            )
             for indices in plan:
                 live = [taken[i] for i in indices if not taken[i].future.done()]
                 if live:

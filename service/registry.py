@@ -133,6 +133,7 @@ def attach_batchers(
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_ms=settings.max_wait_ms,
             max_batch_size=settings.max_batch_size,
+            max_padding=settings.max_padding,
             max_queue_items=settings.max_queue_items,
             metrics=metrics,
             cache=cache,

@@ -110,6 +110,20 @@ def test_batches_respect_the_token_budget_and_group_similar_lengths():
     assert batches[-1] == [6]  # a row over the budget goes alone
 
 
+def test_a_padding_cap_cuts_batches_before_they_carry_too_much_padding():
+    """The CPU setting: rows of very different lengths do not share a forward even when the
+    token budget would allow it, and similar ones still do."""
+    lengths = [100, 10, 98, 12, 11, 95]
+    uncapped = plan_batches(lengths, max_batch_tokens=10_000)
+    assert len(uncapped) == 1
+    capped = plan_batches(lengths, max_batch_tokens=10_000, max_padding=0.1)
+    assert [sorted(b) for b in capped] == [[1, 3, 4], [0, 2, 5]]
+    for batch in capped:
+        real = sum(lengths[i] for i in batch)
+        assert real >= 0.9 * len(batch) * max(lengths[i] for i in batch)
+    assert plan_batches(lengths, max_batch_tokens=10_000, max_padding=1.0) == uncapped  # 1: no limit
+
+
 def test_a_long_formatted_text_keeps_its_response_when_cut(tokenizers):
     from service.formatting import encode_texts
 
