@@ -60,16 +60,19 @@ def machine() -> dict:
     import onnxruntime
     import torch
 
-    cpu = platform.processor()
+    cpu, simd = platform.processor(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                # What int8 and fp32 kernels can use: AVX2 only, or AVX-512 / VNNI / AMX.
+                simd = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
                 break
     except OSError:
         pass
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": cpu, "cpu_simd": simd, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
         "platform": platform.platform(),
     }

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # bench/ imports this module too
+
+from trainer.loop import wait_until_ready  # noqa: E402
 
 
 def free_port() -> int:
@@ -49,17 +50,11 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.logs()}")
+        """Until /readyz answers 200 (the loop's and the demo's own wait); the error carries the log."""
+        try:
+            wait_until_ready(self.url, self.process, timeout, self.log_path)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{self.logs()}") from None
 
     def stop(self) -> None:
         if self.process.poll() is None:
