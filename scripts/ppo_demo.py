@@ -8,7 +8,7 @@ with both RMs, and plot it all.
 RM_DIR and GOLD_DIR are model directories `reward serve` loads (the default RM: models/default-rm).
 PPO never sees GOLD_DIR, so a gain the gold RM does not confirm is the proxy being gamed. Sizes come
 from the environment: DATA (../shared/data), DEMOS (2000), SFT_STEPS (600), PPO_STEPS (60),
-ROLLOUT (64), MAX_NEW_TOKENS (32), TARGET_KL (3), KL_HORIZON (320), EVAL_PROMPTS (64), POLICY (a causal-LM directory
+ROLLOUT (64), MAX_NEW_TOKENS (32), TARGET_KL (3), KL_COEF (0.05, the starting beta), KL_HORIZON (320), EVAL_PROMPTS (64), POLICY (a causal-LM directory
 to use instead of the tiny random-init GPT-2), DEVICE (auto). Writes OUT_DIR/{policy-init,sft,ppo,
 eval-sft,eval-ppo,summary.json,ppo_demo.png}.
 """
@@ -157,7 +157,7 @@ def main() -> int:
         reward("ppo", "--policy", str(out / "sft"), "--prompts", str(prompts), "--output-dir", str(out / "ppo"),
                "--reward-url", url, "--reward-model", "rm", "--total-steps", env("PPO_STEPS", "60"),
                "--rollout-batch-size", env("ROLLOUT", "64"), "--minibatch-size", "16", "--max-new-tokens", max_new_tokens,
-               "--learning-rate", "5e-5", "--adaptive-kl", "--kl-coef", "0.05", "--target-kl", str(target_kl),
+               "--learning-rate", "5e-5", "--adaptive-kl", "--kl-coef", env("KL_COEF", "0.05"), "--target-kl", str(target_kl),
                "--kl-horizon", env("KL_HORIZON", "320"), "--max-prompt-length", "256", "--save-steps", "20", "--device", device,
                "--no-resume", "--no-progress")
         n_prompts = env("EVAL_PROMPTS", "64")
