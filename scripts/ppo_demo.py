@@ -9,7 +9,8 @@ RM_DIR and GOLD_DIR are model directories `reward serve` loads (the default RM: 
 PPO never sees GOLD_DIR, so a gain the gold RM does not confirm is the proxy being gamed. Sizes come
 from the environment: DATA (../shared/data), DEMOS (2000), SFT_STEPS (600), PPO_STEPS (60),
 ROLLOUT (64), MAX_NEW_TOKENS (32), TARGET_KL (3), KL_COEF (0.05, the starting beta), KL_HORIZON (320), EVAL_PROMPTS (64), POLICY (a causal-LM directory
-to use instead of the tiny random-init GPT-2), DEVICE (auto). Writes OUT_DIR/{policy-init,sft,ppo,
+to use instead of the tiny random-init GPT-2), SFT (an SFT policy directory from an earlier run:
+skips SFT), DEVICE (auto). Writes OUT_DIR/{policy-init,sft,ppo,
 eval-sft,eval-ppo,summary.json,ppo_demo.png}.
 """
 
@@ -127,17 +128,20 @@ def main() -> int:
     target_kl = float(env("TARGET_KL", "3"))
     max_new_tokens = env("MAX_NEW_TOKENS", "32")
 
-    policy_init = Path(env("POLICY", "")) if env("POLICY", "") else None
-    if policy_init is None:
-        records = load_preferences([demos]).records
-        texts = [m["content"] for r in records for m in r.prompt] + [r.best for r in records]
-        policy_init = tiny_policy(out / "policy-init", texts)
-    reward("sft", "--model", str(policy_init), "--data", demos, "--output-dir", str(out / "sft"),
-           "--max-length", "256", "--batch-size", "16", "--learning-rate", "1e-3", "--max-steps", env("SFT_STEPS", "600"),
-           "--device", device)
+    sft = Path(env("SFT", "")).resolve() if env("SFT", "") else out / "sft"
+    if not env("SFT", ""):
+        policy_init = Path(env("POLICY", "")) if env("POLICY", "") else None
+        if policy_init is None:
+            records = load_preferences([demos]).records
+            texts = [m["content"] for r in records for m in r.prompt] + [r.best for r in records]
+            policy_init = tiny_policy(out / "policy-init", texts)
+        reward("sft", "--model", str(policy_init), "--data", demos, "--output-dir", str(sft),
+               "--max-length", "256", "--batch-size", "16", "--learning-rate", "1e-3", "--max-steps", env("SFT_STEPS", "600"),
+               "--device", device)
 
     # PPO prompts: the first 250 HH-harmless dev prompts; the held-out evaluation uses the rest.
     dev = load_preferences([f"{data / 'hh-harmless' / 'dev.jsonl.gz'}"]).records
+    out.mkdir(parents=True, exist_ok=True)
     prompts, held_out = out / "prompts.jsonl", out / "held_out_prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in dev[:250]))
     held_out.write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in dev[250:]))
@@ -154,15 +158,16 @@ def main() -> int:
         # per step towards TARGET_KL (4% at 64/320). Either way it lags here: while the KL is under
         # the target beta falls, and it cannot rise fast enough once the KL passes it (README: the
         # KL ended at 5.2 nats with horizon 320, 6.2 with 128).
-        reward("ppo", "--policy", str(out / "sft"), "--prompts", str(prompts), "--output-dir", str(out / "ppo"),
+        reward("ppo", "--policy", str(sft), "--prompts", str(prompts), "--output-dir", str(out / "ppo"),
                "--reward-url", url, "--reward-model", "rm", "--total-steps", env("PPO_STEPS", "60"),
                "--rollout-batch-size", env("ROLLOUT", "64"), "--minibatch-size", "16", "--max-new-tokens", max_new_tokens,
-               "--learning-rate", "5e-5", "--adaptive-kl", "--kl-coef", env("KL_COEF", "0.05"), "--target-kl", str(target_kl),
-               "--kl-horizon", env("KL_HORIZON", "320"), "--max-prompt-length", "256", "--save-steps", "20", "--device", device,
+               "--learning-rate", env("PPO_LR", "5e-5"), "--adaptive-kl" if env("ADAPTIVE_KL", "1") == "1" else "--no-adaptive-kl", "--kl-coef", env("KL_COEF", "0.05"), "--target-kl", str(target_kl),
+               "--kl-horizon", env("KL_HORIZON", "320"),
+               "--kl-hold-until-target" if env("KL_HOLD", "0") == "1" else "--no-kl-hold-until-target", "--max-prompt-length", "256", "--save-steps", "20", "--device", device,
                "--no-resume", "--no-progress")
         n_prompts = env("EVAL_PROMPTS", "64")
         summary = {"n_prompts": int(n_prompts), "proxy": str(rm_dir), "gold": str(gold_dir), "target_kl": target_kl}
-        for name, policy in (("sft", out / "sft"), ("ppo", out / "ppo" / "policy")):
+        for name, policy in (("sft", sft), ("ppo", out / "ppo" / "policy")):
             summary[name] = score_policy(policy, held_out, url, out / f"eval-{name}", n_prompts, max_new_tokens, device)
     finally:
         server.terminate()

@@ -98,6 +98,19 @@ def test_adaptive_kl_controller_follows_ziegler_et_al():
     assert fixed.value == 0.1
 
 
+def test_kl_controller_can_hold_beta_until_the_kl_first_reaches_the_target():
+    controller = KLController(0.1, adaptive=True, target=6.0, horizon=1000, hold_until_target=True)
+    controller.update(current_kl=0.5, n_responses=100)  # the policy is still next to the reference
+    assert controller.value == 0.1
+    controller.update(current_kl=6.6, n_responses=100)  # target reached: adapts from now on
+    assert controller.value == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    controller.update(current_kl=3.0, n_responses=100)  # below the target again: beta now falls
+    assert controller.value == pytest.approx(0.1 * 1.01 * (1 - 0.2 * 0.1))
+    resumed = KLController(0.5, adaptive=True, target=6.0, horizon=1000, hold_until_target=True)
+    resumed.load_state_dict(controller.state_dict())
+    assert resumed.target_reached and resumed.value == controller.value
+
+
 def test_clipped_losses_stop_the_gradient_outside_the_trust_region():
     old = torch.zeros(1, 3)
     # ratios e^0.5, e^0.1, e^-0.5 with advantage +1: the first is clipped at 1.2 (no gradient),
