@@ -8,7 +8,9 @@ with both RMs, and plot it all.
 RM_DIR and GOLD_DIR are model directories `reward serve` loads (the default RM: models/default-rm).
 PPO never sees GOLD_DIR, so a gain the gold RM does not confirm is the proxy being gamed. Sizes come
 from the environment: DATA (../shared/data), DEMOS (2000), SFT_STEPS (600), PPO_STEPS (60),
-ROLLOUT (64), MAX_NEW_TOKENS (32), TARGET_KL (3), KL_COEF (0.05, the starting beta), KL_HORIZON (320), EVAL_PROMPTS (64), POLICY (a causal-LM directory
+ROLLOUT (64), MAX_NEW_TOKENS (32), TARGET_KL (3), KL_COEF (0.05, the starting beta),
+KL_HORIZON (128), KL_HOLD (1: beta stays at KL_COEF until the KL first reaches TARGET_KL),
+ADAPTIVE_KL (1), PPO_LR (5e-5), EVAL_PROMPTS (64), POLICY (a causal-LM directory
 to use instead of the tiny random-init GPT-2), SFT (an SFT policy directory from an earlier run:
 skips SFT), DEVICE (auto). Writes OUT_DIR/{policy-init,sft,ppo,
 eval-sft,eval-ppo,summary.json,ppo_demo.png}.
@@ -154,16 +156,17 @@ def main() -> int:
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_ready(url, server, 300, out / "server.log")
-        # Adaptive KL (Ziegler et al.): beta starts at 0.05 and moves by up to 0.2 x ROLLOUT/horizon
-        # per step towards TARGET_KL (4% at 64/320). Either way it lags here: while the KL is under
-        # the target beta falls, and it cannot rise fast enough once the KL passes it (README: the
-        # KL ended at 5.2 nats with horizon 320, 6.2 with 128).
+        # Adaptive KL (Ziegler et al.): beta moves by up to 0.2 x ROLLOUT/horizon per step towards
+        # TARGET_KL (10% at 64/128), but only once the KL has first reached the target
+        # (--kl-hold-until-target). Without the hold, beta fell while the policy was still next to
+        # the reference and the KL then overshot to 5.2 nats (horizon 320) or 6.2 (128); with it the
+        # KL stayed within 2.7-4.1 from step 41 on (README, reports/ppo-demo/variants/).
         reward("ppo", "--policy", str(sft), "--prompts", str(prompts), "--output-dir", str(out / "ppo"),
                "--reward-url", url, "--reward-model", "rm", "--total-steps", env("PPO_STEPS", "60"),
                "--rollout-batch-size", env("ROLLOUT", "64"), "--minibatch-size", "16", "--max-new-tokens", max_new_tokens,
                "--learning-rate", env("PPO_LR", "5e-5"), "--adaptive-kl" if env("ADAPTIVE_KL", "1") == "1" else "--no-adaptive-kl", "--kl-coef", env("KL_COEF", "0.05"), "--target-kl", str(target_kl),
-               "--kl-horizon", env("KL_HORIZON", "320"),
-               "--kl-hold-until-target" if env("KL_HOLD", "0") == "1" else "--no-kl-hold-until-target", "--max-prompt-length", "256", "--save-steps", "20", "--device", device,
+               "--kl-horizon", env("KL_HORIZON", "128"),
+               "--kl-hold-until-target" if env("KL_HOLD", "1") == "1" else "--no-kl-hold-until-target", "--max-prompt-length", "256", "--save-steps", "20", "--device", device,
                "--no-resume", "--no-progress")
         n_prompts = env("EVAL_PROMPTS", "64")
         summary = {"n_prompts": int(n_prompts), "proxy": str(rm_dir), "gold": str(gold_dir), "target_kl": target_kl}

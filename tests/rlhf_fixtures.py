@@ -88,7 +88,7 @@ def train_sft_policy(root: Path) -> Path:
     from trainer.sft import SFTConfig, train_sft
 
     base = build_tiny_gpt2_lm(root / "gpt2-init")
-    config = SFTConfig(model=str(base), data=[str(write_demonstrations(root / "demos.jsonl", 64, 0))],
+    config = SFTConfig(model=str(base), data=[str(write_demonstrations(root / "demos.jsonl", 512, 0))],
                        output_dir=str(root / "sft"), max_length=48, batch_size=16, learning_rate=5e-3, max_steps=200,
                        num_threads=1, progress=False, seed=0)
     result = train_sft(config)

@@ -14,7 +14,7 @@ import pytest
 
 from client import RewardClient
 from server import REPO_ROOT, running_server
-from service.batcher import pad_batch, plan_batches
+from service.batcher import pad_batch
 from service.formatting import encode_items
 from service.registry import load_model
 from service.settings import ServiceSettings
@@ -116,18 +116,16 @@ def test_int8_export_loads_and_scores(onnx_server, sources, exports):
         int8 = client.score(ITEMS, model="minilm-int8")
         card = next(c for c in client.models().data if c.name == "minilm-int8")
     assert int8.model.endswith("+onnx-int8") and card.dtype == "int8" and card.backend == "onnx"
-    # What the int8 graph computes on these batches in process. Activation scales are per batch,
-    # so the same batches are compared: the service's plan for one request's five items (CPU
-    # settings: length-sorted, at most 10% padding).
+    # Dynamic int8 takes activation scales from its whole input, so the backend scores each
+    # item alone: an item's reward is the same in any batch, and the service gives exactly that.
     settings = ServiceSettings(models=["x"], backend="onnx")
     model = load_model("int8", dirs["minilm-int8"], settings)
     encoded = encode_items(ITEMS, model.tokenizer, model.spec)
-    in_process = [0.0] * len(encoded)
-    plan = plan_batches([len(e) for e in encoded], settings.max_batch_tokens, max_padding=settings.max_padding)
-    assert len(plan) > 1  # the items differ in length enough to be split: per-batch scales are exercised
-    for rows in plan:
-        for i, reward in zip(rows, model.backend.score_batch(pad_batch([encoded[i] for i in rows], model.pad_token_id))):
-            in_process[i] = float(reward)
+    in_process = [float(model.backend.score_batch(pad_batch([e], model.pad_token_id))[0]) for e in encoded]
+    one_batch = model.backend.score_batch(pad_batch(encoded, model.pad_token_id))
+    assert one_batch.tolist() == pytest.approx(in_process, abs=1e-5)
+    reversed_batch = model.backend.score_batch(pad_batch(encoded[::-1], model.pad_token_id))
+    assert reversed_batch.tolist()[::-1] == pytest.approx(in_process, abs=1e-5)
     assert int8.scores == pytest.approx(in_process, abs=1e-4)
     float_rewards = torch_rewards(sources["minilm"], ITEMS)
     assert int8.scores != pytest.approx(float_rewards, abs=1e-6)  # really a different graph
