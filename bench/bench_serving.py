@@ -80,9 +80,10 @@ def machine() -> dict:
 
 def in_process_limit(
     model_dir: Path, backend: str, items: list[dict], max_batch_tokens: int, max_padding: float, repeats: int,
+    score_rows_alone: bool | None = None,
 ) -> dict:
     """Tokenise with the service's formatting and run the same length-sorted token-budget batches
-    on the same backend."""
+    on the same backend (``score_rows_alone``: override the ONNX backend's choice, to compare)."""
     import torch
 
     from service.batcher import pad_batch, plan_batches
@@ -92,6 +93,8 @@ def in_process_limit(
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_model("bench", model_dir, ServiceSettings(models=[str(model_dir)], backend=backend))
+    if score_rows_alone is not None:
+        model.backend.score_rows_alone = score_rows_alone
     model.warm_up()
     best = None
     for _ in range(repeats):
