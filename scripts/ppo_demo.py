@@ -37,6 +37,11 @@ def env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def flag(name: str, option: str, default: str) -> str:
+    """``--option`` when the variable is 1, else ``--no-option``."""
+    return f"--{option}" if env(name, default) == "1" else f"--no-{option}"
+
+
 def reward(*args: str) -> None:
     print("+ reward", " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, check=True)
@@ -130,8 +135,9 @@ def main() -> int:
     target_kl = float(env("TARGET_KL", "3"))
     max_new_tokens = env("MAX_NEW_TOKENS", "32")
 
-    sft = Path(env("SFT", "")).resolve() if env("SFT", "") else out / "sft"
-    if not env("SFT", ""):
+    reused_sft = env("SFT", "")
+    sft = Path(reused_sft).resolve() if reused_sft else out / "sft"
+    if not reused_sft:
         policy_init = Path(env("POLICY", "")) if env("POLICY", "") else None
         if policy_init is None:
             records = load_preferences([demos]).records
@@ -164,10 +170,10 @@ def main() -> int:
         reward("ppo", "--policy", str(sft), "--prompts", str(prompts), "--output-dir", str(out / "ppo"),
                "--reward-url", url, "--reward-model", "rm", "--total-steps", env("PPO_STEPS", "60"),
                "--rollout-batch-size", env("ROLLOUT", "64"), "--minibatch-size", "16", "--max-new-tokens", max_new_tokens,
-               "--learning-rate", env("PPO_LR", "5e-5"), "--adaptive-kl" if env("ADAPTIVE_KL", "1") == "1" else "--no-adaptive-kl", "--kl-coef", env("KL_COEF", "0.05"), "--target-kl", str(target_kl),
-               "--kl-horizon", env("KL_HORIZON", "128"),
-               "--kl-hold-until-target" if env("KL_HOLD", "1") == "1" else "--no-kl-hold-until-target", "--max-prompt-length", "256", "--save-steps", "20", "--device", device,
-               "--no-resume", "--no-progress")
+               "--learning-rate", env("PPO_LR", "5e-5"), flag("ADAPTIVE_KL", "adaptive-kl", "1"),
+               "--kl-coef", env("KL_COEF", "0.05"), "--target-kl", str(target_kl), "--kl-horizon", env("KL_HORIZON", "128"),
+               flag("KL_HOLD", "kl-hold-until-target", "1"), "--max-prompt-length", "256", "--save-steps", "20",
+               "--device", device, "--no-resume", "--no-progress")
         n_prompts = env("EVAL_PROMPTS", "64")
         summary = {"n_prompts": int(n_prompts), "proxy": str(rm_dir), "gold": str(gold_dir), "target_kl": target_kl}
         for name, policy in (("sft", sft), ("ppo", out / "ppo" / "policy")):

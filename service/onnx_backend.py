@@ -63,7 +63,8 @@ class OnnxBackend:
         # the default RM: 0.11 mean, 0.44 max between two batch plans of the same items; the int8
         # accuracy on TruthfulQA dev moved between 72.0% and 76.6% from batching alone). Such an
         # export runs each row alone, unpadded: one item, one score, whatever it is batched with.
-        # On 2 CPU cores this is no slower than padded batches (10.3-11.7 vs 9.9-10.6 items/s).
+        # On 2 CPU cores this is no slower than padded batches (39.5 vs 38.6 items/s in one run,
+        # bench/results/backends-cpu.json).
         self.score_rows_alone = quantization is not None
         options = ort.SessionOptions()
         # One forward at a time (the batcher runs one per model) spread over every core; a
@@ -86,19 +87,18 @@ class OnnxBackend:
         log.info("onnx backend: %s (%s), %d intra-op threads", path, self.dtype, options.intra_op_num_threads)
 
     def score_batch(self, batch: Batch) -> np.ndarray:
-        types = batch.token_type_ids if batch.token_type_ids is not None else np.zeros_like(batch.input_ids)
+        feeds: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if "token_type_ids" in self.input_names:
+            types = batch.token_type_ids
+            feeds["token_type_ids"] = types if types is not None else np.zeros_like(batch.input_ids)
         if not self.score_rows_alone:
-            return self._run(batch.input_ids, batch.attention_mask, types)
+            return self._run(feeds)
         rewards = np.empty(batch.input_ids.shape[0], dtype=np.float32)
         for row, length in enumerate(batch.attention_mask.sum(axis=1)):
-            kept = slice(0, int(length))  # right-padded: the row's own tokens come first
-            rewards[row] = self._run(batch.input_ids[row:row + 1, kept], batch.attention_mask[row:row + 1, kept],
-                                     types[row:row + 1, kept])[0]
+            # right-padded: the row's own tokens come first
+            rewards[row] = self._run({name: array[row:row + 1, : int(length)] for name, array in feeds.items()})[0]
         return rewards
 
-    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
-        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if "token_type_ids" in self.input_names:
-            feeds["token_type_ids"] = token_type_ids
+    def _run(self, feeds: dict[str, Any]) -> np.ndarray:
         (rewards,) = self.session.run(["reward"], feeds)
         return rewards.astype(np.float32, copy=False)
