@@ -465,6 +465,39 @@ def test_best_of_n_with_a_toy_policy(server, planted, tmp_path):
     assert [text for row in again for text in row] == [s["response"] for s in samples]
 
 
+def test_best_of_n_keeps_the_end_of_a_prompt_longer_than_the_policy_context(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import tiny_models
+    from trainer.evaluate import generate_samples
+    from trainer.sft import SFTConfigError
+
+    torch.manual_seed(0)
+    tokenizer = tiny_models.bpe_tokenizer(None, with_pad=False)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    policy = tmp_path / "policy"
+    GPT2LMHeadModel(config).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    long_prompt = [{"role": "user", "content": "tell me about bananas " * 100}]  # far past 64 tokens
+    short_prompt = [{"role": "user", "content": "name a fruit"}]
+
+    truncated: list[int] = []
+    samples = generate_samples(policy, [short_prompt, long_prompt], 2, max_new_tokens=8, truncated_prompts=truncated)
+    assert [len(row) for row in samples] == [2, 2]
+    assert truncated == [1]  # only the long one was cut, to 64 - 8 tokens
+
+    # a prompt limit the context cannot hold is capped to it (60 + 8 > 64)
+    truncated.clear()
+    generate_samples(policy, [long_prompt], 1, max_new_tokens=8, max_prompt_length=60, truncated_prompts=truncated)
+    assert truncated == [0]
+
+    # new tokens that leave no room for a prompt are refused before sampling, saying which flag to change
+    with pytest.raises(SFTConfigError, match="--max-new-tokens 64 leaves no room for a prompt"):
+        generate_samples(policy, [short_prompt], 1, max_new_tokens=64)
+
+
 def test_an_unreachable_service_fails_with_a_clear_message(planted):
     from server import free_port
 

@@ -352,6 +352,11 @@ def test_bad_inputs_exit_2_with_the_reason(world, server, tmp_path, capsys):
                       "--minibatch-size", "4", *common) == 2
     assert "does not divide" in capsys.readouterr().err
 
+    # the policy has 128 positions: 128 new tokens leave no room for a prompt
+    assert reward_ppo("--policy", str(world["sft"]), "--prompts", str(world["prompts"]), "--max-new-tokens", "128",
+                      *common) == 2
+    assert "leaves no room for a prompt in the model's context of 128 tokens" in capsys.readouterr().err
+
     # a tokenizer of 30k tokens in front of a 400-row embedding
     import tiny_models
     from transformers import AutoTokenizer

@@ -92,6 +92,22 @@ def reward_sft(*args: str) -> int:
     return main(["sft", "--num-threads", "1", "--no-progress", *args])
 
 
+def test_lengths_are_capped_to_the_model_context():
+    """Past its position table a GPT-2 fails with an index error inside forward, so inputs are
+    cut to fit; only flags that leave no room at all are refused."""
+    from transformers import GPT2Config
+
+    from trainer.sft import SFTConfigError, fit_to_context
+
+    config = GPT2Config(n_positions=128)
+    assert fit_to_context(config, 512, "--max-length") == 128
+    assert fit_to_context(config, 100, "--max-length") == 100
+    assert fit_to_context(config, 512, "--max-prompt-length", 32, "--max-new-tokens") == 96
+    assert fit_to_context(config, None, "--max-prompt-length", 32, "--max-new-tokens") == 96
+    with pytest.raises(SFTConfigError, match="--max-new-tokens 128 leaves no room for a prompt in the model's context of 128"):
+        fit_to_context(config, 10, "--max-prompt-length", 128, "--max-new-tokens")
+
+
 def test_bad_inputs_exit_2_with_the_reason(tmp_path, capsys):
     base = rlhf_fixtures.build_tiny_gpt2_lm(tmp_path / "base")
     demos = rlhf_fixtures.write_demonstrations(tmp_path / "demos.jsonl", 8, 0)

@@ -92,7 +92,8 @@ kind "preference" adds::
 kind "best_of_n" adds::
 
     best_of_n: {policy, n_prompts, n_samples, prompts_source, generation {temperature, top_p,
-                top_k, max_new_tokens, seed}, proxy LABEL, gold LABEL | null,
+                top_k, max_new_tokens, max_prompt_length (null: the policy's context minus max_new_tokens),
+                prompts_truncated (how many prompts kept only their most recent tokens), seed}, proxy LABEL, gold LABEL | null,
                 curve: [{n, kl, proxy_reward, proxy_reward_sem, gold_reward, gold_reward_sem}],
                 samples_file "samples.jsonl" (one line per sample: prompt_index, sample_index,
                 prompt, response, proxy_score, gold_score)}
@@ -118,6 +119,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .data import DataError, PreferenceRecord, load_file
+from .sft import SFTConfigError, fit_to_context
 
 __all__ = [
     "wilson_interval",
@@ -859,6 +861,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     bon.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
     bon.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
     bon.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens per sample (default 128)")
+    bon.add_argument("--max-prompt-length", type=_positive_int, default=None,
+                     help="prompt tokens kept, the most recent ones (default: the policy's context minus --max-new-tokens)")
     bon.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per generate call (default 16)")
     bon.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     bon.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="policy dtype")
@@ -1047,15 +1051,20 @@ def generate_samples(
     top_p: float = 1.0,
     top_k: int = 0,
     max_new_tokens: int = 128,
+    max_prompt_length: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "float32",
     trust_remote_code: bool = False,
     on_prompt_done: Callable[[int], None] | None = None,
+    truncated_prompts: list[int] | None = None,
 ) -> list[list[str]]:
     """N sampled completions per prompt from a causal LM (``generate`` with do_sample). Prompt i
-    is sampled with seed ``seed + i``, so its samples do not depend on the other prompts."""
+    is sampled with seed ``seed + i``, so its samples do not depend on the other prompts. A prompt
+    longer than ``max_prompt_length`` or than the policy's context leaves after ``max_new_tokens``
+    keeps its most recent tokens (as ``reward ppo`` does); the indices of those prompts are
+    appended to ``truncated_prompts`` when given."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from transformers.utils import logging as hf_logging
@@ -1066,12 +1075,17 @@ def generate_samples(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    limit = fit_to_context(model.config, max_prompt_length, "--max-prompt-length", max_new_tokens, "--max-new-tokens")
     model.to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[list[str]] = []
     for i, messages in enumerate(prompts):
         text, specials = policy_prompt_text(messages, tokenizer)
         ids = tokenizer(text, add_special_tokens=specials, return_tensors="pt")["input_ids"].to(device)
+        if ids.shape[1] > limit:
+            ids = ids[:, -limit:]
+            if truncated_prompts is not None:
+                truncated_prompts.append(i)
         set_seed(seed + i)
         samples: list[str] = []
         while len(samples) < n_samples:
@@ -1121,14 +1135,22 @@ def run_best_of_n(args: argparse.Namespace) -> int:
 
     N = args.n_samples
     print(f"reward eval: best-of-{N}: {len(prompts)} prompts from {source}, policy {policy}", file=sys.stderr)
-    with _progress() as progress:
-        task = progress.add_task("sampling", total=len(prompts))
-        samples = generate_samples(
-            policy, prompts, N, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, device=args.device,
-            dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-            on_prompt_done=lambda done: progress.update(task, completed=done),
-        )
+    truncated: list[int] = []
+    try:
+        with _progress() as progress:
+            task = progress.add_task("sampling", total=len(prompts))
+            samples = generate_samples(
+                policy, prompts, N, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
+                batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+                trust_remote_code=args.trust_remote_code, truncated_prompts=truncated,
+                on_prompt_done=lambda done: progress.update(task, completed=done),
+            )
+    except SFTConfigError as exc:  # the flags leave no room for a prompt in the policy's context
+        return _fail(str(exc), EXIT_INPUT)
+    if truncated:
+        print(f"reward eval: {len(truncated)} of {len(prompts)} prompts were longer than the policy takes; "
+              "their most recent tokens were kept (--max-prompt-length)", file=sys.stderr)
     pool = ItemPool()
     index = np.array([[pool.add(p, s) for s in row] for p, row in zip(prompts, samples)], dtype=np.int64)
 
@@ -1146,11 +1168,12 @@ def run_best_of_n(args: argparse.Namespace) -> int:
         for i, n in enumerate(curve["n"])
     ]
     generation = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                  "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+                  "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
+                  "prompts_truncated": len(truncated), "seed": args.seed}
     report = {
         "schema_version": SCHEMA_VERSION, "kind": "best_of_n", "created": _now(),
         "config": {"seed": args.seed, "normalize": args.normalize, "chunk_size": args.chunk_size,
-                   "concurrency": args.concurrency, **generation},
+                   "concurrency": args.concurrency, **{k: v for k, v in generation.items() if k != "prompts_truncated"}},
         "models": [t.describe() for t in targets], "scoring": timing, "plots": {},
         "best_of_n": {
             "policy": str(policy), "n_prompts": len(prompts), "n_samples": N, "prompts_source": source,

@@ -64,7 +64,7 @@ from typing import Any, Sequence
 
 from .config_flags import add_config_flags, config_from_namespace
 from .data import DataError
-from .sft import SFTConfigError, check_vocab, disable_dropout_in, pad_token_id, resolve_device
+from .sft import SFTConfigError, check_vocab, disable_dropout_in, fit_to_context, pad_token_id, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -545,6 +545,8 @@ class PPOTrainer:
         dtype = getattr(torch, self.config.dtype)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         check_vocab(lm, self.tokenizer, path)
+        self.max_prompt_tokens = fit_to_context(lm.config, self.config.max_prompt_length, "--max-prompt-length",
+                                                self.config.max_new_tokens, "--max-new-tokens")
         self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
@@ -590,7 +592,7 @@ class PPOTrainer:
         for messages in prompts:
             text, specials = policy_prompt_text(messages, self.tokenizer)
             ids = self.tokenizer(text, add_special_tokens=specials)["input_ids"]
-            rows.append(ids[-self.config.max_prompt_length:])
+            rows.append(ids[-self.max_prompt_tokens:])
         width = max(len(r) for r in rows)
         query_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         query_mask = torch.zeros((len(rows), width), dtype=torch.long)

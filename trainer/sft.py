@@ -142,6 +142,26 @@ def check_vocab(model: Any, tokenizer: Any, where: Any) -> None:
         )
 
 
+def fit_to_context(model_config: Any, wanted: int | None, flag: str, reserved: int = 0, reserved_flag: str = "") -> int:
+    """Tokens of input the model can take: ``wanted`` (None: as many as fit), capped so that with
+    ``reserved`` tokens still to generate the sequence fits the model's position table (past it,
+    learned position embeddings fail with an index error deep inside the forward pass). The cap
+    is logged; SFTConfigError when nothing fits or the config names no context and none is given."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is None:
+        if wanted is None:
+            raise SFTConfigError(f"the model's config names no context length (max_position_embeddings); pass {flag}")
+        return wanted
+    room = context - reserved
+    if room < 1:
+        raise SFTConfigError(f"{reserved_flag} {reserved} leaves no room for a prompt in the model's context of "
+                             f"{context} tokens; lower {reserved_flag}")
+    if wanted is not None and wanted > room:
+        log.info("%s %d capped to %d: the model's context is %d tokens%s", flag, wanted, room, context,
+                 f" and {reserved} are kept for {reserved_flag}" if reserved else "")
+    return room if wanted is None else min(wanted, room)
+
+
 def pad_token_id(tokenizer: Any) -> int:
     # Padding positions are masked everywhere, so EOS can stand in when there is no pad token.
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -219,12 +239,13 @@ def train_sft(config: SFTConfig) -> SFTResult:
     if not records:
         raise DataError(f"no demonstrations in {', '.join(config.data)}")
     model, tokenizer = load_causal_lm(config.model, init_from_config=config.init_from_config, dtype=config.dtype)
+    max_length = fit_to_context(model.config, config.max_length, "--max-length")
     device = resolve_device(config.device)
     model.to(device)
     if config.disable_dropout:
         disable_dropout_in(model)
     model.train()
-    examples = [render_demonstration(r.prompt, r.best, tokenizer, config.max_length) for r in records]
+    examples = [render_demonstration(r.prompt, r.best, tokenizer, max_length) for r in records]
     pad_id = pad_token_id(tokenizer)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.num_epochs))
