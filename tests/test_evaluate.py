@@ -439,6 +439,7 @@ def test_best_of_n_with_a_toy_policy(server, planted, tmp_path):
     assert report["kind"] == "best_of_n"
     bon = report["best_of_n"]
     assert (bon["n_prompts"], bon["n_samples"], bon["proxy"], bon["gold"]) == (3, 8, "bert", "rm")
+    assert (bon["generation"]["max_prompt_length"], bon["generation"]["prompts_truncated"]) == (None, 0)  # all fit in 128
     curve = bon["curve"]
     assert [r["n"] for r in curve] == [1, 2, 4, 8]
     assert [r["kl"] for r in curve] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75, math.log(8) - 7 / 8])

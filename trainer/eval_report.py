@@ -159,12 +159,18 @@ def _signed_pct(x: Any) -> str:
 def _render_best_of_n(report: dict[str, Any]) -> str:
     b = report["best_of_n"]
     g = b["generation"]
+    truncated = ""
+    if g.get("prompts_truncated"):
+        limit = g.get("max_prompt_length") or "auto: the context minus the new tokens"
+        truncated = (f"{g['prompts_truncated']} prompts were longer than the policy was given and kept only their most "
+                     f"recent tokens (`--max-prompt-length` {limit}).\n\n")
     out = ["# Best-of-N evaluation\n\n", f"Created {report['created']}. Scored through the service over HTTP.\n\n", _models_table(report)]
     out.append(
         f"\nPolicy `{b['policy']}`: {b['n_prompts']} prompts from `{b['prompts_source']}`, N = {b['n_samples']} samples each "
         f"(temperature {g['temperature']}, top-p {g['top_p']}, top-k {g['top_k'] or 'off'}, max {g['max_new_tokens']} new "
         f"tokens, seed {g['seed']}). Proxy: **{b['proxy']}**" + (f"; gold: **{b['gold']}**" if b["gold"] else "") + ".\n\n"
-        "Best-of-n reward: exact expectation over draws of n of the N samples without replacement "
+        + truncated
+        + "Best-of-n reward: exact expectation over draws of n of the N samples without replacement "
         "(sum_i C(i-1, n-1)/C(N, n) s_(i) over sorted scores), mean over prompts (± standard error); gold: the gold "
         "reward of the proxy's pick. KL = log n - (n-1)/n.\n\n"
     )

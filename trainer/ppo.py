@@ -108,7 +108,8 @@ class PPOConfig:
     total_steps: int = field(default=100, metadata=_help("PPO steps; one rollout batch each."))
     rollout_batch_size: int = field(default=64, metadata=_help("Prompts (= sampled responses) per rollout."))
     max_new_tokens: int = field(default=64, metadata=_help("Longest response, in tokens."))
-    max_prompt_length: int = field(default=512, metadata=_help("Prompt tokens kept (the most recent ones)."))
+    max_prompt_length: int = field(default=512, metadata=_help(
+        "Prompt tokens kept (the most recent ones); capped to what the policy's context leaves after max_new_tokens."))
     temperature: float = field(default=1.0, metadata=_help(
         "Sampling temperature; the policy's and the reference's logits are divided by it when computing "
         "log-probs too, so PPO's probabilities are those the samples were drawn from."))

@@ -61,7 +61,8 @@ class SFTConfig:
         "record is the demonstration.", metavar="PATH[:W][:N]"))
     output_dir: str = field(default="runs/sft", metadata=_help("Where the fine-tuned model directory goes."))
     max_length: int = field(default=512, metadata=_help(
-        "Tokens per prompt + response; longer ones lose prompt tokens from the start, then response tokens from the end."))
+        "Tokens per prompt + response (capped to the model's context); longer ones lose prompt tokens from the start, "
+        "then response tokens from the end."))
     num_epochs: float = field(default=1.0, metadata=_help("Passes over the demonstrations."))
     max_steps: int | None = field(default=None, metadata=_help("Optimizer steps (overrides --num-epochs)."))
     batch_size: int = field(default=8, metadata=_help("Demonstrations per optimizer step."))
