@@ -411,7 +411,8 @@ def test_two_urls_side_by_side_and_the_same_model_agrees_with_itself(server, pla
     assert report["plots"] == {}
 
 
-def test_best_of_n_with_a_toy_policy(server, planted, tmp_path):
+def toy_policy(out: Path, n_positions: int) -> Path:
+    """A random-init 2-layer GPT-2 causal LM with a context of ``n_positions`` tokens."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -419,11 +420,15 @@ def test_best_of_n_with_a_toy_policy(server, planted, tmp_path):
 
     torch.manual_seed(0)
     tokenizer = tiny_models.bpe_tokenizer(None, with_pad=False)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=n_positions,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    policy = tmp_path / "policy"
-    GPT2LMHeadModel(config).save_pretrained(policy)
-    tokenizer.save_pretrained(policy)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_best_of_n_with_a_toy_policy(server, planted, tmp_path):
+    policy = toy_policy(tmp_path / "policy", n_positions=128)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(p) for p in [
         "which snack should I pick?", {"prompt": "name a fruit"},
@@ -467,20 +472,10 @@ def test_best_of_n_with_a_toy_policy(server, planted, tmp_path):
 
 
 def test_best_of_n_keeps_the_end_of_a_prompt_longer_than_the_policy_context(tmp_path):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    import tiny_models
     from trainer.evaluate import generate_samples
     from trainer.sft import SFTConfigError
 
-    torch.manual_seed(0)
-    tokenizer = tiny_models.bpe_tokenizer(None, with_pad=False)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    policy = tmp_path / "policy"
-    GPT2LMHeadModel(config).save_pretrained(policy)
-    tokenizer.save_pretrained(policy)
+    policy = toy_policy(tmp_path / "policy", n_positions=64)
     long_prompt = [{"role": "user", "content": "tell me about bananas " * 100}]  # far past 64 tokens
     short_prompt = [{"role": "user", "content": "name a fruit"}]
 
