@@ -82,13 +82,12 @@ def moving_average(values: list[float], window: int = 5) -> list[float]:
     return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
 
 
-def plot(metrics_path: Path, summary: dict, target_kl: float, png: Path) -> None:
+def plot(rows: list[dict], summary: dict, target_kl: float, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steps = [r["step"] for r in rows]
     fig, (ax_reward, ax_kl, ax_gold) = plt.subplots(1, 3, figsize=(15, 4))
     scores = [r["score"] for r in rows]
@@ -116,24 +115,30 @@ def plot(metrics_path: Path, summary: dict, target_kl: float, png: Path) -> None
     fig.savefig(png, dpi=100)
 
 
-def paired_gain(sft_samples: Path, ppo_samples: Path, rm: str, n_boot: int = 2000, seed: int = 0) -> dict:
-    """PPO minus SFT under one RM, paired by held-out prompt: each prompt's mean score over its
-    samples, differenced, so what the prompts themselves are worth cancels out (it is most of the
-    variance of either policy's mean). Mean, SEM and a 95% bootstrap interval over prompts."""
+def prompt_means(samples: Path) -> dict[str, dict[int, float]]:
+    """Each held-out prompt's mean score over its samples, per RM ("proxy", "gold"), from a
+    best-of-n ``samples.jsonl``."""
+    scores: dict[str, dict[int, list[float]]] = {"proxy": {}, "gold": {}}
+    for line in samples.read_text().splitlines():
+        row = json.loads(line)
+        for rm, per_prompt in scores.items():
+            per_prompt.setdefault(row["prompt_index"], []).append(row[f"{rm}_score"])
+    return {rm: {i: sum(v) / len(v) for i, v in per_prompt.items()} for rm, per_prompt in scores.items()}
+
+
+def paired_gain(sft: dict[int, float], ppo: dict[int, float]) -> dict:
+    """PPO minus SFT under one RM, paired by held-out prompt (:func:`prompt_means`), so what the
+    prompts themselves are worth cancels out (it is most of the variance of either policy's mean).
+    Mean, SEM and the 95% paired bootstrap interval over prompts that `reward eval` uses."""
     import numpy as np
 
-    def per_prompt(path: Path) -> dict[int, float]:
-        scores: dict[int, list[float]] = {}
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            scores.setdefault(row["prompt_index"], []).append(row[f"{rm}_score"])
-        return {i: sum(v) / len(v) for i, v in scores.items()}
+    from trainer.evaluate import paired_bootstrap_diff
 
-    sft, ppo = per_prompt(sft_samples), per_prompt(ppo_samples)
-    diffs = np.array([ppo[i] - sft[i] for i in sorted(sft) if i in ppo])
-    boot = np.random.default_rng(seed).choice(diffs, size=(n_boot, len(diffs))).mean(axis=1)
-    return {"mean": float(diffs.mean()), "sem": float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
-            "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))], "n_prompts": len(diffs)}
+    shared = sorted(set(sft) & set(ppo))
+    before, after = np.array([sft[i] for i in shared]), np.array([ppo[i] for i in shared])
+    boot = paired_bootstrap_diff(before, after)
+    return {"mean": boot["diff"], "sem": float((after - before).std(ddof=1) / np.sqrt(len(shared))),
+            "ci95": [boot["low"], boot["high"]], "n_prompts": len(shared)}
 
 
 def score_policy(policy: Path, prompts: Path, url: str, report: Path, n_prompts: str, max_new_tokens: str, device: str) -> dict:
@@ -215,8 +220,8 @@ def main() -> int:
         server.terminate()
         server.wait()
         log.close()
-    summary["gain"] = {rm: paired_gain(out / "eval-sft" / "samples.jsonl", out / "eval-ppo" / "samples.jsonl", rm)
-                       for rm in ("proxy", "gold")}
+    sft_means, ppo_means = (prompt_means(out / f"eval-{name}" / "samples.jsonl") for name in ("sft", "ppo"))
+    summary["gain"] = {rm: paired_gain(sft_means[rm], ppo_means[rm]) for rm in ("proxy", "gold")}
     rows = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
     summary["ppo_run"] = {
         "steps": len(rows),
@@ -227,7 +232,7 @@ def main() -> int:
         "rm_wait_fraction_mean": sum(r["rm_wait_fraction"] for r in rows) / len(rows),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(ppo_dir / "metrics.jsonl", summary, target_kl, out / "ppo_demo.png")
+    plot(rows, summary, target_kl, out / "ppo_demo.png")
     print(json.dumps(summary, indent=2))
     print(f"plot: {out / 'ppo_demo.png'}")
     return 0

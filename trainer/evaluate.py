@@ -119,7 +119,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .data import DataError, PreferenceRecord, load_file
-from .sft import SFTConfigError, fit_to_context
+from .sft import SFTConfigError, fit_to_context, pad_token_id
 
 __all__ = [
     "wilson_interval",
@@ -1077,7 +1077,7 @@ def generate_samples(
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     limit = fit_to_context(model.config, max_prompt_length, "--max-prompt-length", max_new_tokens, "--max-new-tokens")
     model.to(device).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     out: list[list[str]] = []
     for i, messages in enumerate(prompts):
         text, specials = policy_prompt_text(messages, tokenizer)
@@ -1168,16 +1168,15 @@ def run_best_of_n(args: argparse.Namespace) -> int:
         for i, n in enumerate(curve["n"])
     ]
     generation = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                  "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
-                  "prompts_truncated": len(truncated), "seed": args.seed}
+                  "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length, "seed": args.seed}
     report = {
         "schema_version": SCHEMA_VERSION, "kind": "best_of_n", "created": _now(),
         "config": {"seed": args.seed, "normalize": args.normalize, "chunk_size": args.chunk_size,
-                   "concurrency": args.concurrency, **{k: v for k, v in generation.items() if k != "prompts_truncated"}},
+                   "concurrency": args.concurrency, **generation},
         "models": [t.describe() for t in targets], "scoring": timing, "plots": {},
         "best_of_n": {
             "policy": str(policy), "n_prompts": len(prompts), "n_samples": N, "prompts_source": source,
-            "generation": generation, "proxy": proxy.label, "gold": gold.label if gold else None,
+            "generation": {**generation, "prompts_truncated": len(truncated)}, "proxy": proxy.label, "gold": gold.label if gold else None,
             "curve": rows, "samples_file": "samples.jsonl" if args.report else None,
         },
     }
