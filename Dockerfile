@@ -29,6 +29,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install -r /tmp/requirements-no-torch.txt
 COPY pyproject.toml README.md ./
 COPY client ./client
+COPY reward_core ./reward_core
+COPY reward_cli.py ./
 COPY service ./service
 COPY trainer ./trainer
 RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \

@@ -64,8 +64,8 @@ def build_model(shape: str, dtype, compile: bool):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from service.backend import TorchBackend
-    from service.model_dir import RewardModelSpec
+    from reward_core.backends import TorchBackend
+    from reward_core.model_dir import RewardModelSpec
 
     config = LlamaConfig(**SHAPES[shape], num_labels=1, pad_token_id=0, max_position_embeddings=8192)
     config._attn_implementation = "sdpa"
@@ -85,8 +85,8 @@ def batches_padded(lengths: np.ndarray, rows: int) -> list[list[int]]:
 def run_way(backend, items: list[list[int]], plan: list[list[int]]) -> dict:
     import torch
 
-    from service.batcher import pad_batch
-    from service.formatting import EncodedInput
+    from reward_core.forward import pad_batch
+    from reward_core.formatting import EncodedInput
 
     encoded = [EncodedInput(ids, None, False) for ids in items]
     padded = real = 0
@@ -126,8 +126,8 @@ def main() -> int:
         print("bench_gpu.py needs a CUDA GPU and torch sees none (torch "
               f"{torch.__version__}); run it on a GPU machine", file=sys.stderr)
         return 2
-    from service.backend import TorchBackend  # noqa: F401  (fail here, not mid-run, if the service is broken)
-    from service.batcher import plan_batches
+    from reward_core.backends import TorchBackend  # noqa: F401  (fail here, not mid-run, if the core is broken)
+    from reward_core.forward import plan_batches
 
     device_name = torch.cuda.get_device_name()
     peak = peak_tflops(device_name, args.peak_tflops)

@@ -86,8 +86,8 @@ def in_process_limit(
     on the same backend (``score_rows_alone``: override the ONNX backend's choice, to compare)."""
     import torch
 
-    from service.batcher import pad_batch, plan_batches
-    from service.formatting import encode_items
+    from reward_core.forward import pad_batch, plan_batches
+    from reward_core.formatting import encode_items
     from service.registry import load_model
     from service.settings import ServiceSettings
 
@@ -142,8 +142,8 @@ async def drive(url: str, items: list[dict], concurrency: int, per_request: int)
 
 
 def token_lengths(model_dir: Path, backend: str, items: list[dict]) -> list[int]:
-    from service.formatting import encode_items
-    from service.model_dir import load_spec, load_tokenizer
+    from reward_core.formatting import encode_items
+    from reward_core.model_dir import load_spec, load_tokenizer
     from transformers import AutoConfig
 
     spec_json = model_dir / "reward_model.json"

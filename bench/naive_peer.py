@@ -30,8 +30,8 @@ def build_app(model_dir: Path, backend: str, threads: int):
     import torch
     from fastapi import FastAPI
 
-    from service.batcher import pad_batch
-    from service.formatting import encode_items
+    from reward_core.forward import pad_batch
+    from reward_core.formatting import encode_items
     from service.registry import load_model
     from service.settings import ServiceSettings
 

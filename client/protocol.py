@@ -208,7 +208,7 @@ def as_item(obj: PromptResponseItem | MessagesItem | dict) -> PromptResponseItem
 # change. Unlike our own requests they IGNORE unknown fields, as the servers they imitate do
 # (vLLM accepts and ignores extras; OpenRLHF's server reads only "query"): a newer client adding
 # a field must not break. Texts here are already formatted by the caller (chat template
-# applied); see ``service.formatting.encode_texts`` for how they are read.
+# applied); see ``reward_core.formatting.encode_texts`` for how they are read.
 
 
 class _Lenient(BaseModel):

@@ -49,7 +49,7 @@ def flag(name: str, option: str, default: str) -> str:
 
 def reward(*args: str) -> None:
     print("+ reward", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "reward_cli", *args], cwd=REPO, check=True)
 
 
 def tiny_policy(out: Path, texts: list[str]) -> Path:
@@ -192,7 +192,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(out / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "reward_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                "--model", f"rm={rm_dir}", "--model", f"gold={gold_dir}"],
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from client.protocol import ErrorResponse, ReloadRequest, ReloadResponse
 
 from .app import APIError, _card
-from .model_dir import ModelDirError
+from reward_core.model_dir import ModelDirError
 from .registry import attach_batchers, load_model
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from client.protocol import (
 
 from .auth import OPEN_ROUTES, RATE_LIMITED_ROUTES, KeyRing, RateLimiter, required_scope
 from .batcher import BatcherStopped, ForwardFailed, QueueFull
-from .formatting import Conversation, encode_conversations, item_to_conversation
+from reward_core.formatting import Conversation, encode_conversations, item_to_conversation
 from .metrics import ServiceMetrics
 from .registry import ServedModel, attach_batchers, load_models
 from .score_cache import ScoreCache
@@ -543,7 +543,7 @@ def create_app(
     app.include_router(compat_router)
     app.include_router(admin_router)
     from .comparisons import install as install_comparisons
-    from .store import ComparisonStore
+    from reward_core.store import ComparisonStore
 
     if store is None and settings.store:
         store = ComparisonStore(settings.store)

@@ -22,10 +22,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 
-from .backend import Backend, Batch
-from .formatting import EncodedInput
+from reward_core.backends import Backend
+from reward_core.formatting import EncodedInput
+from reward_core.forward import pad_batch, plan_batches
+
 from .metrics import ServiceMetrics
 from .score_cache import ScoreCache
 
@@ -52,50 +53,6 @@ class BatcherStopped(RuntimeError):
 class _QueuedItem:
     encoded: EncodedInput
     future: asyncio.Future
-
-
-def plan_batches(
-    lengths: list[int], max_batch_tokens: int, max_batch_size: int | None = None, max_padding: float | None = None,
-) -> list[list[int]]:
-    """Indices grouped into batches: sorted by length, each batch's rows x longest row within
-    the budget (a single row longer than the budget gets a batch of its own).
-
-    ``max_padding``: also cut a batch before the share of its padded tokens that are padding
-    would pass this fraction. On CPU a forward costs about its padded tokens whatever the rows,
-    so padding is pure loss and one-row batches are no slower; on a GPU bigger batches pay for
-    their padding, so there it is off (None)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0  # tokens of the rows in ``current``
-    for i in order:
-        longest = lengths[i]  # ascending order: the new row is the longest
-        rows = len(current) + 1
-        too_many = max_batch_size is not None and rows > max_batch_size
-        too_padded = max_padding is not None and (real + longest) < (1 - max_padding) * rows * longest
-        if current and (rows * longest > max_batch_tokens or too_many or too_padded):
-            batches.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += longest
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad_batch(encoded: list[EncodedInput], pad_token_id: int) -> Batch:
-    longest = max(len(e) for e in encoded)
-    input_ids = np.full((len(encoded), longest), pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((len(encoded), longest), dtype=np.int64)
-    with_types = encoded[0].token_type_ids is not None
-    token_type_ids = np.zeros((len(encoded), longest), dtype=np.int64) if with_types else None
-    for row, e in enumerate(encoded):
-        n = len(e)
-        input_ids[row, :n] = e.input_ids
-        attention_mask[row, :n] = 1
-        if token_type_ids is not None:
-            token_type_ids[row, :n] = e.token_type_ids
-    return Batch(input_ids, attention_mask, token_type_ids)
 
 
 class TokenBudgetBatcher:

@@ -39,7 +39,7 @@ from client.protocol import (
 )
 
 from .app import APIError, _long_fields
-from .store import (
+from reward_core.store import (
     ComparisonStore,
     Filters,
     IdempotencyConflict,

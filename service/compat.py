@@ -30,7 +30,7 @@ from client.protocol import (
     VLLMUsage,
 )
 
-from .formatting import encode_texts
+from reward_core.formatting import encode_texts
 
 router = APIRouter(tags=["compatibility"])
 # The refusals any scoring route can give (auth, limits, deadline, failed forward), as in app.py.

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend, TorchBackend
+from reward_core.backends import Backend, OnnxBackend, TorchBackend
+from reward_core.formatting import encode_conversations
+from reward_core.forward import pad_batch, pad_token_id
+from reward_core.loading import open_model_dir
+from reward_core.model_dir import ModelDirError, RewardModelSpec, is_onnx_export
+
 from .batcher import TokenBudgetBatcher
-from .formatting import encode_conversations
 from .metrics import ServiceMetrics
 from .score_cache import ScoreCache
-from .model_dir import ModelDirError, RewardModelSpec, load_spec, load_tokenizer
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,6 @@ class ServedModel:
 
     def warm_up(self) -> None:
         """One real forward, so the first request does not pay for lazy initialisation."""
-        from .batcher import pad_batch
-
         encoded = encode_conversations([([{"role": "user", "content": "Hello"}], "Hi!")], self.tokenizer, self.spec)
         self.backend.score_batch(pad_batch(encoded, self.pad_token_id))
 
@@ -69,44 +69,20 @@ class ServedModel:
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad) if pad is not None else 0
+        return pad_token_id(self.tokenizer)
 
 
 def load_model(name: str, path: Path, settings: ServiceSettings) -> ServedModel:
     """Load one model directory, or raise ModelDirError saying what is wrong with it."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelDirError(f"model {name!r}: {path} is not a directory")
-    if not (path / "config.json").is_file():
-        raise ModelDirError(f"model {name!r}: {path} has no config.json (not a Hugging Face model directory)")
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"model {name!r}: cannot read {path / 'config.json'}: {exc}") from exc
-    raw_base = None
-    meta = path / "reward_model.json"
-    if meta.is_file():
-        try:
-            raw_base = json.loads(meta.read_text()).get("base_model")
-        except (json.JSONDecodeError, AttributeError):
-            raw_base = None  # load_spec reports the broken file properly
-    tokenizer = load_tokenizer(path, settings.trust_remote_code, raw_base)
-    spec = load_spec(path, config, tokenizer)
-    if settings.max_length is not None:
-        spec = replace(spec, max_length=settings.max_length)
-    backend = _backend_for(path, spec, settings)
-    log.info("loaded model %s from %s (%s, max_length=%d)", name, path, spec.architecture, spec.max_length)
-    id2label = getattr(config, "id2label", None) or {}
-    label = str(id2label.get(0, id2label.get("0", "LABEL_0")))
-    return ServedModel(name=name, path=path.resolve(), spec=spec, tokenizer=tokenizer, backend=backend, label=label)
+    files = open_model_dir(path, trust_remote_code=settings.trust_remote_code, max_length=settings.max_length, name=name)
+    backend = _backend_for(files.path, files.spec, settings)
+    log.info("loaded model %s from %s (%s, max_length=%d)", name, path, files.spec.architecture, files.spec.max_length)
+    return ServedModel(
+        name=name, path=files.path.resolve(), spec=files.spec, tokenizer=files.tokenizer, backend=backend, label=files.label,
+    )
 
 
 def _backend_for(path: Path, spec: RewardModelSpec, settings: ServiceSettings) -> Backend:
-    from .onnx_backend import OnnxBackend, is_onnx_export
-
     if settings.backend == "onnx":
         return OnnxBackend(path, spec, device=settings.device, dtype=settings.dtype, threads=settings.torch_threads)
     if is_onnx_export(path) and not any(path.glob("*.safetensors")):

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .formatting import EncodedInput
+from reward_core.formatting import EncodedInput
 from .metrics import ServiceMetrics
 
 

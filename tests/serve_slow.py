@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service import registry  # noqa: E402
-from service.cli import main  # noqa: E402
+from reward_cli import main  # noqa: E402
 
 DELAY_S = float(os.environ.get("REWARD_TEST_FORWARD_DELAY_S", "0"))
 

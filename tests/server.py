@@ -32,12 +32,12 @@ class ServerProcess:
         self, args: list[str], log_path: Path, env: dict[str, str] | None = None, entry: list[str] | None = None,
         port: int | None = None,
     ) -> None:
-        """``entry``: the program to run instead of ``python -m service.cli`` (a test wrapper);
+        """``entry``: the program to run instead of ``python -m reward_cli`` (a test wrapper);
         ``port``: a fixed port (to restart a server where its clients expect it)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        entry = entry or ["-m", "service.cli"]
+        entry = entry or ["-m", "reward_cli"]
         command = [sys.executable, *entry, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self._log = open(log_path, "wb")
         # No drain pause on stop unless a test asks for one: it only slows the suite down.

@@ -141,7 +141,7 @@ def test_keys_are_never_logged_but_their_ids_are(server):
 
 def test_serving_a_non_loopback_address_without_keys_is_refused(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "0.0.0.0", "--model", f"x={tmp_path}"],
+        [sys.executable, "-m", "reward_cli", "serve", "--host", "0.0.0.0", "--model", f"x={tmp_path}"],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )
     assert done.returncode == 2
@@ -153,7 +153,7 @@ def test_a_bad_keys_file_stops_serve_with_the_line_at_fault(tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("a-good-key-0123456789abcdef\nshort\n")
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--api-keys-file", str(keys), "--model", f"x={tmp_path}"],
+        [sys.executable, "-m", "reward_cli", "serve", "--api-keys-file", str(keys), "--model", f"x={tmp_path}"],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )
     assert done.returncode == 2 and f"{keys}:2" in done.stderr and "16 characters" in done.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batcher import BatcherStopped, QueueFull, TokenBudgetBatcher
-from service.formatting import EncodedInput
+from reward_core.formatting import EncodedInput
 
 
 class SummingBackend:

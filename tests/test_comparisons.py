@@ -22,7 +22,7 @@ from service.app import create_app
 from service.auth import KeyRing, load_keys
 from service.registry import load_model
 from service.settings import ServiceSettings
-from service.store import ComparisonStore, metadata
+from reward_core.store import ComparisonStore, metadata
 from trainer.data import load_file
 
 PROMPT = [{"role": "user", "content": "Name a yellow fruit."}]

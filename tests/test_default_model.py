@@ -1,5 +1,5 @@
 """The shipped default reward model: `reward serve` with no --model loads it offline, and
-`reward eval` over every dev set in ../shared/data measures the accuracies the README states."""
+`reward eval` over every dev set in ../shared/data measures the accuracies docs/default-model.md states."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ROW = re.compile(r"^\| `(?P<name>[\w-]+/[\w-]+)` \| (?P<pairs>\d+) \| (?P<rm>[\d
 
 
 def readme_accuracies() -> dict[str, dict[str, float]]:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "default-model.md").read_text()
     section = text.split("<!-- default-rm-accuracy -->")[1]
     return {
         m["name"]: {"pairs": int(m["pairs"]), "rm": float(m["rm"]) / 100, "longer": float(m["longer"]) / 100}
@@ -45,7 +45,7 @@ def test_the_default_model_scores_every_dev_set_at_the_readme_accuracy(shared_da
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with running_server([], tmp_path / "server.log", env=offline) as server:  # no --model: the default
         done = subprocess.run(
-            [sys.executable, "-m", "service.cli", "eval", "--url", server.url, *sum((["--data", d] for d in data), []),
+            [sys.executable, "-m", "reward_cli", "eval", "--url", server.url, *sum((["--data", d] for d in data), []),
              "--report", str(tmp_path / "report"), "--no-plots", "--bootstrap", "200"],
             cwd=REPO, capture_output=True, text=True, timeout=1500,
         )

@@ -300,7 +300,7 @@ def server(planted, tmp_path_factory):
 def reward_eval(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # the policy's torch threads
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "eval", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
+        [sys.executable, "-m", "reward_cli", "eval", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
     )
 
 

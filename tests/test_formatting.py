@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from service.batcher import plan_batches
-from service.formatting import encode_conversations, item_to_conversation, render_conversation
-from service.model_dir import RewardModelSpec
+from reward_core.forward import plan_batches
+from reward_core.formatting import encode_conversations, item_to_conversation, render_conversation
+from reward_core.model_dir import RewardModelSpec
 
 USER = [{"role": "user", "content": "What is 2+2?"}]
 
@@ -125,7 +125,7 @@ def test_a_padding_cap_cuts_batches_before_they_carry_too_much_padding():
 
 
 def test_a_long_formatted_text_keeps_its_response_when_cut(tokenizers):
-    from service.formatting import encode_texts
+    from reward_core.formatting import encode_texts
 
     tokenizer = tokenizers["llama"]
     prompt = "<|user|>" + "tell me more " * 50 + "</s><|assistant|>"
@@ -138,7 +138,7 @@ def test_a_long_formatted_text_keeps_its_response_when_cut(tokenizers):
 
 
 def test_an_encoder_reads_a_formatted_text_as_a_pair_only_when_the_prompt_is_its_prefix(tokenizers):
-    from service.formatting import encode_texts
+    from reward_core.formatting import encode_texts
 
     tokenizer = tokenizers["bert"]
     prompt, response = "What is the capital of France?", "Paris."

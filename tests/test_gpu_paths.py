@@ -13,10 +13,11 @@ import torch
 
 from client import RewardClient
 from server import REPO_ROOT, running_server
-from service.backend import TorchBackend, pad_columns
-from service.batcher import pad_batch
-from service.formatting import encode_items
-from service.model_dir import ModelDirError
+from reward_core.backends import TorchBackend
+from reward_core.forward import pad_columns
+from reward_core.forward import pad_batch
+from reward_core.formatting import encode_items
+from reward_core.model_dir import ModelDirError
 from service.registry import load_model
 from service.settings import ServiceSettings
 
@@ -50,7 +51,7 @@ def test_compile_is_refused_off_cuda(model_dirs):
 @without_cuda
 def test_cuda_device_without_cuda_stops_the_server_with_the_reason(model_dirs):
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--port", "1", f"--model={model_dirs['bert']}",
+        [sys.executable, "-m", "reward_cli", "serve", "--port", "1", f"--model={model_dirs['bert']}",
          "--device", "cuda", "--dtype", "bfloat16"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )

@@ -16,10 +16,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 import tiny_models
 from client import RewardClient
 from server import running_server
-from service.backend import load_sequence_classifier, reward_forward
-from service.batcher import pad_batch
-from service.formatting import encode_items
-from service.model_dir import ModelDirError, load_spec
+from reward_core.loading import load_sequence_classifier
+from reward_core.forward import reward_forward
+from reward_core.forward import pad_batch
+from reward_core.formatting import encode_items
+from reward_core.model_dir import ModelDirError, load_spec
 from service.registry import load_model
 from service.settings import ServiceSettings
 

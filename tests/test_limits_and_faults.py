@@ -20,8 +20,8 @@ from faults import ControlledBackend
 from server import in_process_server, running_server
 from service.app import create_app
 from service.auth import KeyRing
-from service.batcher import pad_batch
-from service.formatting import encode_items
+from reward_core.forward import pad_batch
+from reward_core.formatting import encode_items
 from service.registry import load_model
 from service.settings import ServiceSettings
 

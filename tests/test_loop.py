@@ -17,7 +17,7 @@ import pytest
 
 from client import RewardClient
 from server import REPO_ROOT, running_server
-from service.store import ComparisonStore
+from reward_core.store import ComparisonStore
 from test_train_rm import fast_config, write_task
 from trainer.data import DataError, load_file
 from trainer.reward import train_reward_model
@@ -41,7 +41,7 @@ def comparisons_from(path: Path) -> list[dict]:
 
 def reward_loop(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "loop", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "reward_cli", "loop", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
 
@@ -97,15 +97,15 @@ def test_reward_loop_retrains_on_the_store_and_deploys_only_a_model_that_is_not_
 
 def test_export_comparisons_writes_the_rankings_the_trainer_reads(tmp_path):
     store = ComparisonStore(f"sqlite:///{tmp_path}/c.db")
-    from service.store import NewComparison
+    from reward_core.store import NewComparison
 
     store.add_comparison(NewComparison(prompt="2+2?", responses=["5", "4"], ranking=[1, 0], kind="pairwise", labeller="ann", category="math"))
     store.add_comparison(NewComparison(prompt="hi", responses=["a", "b", "c"], ranking=[2, 1, 0], kind="ranking", labeller="bob"))
     out = tmp_path / "export.jsonl"
 
-    done = subprocess.run([sys.executable, "-m", "service.cli", "export-comparisons", "--store", f"sqlite:///{tmp_path}/c.db",
+    done = subprocess.run([sys.executable, "-m", "reward_cli", "export-comparisons", "--store", f"sqlite:///{tmp_path}/c.db",
                            "--out", str(out), "--labeller", "ann"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    missing = subprocess.run([sys.executable, "-m", "service.cli", "export-comparisons", "--store", f"sqlite:///{tmp_path}/nope.db",
+    missing = subprocess.run([sys.executable, "-m", "reward_cli", "export-comparisons", "--store", f"sqlite:///{tmp_path}/nope.db",
                               "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 0 and json.loads(done.stdout) == {"rows": 1, "out": str(out)}

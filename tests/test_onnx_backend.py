@@ -14,8 +14,8 @@ import pytest
 
 from client import RewardClient
 from server import REPO_ROOT, running_server
-from service.batcher import pad_batch
-from service.formatting import encode_items
+from reward_core.forward import pad_batch
+from reward_core.formatting import encode_items
 from service.registry import load_model
 from service.settings import ServiceSettings
 from trainer.export import FP32_TOLERANCE, ExportError, export_onnx
@@ -60,7 +60,7 @@ def exports(sources, tmp_path_factory):
     # The int8 export through the command line, as a user runs it; of the pretrained MiniLM
     # (seeded head), whose rewards vary with the text, unlike a random tiny model's.
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "export-onnx", "--model", str(sources["minilm"]),
+        [sys.executable, "-m", "reward_cli", "export-onnx", "--model", str(sources["minilm"]),
          "--out", str(root / "minilm-int8"), "--int8"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -149,7 +149,7 @@ def test_backend_mismatch_is_refused_with_the_fix(sources, exports, tmp_path):
         ([f"--model={dirs['bert-onnx']}"], "--backend onnx"),
     ):
         done = subprocess.run(
-            [sys.executable, "-m", "service.cli", "serve", "--port", "1", *args],
+            [sys.executable, "-m", "reward_cli", "serve", "--port", "1", *args],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 1 and expected in done.stderr, done.stderr[-2000:]

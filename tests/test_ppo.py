@@ -294,7 +294,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(
 @pytest.mark.slow
 def test_sigkill_of_the_trainer_process_then_the_same_command_finishes_every_step_once(world, server, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "service.cli", "ppo", "--policy", str(world["sft"]), "--prompts", str(world["prompts"]),
+    command = [sys.executable, "-m", "reward_cli", "ppo", "--policy", str(world["sft"]), "--prompts", str(world["prompts"]),
                "--output-dir", str(out), "--reward-url", server.url, "--total-steps", "40", "--rollout-batch-size", "16",
                "--minibatch-size", "8", "--max-new-tokens", "8", "--learning-rate", "3e-4", "--save-steps", "1",
                "--num-threads", "1", "--no-progress", "--no-tensorboard"]
@@ -324,7 +324,7 @@ def test_sigkill_of_the_trainer_process_then_the_same_command_finishes_every_ste
 
 
 def reward_ppo(*args: str) -> int:
-    from service.cli import main
+    from reward_cli import main
 
     return main(["ppo", "--num-threads", "1", "--no-progress", *args])
 

@@ -11,7 +11,7 @@ import pytest
 
 from client import RewardClient
 from server import running_server
-from service.formatting import EncodedInput
+from reward_core.formatting import EncodedInput
 from service.score_cache import ScoreCache
 
 ITEMS = [

@@ -14,8 +14,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from client import AsyncRewardClient, RewardClient, RewardServiceError
 from server import running_server
-from service.formatting import encode_items
-from service.model_dir import load_spec
+from reward_core.formatting import encode_items
+from reward_core.model_dir import load_spec
 
 MAX_ITEMS = 256
 MAX_BODY = 400_000
@@ -215,7 +215,7 @@ def test_a_missing_model_directory_stops_serve_with_the_reason(tmp_path):
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--model", f"x={tmp_path / 'nowhere'}"],
+        [sys.executable, "-m", "reward_cli", "serve", "--model", f"x={tmp_path / 'nowhere'}"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode != 0
@@ -234,7 +234,7 @@ def test_pickle_weights_are_refused(tmp_path, model_dirs):
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--model", f"x={pickled}"],
+        [sys.executable, "-m", "reward_cli", "serve", "--model", f"x={pickled}"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode != 0 and "--allow-pickle" in done.stderr
@@ -248,7 +248,7 @@ def test_reward_score_scores_a_jsonl_file_through_the_service(server, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "score", "--url", server.url, "--model", "minilm", str(source)],
+        [sys.executable, "-m", "reward_cli", "score", "--url", server.url, "--model", "minilm", str(source)],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr

@@ -87,7 +87,7 @@ def test_a_config_only_directory_gives_a_random_init_model(tmp_path):
 
 
 def reward_sft(*args: str) -> int:
-    from service.cli import main
+    from reward_cli import main
 
     return main(["sft", "--num-threads", "1", "--no-progress", *args])
 

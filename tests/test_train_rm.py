@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from service.backend import load_sequence_classifier
-from service.batcher import pad_batch
-from service.formatting import encode_conversations
-from service.model_dir import load_spec
+from reward_core.loading import load_sequence_classifier
+from reward_core.forward import pad_batch
+from reward_core.formatting import encode_conversations
+from reward_core.model_dir import load_spec
 from service.registry import load_model
 from service.settings import ServiceSettings
 from trainer.data import PreferenceRecord
@@ -213,7 +213,7 @@ def test_length_sorted_forward_chunks_give_the_rewards_of_one_padded_forward(mod
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from service.formatting import EncodedInput
+    from reward_core.formatting import EncodedInput
     from trainer.reward import _make_reward_module, _to_tensors, length_sorted_chunks
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dirs["bert"]).eval()
@@ -313,7 +313,7 @@ def test_bad_configs_are_clear(task, model_dirs, tmp_path):
 
 def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "reward_cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,9 +1,9 @@
 """``reward export-onnx``: a reward-model directory as an ONNX graph that ``reward serve
 --backend onnx`` serves with the same formatting.
 
-The model is loaded by the service's own loader (``service.registry.load_model``: base model,
-partial weights, adapters, value heads all resolved as when serving) and the traced function is
-``service.backend.reward_forward``, so the graph computes the reward the torch backend computes,
+The model is loaded by the core's loader (``reward_core.loading``, through ``TorchBackend``: base
+model, partial weights, adapters, value heads all resolved as when serving) and the traced function is
+``reward_core.forward.reward_forward``, so the graph computes the reward the torch backend computes,
 including last-token pooling for decoders. Batch and sequence axes are dynamic. ``--int8``
 quantises the weights of the matrix multiplications to int8 with onnxruntime's dynamic
 quantisation (activations are quantised per batch at run time), which is what makes CPU
@@ -60,7 +60,7 @@ def add_export_onnx_parser(subparsers) -> None:
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:
-    from service.model_dir import ModelDirError
+    from reward_core.model_dir import ModelDirError
 
     # The exporter's libraries log each graph pass at INFO; only their warnings are worth showing.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -86,7 +86,7 @@ class ExportError(RuntimeError):
 def _reward_graph(model: Any, architecture: str):
     import torch
 
-    from service.backend import reward_forward
+    from reward_core.forward import reward_forward
 
     class RewardGraph(torch.nn.Module):
         """``reward_forward`` as a module, the function torch.export traces."""
@@ -120,7 +120,7 @@ def _export_fused_encoder(model: Any, example: tuple, names: list[str], path: Pa
     import torch
     from onnxruntime.transformers import optimizer
 
-    from service.backend import reward_forward
+    from reward_core.forward import reward_forward
 
     # Eager attention traces to the MatMul/Softmax pattern the fusion recognises (SDPA traces
     # to an opaque op); the served torch model is not affected (this copy is the export's own).
@@ -165,11 +165,11 @@ def export_onnx(
     import onnxruntime
     import torch
 
-    from service.batcher import pad_batch
-    from service.formatting import encode_conversations
-    from service.onnx_backend import ONNX_FILE, ONNX_META_KEY, OnnxBackend
-    from service.registry import load_model
-    from service.settings import ServiceSettings
+    from reward_core.backends import OnnxBackend, TorchBackend
+    from reward_core.formatting import encode_conversations
+    from reward_core.forward import pad_batch, pad_token_id
+    from reward_core.loading import open_model_dir
+    from reward_core.model_dir import ONNX_FILE, ONNX_META_KEY
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -179,14 +179,12 @@ def export_onnx(
             raise ExportError("--out must not be the --model directory")
         shutil.rmtree(out_dir)
     started = time.perf_counter()
-    settings = ServiceSettings(
-        models=[f"export={model_dir}"], device="cpu", dtype="float32",
-        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-    )
-    served = load_model("export", model_dir, settings)
-    model, spec, tokenizer = served.backend.model, served.spec, served.tokenizer
+    files = open_model_dir(model_dir, trust_remote_code=trust_remote_code, name="export")
+    spec, tokenizer, pad_id = files.spec, files.tokenizer, pad_token_id(files.tokenizer)
+    torch_backend = TorchBackend(model_dir, spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    model = torch_backend.model
     encoded = encode_conversations(_SAMPLE_CONVERSATIONS, tokenizer, spec)
-    batch = pad_batch(encoded, served.pad_token_id)
+    batch = pad_batch(encoded, pad_id)
     with_types = spec.architecture == "encoder" and batch.token_type_ids is not None
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
     example = tuple(torch.from_numpy(getattr(batch, n)) for n in names)
@@ -263,8 +261,8 @@ def export_onnx(
     # The check: the same padded batches through torch and through the exported graph.
     backend = OnnxBackend(out_dir, exported_spec)
     differences = []
-    for part in (batch, pad_batch(encoded[:1], served.pad_token_id), pad_batch(encoded[1:3], served.pad_token_id)):
-        expected = served.backend.score_batch(part)
+    for part in (batch, pad_batch(encoded[:1], pad_id), pad_batch(encoded[1:3], pad_id)):
+        expected = torch_backend.score_batch(part)
         got = backend.score_batch(part)
         differences.append(float(np.max(np.abs(expected - got))))
     max_difference = max(differences)

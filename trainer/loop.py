@@ -73,7 +73,7 @@ def _datetime(text: str) -> datetime:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from service.store import ComparisonStore, Filters, StoreError, export_jsonl
+    from reward_core.store import ComparisonStore, Filters, StoreError, export_jsonl
 
     try:
         store = ComparisonStore(args.store, migrate=False)
@@ -152,7 +152,7 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float, log_pa
 def candidate_server(model_dir: Path, log_path: Path, timeout: float) -> Iterator[str]:
     """``reward serve`` of the candidate alone on a free loopback port, stopped afterwards."""
     port = _free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "reward_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--model", f"{CANDIDATE}={model_dir}"]
     # Its own settings only: the operator's REWARD_* (keys, store, models) are for the real service.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REWARD_") or k in ("REWARD_DEVICE", "REWARD_DTYPE")}
@@ -220,7 +220,7 @@ def run_loop(args: argparse.Namespace) -> int:
     import httpx
 
     from client import RewardClient, RewardServiceError, served_card
-    from service.model_dir import ModelDirError
+    from reward_core.model_dir import ModelDirError
 
     if not args.from_store and not args.data:
         return _fail("give --from-store URL (the database `reward serve --store` writes) and/or --data files", EXIT_INPUT)

@@ -5,8 +5,8 @@ service loads unchanged (``reward serve --model rm=OUTPUT_DIR``).
 
 * Config: :class:`RewardTrainingConfig` (TRL style); every field is a ``reward train-rm`` flag
   of the same name (``--per-device-batch-size`` for ``per_device_batch_size``...).
-* Model input: :func:`service.formatting.encode_conversations` + :func:`service.batcher.pad_batch`,
-  and rewards come from :func:`service.backend.reward_forward`: the very code the service scores
+* Model input: :func:`reward_core.formatting.encode_conversations` + :func:`reward_core.forward.pad_batch`,
+  and rewards come from :func:`reward_core.forward.reward_forward`: the very code the service scores
   with, so there is no train/serve skew.
 * Loss (``trainer/losses.py``): one forward per response (all responses of all records of a
   micro-batch in one forward); every record's K(K-1)/2 (better, worse) pairs get the
@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from reward_core.forward import pad_token_id
 
 from .config_flags import add_config_flags, config_from_namespace
 from .data import DataError, DataSpec, LoadReport, PreferenceRecord, load_preferences, parse_data_spec
@@ -256,7 +258,7 @@ def config_from_args(args: argparse.Namespace) -> RewardTrainingConfig:
 
 
 def run_train_rm(args: argparse.Namespace) -> int:
-    from service.model_dir import ModelDirError
+    from reward_core.model_dir import ModelDirError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -365,7 +367,7 @@ def _file_report(report: LoadReport) -> list[dict[str, Any]]:
 def resolve_base(ref: str) -> tuple[Path, str]:
     """(path of the base model, how reward_model.json names it): ``pypi:<module>`` stays as given
     (and so does a path to the default package's model); other paths become absolute."""
-    from service.model_dir import resolve_base_model
+    from reward_core.model_dir import resolve_base_model
 
     if ref.startswith("pypi:"):
         return resolve_base_model(ref, Path.cwd()), ref
@@ -436,18 +438,18 @@ def score_conversations(
 ):
     """Rewards (float32 numpy) for (prompt messages, response) pairs, exactly as the service
     computes them (encode_conversations -> pad_batch -> reward_forward), batched by length."""
-    from service.formatting import encode_conversations
+    from reward_core.formatting import encode_conversations
 
     encoded = encode_conversations(list(conversations), tokenizer, spec)
-    return _score_encoded(model, spec, encoded, _pad_id(tokenizer), batch_size, device)
+    return _score_encoded(model, spec, encoded, pad_token_id(tokenizer), batch_size, device)
 
 
 def _score_encoded(model, spec, encoded, pad_id, batch_size, device):
     import numpy as np
     import torch
 
-    from service.backend import reward_forward
-    from service.batcher import pad_batch
+    from reward_core.forward import reward_forward
+    from reward_core.forward import pad_batch
 
     if device is None:
         device = next(model.parameters()).device
@@ -467,11 +469,6 @@ def _score_encoded(model, spec, encoded, pad_id, batch_size, device):
     return out
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad) if pad is not None else 0
-
-
 def _to_tensors(batch, device):
     import torch
 
@@ -489,7 +486,7 @@ def length_sorted_chunks(encoded, pad_id: int, max_tokens: int, device):
     512 tokens; the chunks do the same maths on far fewer pad tokens."""
     import torch
 
-    from service.batcher import pad_batch, plan_batches
+    from reward_core.forward import pad_batch, plan_batches
 
     plan = plan_batches([len(e) for e in encoded], max_tokens)
     chunks = [_to_tensors(pad_batch([encoded[i] for i in rows], pad_id), device) for rows in plan]
@@ -500,11 +497,11 @@ def length_sorted_chunks(encoded, pad_id: int, max_tokens: int, device):
 
 
 def _make_reward_module(model: Any, architecture: str):
-    """An nn.Module whose forward is service.backend.reward_forward, so DDP sees the real forward."""
+    """An nn.Module whose forward is reward_core.forward.reward_forward, so DDP sees the real forward."""
     import torch
     import torch.nn as nn
 
-    from service.backend import reward_forward
+    from reward_core.forward import reward_forward
 
     class RewardModule(nn.Module):
         def __init__(self) -> None:
@@ -735,7 +732,7 @@ class _Trainer:
     def _export_store(self, reuse: bool) -> DataSpec:
         """Snapshot the store's comparisons into output_dir (rank 0; the others wait and read the
         same file). A resumed run reuses its snapshot, so it goes on over the same records."""
-        from service.store import ComparisonStore, StoreError, export_jsonl, redact
+        from reward_core.store import ComparisonStore, StoreError, export_jsonl, redact
 
         path = self.out / STORE_EXPORT
         name = f"store:{redact(self.config.from_store)}"
@@ -763,8 +760,8 @@ class _Trainer:
     def _build_model(self) -> None:
         import torch
 
-        from service.backend import load_sequence_classifier
-        from service.model_dir import RewardModelSpec, load_spec, load_tokenizer
+        from reward_core.loading import load_sequence_classifier
+        from reward_core.model_dir import RewardModelSpec, load_spec, load_tokenizer
         from transformers import AutoConfig
 
         c = self.config
@@ -800,7 +797,7 @@ class _Trainer:
             base_model=base_ref if c.train_mode in ("top", "lora") else None,
         )
         self.tokenizer = tokenizer
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
         self.peft_model = None
         if c.train_mode == "full":
             for p in model.parameters():
@@ -1006,7 +1003,7 @@ class _Trainer:
         import numpy as np
         import torch
 
-        from service.formatting import encode_conversations
+        from reward_core.formatting import encode_conversations
 
         c = self.config
         conversations, better, worse, group, margin, p, weight = [], [], [], [], [], [], []
@@ -1111,7 +1108,7 @@ class _Trainer:
         self._build_model()
         self.model.to(self.device)
         self.model.train()
-        from service.formatting import encode_conversations
+        from reward_core.formatting import encode_conversations
 
         self._eval_encoded = {}
         if self.dist.main:

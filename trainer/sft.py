@@ -5,7 +5,7 @@ reference it is kept close to.
 
 * Demonstrations: the best-ranked (chosen) response of each preference record, read with
   :func:`trainer.data.load_preferences` (every format it reads; ``PATH[:WEIGHT][:MAX_ROWS]``).
-* Rendering: :func:`service.formatting.render_conversation` for a decoder, i.e. the tokenizer's
+* Rendering: :func:`reward_core.formatting.render_conversation` for a decoder, i.e. the tokenizer's
   chat template when it has one, else the HH transcript ``"\\n\\nHuman: ...\\n\\nAssistant:"`` +
   ``" {response}{eos}"``. The prompt text is exactly what PPO and ``reward eval best-of-n``
   generate from (:func:`trainer.evaluate.policy_prompt_text`), and the response part ends with the
@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from reward_core.forward import pad_token_id
 
 from .config_flags import add_config_flags, config_from_namespace
 from .data import DataError, load_preferences
@@ -163,11 +165,6 @@ def fit_to_context(model_config: Any, wanted: int | None, flag: str, reserved: i
     return room if wanted is None else min(wanted, room)
 
 
-def pad_token_id(tokenizer: Any) -> int:
-    # Padding positions are masked everywhere, so EOS can stand in when there is no pad token.
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def disable_dropout_in(model: Any) -> None:
     import torch.nn as nn
 
@@ -181,8 +178,8 @@ def disable_dropout_in(model: Any) -> None:
 
 def render_demonstration(messages: Sequence[dict], response: str, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one demonstration; labels are IGNORE on prompt tokens."""
-    from service.formatting import render_conversation
-    from service.model_dir import RewardModelSpec
+    from reward_core.formatting import render_conversation
+    from reward_core.model_dir import RewardModelSpec
 
     spec = RewardModelSpec(architecture="decoder", max_length=max_length)
     prompt_text, response_text = render_conversation(messages, response, tokenizer, spec)

@@ -8,7 +8,7 @@ and ``reward train-rm --from-store`` do not care which database it is:
   Readers (an export for training) do not block the service's writes.
 - ``postgresql://USER[:PASSWORD]@HOST[:PORT]/DB``: through psycopg 3.
 
-The schema is versioned with Alembic (``service/migrations/versions``); opening a store
+The schema is versioned with Alembic (``reward_core/migrations/versions``); opening a store
 upgrades it to the newest version, so a new release of the service migrates its database
 on start. Every method runs in one transaction, committed before it returns.
 

@@ -1,42 +1,21 @@
-"""Model backends: padded token arrays in, one reward per row out.
+"""Loading a reward-model directory: the HF sequence classifier it describes, whatever its
+shape (a full checkpoint, a partial state dict over a base model, a LoRA adapter, a bare
+backbone with OpenRLHF's value head), and its tokenizer and spec.
 
-A backend knows only tensors. Requests, batching and formatting live in other layers.
+Shared by serving and training, so a directory means the same model to both.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-
-from .model_dir import ModelDirError, RewardModelSpec
+from .model_dir import ModelDirError, RewardModelSpec, load_spec, load_tokenizer, resolve_base_model
 
 log = logging.getLogger(__name__)
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass
-class Batch:
-    """Right-padded inputs of one forward pass."""
-
-    input_ids: np.ndarray  # int64 [batch, seq]
-    attention_mask: np.ndarray  # int64 [batch, seq]
-    token_type_ids: np.ndarray | None  # int64 [batch, seq] for encoders with segments
-
-
-class Backend(Protocol):
-    name: str
-    device: str
-    dtype: str
-
-    def score_batch(self, batch: Batch) -> np.ndarray:
-        """float32 [batch] rewards."""
-        ...
 
 
 def _check_weights(model_dir: Path, allow_pickle: bool) -> None:
@@ -52,148 +31,6 @@ def _check_weights(model_dir: Path, allow_pickle: bool) -> None:
         raise ModelDirError(f"{model_dir} has no weights (*.safetensors)")
 
 
-class TorchBackend:
-    """Any HF ``AutoModelForSequenceClassification`` with one output, in ``torch.inference_mode``.
-
-    Decoders are scored at the last attended token of each (right-padded) row, by running the
-    base model and the ``score`` head ourselves, so a missing or odd pad token cannot shift the
-    position being read.
-    """
-
-    name = "torch"
-
-    def __init__(
-        self,
-        model_dir: str | Path,
-        spec: RewardModelSpec,
-        *,
-        device: str = "cpu",
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        allow_pickle: bool = False,
-        compile: bool = False,
-    ) -> None:
-        import torch
-
-        self.torch = torch
-        self.model_dir = Path(model_dir)
-        self.spec = spec
-        self.device = device
-        if dtype not in DTYPES:
-            raise ModelDirError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-        self.dtype = dtype
-        self.on_cuda = device.startswith("cuda")
-        if self.on_cuda and not torch.cuda.is_available():
-            raise ModelDirError("--device cuda was asked for but torch sees no CUDA device")
-        model = load_sequence_classifier(
-            self.model_dir, spec, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, attn_implementation="sdpa" if self.on_cuda else None,
-        )
-        self._prepare(model, compile)
-
-    @classmethod
-    def from_module(cls, model: Any, spec: RewardModelSpec, *, device: str = "cpu", compile: bool = False) -> "TorchBackend":
-        """A backend around a model already built (the GPU benchmark's random-init models)."""
-        import torch
-
-        backend = cls.__new__(cls)
-        backend.torch, backend.model_dir, backend.spec, backend.device = torch, Path("."), spec, device
-        backend.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        backend.on_cuda = device.startswith("cuda")
-        backend._prepare(model, compile)
-        return backend
-
-    def _prepare(self, model: Any, compile: bool) -> None:
-        torch = self.torch
-        self.model = model.to(self.device)
-        self.model.eval()
-        self._forward = reward_forward
-        if compile:
-            if not self.on_cuda:
-                raise ModelDirError("--compile is for --device cuda (on CPU it costs minutes of compiling for little gain)")
-            # dynamic=True: one graph for every (rows, tokens) shape instead of one per shape;
-            # the sequence length is rounded up to a multiple of 64 below so the few shapes that
-            # still specialise recur. Position ids from the mask always: no data-dependent
-            # branch to break the graph.
-            self._forward = torch.compile(functools.partial(reward_forward, positions_from_mask=True), dynamic=True)
-
-    def _to_device(self, array: np.ndarray):
-        tensor = self.torch.from_numpy(array)
-        if self.on_cuda:
-            # Pinned host memory lets the copy run asynchronously (non_blocking has no effect on
-            # pageable memory); the reward's .cpu() below is the one synchronisation point.
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
-
-    def score_batch(self, batch: Batch) -> np.ndarray:
-        torch = self.torch
-        if self.on_cuda:
-            batch = pad_columns(batch, multiple=64 if self._forward is not reward_forward else 8)
-        with torch.inference_mode():
-            input_ids = self._to_device(batch.input_ids)
-            attention_mask = self._to_device(batch.attention_mask)
-            token_type_ids = None
-            if batch.token_type_ids is not None:
-                token_type_ids = self._to_device(batch.token_type_ids)
-            rewards = self._forward(self.model, self.spec.architecture, input_ids, attention_mask, token_type_ids)
-            return rewards.float().cpu().numpy()
-
-
-def pad_columns(batch: Batch, multiple: int) -> Batch:
-    """Right-pad the sequence axis to a multiple of ``multiple`` (masked out, so rewards do not
-    change): tensor cores want multiples of 8, and a compiled graph sees fewer distinct shapes."""
-    seq = batch.input_ids.shape[1]
-    extra = -seq % multiple
-    if extra == 0:
-        return batch
-
-    def widen(array: np.ndarray | None, fill: int) -> np.ndarray | None:
-        if array is None:
-            return None
-        return np.pad(array, ((0, 0), (0, extra)), constant_values=fill)
-
-    # Pad id 0 is as good as any: the mask hides these columns and pooling reads the last 1 of the mask.
-    return Batch(widen(batch.input_ids, 0), widen(batch.attention_mask, 0), widen(batch.token_type_ids, 0))
-
-
-def reward_forward(
-    model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
-    *, positions_from_mask: bool | None = None,
-):
-    """One reward per right-padded row: THE forward of a reward model, shared by the service
-    (``TorchBackend.score_batch``) and the trainer, so both read the same position.
-
-    Encoders: ``model(...).logits[:, 0]`` (the head on [CLS]). Decoders with a ``score`` head: the
-    base model's hidden state at the last attended token through ``score``; other decoders fall
-    back to the model's own pooling.
-
-    The position read is the last 1 of ``attention_mask``, never derived from pad ids, so a pad
-    token equal to EOS (or none at all) cannot move it. Rows may also be left-padded (as
-    OpenRLHF and TRL pad): position ids then count attended tokens only, so a row's reward
-    does not depend on which side it was padded.
-
-    ``positions_from_mask=True`` always derives position ids from the mask (for right-padded rows
-    they equal the default ones), so a traced graph (the ONNX export) has no data-dependent
-    branch; ``None`` decides per batch, skipping the cumsum when no row is left-padded.
-    """
-    head = getattr(model, "score", None) if architecture == "decoder" else None
-    if head is not None:
-        import torch
-
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if positions_from_mask or (positions_from_mask is None and not bool(attention_mask[:, 0].all())):
-            kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        hidden = model.base_model(**kwargs).last_hidden_state
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (positions * attention_mask.long()).argmax(dim=1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return head(pooled)[:, 0]
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        kwargs["token_type_ids"] = token_type_ids
-    return model(**kwargs).logits[:, 0]
-
-
 def load_sequence_classifier(
     model_dir: Path, spec: RewardModelSpec, *, dtype: Any = None, trust_remote_code: bool = False,
     allow_pickle: bool = False, attn_implementation: str | None = None,
@@ -204,8 +41,6 @@ def load_sequence_classifier(
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
-
-    from .model_dir import resolve_base_model
 
     model_dir = Path(model_dir)
     _check_weights(model_dir, allow_pickle)
@@ -280,8 +115,6 @@ def _load_adapter(model_dir: Path, spec: RewardModelSpec, kwargs: dict[str, Any]
 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
-
-    from .model_dir import resolve_base_model
 
     if not spec.base_model:
         raise ModelDirError(
@@ -386,3 +219,49 @@ def _load_value_head_checkpoint(model_dir: Path, spec: RewardModelSpec, config: 
             f"unexpected {result.unexpected_keys[:5]}"
         )
     return model.to(dtype) if dtype is not None else model
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a reward-model directory says about itself, before any weights are read."""
+
+    path: Path
+    config: Any
+    tokenizer: Any
+    spec: RewardModelSpec
+    label: str  # the head's one class name (config.id2label[0]), as vLLM reports it
+
+
+def open_model_dir(
+    path: str | Path, *, trust_remote_code: bool = False, max_length: int | None = None, name: str | None = None,
+) -> ModelFiles:
+    """Config, tokenizer and spec of a model directory, or ModelDirError saying what is wrong.
+
+    ``max_length`` overrides the spec's (a serving or export setting); ``name`` prefixes errors.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    where = f"model {name!r}: " if name else ""
+    if not path.is_dir():
+        raise ModelDirError(f"{where}{path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelDirError(f"{where}{path} has no config.json (not a Hugging Face model directory)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{where}cannot read {path / 'config.json'}: {exc}") from exc
+    raw_base = None
+    meta = path / "reward_model.json"
+    if meta.is_file():
+        try:
+            raw_base = json.loads(meta.read_text()).get("base_model")
+        except (json.JSONDecodeError, AttributeError):
+            raw_base = None  # load_spec reports the broken file properly
+    tokenizer = load_tokenizer(path, trust_remote_code, raw_base)
+    spec = load_spec(path, config, tokenizer)
+    if max_length is not None:
+        spec = replace(spec, max_length=max_length)
+    id2label = getattr(config, "id2label", None) or {}
+    label = str(id2label.get(0, id2label.get("0", "LABEL_0")))
+    return ModelFiles(path=path, config=config, tokenizer=tokenizer, spec=spec, label=label)

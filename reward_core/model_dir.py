@@ -35,6 +35,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 REWARD_MODEL_JSON = "reward_model.json"
+# An ONNX export (reward export-onnx): its graph file, and the block it writes into
+# reward_model.json (spec.extra["onnx"]).
+ONNX_FILE = "model.onnx"
+ONNX_META_KEY = "onnx"
 FORMAT_VERSION = 1
 
 # model_type values of encoder-only (bidirectional) architectures. Anything else with a
@@ -172,3 +176,7 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False, base_model:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"cannot load a tokenizer from {source}: {exc}") from exc
+
+
+def is_onnx_export(model_dir: Path) -> bool:
+    return (Path(model_dir) / ONNX_FILE).is_file()

@@ -3,7 +3,7 @@ connection in ``config.attributes["connection"]``; there is no alembic.ini.
 
 New migration: ``alembic -x url=sqlite:///x.db -c /dev/null revision -m "what"`` is not needed;
 copy the newest file in versions/, give it the next number as ``revision`` and the previous one
-as ``down_revision``, and describe the change with ``op`` calls (keep service/store.py's tables
+as ``down_revision``, and describe the change with ``op`` calls (keep reward_core/store.py's tables
 in step: a test compares them with the migrated schema)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from alembic import context
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run the comparison store's migrations through service.store.ComparisonStore.migrate")
+    raise RuntimeError("run the comparison store's migrations through reward_core.store.ComparisonStore.migrate")
 
 context.configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
 with context.begin_transaction():

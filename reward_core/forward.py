@@ -1,0 +1,138 @@
+"""The reward forward and its inputs: padded token arrays in, one reward per row out.
+
+``reward_forward`` is THE forward of a reward model: the service's backends, the trainer, the
+in-process scorer and the ONNX export all call it, so they all read the reward at the same
+position. Batch planning and padding live here too, so the trainer's in-process scoring cuts
+batches exactly as the service's batcher does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .formatting import EncodedInput
+
+
+@dataclass
+class Batch:
+    """Right-padded inputs of one forward pass."""
+
+    input_ids: np.ndarray  # int64 [batch, seq]
+    attention_mask: np.ndarray  # int64 [batch, seq]
+    token_type_ids: np.ndarray | None  # int64 [batch, seq] for encoders with segments
+
+
+def plan_batches(
+    lengths: list[int], max_batch_tokens: int, max_batch_size: int | None = None, max_padding: float | None = None,
+) -> list[list[int]]:
+    """Indices grouped into batches: sorted by length, each batch's rows x longest row within
+    the budget (a single row longer than the budget gets a batch of its own).
+
+    ``max_padding``: also cut a batch before the share of its padded tokens that are padding
+    would pass this fraction. On CPU a forward costs about its padded tokens whatever the rows,
+    so padding is pure loss and one-row batches are no slower; on a GPU bigger batches pay for
+    their padding, so there it is off (None)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0  # tokens of the rows in ``current``
+    for i in order:
+        longest = lengths[i]  # ascending order: the new row is the longest
+        rows = len(current) + 1
+        too_many = max_batch_size is not None and rows > max_batch_size
+        too_padded = max_padding is not None and (real + longest) < (1 - max_padding) * rows * longest
+        if current and (rows * longest > max_batch_tokens or too_many or too_padded):
+            batches.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id padded positions get: the tokenizer's pad token, else EOS, else 0.
+
+    Padded positions are masked everywhere (the reward is read at the mask's last 1, losses skip
+    them), so any id in the vocabulary would do; EOS is what HF generation pads with.
+    """
+    for candidate in (tokenizer.pad_token_id, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def pad_batch(encoded: list[EncodedInput], pad_token_id: int) -> Batch:
+    longest = max(len(e) for e in encoded)
+    input_ids = np.full((len(encoded), longest), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(encoded), longest), dtype=np.int64)
+    with_types = encoded[0].token_type_ids is not None
+    token_type_ids = np.zeros((len(encoded), longest), dtype=np.int64) if with_types else None
+    for row, e in enumerate(encoded):
+        n = len(e)
+        input_ids[row, :n] = e.input_ids
+        attention_mask[row, :n] = 1
+        if token_type_ids is not None:
+            token_type_ids[row, :n] = e.token_type_ids
+    return Batch(input_ids, attention_mask, token_type_ids)
+
+
+def pad_columns(batch: Batch, multiple: int) -> Batch:
+    """Right-pad the sequence axis to a multiple of ``multiple`` (masked out, so rewards do not
+    change): tensor cores want multiples of 8, and a compiled graph sees fewer distinct shapes."""
+    seq = batch.input_ids.shape[1]
+    extra = -seq % multiple
+    if extra == 0:
+        return batch
+
+    def widen(array: np.ndarray | None, fill: int) -> np.ndarray | None:
+        if array is None:
+            return None
+        return np.pad(array, ((0, 0), (0, extra)), constant_values=fill)
+
+    # Pad id 0 is as good as any: the mask hides these columns and pooling reads the last 1 of the mask.
+    return Batch(widen(batch.input_ids, 0), widen(batch.attention_mask, 0), widen(batch.token_type_ids, 0))
+
+
+def reward_forward(
+    model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
+    *, positions_from_mask: bool | None = None,
+):
+    """One reward per right-padded row: THE forward of a reward model, shared by the service
+    (``TorchBackend.score_batch``) and the trainer, so both read the same position.
+
+    Encoders: ``model(...).logits[:, 0]`` (the head on [CLS]). Decoders with a ``score`` head: the
+    base model's hidden state at the last attended token through ``score``; other decoders fall
+    back to the model's own pooling.
+
+    The position read is the last 1 of ``attention_mask``, never derived from pad ids, so a pad
+    token equal to EOS (or none at all) cannot move it. Rows may also be left-padded (as
+    OpenRLHF and TRL pad): position ids then count attended tokens only, so a row's reward
+    does not depend on which side it was padded.
+
+    ``positions_from_mask=True`` always derives position ids from the mask (for right-padded rows
+    they equal the default ones), so a traced graph (the ONNX export) has no data-dependent
+    branch; ``None`` decides per batch, skipping the cumsum when no row is left-padded.
+    """
+    head = getattr(model, "score", None) if architecture == "decoder" else None
+    if head is not None:
+        import torch
+
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if positions_from_mask or (positions_from_mask is None and not bool(attention_mask[:, 0].all())):
+            kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        hidden = model.base_model(**kwargs).last_hidden_state
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (positions * attention_mask.long()).argmax(dim=1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return head(pooled)[:, 0]
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    return model(**kwargs).logits[:, 0]
