@@ -5,7 +5,7 @@ length-sorted token-budget batches, no HTTP) on the same items, one after the ot
 ratios between them come from one machine at one time. The int8 export is also measured with
 whole padded batches (``int8_batched``), to show what scoring each item alone costs or saves;
 the service never runs it that way, because an item's int8 reward would then depend on its
-batch (README, Performance).
+batch (docs/serving.md, Performance).
 
 Prints one JSON object and a one-line summary; ``--out`` also writes the JSON (commit it under
 bench/results/; it carries the machine, SIMD flags included).

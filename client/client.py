@@ -370,7 +370,6 @@ class RewardClient(_ClientCore):
             httpx.Client(base_url=url, headers=self.headers, timeout=self.timeout, limits=self._limits, transport=transport)
             for url in self.base_urls
         ]
-        self._http = self._replicas[0]
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
 
@@ -569,7 +568,6 @@ class AsyncRewardClient(_ClientCore):
             httpx.AsyncClient(base_url=url, headers=self.headers, timeout=self.timeout, limits=self._limits, transport=transport)
             for url in self.base_urls
         ]
-        self._http = self._replicas[0]
 
     # -- lifecycle ---------------------------------------------------------------------------
 

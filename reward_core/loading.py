@@ -145,11 +145,7 @@ def _load_adapter(model_dir: Path, spec: RewardModelSpec, kwargs: dict[str, Any]
 
 def _lay_partial_weights(model: Any, model_dir: Path, missing_from_base: list[str]) -> None:
     """Load the directory's partial state dict (trained layers + head) over the base weights."""
-    from safetensors.torch import load_file
-
-    state: dict[str, Any] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(path))
+    state = _weights(model_dir)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ModelDirError(
@@ -164,6 +160,7 @@ def _lay_partial_weights(model: Any, model_dir: Path, missing_from_base: list[st
 
 
 def _weights(model_dir: Path) -> dict[str, Any]:
+    """Every tensor of the directory's safetensors files, by name."""
     from safetensors.torch import load_file
 
     state: dict[str, Any] = {}

@@ -312,11 +312,6 @@ class ComparisonStore:
             self._check_task_open(conn, task_id)
             raise TaskProblem(409, f"label task {task_id} was labelled by someone else meanwhile; fetch the next task")
 
-    def get_comparison(self, comparison_id: int) -> dict | None:
-        with self._reading() as conn:
-            row = conn.execute(sa.select(comparisons).where(comparisons.c.id == comparison_id)).mappings().first()
-            return None if row is None else _comparison_row(row)
-
     def list_comparisons(self, filters: Filters, *, after: int | None = None, limit: int = 100) -> tuple[list[dict], int | None]:
         """One page, oldest first: rows with id > ``after``; and the ``after`` of the next page
         (None when this is the last)."""
@@ -337,11 +332,6 @@ class ComparisonStore:
             yield from rows
             if after is None:
                 return
-
-    def count_comparisons(self, filters: Filters | None = None) -> int:
-        query = sa.select(sa.func.count()).select_from(self._filtered(filters or Filters()).subquery())
-        with self._reading() as conn:
-            return int(conn.execute(query).scalar_one())
 
     def _filtered(self, f: Filters):
         query = sa.select(comparisons)

@@ -8,7 +8,7 @@
 #   --base-model), train mode `top`: only the last transformer block, the pooler and the head are
 #   trained and shipped (about 7 MB), laid over the package's weights at load time.
 # * max length 512: half of AlpacaEval's responses are longer than 244 tokens; at 256 both answers
-#   of a third of the pairs were cut, hiding what the judge rewards (see README).
+#   of a third of the pairs were cut, hiding what the judge rewards (see docs/default-model.md).
 # * data: AlpacaEval (helpfulness, all 40k pairs), HH-harmless x3 and TruthfulQA x2, so the two
 #   small axes are not drowned by AlpacaEval.
 # * --length-balance 0.25: AlpacaEval's GPT-4 judge picks the longer answer 84.5% of the time; pairs

@@ -1,4 +1,4 @@
-"""API keys and scopes, as the README's "Security and limits" section describes them: a keys
+"""API keys and scopes, as docs/security.md describes them: a keys
 file (clear keys or their SHA-256), Bearer keys, the score and admin scopes, open probes, and
 the refusal to serve a non-loopback address without keys."""
 

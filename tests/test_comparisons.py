@@ -1,4 +1,4 @@
-"""The comparison loop's collection side, as the README's "The comparison loop" section tells it:
+"""The comparison loop's collection side, as docs/comparison-loop.md tells it:
 labellers POST comparisons (idempotently), operators list and export them, jobs queue label
 tasks; against a real `reward serve --store` on SQLite and on a real PostgreSQL server. Plus:
 bad input is a 4xx that says what to fix, a database that is down is a 503 with Retry-After,
