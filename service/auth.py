@@ -17,6 +17,10 @@ no data; its requests carry the key the person types in).
 
 ``/healthz``, ``/readyz``, ``/docs`` and ``/openapi.json`` stay open so probes and people can
 reach them without a key.
+
+Which route needs which scope, and which count against the rate limit, is declared once in
+``service/routes.py``; ``service/middleware.py`` (``AccessMiddleware``) enforces it with the keys
+and the limiter defined here.
 """
 
 from __future__ import annotations
@@ -30,27 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCOPES = ("score", "admin")
-OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/label"})
-# Route -> scope it needs. A route not listed (an unknown path, say) needs a valid key of any scope.
-ROUTE_SCOPES = {
-    "/v1/score": "score", "/v1/compare": "score", "/v1/models": "score", "/metrics": "admin",
-    "/get_reward": "score", "/classify": "score", "/pooling": "score",  # OpenRLHF / vLLM compatible
-}
-ROUTE_SCOPES.update({
-    "/v1/comparisons": "score", "/v1/comparisons/export": "admin", "/v1/label/tasks": "score",
-    "/v1/label/tasks/next": "score",
-})
-# Where one path serves both: reading everyone's comparisons is for operators, adding one is not.
-METHOD_SCOPES = {("GET", "/v1/comparisons"): "admin"}
-# Routes that do model work, and so count against a rate limit.
-RATE_LIMITED_ROUTES = frozenset({"/v1/score", "/v1/compare", "/get_reward", "/classify", "/pooling"})
-
-
-def required_scope(path: str, method: str = "GET") -> str | None:
-    """The scope a route needs: the tables above, and `admin` for /v1/models/{name}/reload."""
-    if path.startswith("/v1/models/") and path.endswith("/reload"):
-        return "admin"
-    return METHOD_SCOPES.get((method.upper(), path)) or ROUTE_SCOPES.get(path)
 
 
 class KeyFileError(ValueError):

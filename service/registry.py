@@ -1,10 +1,21 @@
-"""Loaded models by name: tokenizer + metadata + backend + batcher for each."""
+"""The served models: loading (tokenizer + metadata + backend for each), their batchers,
+warm-up, and the hot swap on reload (``ModelRegistry``).
+
+Hot reload (``POST /v1/models/{name}/reload``, routers/models.py) swaps a served model for a
+fresh load of its directory (or another one) without stopping the service. The new model is
+loaded and warmed up in a worker thread while the old one keeps serving; then the name points at
+the new one, and the old one is retired once the requests that already picked it have their
+scores. No request fails or waits on the swap itself. Both copies are in memory for that moment.
+A directory that cannot load leaves the old model serving (``ReloadFailed`` says why).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,3 +126,96 @@ def attach_batchers(
             cache=cache,
             cache_key=f"{m.path}@{m.spec.version}",
         )
+
+
+class UnknownModel(LookupError):
+    """No served model has this name."""
+
+
+class ReloadFailed(Exception):
+    """The directory could not be loaded; the model keeps serving its current version."""
+
+
+@dataclass
+class Reloaded:
+    model: ServedModel  # the one now serving
+    previous_version: str | None
+    seconds: float
+
+
+class ModelRegistry:
+    """The served models by name, the first being the default. Owns their batchers (attached,
+    warmed up and started at start, stopped at stop) and swaps a model on reload."""
+
+    def __init__(
+        self, models: list[ServedModel], settings: ServiceSettings, metrics: ServiceMetrics,
+        score_cache: ScoreCache | None = None,
+    ) -> None:
+        self._models = models  # in serving order; a reload replaces its entry in place
+        self._by_name = {m.name: m for m in models}
+        self.settings = settings
+        self.metrics = metrics
+        self.score_cache = score_cache  # shared by reloaded models (keys carry the version)
+        self._reload_lock = asyncio.Lock()  # one reload at a time: two would hold three copies in memory
+
+    @property
+    def default(self) -> ServedModel:
+        return self._models[0]
+
+    def list(self) -> list[ServedModel]:
+        return list(self._models)
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def is_default(self, model: ServedModel) -> bool:
+        return model is self._models[0]
+
+    def get(self, name: str) -> ServedModel | None:
+        """By name, ``name@version`` (any version: the one served), or the directory served."""
+        return self._by_name.get(name) or self._by_name.get(name.split("@", 1)[0]) or self._by_path(name)
+
+    def _by_path(self, name: str) -> ServedModel | None:
+        # vLLM-style callers (verl) name the model by the directory they would have served.
+        try:
+            wanted = Path(name).expanduser().resolve()
+        except (OSError, ValueError):
+            return None
+        return next((m for m in self._models if m.path == wanted), None)
+
+    async def start(self, executor: Executor | None = None) -> None:
+        """Attach the batchers, warm each model up (in ``executor``) and start its batcher."""
+        attach_batchers(self._models, self.settings, self.metrics, self.score_cache)
+        loop = asyncio.get_running_loop()
+        for m in self._models:
+            await loop.run_in_executor(executor, m.warm_up)
+            m.batcher.start()
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Stop every batcher; what is still queued gets ``drain_timeout_s`` to run."""
+        await asyncio.gather(*(m.batcher.stop(drain_timeout_s=drain_timeout_s) for m in self._models))
+
+    async def reload(self, name: str, path: Path | None = None) -> Reloaded:
+        """Load ``name``'s directory again (or ``path``), warm it up, swap it in, and retire the
+        old model once its requests are answered. UnknownModel, or ReloadFailed (old one serving)."""
+        async with self._reload_lock:
+            old = self._by_name.get(name)
+            if old is None:
+                raise UnknownModel(name)
+            path = path or old.path
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            try:
+                new = await loop.run_in_executor(None, load_model, name, path, self.settings)
+            except ModelDirError as exc:
+                raise ReloadFailed(f"{exc}; model {name!r} keeps serving version {old.spec.version}") from exc
+            attach_batchers([new], self.settings, self.metrics, self.score_cache)
+            await loop.run_in_executor(None, new.warm_up)
+            new.batcher.start()
+            seconds = time.perf_counter() - started
+            # The swap: from here every new request picks the new model.
+            self._models[self._models.index(old)] = new
+            self._by_name[name] = new
+            log.info("reloaded %s: %s -> %s in %.1f s", name, old.spec.version, new.spec.version, seconds)
+        await old.retire()
+        return Reloaded(model=new, previous_version=old.spec.version, seconds=seconds)

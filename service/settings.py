@@ -108,7 +108,7 @@ class ServiceSettings(BaseSettings):
         2.0, ge=0, description="On SIGTERM, seconds to keep serving while /readyz says not ready, before closing."
     )
 
-    # The comparison loop (service/comparisons.py, reward_core/store.py).
+    # The comparison loop (service/routers/comparisons.py, reward_core/store.py).
     store: str | None = Field(
         None,
         description="Database for labellers' comparisons and the labelling queue: sqlite:///PATH (a file, created "

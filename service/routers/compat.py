@@ -5,13 +5,13 @@
   (``data[-1].probs[-1]`` is the reward).
 
 Each route only translates shapes: the texts go through ``formatting.encode_texts`` and the
-model's batcher via ``app.state.scoring`` (the same path as ``/v1/score``), so a text scored here
-and the same input scored through ``/v1/score`` get the same reward.
+model's batcher via the inference path (``service/inference.py``, ``app.state.inference``: the
+same path as ``/v1/score``), so a text scored here and the same input scored through
+``/v1/score`` get the same reward.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 
@@ -21,7 +21,6 @@ from client.protocol import (
     ClassificationData,
     ClassificationRequest,
     ClassificationResponse,
-    ErrorResponse,
     GetRewardRequest,
     GetRewardResponse,
     PoolingData,
@@ -30,26 +29,23 @@ from client.protocol import (
     VLLMUsage,
 )
 
-from reward_core.formatting import encode_texts
+from ..errors import SCORING_ERRORS
+from ..inference import Inference, sigmoid
 
 router = APIRouter(tags=["compatibility"])
-# The refusals any scoring route can give (auth, limits, deadline, failed forward), as in app.py.
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504)}
 
 
-@router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS)
+@router.post("/get_reward", response_model=GetRewardResponse, responses=SCORING_ERRORS)
 async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
     """OpenRLHF's remote RM: one reward per ``query`` (full prompt + response text, template
     applied). ``prompts[i]``, when a prefix of ``query[i]``, marks the prompt part (truncation;
     an encoder reads the pair (prompt, rest)). An empty ``query`` gets empty lists."""
-    scoring = request.app.state.scoring
-    model = scoring.pick_model(body.model)
-    scoring.check_count(len(body.query), "queries")
+    inference: Inference = request.app.state.inference
+    model = inference.pick_model(body.model)
+    inference.check_count(len(body.query), "queries")
     if not body.query:
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-    scores, encoded = await scoring.score_encoded(
-        request, model, len(body.query), encode_texts, body.query, prompt_prefixes=body.prompts
-    )
+    scores, encoded = await inference.score_texts(request, model, body.query, prompt_prefixes=body.prompts)
     return GetRewardResponse(
         rewards=scores,
         scores=scores,
@@ -61,12 +57,12 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
 
 
 async def _score_vllm_texts(body, request: Request):
-    scoring = request.app.state.scoring
-    model = scoring.pick_model(body.model)
+    inference: Inference = request.app.state.inference
+    model = inference.pick_model(body.model)
     texts = body.texts
-    scoring.check_count(len(texts), "inputs")
-    scores, encoded = await scoring.score_encoded(
-        request, model, len(texts), encode_texts, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
+    inference.check_count(len(texts), "inputs")
+    scores, encoded = await inference.score_texts(
+        request, model, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
     )
     tokens = sum(len(e) for e in encoded)
     # vLLM echoes the model name it was asked for; ours when none was given.
@@ -74,14 +70,14 @@ async def _score_vllm_texts(body, request: Request):
     return model, name, scores, VLLMUsage(prompt_tokens=tokens, total_tokens=tokens)
 
 
-@router.post("/classify", response_model=ClassificationResponse, responses=_ERRORS)
+@router.post("/classify", response_model=ClassificationResponse, responses=SCORING_ERRORS)
 async def classify(body: ClassificationRequest, request: Request) -> ClassificationResponse:
     """vLLM's classify API. A reward model has one class: ``probs`` is ``[reward]`` with
     ``use_activation: false`` (what verl sends), ``[sigmoid(reward)]`` otherwise (vLLM's default)."""
     model, name, scores, usage = await _score_vllm_texts(body, request)
     activate = body.activation_wanted(default=True)
     data = [
-        ClassificationData(index=i, label=model.label, probs=[_sigmoid(s) if activate else s], num_classes=1)
+        ClassificationData(index=i, label=model.label, probs=[sigmoid(s) if activate else s], num_classes=1)
         for i, s in enumerate(scores)
     ]
     return ClassificationResponse(
@@ -89,18 +85,12 @@ async def classify(body: ClassificationRequest, request: Request) -> Classificat
     )
 
 
-@router.post("/pooling", response_model=PoolingResponse, responses=_ERRORS)
+@router.post("/pooling", response_model=PoolingResponse, responses=SCORING_ERRORS)
 async def pooling(body: PoolingRequest, request: Request) -> PoolingResponse:
     """vLLM's pooling API: ``data[i].data`` is ``[reward]`` (``[sigmoid(reward)]`` with
     ``use_activation: true``)."""
     model, name, scores, usage = await _score_vllm_texts(body, request)
     activate = body.activation_wanted(default=False)
-    data = [PoolingData(index=i, data=[_sigmoid(s) if activate else s]) for i, s in enumerate(scores)]
+    data = [PoolingData(index=i, data=[sigmoid(s) if activate else s]) for i, s in enumerate(scores)]
     return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", created=int(time.time()), model=name, data=data, usage=usage)
 
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)

@@ -12,6 +12,9 @@ training, and the labelling page.
 
 The routes are plain ``def``: FastAPI runs them in its thread pool, so a slow database never
 blocks the event loop that scoring runs on. Every write is committed before the 2xx.
+
+They read the store (``app.state.store``, None without ``--store``) and the allowed labellers
+(``app.state.labellers``, from ``allowed_labellers``) that ``create_app`` puts on the app.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -31,14 +34,11 @@ from client.protocol import (
     ComparisonCreated,
     ComparisonList,
     ComparisonRequest,
-    ErrorResponse,
     LabelTask,
     LabelTasksCreated,
     LabelTasksRequest,
     NextLabelTask,
 )
-
-from .app import APIError, _long_fields
 from reward_core.store import (
     ComparisonStore,
     Filters,
@@ -49,13 +49,15 @@ from reward_core.store import (
     rankings_row,
 )
 
+from ..errors import STORE_ERRORS, APIError
+from ..inference import long_fields
+
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["comparisons"])
-LABEL_PAGE = Path(__file__).resolve().parent / "static" / "label.html"
+LABEL_PAGE = Path(__file__).resolve().parents[1] / "static" / "label.html"
 RETRY_AFTER_S = 5
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, no spaces
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 503)}
 
 
 def _store(request: Request) -> ComparisonStore:
@@ -86,7 +88,7 @@ def allowed_labellers(text: str | None) -> frozenset[str] | None:
 
 def _check_lengths(request: Request, body) -> None:
     limit = request.app.state.settings.max_field_chars
-    too_long = _long_fields(body.model_dump(include={"prompt", "responses", "tasks"}), limit)
+    too_long = long_fields(body.model_dump(include={"prompt", "responses", "tasks"}), limit)
     if too_long:
         where, n = too_long[0]
         raise APIError(413, "field_too_long", f"{where}: {n} characters is over the limit of {limit} per field (--max-field-chars)")
@@ -94,7 +96,7 @@ def _check_lengths(request: Request, body) -> None:
 
 @router.post(
     "/v1/comparisons", response_model=ComparisonCreated, status_code=201,
-    responses={**_ERRORS, 200: {"model": ComparisonCreated, "description": "Already stored under this Idempotency-Key: the original."}},
+    responses={**STORE_ERRORS, 200: {"model": ComparisonCreated, "description": "Already stored under this Idempotency-Key: the original."}},
 )
 def create_comparison(
     body: ComparisonRequest,
@@ -150,7 +152,7 @@ _LABELLER = Query(default=None, description="Only this labeller's comparisons.")
 _CATEGORY = Query(default=None, description="Only this category.")
 
 
-@router.get("/v1/comparisons", response_model=ComparisonList, responses=_ERRORS)
+@router.get("/v1/comparisons", response_model=ComparisonList, responses=STORE_ERRORS)
 def list_comparisons(
     request: Request,
     since: datetime | None = _SINCE,
@@ -170,7 +172,7 @@ def list_comparisons(
     return ComparisonList(data=[Comparison.model_validate(r) for r in rows], next_after=next_after)
 
 
-@router.get("/v1/comparisons/export", responses={**_ERRORS, 200: {"content": {"application/x-ndjson": {}}}})
+@router.get("/v1/comparisons/export", responses={**STORE_ERRORS, 200: {"content": {"application/x-ndjson": {}}}})
 def export_comparisons(
     request: Request,
     since: datetime | None = _SINCE,
@@ -201,7 +203,7 @@ def export_comparisons(
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-@router.post("/v1/label/tasks", response_model=LabelTasksCreated, status_code=201, responses=_ERRORS)
+@router.post("/v1/label/tasks", response_model=LabelTasksCreated, status_code=201, responses=STORE_ERRORS)
 def create_label_tasks(body: LabelTasksRequest, request: Request) -> LabelTasksCreated:
     """Queue prompts with K candidate responses for people to rank on /label."""
     store = _store(request)
@@ -215,7 +217,7 @@ def create_label_tasks(body: LabelTasksRequest, request: Request) -> LabelTasksC
         raise _unavailable(exc, "no task was queued.") from None
 
 
-@router.get("/v1/label/tasks/next", response_model=NextLabelTask, responses=_ERRORS)
+@router.get("/v1/label/tasks/next", response_model=NextLabelTask, responses=STORE_ERRORS)
 def next_label_task(
     request: Request,
     labeller: str = Query(min_length=1, max_length=200, description="Who will label it; the task is held for them."),
@@ -239,9 +241,3 @@ def label_page() -> HTMLResponse:
     """The labelling page: plain HTML and a little JavaScript talking to the routes above."""
     return HTMLResponse(LABEL_PAGE.read_text(encoding="utf-8"))
 
-
-def install(app, store: ComparisonStore | None, labellers: str | None) -> None:
-    """Attach the store and these routes to the app (create_app calls this)."""
-    app.state.store = store
-    app.state.labellers = allowed_labellers(labellers)
-    app.include_router(router)

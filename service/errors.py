@@ -1,0 +1,112 @@
+"""The error model: every refusal is ``{"error": {code, type, message, request_id, details?}}``
+(``client.protocol.ErrorResponse``) with a message saying what to fix.
+
+- ``APIError``: raised by routes and the inference path; the handler turns it into that JSON.
+- ``error_response``: the JSON response itself, for the middleware (which answers before any
+  route runs) and the handlers.
+- ``error_responses``: the OpenAPI ``responses=`` entries of the routers, from the one list of
+  statuses each kind of route can answer with.
+- ``install_error_handlers``: validation errors, APIErrors and Starlette's HTTP errors (404, 405,
+  unreadable body) all answered in that shape.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from client.protocol import ErrorResponse
+
+from .metrics import ServiceMetrics
+
+
+class APIError(Exception):
+    """A request the service refuses, with the status and a message saying what to fix."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type_, message, headers
+
+
+def error_response(
+    status: int, type_: str, message: str, request: Request | None = None, details=None, request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if request is not None:
+        request_id = getattr(request.state, "request_id", None)
+    body = ErrorResponse(error=dict(code=status, type=type_, message=message, request_id=request_id, details=details))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI ``responses=`` documenting ``statuses`` as ErrorResponse bodies."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# The refusals any scoring route can give (auth, limits, deadline, failed forward).
+SCORING_ERRORS = error_responses(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504)
+# Reload: the scoring refusals but the deadline (a reload is not bounded by it).
+RELOAD_ERRORS = error_responses(400, 401, 403, 404, 408, 413, 422, 429, 500, 503)
+# The comparison store's routes: no model work, so no queue or deadline; 409 for a reused key.
+STORE_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
+NOT_READY_ERRORS = error_responses(503)
+
+
+def _field_path(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    # Drop the discriminator tags pydantic puts in the path of a tagged union.
+    parts = [p for p in parts if p not in ("prompt_response", "messages") or p == parts[-1]]
+    return ".".join(parts) or "body"
+
+
+def _validation_message(errors: list[dict]) -> str:
+    lines = []
+    for err in errors[:5]:
+        loc, kind, msg = tuple(err.get("loc", ())), err.get("type", ""), err.get("msg", "")
+        where = _field_path(loc)
+        if kind == "json_invalid":
+            lines.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', msg)}); send a UTF-8 JSON object")
+        elif kind == "missing":
+            lines.append(f"{where}: required field is missing")
+        elif kind == "extra_forbidden":
+            lines.append(f"{where}: unknown field; remove it (check its spelling)")
+        elif kind == "model_attributes_type" and where == "body":
+            lines.append(
+                'the body must be a JSON object such as {"items": [...]}, sent with the header '
+                "Content-Type: application/json"
+            )
+        elif kind == "too_short" and where in ("items", "pairs"):
+            lines.append(f"{where}: is empty; send at least one")
+        else:
+            lines.append(f"{where}: {msg}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(lines) + more
+
+
+def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
+    """Answer validation errors, APIErrors and HTTP errors in the error shape, counting refusals."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(request: Request, exc: RequestValidationError):
+        metrics.rejections.labels("validation").inc()
+        errors = exc.errors()
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors[:20]]
+        return error_response(422, "validation_error", _validation_message(errors), request, details)
+
+    @app.exception_handler(APIError)
+    async def _on_api_error(request: Request, exc: APIError):
+        if exc.status != 500:  # a failure of ours, counted as reward_forward_failures, not a refusal
+            metrics.rejections.labels(exc.type).inc()
+        return error_response(exc.status, exc.type, exc.message, request, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            kind, message = "invalid_body", "the body could not be read as JSON; send a UTF-8 JSON object"
+        elif exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        return error_response(exc.status_code, kind, message, request)

@@ -1,0 +1,62 @@
+"""The served models: ``GET /v1/models``, and ``POST /v1/models/{name}/reload``, the hot reload
+(the swap itself is ``ModelRegistry.reload`` in service/registry.py).
+
+Reloading is off unless the service was started with ``--reload-token`` (``REWARD_RELOAD_TOKEN``)
+and the request carries ``Authorization: Bearer <token>``: it loads code paths and memory on
+demand, which is not for every client that can score. With API keys on, it needs a key with the
+``admin`` scope instead (checked by the access middleware).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Request
+
+from client.protocol import ModelCard, ModelList, ReloadRequest, ReloadResponse
+
+from ..errors import RELOAD_ERRORS, APIError
+from ..registry import ModelRegistry, ReloadFailed, ServedModel, UnknownModel
+
+router = APIRouter(tags=["models"])
+
+
+def _card(m: ServedModel, is_default: bool) -> ModelCard:
+    return ModelCard(
+        name=m.name, version=m.spec.version or "", path=str(m.path), backend=m.backend.name,
+        max_length=m.spec.max_length, dtype=m.backend.dtype, device=m.backend.device,
+        architecture=m.spec.architecture, normalize_available=m.spec.normalize_available, default=is_default,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    registry: ModelRegistry = request.app.state.registry
+    return ModelList(data=[_card(m, registry.is_default(m)) for m in registry.list()])
+
+
+def _check_token(request: Request) -> None:
+    keys = request.app.state.keys
+    if keys.enabled:
+        return  # API keys are on: AccessMiddleware has already checked this key's `admin` scope
+    expected = request.app.state.settings.reload_token
+    if not expected:
+        raise APIError(403, "reload_disabled", "hot reload is off; start the service with REWARD_RELOAD_TOKEN (or --reload-token) to allow it")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+        raise APIError(401, "unauthorized", "reload needs the header 'Authorization: Bearer <reload token>'")
+
+
+@router.post("/v1/models/{name}/reload", response_model=ReloadResponse, responses=RELOAD_ERRORS)
+async def reload_model(name: str, request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
+    """Load the model's directory again (or ``path``) and serve it under the same name."""
+    _check_token(request)
+    registry: ModelRegistry = request.app.state.registry
+    try:
+        reloaded = await registry.reload(name, body.path if body is not None and body.path else None)
+    except UnknownModel:
+        raise APIError(404, "model_not_found", f"model {name!r} is not served here; served: {', '.join(registry.names())}") from None
+    except ReloadFailed as exc:
+        raise APIError(422, "model_load_failed", str(exc)) from exc
+    new = reloaded.model
+    return ReloadResponse(model=_card(new, registry.is_default(new)), previous_version=reloaded.previous_version or "", seconds=reloaded.seconds)
