@@ -330,7 +330,7 @@ class PoolingResponse(BaseModel):
     usage: VLLMUsage
 
 
-# -- Comparisons and the labelling queue (service/comparisons.py) ------------------------------
+# -- Comparisons and the labelling queue (service/routers/comparisons.py) --------------------------
 #
 # - POST /v1/comparisons          ComparisonRequest (+ Idempotency-Key header) -> ComparisonCreated
 # - GET  /v1/comparisons          (admin) filters, page -> ComparisonList
