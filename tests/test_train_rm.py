@@ -28,10 +28,10 @@ from trainer.losses import (
     bradley_terry_loss, center_rewards_penalty, grouped_mean, pair_accuracy, pair_deltas, ranking_loss,
     soft_label_loss,
 )
-from trainer.reward import (
-    DEFAULT_BASE_MODEL, RewardTrainingConfig, TrainingConfigError, default_eval_name, length_balance_weights,
-    parse_eval_spec, score_conversations, train_reward_model,
-)
+from trainer.reward import train_reward_model
+from trainer.reward_config import DEFAULT_BASE_MODEL, RewardTrainingConfig, TrainingConfigError
+from trainer.reward_data import default_eval_name, length_balance_weights, parse_eval_spec
+from trainer.scoring import score_conversations
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,8 @@ def test_length_sorted_forward_chunks_give_the_rewards_of_one_padded_forward(mod
     from transformers import AutoModelForSequenceClassification
 
     from reward_core.formatting import EncodedInput
-    from trainer.reward import _make_reward_module, _to_tensors, length_sorted_chunks
+    from trainer.scoring import length_sorted_chunks, to_tensors as _to_tensors
+    from trainer.surgery import make_reward_module as _make_reward_module
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dirs["bert"]).eval()
     module = _make_reward_module(model, "encoder")

@@ -14,6 +14,11 @@ from dataclasses import fields
 from typing import Any
 
 
+def flag_help(text: str, **extra: Any) -> dict[str, Any]:
+    """A config field's ``metadata``: its help text plus any extra ``add_argument`` keywords."""
+    return {"help": text, **extra}
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
     hints = typing.get_type_hints(config_class)
     for f in fields(config_class):

@@ -62,9 +62,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config_flags import add_config_flags, config_from_namespace
+import numpy as np
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from client import AsyncRewardClient, RewardServiceError, ServiceUnavailable, served_card
+from reward_core.forward import pad_token_id
+
+from .config_flags import add_config_flags, config_from_namespace, flag_help
 from .data import DataError
-from .sft import SFTConfigError, check_vocab, disable_dropout_in, fit_to_context, pad_token_id, resolve_device
+from .sft import SFTConfigError, check_vocab, fit_to_context
+from .utils import disable_dropout, progress_bar, replace_dir, resolve_device
+
+try:  # optional: metrics go to tensorboard too when it is installed (--tensorboard)
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:
+    SummaryWriter = None
 
 log = logging.getLogger(__name__)
 
@@ -76,90 +90,86 @@ class PPOConfigError(ValueError):
     """A configuration that cannot run, with what to do about it."""
 
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
-
-
 @dataclass
 class PPOConfig:
     """Everything a PPO run needs; each field is one ``reward ppo`` flag."""
 
     # -- policy, prompts, output
-    policy: str = field(default="", metadata=_help(
+    policy: str = field(default="", metadata=flag_help(
         "SFT model directory: the initial policy and the frozen reference."))
-    prompts: str = field(default="", metadata=_help(
+    prompts: str = field(default="", metadata=flag_help(
         "Prompts: .txt (one per line) or JSONL ({\"prompt\": str | messages}, {\"messages\": [...]} or a JSON "
         "string per line; preference data in TRL format works as is)."))
-    output_dir: str = field(default="runs/ppo", metadata=_help(
+    output_dir: str = field(default="runs/ppo", metadata=flag_help(
         "Where the trained policy (policy/), value head, metrics.jsonl and checkpoints go."))
     # -- reward service
-    reward_url: str = field(default="http://127.0.0.1:8000", metadata=_help("URL of `reward serve`."))
-    reward_model: str | None = field(default=None, metadata=_help("Served model to score with (default: the service's default)."))
-    reward_timeout: float = field(default=120.0, metadata=_help("Seconds per scoring request."))
-    reward_max_retries: int = field(default=12, metadata=_help(
+    reward_url: str = field(default="http://127.0.0.1:8000", metadata=flag_help("URL of `reward serve`."))
+    reward_model: str | None = field(default=None, metadata=flag_help("Served model to score with (default: the service's default)."))
+    reward_timeout: float = field(default=120.0, metadata=flag_help("Seconds per scoring request."))
+    reward_max_retries: int = field(default=12, metadata=flag_help(
         "Retries of a scoring request on connection errors / 429 / 503 (a service restart)."))
-    reward_backoff: float = field(default=0.5, metadata=_help("Base of the exponential backoff between retries (s)."))
-    reward_backoff_max: float = field(default=10.0, metadata=_help("Longest wait between retries (s)."))
-    startup_max_retries: int = field(default=2, metadata=_help(
+    reward_backoff: float = field(default=0.5, metadata=flag_help("Base of the exponential backoff between retries (s)."))
+    reward_backoff_max: float = field(default=10.0, metadata=flag_help("Longest wait between retries (s)."))
+    startup_max_retries: int = field(default=2, metadata=flag_help(
         "Retries of the start-up check that the service answers (fail fast before any training)."))
-    overlap_scoring: bool = field(default=True, metadata=_help(
+    overlap_scoring: bool = field(default=True, metadata=flag_help(
         "Generate rollout k+1 while rollout k is being scored (k+1 then comes from the policy before update k)."))
     # -- rollouts
-    total_steps: int = field(default=100, metadata=_help("PPO steps; one rollout batch each."))
-    rollout_batch_size: int = field(default=64, metadata=_help("Prompts (= sampled responses) per rollout."))
-    max_new_tokens: int = field(default=64, metadata=_help("Longest response, in tokens."))
-    max_prompt_length: int = field(default=512, metadata=_help(
+    total_steps: int = field(default=100, metadata=flag_help("PPO steps; one rollout batch each."))
+    rollout_batch_size: int = field(default=64, metadata=flag_help("Prompts (= sampled responses) per rollout."))
+    max_new_tokens: int = field(default=64, metadata=flag_help("Longest response, in tokens."))
+    max_prompt_length: int = field(default=512, metadata=flag_help(
         "Prompt tokens kept (the most recent ones); capped to what the policy's context leaves after max_new_tokens."))
-    temperature: float = field(default=1.0, metadata=_help(
+    temperature: float = field(default=1.0, metadata=flag_help(
         "Sampling temperature; the policy's and the reference's logits are divided by it when computing "
         "log-probs too, so PPO's probabilities are those the samples were drawn from."))
-    mask_after_eos: bool = field(default=True, metadata=_help(
+    mask_after_eos: bool = field(default=True, metadata=flag_help(
         "Tokens after the first EOS get no log-prob, KL, value or loss (off: the whole max_new_tokens window counts)."))
     # -- reward shaping
-    kl_coef: float = field(default=0.02, metadata=_help("beta: per-token KL penalty coefficient (initial value when adaptive)."))
-    adaptive_kl: bool = field(default=False, metadata=_help("Adapt beta towards target_kl (Ziegler et al. 2019)."))
-    target_kl: float = field(default=6.0, metadata=_help("Adaptive KL: target KL(pi || ref) per response, nats."))
-    kl_horizon: int = field(default=10000, metadata=_help("Adaptive KL: horizon, in responses."))
-    kl_hold_until_target: bool = field(default=False, metadata=_help(
+    kl_coef: float = field(default=0.02, metadata=flag_help("beta: per-token KL penalty coefficient (initial value when adaptive)."))
+    adaptive_kl: bool = field(default=False, metadata=flag_help("Adapt beta towards target_kl (Ziegler et al. 2019)."))
+    target_kl: float = field(default=6.0, metadata=flag_help("Adaptive KL: target KL(pi || ref) per response, nats."))
+    kl_horizon: int = field(default=10000, metadata=flag_help("Adaptive KL: horizon, in responses."))
+    kl_hold_until_target: bool = field(default=False, metadata=flag_help(
         "Adaptive KL: keep beta at kl_coef until the KL first reaches target_kl (no wind-down while the policy "
         "is still next to the reference)."))
-    missing_eos_penalty: float = field(default=1.0, metadata=_help(
+    missing_eos_penalty: float = field(default=1.0, metadata=flag_help(
         "Subtracted from the RM score of a response that hit max_new_tokens without EOS (0: no penalty)."))
-    shift_reward_to_reference: bool = field(default=True, metadata=_help(
+    shift_reward_to_reference: bool = field(default=True, metadata=flag_help(
         "Before training, score reward_shift_batches rollouts of the SFT policy and subtract their mean RM "
         "score from every score, so the reference earns 0 on average."))
-    reward_shift_batches: int = field(default=2, metadata=_help("Rollout batches measured for the reward shift."))
-    normalize_reward: bool = field(default=False, metadata=_help(
+    reward_shift_batches: int = field(default=2, metadata=flag_help("Rollout batches measured for the reward shift."))
+    normalize_reward: bool = field(default=False, metadata=flag_help(
         "Normalise scores with the running mean/std of all scores so far (subsumes the shift)."))
     # -- advantages and losses
-    gamma: float = field(default=1.0, metadata=_help("Discount; 1 because the reward arrives at the end of a short episode."))
-    lam: float = field(default=0.95, metadata=_help("GAE lambda."))
-    whiten_advantages: bool = field(default=True, metadata=_help("Whiten advantages over the batch's response tokens."))
-    clip_range: float = field(default=0.2, metadata=_help("PPO ratio clip epsilon."))
-    value_clip_range: float = field(default=0.2, metadata=_help("Value clip: new values stay within this of the rollout's values."))
-    vf_coef: float = field(default=0.1, metadata=_help("Value loss weight."))
-    value_head_init: str = field(default="zero", metadata=_help(
+    gamma: float = field(default=1.0, metadata=flag_help("Discount; 1 because the reward arrives at the end of a short episode."))
+    lam: float = field(default=0.95, metadata=flag_help("GAE lambda."))
+    whiten_advantages: bool = field(default=True, metadata=flag_help("Whiten advantages over the batch's response tokens."))
+    clip_range: float = field(default=0.2, metadata=flag_help("PPO ratio clip epsilon."))
+    value_clip_range: float = field(default=0.2, metadata=flag_help("Value clip: new values stay within this of the rollout's values."))
+    vf_coef: float = field(default=0.1, metadata=flag_help("Value loss weight."))
+    value_head_init: str = field(default="zero", metadata=flag_help(
         "Value head weights: zero (first advantages = rewards) or normal (std 1/sqrt(hidden+1)).", choices=("zero", "normal")))
     # -- optimisation
-    ppo_epochs: int = field(default=4, metadata=_help("Passes over each rollout."))
-    minibatch_size: int = field(default=16, metadata=_help("Sequences per optimizer step; must divide rollout_batch_size."))
-    learning_rate: float = field(default=1e-6, metadata=_help("AdamW learning rate (policy and value head)."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0: off)."))
-    disable_dropout: bool = field(default=True, metadata=_help("Dropout off in policy and reference."))
+    ppo_epochs: int = field(default=4, metadata=flag_help("Passes over each rollout."))
+    minibatch_size: int = field(default=16, metadata=flag_help("Sequences per optimizer step; must divide rollout_batch_size."))
+    learning_rate: float = field(default=1e-6, metadata=flag_help("AdamW learning rate (policy and value head)."))
+    max_grad_norm: float = field(default=1.0, metadata=flag_help("Gradient clipping (0: off)."))
+    disable_dropout: bool = field(default=True, metadata=flag_help("Dropout off in policy and reference."))
     # -- checkpoints, logging, runtime
-    save_steps: int = field(default=10, metadata=_help("Write checkpoints/last every N steps (0: only at the end)."))
-    resume: bool | None = field(default=None, metadata=_help(
+    save_steps: int = field(default=10, metadata=flag_help("Write checkpoints/last every N steps (0: only at the end)."))
+    resume: bool | None = field(default=None, metadata=flag_help(
         "Resume from output_dir/checkpoints/last (default: when it exists; --no-resume starts afresh)."))
-    log_samples: int = field(default=2, metadata=_help("Sample responses written to metrics.jsonl per step."))
-    tensorboard: bool = field(default=True, metadata=_help("Also log to output_dir/tensorboard when tensorboard is installed."))
-    seed: int = field(default=42, metadata=_help("Seed for prompt order and sampling."))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    dtype: str = field(default="float32", metadata=_help(
+    log_samples: int = field(default=2, metadata=flag_help("Sample responses written to metrics.jsonl per step."))
+    tensorboard: bool = field(default=True, metadata=flag_help("Also log to output_dir/tensorboard when tensorboard is installed."))
+    seed: int = field(default=42, metadata=flag_help("Seed for prompt order and sampling."))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N."))
+    dtype: str = field(default="float32", metadata=flag_help(
         "Policy and reference weights dtype (float32: AdamW updates of a small learning rate vanish in bfloat16).",
         choices=("float32", "bfloat16")))
-    num_threads: int | None = field(default=None, metadata=_help("torch CPU threads (default: torch's choice)."))
-    progress: bool = field(default=True, metadata=_help("Show a progress bar."))
-    stop_after_steps: int | None = field(default=None, metadata=_help(
+    num_threads: int | None = field(default=None, metadata=flag_help("torch CPU threads (default: torch's choice)."))
+    progress: bool = field(default=True, metadata=flag_help("Show a progress bar."))
+    stop_after_steps: int | None = field(default=None, metadata=flag_help(
         "Testing aid: stop right after this step without a final save, as if the run were killed."))
 
     def validate(self) -> None:
@@ -210,8 +220,6 @@ def masked_whiten(x, mask, eps: float = 1e-8):
 def response_mask(response_ids, eos_token_ids: Sequence[int], mask_after_eos: bool = True):
     """(mask, has_eos): mask is 1 up to and including the first EOS of each row (the EOS is an
     action the policy took), 0 after it; has_eos says whether the row produced one."""
-    import torch
-
     is_eos = torch.isin(response_ids, torch.tensor(list(eos_token_ids), device=response_ids.device))
     has_eos = is_eos.any(dim=1)
     if not mask_after_eos:
@@ -224,8 +232,6 @@ def response_mask(response_ids, eos_token_ids: Sequence[int], mask_after_eos: bo
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
     """Per-token rewards: ``-kl_coef * (logprobs - ref_logprobs)`` on every response token, plus the
     sequence's score on its last token. Returns (rewards, per-token KL estimate), both masked."""
-    import torch
-
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)
@@ -239,8 +245,6 @@ def compute_gae(rewards, values, mask, gamma: float, lam: float):
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, with
     ``V`` and ``A`` zero after the last valid token (the episode ends there). Returns (advantages,
     returns = advantages + values), both masked."""
-    import torch
-
     values = values * mask
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
@@ -258,8 +262,6 @@ def compute_gae(rewards, values, mask, gamma: float, lam: float):
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_range: float, value_clip_range: float):
     """Clipped surrogate policy loss and clipped value loss (token means over the mask), with
     the statistics that say how far the update moved."""
-    import torch
-
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -346,8 +348,6 @@ class RunningMoments:
 def shape_scores(raw_scores, has_eos, *, shift: float, missing_eos_penalty: float | None, moments: RunningMoments | None):
     """The scalar reward of each response from its RM score: minus the reference shift, minus
     the missing-EOS penalty, then (optionally) normalised by the running moments."""
-    import torch
-
     scores = torch.as_tensor(raw_scores, dtype=torch.float32) - shift
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~has_eos.cpu()).float()
@@ -360,40 +360,31 @@ def shape_scores(raw_scores, has_eos, *, shift: float, missing_eos_penalty: floa
 # =========================================================================== models
 
 
-def build_policy_with_value_head(lm, init: str):
-    import torch
-    import torch.nn as nn
+class PolicyWithValueHead(nn.Module):
+    """The causal LM plus a scalar value of each state, read off its last hidden state."""
 
-    class PolicyWithValueHead(nn.Module):
-        """The causal LM plus a scalar value of each state, read off its last hidden state."""
+    def __init__(self, lm, init: str) -> None:
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        if init == "zero":
+            nn.init.zeros_(self.value_head.weight)
+        else:
+            nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(lm.parameters()).dtype)
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.lm = lm
-            hidden = lm.config.get_text_config().hidden_size
-            self.value_head = nn.Linear(hidden, 1)
-            if init == "zero":
-                nn.init.zeros_(self.value_head.weight)
-            else:
-                nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
-            nn.init.zeros_(self.value_head.bias)
-            self.value_head.to(next(lm.parameters()).dtype)
-
-        def forward(self, input_ids, attention_mask, position_ids):
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
-            values = self.value_head(out.hidden_states[-1]).squeeze(-1)
-            return out.logits, values
-
-    return PolicyWithValueHead()
-
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        return out.logits, values
 
 def response_logprobs(logits, response_ids, prompt_length: int, temperature: float):
     """log pi(token) of each response token and the entropy of each of those distributions.
 
     ``logits[:, t]`` predicts token t+1, so the response's distributions are the positions from
     ``prompt_length - 1`` up to the second-to-last."""
-    import torch
-
     logits = logits[:, prompt_length - 1 : -1].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = torch.gather(logp_all, 2, response_ids.unsqueeze(-1)).squeeze(-1)
@@ -409,8 +400,6 @@ class RewardScorer:
     while requests are in flight: :meth:`submit` returns a future of the scores."""
 
     def __init__(self, url: str, model: str | None, client_options: dict[str, Any]) -> None:
-        from client import AsyncRewardClient
-
         self.url = url
         self.model = model
         self._loop = asyncio.new_event_loop()
@@ -429,8 +418,6 @@ class RewardScorer:
     def check(self, max_retries: int) -> str:
         """``name@version`` of the model that will score; RewardServiceError when the service cannot
         be reached (after ``max_retries``) or does not serve the model."""
-        from client import AsyncRewardClient, served_card
-
         async def check():
             options = {**self._client_options, "max_retries": max_retries}
             async with AsyncRewardClient(self.url, **options) as probe:
@@ -444,8 +431,6 @@ class RewardScorer:
         async def score():
             response = await self.client.score(items, model=self.model)
             if len(response.scores) != len(items):
-                from client import RewardServiceError
-
                 raise RewardServiceError(None, "invalid_response", f"{len(response.scores)} scores for {len(items)} items")
             return list(response.scores)
 
@@ -498,15 +483,13 @@ class PPOResult:
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig) -> None:
-        import torch
-
         from trainer.evaluate import read_prompt_file
 
         config.validate()
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, error=PPOConfigError)
         self.output_dir = Path(config.output_dir)
         self.prompts = read_prompt_file(config.prompts)  # DataError when missing or empty
 
@@ -535,9 +518,6 @@ class PPOTrainer:
     # -- setup -----------------------------------------------------------------------------
 
     def _build_models(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
         path = Path(self.config.policy)
         if not (path / "config.json").is_file():
             raise SFTConfigError(f"{path} is not a model directory (no config.json); give the output of `reward sft`")
@@ -551,10 +531,10 @@ class PPOTrainer:
         self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        self.policy = build_policy_with_value_head(lm, self.config.value_head_init).to(self.device)
+        self.policy = PolicyWithValueHead(lm, self.config.value_head_init).to(self.device)
         if self.config.disable_dropout:
-            disable_dropout_in(self.policy)
-            disable_dropout_in(self.reference)
+            disable_dropout(self.policy)
+            disable_dropout(self.reference)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.config.learning_rate)
         eos = {self.tokenizer.eos_token_id}
         generation_eos = getattr(lm.generation_config, "eos_token_id", None)
@@ -585,8 +565,6 @@ class PPOTrainer:
         return chosen
 
     def encode_prompts(self, prompts: list[list[dict]]):
-        import torch
-
         from trainer.evaluate import policy_prompt_text
 
         rows = []
@@ -604,8 +582,6 @@ class PPOTrainer:
 
     def forward(self, model, query_ids, query_mask, response_ids, mask, with_values: bool):
         """(logprobs, entropy, values or None) of the response tokens under ``model``."""
-        import torch
-
         input_ids = torch.cat([query_ids, response_ids], dim=1)
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
         # Left padding: positions count real tokens only, as they did during generation.
@@ -620,8 +596,6 @@ class PPOTrainer:
         return logprobs, entropy, values
 
     def generate_rollout(self, index: int) -> Rollout:
-        import torch
-
         config = self.config
         prompts = [self.prompts[i] for i in self.next_prompt_indices()]
         query_ids, query_mask = self.encode_prompts(prompts)
@@ -650,8 +624,6 @@ class PPOTrainer:
     # -- update ----------------------------------------------------------------------------
 
     def update(self, rollout: Rollout, raw_scores: list[float]) -> dict[str, Any]:
-        import torch
-
         config = self.config
         scores = shape_scores(raw_scores, rollout.has_eos, shift=self.reward_shift,
                               missing_eos_penalty=config.missing_eos_penalty, moments=self.moments).to(self.device)
@@ -712,8 +684,6 @@ class PPOTrainer:
         return sum(scores) / len(scores)
 
     def run(self) -> PPOResult:
-        import torch
-
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         resumed = self._maybe_resume()
@@ -725,7 +695,7 @@ class PPOTrainer:
             (self.output_dir / "ppo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         metrics = open(self.output_dir / "metrics.jsonl", "a")
         writer = self._tensorboard()
-        progress = _progress(config.progress)
+        progress = progress_bar(config.progress)
         finished = False
         try:
             with progress:
@@ -770,24 +740,13 @@ class PPOTrainer:
         return PPOResult(self.output_dir, self.step, finished, self.reward_shift, self.history)
 
     def _tensorboard(self):
-        if not self.config.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
+        if not self.config.tensorboard or SummaryWriter is None:
             return None
         return SummaryWriter(str(self.output_dir / "tensorboard"))
 
     # -- checkpoints -----------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        import numpy as np
-        import torch
-
-        target = self.output_dir / CHECKPOINT
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
         state = {
             "step": self.step,
             "policy": self.policy.state_dict(),
@@ -802,20 +761,11 @@ class PPOTrainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": asdict(self.config),
         }
-        torch.save(state, partial / STATE_FILE)
-        # Swap in the new checkpoint only once it is completely written: a kill during the save
-        # leaves the previous one intact.
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        partial.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        # Swapped in only once completely written: a kill during the save leaves the previous one.
+        with replace_dir(self.output_dir / CHECKPOINT) as tmp:
+            torch.save(state, tmp / STATE_FILE)
 
     def _maybe_resume(self) -> bool:
-        import numpy as np
-        import torch
-
         path = self.output_dir / CHECKPOINT / STATE_FILE
         previous = self.output_dir / (CHECKPOINT + ".old") / STATE_FILE
         if not path.is_file() and previous.is_file():  # killed between the two renames of save_checkpoint
@@ -855,8 +805,6 @@ class PPOTrainer:
         return True
 
     def save_final(self) -> None:
-        import torch
-
         policy_dir = self.output_dir / "policy"
         self.policy.lm.save_pretrained(policy_dir)
         self.tokenizer.save_pretrained(policy_dir)
@@ -866,12 +814,6 @@ class PPOTrainer:
 
 def train_ppo(config: PPOConfig) -> PPOResult:
     return PPOTrainer(config).run()
-
-
-def _progress(enabled: bool):
-    from .sft import _progress as sft_progress
-
-    return sft_progress(enabled)
 
 
 # =========================================================================== CLI
@@ -889,8 +831,6 @@ def add_ppo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_ppo(args: argparse.Namespace) -> int:
-    from client import RewardServiceError, ServiceUnavailable
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scoring request drowns the log
     try:

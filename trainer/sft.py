@@ -32,8 +32,9 @@ from typing import Any, Sequence
 
 from reward_core.forward import pad_token_id
 
-from .config_flags import add_config_flags, config_from_namespace
+from .config_flags import add_config_flags, config_from_namespace, flag_help
 from .data import DataError, load_preferences
+from .utils import disable_dropout, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -45,40 +46,36 @@ class SFTConfigError(ValueError):
     """A configuration, model or tokenizer that cannot be used, with what to do about it."""
 
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
-
-
 @dataclass
 class SFTConfig:
     """Everything an SFT run needs; each field is one ``reward sft`` flag."""
 
-    model: str = field(default="", metadata=_help(
+    model: str = field(default="", metadata=flag_help(
         "Causal-LM directory to start from (weights + tokenizer), or a directory with only config.json "
         "and a tokenizer for a random-init model."))
-    init_from_config: bool = field(default=False, metadata=_help(
+    init_from_config: bool = field(default=False, metadata=flag_help(
         "Random-init the model from the directory's config.json even if it has weights."))
-    data: list[str] = field(default_factory=list, metadata=_help(
+    data: list[str] = field(default_factory=list, metadata=flag_help(
         "Preference data as PATH[:WEIGHT][:MAX_ROWS] (repeatable); the best-ranked response of each "
         "record is the demonstration.", metavar="PATH[:W][:N]"))
-    output_dir: str = field(default="runs/sft", metadata=_help("Where the fine-tuned model directory goes."))
-    max_length: int = field(default=512, metadata=_help(
+    output_dir: str = field(default="runs/sft", metadata=flag_help("Where the fine-tuned model directory goes."))
+    max_length: int = field(default=512, metadata=flag_help(
         "Tokens per prompt + response (capped to the model's context); longer ones lose prompt tokens from the start, "
         "then response tokens from the end."))
-    num_epochs: float = field(default=1.0, metadata=_help("Passes over the demonstrations."))
-    max_steps: int | None = field(default=None, metadata=_help("Optimizer steps (overrides --num-epochs)."))
-    batch_size: int = field(default=8, metadata=_help("Demonstrations per optimizer step."))
-    learning_rate: float = field(default=1e-5, metadata=_help("AdamW learning rate (constant)."))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0: off)."))
-    disable_dropout: bool = field(default=True, metadata=_help("Turn dropout off while training."))
-    logging_steps: int = field(default=10, metadata=_help("Log the loss every N steps."))
-    seed: int = field(default=42, metadata=_help("Seed for initialisation and data order."))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    dtype: str = field(default="float32", metadata=_help(
+    num_epochs: float = field(default=1.0, metadata=flag_help("Passes over the demonstrations."))
+    max_steps: int | None = field(default=None, metadata=flag_help("Optimizer steps (overrides --num-epochs)."))
+    batch_size: int = field(default=8, metadata=flag_help("Demonstrations per optimizer step."))
+    learning_rate: float = field(default=1e-5, metadata=flag_help("AdamW learning rate (constant)."))
+    weight_decay: float = field(default=0.0, metadata=flag_help("AdamW weight decay."))
+    max_grad_norm: float = field(default=1.0, metadata=flag_help("Gradient clipping (0: off)."))
+    disable_dropout: bool = field(default=True, metadata=flag_help("Turn dropout off while training."))
+    logging_steps: int = field(default=10, metadata=flag_help("Log the loss every N steps."))
+    seed: int = field(default=42, metadata=flag_help("Seed for initialisation and data order."))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N."))
+    dtype: str = field(default="float32", metadata=flag_help(
         "Weights dtype: float32 or bfloat16 (bfloat16 for a 0.5B+ model on GPU).", choices=("float32", "bfloat16")))
-    num_threads: int | None = field(default=None, metadata=_help("torch CPU threads (default: torch's choice)."))
-    progress: bool = field(default=True, metadata=_help("Show a progress bar."))
+    num_threads: int | None = field(default=None, metadata=flag_help("torch CPU threads (default: torch's choice)."))
+    progress: bool = field(default=True, metadata=flag_help("Show a progress bar."))
 
     def validate(self) -> None:
         if not self.model:
@@ -103,14 +100,6 @@ class SFTResult:
 
 
 # --------------------------------------------------------------------------- model and tokenizer
-
-
-def resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_causal_lm(path: str | Path, *, init_from_config: bool = False, dtype: str = "float32"):
@@ -163,14 +152,6 @@ def fit_to_context(model_config: Any, wanted: int | None, flag: str, reserved: i
         log.info("%s %d capped to %d: the model's context is %d tokens%s", flag, wanted, room, context,
                  f" and {reserved} are kept for {reserved_flag}" if reserved else "")
     return room if wanted is None else min(wanted, room)
-
-
-def disable_dropout_in(model: Any) -> None:
-    import torch.nn as nn
-
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 # --------------------------------------------------------------------------- examples and loss
@@ -238,10 +219,10 @@ def train_sft(config: SFTConfig) -> SFTResult:
         raise DataError(f"no demonstrations in {', '.join(config.data)}")
     model, tokenizer = load_causal_lm(config.model, init_from_config=config.init_from_config, dtype=config.dtype)
     max_length = fit_to_context(model.config, config.max_length, "--max-length")
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, error=SFTConfigError)
     model.to(device)
     if config.disable_dropout:
-        disable_dropout_in(model)
+        disable_dropout(model)
     model.train()
     examples = [render_demonstration(r.prompt, r.best, tokenizer, max_length) for r in records]
     pad_id = pad_token_id(tokenizer)
@@ -256,7 +237,7 @@ def train_sft(config: SFTConfig) -> SFTResult:
     order: list[int] = []
     losses: list[float] = []
     started = time.perf_counter()
-    progress = _progress(config.progress)
+    progress = progress_bar(config.progress)
     with progress, metrics:
         task = progress.add_task("sft", total=total_steps)
         for step in range(1, total_steps + 1):
@@ -284,17 +265,6 @@ def train_sft(config: SFTConfig) -> SFTResult:
     tokenizer.save_pretrained(output_dir)
     (output_dir / "sft_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     return SFTResult(output_dir=output_dir, steps=total_steps, losses=losses, n_demonstrations=len(examples))
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=not (enabled and console.is_terminal), transient=True,
-    )
 
 
 # --------------------------------------------------------------------------- CLI
