@@ -500,7 +500,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig) -> None:
         import torch
 
-        from trainer.evaluate import read_prompt_file
+        from trainer.evaluate.best_of_n import read_prompt_file
 
         config.validate()
         self.config = config
@@ -587,11 +587,11 @@ class PPOTrainer:
     def encode_prompts(self, prompts: list[list[dict]]):
         import torch
 
-        from trainer.evaluate import policy_prompt_text
+        from reward_core.formatting import render_policy_prompt
 
         rows = []
         for messages in prompts:
-            text, specials = policy_prompt_text(messages, self.tokenizer)
+            text, specials = render_policy_prompt(messages, self.tokenizer)
             ids = self.tokenizer(text, add_special_tokens=specials)["input_ids"]
             rows.append(ids[-self.max_prompt_tokens:])
         width = max(len(r) for r in rows)
