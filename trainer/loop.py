@@ -34,9 +34,9 @@ from typing import Any, Iterator
 
 from .config_flags import add_config_flags
 from .data import DataError
-from .evaluate.cli import EXIT_INPUT, EXIT_SERVICE, EvalConfig
+from .evaluate.config import EvalConfig
 from .evaluate.datasets import ItemPool, build_preference_report, load_datasets
-from .evaluate.report import to_jsonable, write_report
+from .evaluate.report import EXIT_INPUT, EXIT_SERVICE, to_jsonable, write_report
 from .evaluate.scoring import Target, score_through_service, service_error_message
 from .reward import RewardTrainingConfig, TrainingConfigError, config_from_args
 

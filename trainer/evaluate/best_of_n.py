@@ -17,11 +17,13 @@ from reward_core.formatting import parse_prompt, render_policy_prompt
 
 from ..data import DataError, load_file
 from ..sft import SFTConfigError, fit_to_context, pad_token_id
-from .cli import EXIT_INPUT, EXIT_SERVICE, EvalConfig, fail, finish_report
+from .config import EvalConfig
 from .datasets import ItemPool
 from .metrics import best_of_n_curve
-from .report import SCHEMA_VERSION, utc_now
-from .scoring import Target, make_targets, progress_bar, resolve_targets, score_through_service, service_error_message, with_clients
+from .report import EXIT_INPUT, EXIT_SERVICE, SCHEMA_VERSION, fail, finish_report, utc_now
+from .scoring import (
+    Target, make_targets, progress_bar, resolve_targets, score_through_service, service_error_message, with_clients,
+)
 
 
 def read_prompt_file(path: str | Path) -> list[list[dict]]:

@@ -24,8 +24,8 @@ rich bar on stderr; the Markdown report goes to stdout, and with ``--report DIR`
 Exit status: 0 done; 1 the service could not be used (unreachable after retries, unknown model,
 refused request); 2 bad input (unreadable data, a dataset with no usable pairs, bad flags).
 
-The flags map one to one onto :class:`EvalConfig`, which the run functions take (``reward loop``
-builds one directly). The metrics are defined in ``metrics.py``, the JSON report in ``report.py``.
+The flags map one to one onto :class:`.config.EvalConfig`, which the run functions take
+(``reward loop`` builds one directly). The metrics are defined in ``metrics.py``, the JSON report in ``report.py``.
 """
 
 from __future__ import annotations
@@ -33,88 +33,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 from ..data import DataError
-from .datasets import EvalDataset, ItemPool, build_preference_report, load_datasets
-from .metrics import CALIBRATION_BINS, CONFIDENCE
-from .report import render_markdown, write_plots, write_report
+from .best_of_n import run_best_of_n
+from .config import EvalConfig
+from .datasets import ItemPool, build_preference_report, load_datasets
+from .report import EXIT_INPUT, EXIT_SERVICE, fail, finish_report
 from .scoring import make_targets, score_through_service, service_error_message
-
-EXIT_SERVICE = 1
-EXIT_INPUT = 2
-
-
-def _help(text: str) -> dict[str, Any]:
-    return {"help": text}
-
-
-@dataclass
-class EvalConfig:
-    """Everything a ``reward eval`` run takes; each field is one flag (its ``dest``) of the parser
-    below, with the flag's default and help. ``eval_mode`` is the mode (``best-of-n`` or not)."""
-
-    # the service and the report (both modes)
-    urls: list[str] | None = field(default=None, metadata=_help(
-        "reward service URL; repeatable for side by side (default: env REWARD_URL or http://127.0.0.1:8000)"))
-    models: list[str] | None = field(default=None, metadata=_help(
-        "served model name; repeatable for side by side on one service (default: the service's default)"))
-    report: str | None = field(default=None, metadata=_help("write report.json, report.md and PNG plots here"))
-    seed: int = field(default=0, metadata=_help("seed for calibration order, bootstrap and sampling (default 0)"))
-    normalize: bool = field(default=False, metadata=_help("score with the model's reward mean/std normalisation"))
-    plots: bool = field(default=True, metadata=_help("skip the PNG plots"))
-    # 32 x 4 = 128 items in flight: enough for full batches, and on a slow CPU service (a few
-    # items/s) still well inside its request deadline; 64 x 8 was not (504s under load).
-    chunk_size: int = field(default=32, metadata=_help("items per request (default 32)"))
-    concurrency: int = field(default=4, metadata=_help("requests in flight (default 4)"))
-    timeout: float = field(default=120.0, metadata=_help("seconds per request (default 120)"))
-    max_retries: int = field(default=5, metadata=_help("retries on connection errors, 429 and 503 (default 5)"))
-    backoff: float = field(default=0.5, metadata=_help("base of the exponential backoff in seconds (default 0.5)"))
-    api_key: str | None = field(default=None, metadata=_help("sent as 'Authorization: Bearer KEY' (env REWARD_API_KEY)"))
-    # preference mode
-    data: list[str] | None = field(default=None, metadata=_help(
-        "preference data in any format trainer/data.py reads (repeatable); default name <folder>/<stem>"))
-    bootstrap: int = field(default=2000, metadata=_help("paired bootstrap resamples (default 2000)"))
-    max_bad_fraction: float = field(default=0.01, metadata=_help(
-        "abort when more than this fraction of a file's rows are malformed (default 0.01)"))
-    eval_mode: str = "preference"
-    # best-of-n mode
-    policy: str | None = field(default=None, metadata=_help("Hugging Face causal-LM directory"))
-    prompts: str | None = field(default=None, metadata=_help(
-        'prompts: .txt (one per line) or JSONL (a string, {"prompt": str | messages} or {"messages"})'))
-    bon_data: str | None = field(default=None, metadata=_help("preference data file: its distinct prompts"))
-    max_prompts: int | None = field(default=None, metadata=_help("use the first N prompts"))
-    n_samples: int = field(default=16, metadata=_help("samples per prompt, N (default 16)"))
-    temperature: float = field(default=1.0, metadata=_help("sampling temperature (default 1.0)"))
-    top_p: float = field(default=1.0, metadata=_help("nucleus sampling (default 1.0: off)"))
-    top_k: int = field(default=0, metadata=_help("top-k sampling (default 0: off)"))
-    max_new_tokens: int = field(default=128, metadata=_help("tokens per sample (default 128)"))
-    max_prompt_length: int | None = field(default=None, metadata=_help(
-        "prompt tokens kept, the most recent ones (default: the policy's context minus --max-new-tokens)"))
-    batch_size: int = field(default=16, metadata=_help("sequences per generate call (default 16)"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N (default auto)"))
-    dtype: str = field(default="float32", metadata=_help("policy dtype"))
-    trust_remote_code: bool = field(default=False, metadata=_help("run model code from the policy directory"))
-    gold_model: str | None = field(default=None, metadata=_help(
-        "gold reward model served by the proxy's service (or --gold-url's)"))
-    gold_url: str | None = field(default=None, metadata=_help(
-        "service of the gold reward model (its default model unless --gold-model)"))
-
-    @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> "EvalConfig":
-        """The parsed flags (any attribute that is not a field, e.g. ``func``, is ignored)."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-    def preference_report_config(self, datasets: Sequence[EvalDataset]) -> dict[str, Any]:
-        """The report's ``config``: what shapes a preference report's numbers."""
-        return {
-            "seed": self.seed, "bootstrap": self.bootstrap, "ci_method": "wilson", "confidence": CONFIDENCE,
-            "calibration_bins": CALIBRATION_BINS, "normalize": self.normalize, "chunk_size": self.chunk_size,
-            "concurrency": self.concurrency,
-            "datasets": [{"name": d.name, "path": d.path} for d in datasets],
-        }
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
@@ -204,15 +130,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def run_eval(args: argparse.Namespace) -> int:
     config = EvalConfig.from_namespace(args)
     if config.eval_mode == "best-of-n":
-        from .best_of_n import run_best_of_n  # here, not at the top: best_of_n imports this module
-
         return run_best_of_n(config)
     return run_preference_eval(config)
-
-
-def fail(message: str, code: int) -> int:
-    print(f"reward eval: {message}", file=sys.stderr)
-    return code
 
 
 def run_preference_eval(config: EvalConfig) -> int:
@@ -241,26 +160,6 @@ def run_preference_eval(config: EvalConfig) -> int:
     report_config = config.preference_report_config(datasets)
     report = build_preference_report(datasets, scores, [t.describe() for t in targets], report_config, timing)
     return finish_report(report, config, scores=scores, datasets=datasets)
-
-
-def finish_report(report: dict[str, Any], config: EvalConfig, **plot_data: Any) -> int:
-    """Write plots, report.json and report.md under --report (when given); print the Markdown."""
-    if config.report:
-        out = Path(config.report)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            return fail(f"cannot create the report folder {out}: {exc}", EXIT_INPUT)
-        if config.plots:
-            report["plots"] = write_plots(report, out, **plot_data)
-        markdown = write_report(report, out)
-    else:
-        markdown = render_markdown(report)
-    sys.stdout.write(markdown)
-    sys.stdout.flush()
-    if config.report:
-        print(f"reward eval: report written to {Path(config.report) / 'report.json'} and report.md", file=sys.stderr)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

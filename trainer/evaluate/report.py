@@ -1,5 +1,6 @@
 """``reward eval`` reports: the JSON (its schema below; built by ``datasets.py`` and
-``best_of_n.py``), the Markdown and the PNG plots.
+``best_of_n.py``), the Markdown and the PNG plots, written under ``--report`` and printed
+(:func:`finish_report`); the exit statuses and error line of the command (:func:`fail`).
 
 matplotlib is imported only when plots are drawn, with the Agg backend (no display needed);
 without matplotlib the plots are skipped with a warning and the rest of the report is written.
@@ -58,11 +59,16 @@ import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .config import EvalConfig
+
 SCHEMA_VERSION = 1
+EXIT_SERVICE = 1  # exit status: the service could not be used
+EXIT_INPUT = 2  # exit status: bad input
 
 
 # =========================================================================== JSON
@@ -94,6 +100,32 @@ def write_report(report: dict[str, Any], folder: Path) -> str:
     markdown = render_markdown(report)
     (folder / "report.md").write_text(markdown, encoding="utf-8")
     return markdown
+
+
+def fail(message: str, code: int) -> int:
+    """Say what went wrong on stderr; returns the exit status ``code``."""
+    print(f"reward eval: {message}", file=sys.stderr)
+    return code
+
+
+def finish_report(report: dict[str, Any], config: EvalConfig, **plot_data: Any) -> int:
+    """Write plots, report.json and report.md under --report (when given); print the Markdown."""
+    if config.report:
+        out = Path(config.report)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return fail(f"cannot create the report folder {out}: {exc}", EXIT_INPUT)
+        if config.plots:
+            report["plots"] = write_plots(report, out, **plot_data)
+        markdown = write_report(report, out)
+    else:
+        markdown = render_markdown(report)
+    sys.stdout.write(markdown)
+    sys.stdout.flush()
+    if config.report:
+        print(f"reward eval: report written to {Path(config.report) / 'report.json'} and report.md", file=sys.stderr)
+    return 0
 
 
 # =========================================================================== Markdown

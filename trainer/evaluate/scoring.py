@@ -15,7 +15,7 @@ import numpy as np
 from .datasets import ItemPool
 
 if TYPE_CHECKING:
-    from .cli import EvalConfig
+    from .config import EvalConfig
 
 
 @dataclass
