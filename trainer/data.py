@@ -34,7 +34,8 @@ Malformed rows are never dropped silently: each is counted in the file's
 :class:`FileReport` with its line number and a reason, and a file with too many
 of them aborts the load with :class:`DataError` (see :func:`load_file`).
 
-Standard library only: this module must stay importable without torch.
+Standard library and reward_core.formatting (the one prompt parser, HH transcripts included)
+only: this module must stay importable without torch.
 """
 
 from __future__ import annotations
