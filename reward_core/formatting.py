@@ -20,6 +20,16 @@ Rendering
   prompt is rendered with the chat template if the tokenizer has one, else as
   ``"User: ...\\nAssistant: ...\\nUser: ..."`` lines.
 
+Prompts
+-------
+:func:`parse_prompt` is the one reader of a prompt value: a string (one user turn, or an
+Anthropic HH transcript ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, split into its turns here and
+nowhere else) or a list of messages (``{"role", "content"}`` or ShareGPT ``{"from", "value"}``,
+roles such as ``human``/``gpt`` mapped to the chat roles). :func:`render_policy_prompt` is the
+one renderer of a prompt for a causal LM to continue (SFT, PPO and best-of-N): the decoder
+rendering above without the response, i.e. the chat template with the generation prompt, or
+the HH transcript ending in ``"\\n\\nAssistant:"``.
+
 Truncation
 ----------
 When the input is longer than ``max_length`` tokens, tokens are removed from the START of the
@@ -29,6 +39,7 @@ response is cut, from its end, only once the prompt is exhausted. Special tokens
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -38,6 +49,8 @@ from .model_dir import RewardModelSpec
 Conversation = tuple[list[dict[str, str]], str]
 
 _HH_ROLE = {"user": "Human", "assistant": "Assistant", "system": "System", "tool": "Tool"}
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
+_HH_MARKER_ROLE = {"Human": "user", "Assistant": "assistant"}
 _LINE_ROLE = {"user": "User", "assistant": "Assistant", "system": "System", "tool": "Tool"}
 
 # Segment kinds of each token, used to decide what truncation may remove.
@@ -71,6 +84,144 @@ def item_to_conversation(item: Any) -> Conversation:
     return [dict(role=m["role"], content=m["content"]) for m in prompt], data["response"]
 
 
+# --------------------------------------------------------------------------- prompts
+
+#: Role names seen in the wild, mapped to the canonical chat roles.
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+}
+
+
+class PromptError(ValueError):
+    """A prompt (or a message, or an HH transcript) that cannot be read; the message says why."""
+
+
+def looks_like_hh(text: str) -> bool:
+    """Whether a string is an HH transcript (has a ``\\n\\nHuman:``/``\\n\\nAssistant:`` marker,
+    or starts with ``Human:``)."""
+    return bool(_HH_MARKER.search(text)) or text.lstrip().startswith("Human:")
+
+
+def parse_hh_transcript(text: str, where: str = "transcript") -> list[dict]:
+    """Split an HH transcript into messages on the ``\\n\\nHuman:`` / ``\\n\\nAssistant:`` markers.
+
+    Markers not preceded by a blank line (e.g. "Assistant: Human: ..." quoted inside a turn) are
+    content, not turn boundaries. A transcript that starts with "Human:" without the leading
+    blank line is accepted. PromptError (naming ``where``) when text comes before the first marker.
+    """
+    stripped = text.lstrip()
+    if stripped.startswith(("Human:", "Assistant:")):
+        text = "\n\n" + stripped
+    parts = _HH_MARKER.split(text)
+    if parts[0].strip():
+        raise PromptError(f"{where} has text before its first '\\n\\nHuman:' marker")
+    return [
+        {"role": _HH_MARKER_ROLE[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)
+    ]
+
+
+def parse_message(m: Any, where: str) -> dict:
+    """One chat turn, ``{"role", "content"}`` or ShareGPT ``{"from", "value"}``, as ``{"role", "content"}``
+    with a canonical role (:data:`ROLE_ALIASES`). PromptError (naming ``where``) otherwise."""
+    if not isinstance(m, dict):
+        raise PromptError(f"{where} must be a message object")
+    if "role" in m:
+        role, content = m["role"], m.get("content")
+    elif "from" in m:
+        role, content = m["from"], m.get("value")
+    else:
+        raise PromptError(f"{where} has neither 'role' nor 'from'")
+    canonical = ROLE_ALIASES.get(role.lower() if isinstance(role, str) else role)
+    if canonical is None:
+        raise PromptError(f"{where} has unsupported role {role!r}")
+    if not isinstance(content, str):
+        raise PromptError(f"{where} content must be a string")
+    return {"role": canonical, "content": content}
+
+
+def parse_prompt(value: Any, *, for_generation: bool = False) -> list[dict]:
+    """The one prompt parser: a string (one user turn, or an HH transcript, whose trailing empty
+    ``"\\n\\nAssistant:"`` is dropped) or a list of messages (:func:`parse_message`), as messages.
+
+    ``for_generation``: the prompt is for a policy to answer (PPO, best-of-N), so it must have at
+    least one message and must not end with an assistant turn. PromptError says what is wrong.
+    """
+    if isinstance(value, str):
+        if not value.strip():
+            raise PromptError("prompt is empty")
+        if looks_like_hh(value):
+            messages = parse_hh_transcript(value, "prompt")
+            if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+                messages.pop()  # TRL-extracted HH prompts end with an empty "\n\nAssistant:"
+        else:
+            messages = [{"role": "user", "content": value}]
+    elif isinstance(value, list):
+        messages = [parse_message(m, f"prompt message {i}") for i, m in enumerate(value)]
+    else:
+        raise PromptError(f"prompt must be a string or a list of messages, got {type(value).__name__}")
+    if for_generation:
+        if not messages:
+            raise PromptError("prompt has no messages")
+        if messages[-1]["role"] == "assistant":
+            raise PromptError("the prompt ends with an assistant turn; the policy writes that turn")
+    return messages
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _hh_prompt(messages: Sequence[dict]) -> str:
+    """The HH fallback of a prompt: its turns, then the ``"\\n\\nAssistant:"`` the response follows."""
+    return "".join(f"\n\n{_HH_ROLE.get(m['role'], m['role'].title())}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
+def _generation_prompt(messages: Sequence[dict], tokenizer: Any, chat_template: bool) -> str:
+    if chat_template:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return _hh_prompt(messages)
+
+
+def render_policy_prompt(messages: Sequence[dict], tokenizer: Any) -> tuple[str, bool]:
+    """The one renderer of a prompt for a causal LM to continue (SFT, PPO, best-of-N): (text,
+    add_special_tokens). The chat template with the generation prompt when the tokenizer has one
+    (it writes its own special tokens), else the HH transcript ending in ``"\\n\\nAssistant:"``
+    (tokenised with the tokenizer's special tokens, e.g. BOS). This is the decoder prompt text
+    of :func:`render_conversation`, so a policy is prompted as its reward model reads it."""
+    chat_template = bool(getattr(tokenizer, "chat_template", None))
+    return _generation_prompt(messages, tokenizer, chat_template), not chat_template
+
+
+def render_policy_example(messages: Sequence[dict], response: str, tokenizer: Any) -> tuple[str, str, bool]:
+    """A demonstration for a causal LM: (prompt text, response text, add_special_tokens for the
+    prompt), rendered as :func:`render_conversation` renders it for a decoder; the prompt text is
+    :func:`render_policy_prompt`'s and the response ends with the end-of-turn / EOS token."""
+    chat_template = bool(getattr(tokenizer, "chat_template", None))
+    prompt, response_text = _render_decoder(messages, response, tokenizer, chat_template)
+    return prompt, response_text, not chat_template
+
+
+def _render_decoder(messages: Sequence[dict], response: str, tokenizer: Any, chat_template: bool) -> tuple[str, str]:
+    prefix = _generation_prompt(messages, tokenizer, chat_template)
+    if chat_template:
+        full = tokenizer.apply_chat_template(
+            list(messages) + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if full.startswith(prefix):
+            return prefix, full[len(prefix):]
+        # Some templates rewrite earlier turns (e.g. strip reasoning); split at the response.
+        at = full.rfind(response) if response else -1
+        if at >= 0:
+            return full[:at], full[at:]
+        return prefix, response
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    return prefix, " " + response + eos
+
+
 def render_conversation(messages: Sequence[dict], response: str, tokenizer: Any, spec: RewardModelSpec) -> tuple[str, str]:
     """(prompt text, response text) as the model reads them; see the module docstring."""
     chat_template = spec.use_chat_template and getattr(tokenizer, "chat_template", None)
@@ -82,22 +233,7 @@ def render_conversation(messages: Sequence[dict], response: str, tokenizer: Any,
         if chat_template:
             return tokenizer.apply_chat_template(list(messages), tokenize=False), response
         return "\n".join(f"{_LINE_ROLE.get(m['role'], m['role'].title())}: {m['content']}" for m in messages), response
-
-    if chat_template:
-        prefix = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            list(messages) + [{"role": "assistant", "content": response}], tokenize=False
-        )
-        if full.startswith(prefix):
-            return prefix, full[len(prefix):]
-        # Some templates rewrite earlier turns (e.g. strip reasoning); split at the response.
-        at = full.rfind(response) if response else -1
-        if at >= 0:
-            return full[:at], full[at:]
-        return prefix, response
-    prompt = "".join(f"\n\n{_HH_ROLE.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
-    eos = getattr(tokenizer, "eos_token", None) or ""
-    return prompt + "\n\nAssistant:", " " + response + eos
+    return _render_decoder(messages, response, tokenizer, bool(chat_template))
 
 
 def encode_conversations(

@@ -132,7 +132,7 @@ def paired_gain(sft: dict[int, float], ppo: dict[int, float]) -> dict:
     Mean, SEM and the 95% paired bootstrap interval over prompts that `reward eval` uses."""
     import numpy as np
 
-    from trainer.evaluate import paired_bootstrap_diff
+    from trainer.evaluate.metrics import paired_bootstrap_diff
 
     shared = sorted(set(sft) & set(ppo))
     before, after = np.array([sft[i] for i in shared]), np.array([ppo[i] for i in shared])

@@ -1,4 +1,4 @@
-"""`reward eval` (trainer/evaluate.py): the metric math on hand-computed fixtures, and the whole
+"""`reward eval` (trainer/evaluate/): the metric math on hand-computed fixtures, and the whole
 command against the real service on loopback with a tiny reward model trained in the test on a
 planted preference (responses with "banana" win), side by side, best-of-N with a toy policy,
 and the failure modes (unreachable service, no usable pairs)."""
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from trainer.data import PreferenceRecord
-from trainer.evaluate import (
-    ItemPool,
-    EvalDataset,
+from trainer.evaluate.cli import main as eval_main
+from trainer.evaluate.datasets import EvalDataset, ItemPool
+from trainer.evaluate.metrics import (
     accuracy_with_ties,
     agreement_rate,
     analytic_bon_kl,
@@ -34,7 +34,6 @@ from trainer.evaluate import (
     expected_calibration_error,
     length_controlled_accuracy,
     longer_wins_accuracy,
-    make_targets,
     paired_bootstrap_diff,
     pair_outcomes,
     pearson,
@@ -42,7 +41,7 @@ from trainer.evaluate import (
     spearman,
     wilson_interval,
 )
-from trainer.evaluate import main as eval_main
+from trainer.evaluate.scoring import make_targets
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -465,14 +464,14 @@ def test_best_of_n_with_a_toy_policy(server, planted, tmp_path):
     assert (report_dir / "best-of-n.png").read_bytes()[:8] == PNG_MAGIC
 
     # seeded: sampling again with the same seed gives the same responses
-    from trainer.evaluate import generate_samples, read_prompt_file
+    from trainer.evaluate.best_of_n import generate_samples, read_prompt_file
 
     again = generate_samples(policy, read_prompt_file(prompts), 8, max_new_tokens=8, seed=3)
     assert [text for row in again for text in row] == [s["response"] for s in samples]
 
 
 def test_best_of_n_keeps_the_end_of_a_prompt_longer_than_the_policy_context(tmp_path):
-    from trainer.evaluate import generate_samples
+    from trainer.evaluate.best_of_n import generate_samples
     from trainer.sft import SFTConfigError
 
     policy = toy_policy(tmp_path / "policy", n_positions=64)

@@ -60,7 +60,7 @@ def test_the_loss_counts_response_tokens_only():
 
 
 def test_sft_loss_goes_down_and_the_model_learns_the_demonstrations(tmp_path):
-    from trainer.evaluate import generate_samples
+    from trainer.evaluate.best_of_n import generate_samples
 
     base = rlhf_fixtures.build_tiny_gpt2_lm(tmp_path / "base")
     demos = rlhf_fixtures.write_demonstrations(tmp_path / "demos.jsonl", 64, 0)

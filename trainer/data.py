@@ -34,7 +34,8 @@ Malformed rows are never dropped silently: each is counted in the file's
 :class:`FileReport` with its line number and a reason, and a file with too many
 of them aborts the load with :class:`DataError` (see :func:`load_file`).
 
-Standard library only: this module must stay importable without torch.
+Standard library and reward_core.formatting (the one prompt parser, HH transcripts included)
+only: this module must stay importable without torch.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ import gzip
 import json
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from reward_core.formatting import PromptError, looks_like_hh, parse_hh_transcript, parse_message, parse_prompt
 
 __all__ = [
     "DataError",
@@ -66,16 +68,6 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant")
-
-#: Role names seen in the wild, mapped to the canonical chat roles.
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "model": "assistant",
-}
 
 FORMATS = (
     "hh",
@@ -234,7 +226,7 @@ def detect_format(row: Any) -> str:
             return "trl_conversational" if "prompt" in row else "trl_implicit_conversational"
         if "prompt" in row:
             return "trl_standard"
-        if isinstance(chosen, str) and _looks_like_hh(chosen):
+        if isinstance(chosen, str) and looks_like_hh(chosen):
             return "hh"
     return "unknown"
 
@@ -249,7 +241,10 @@ def parse_row(row: Any, *, source: str = "", line: int = 0) -> PreferenceRecord:
     fmt = detect_format(row)
     if fmt == "unknown":
         raise MalformedRowError(_unknown_reason(row))
-    prompt, responses, ranking = _PARSERS[fmt](row)
+    try:
+        prompt, responses, ranking = _PARSERS[fmt](row)
+    except PromptError as e:  # a prompt, message or transcript the core's parser refused
+        raise MalformedRowError(str(e)) from None
     p_first, margin, category = _extras(row)
     return PreferenceRecord(
         prompt=prompt,
@@ -279,32 +274,7 @@ def _unknown_reason(row: dict) -> str:
     )
 
 
-# -- HH transcripts
-
-_HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def _looks_like_hh(text: str) -> bool:
-    return bool(_HH_MARKER.search(text)) or text.lstrip().startswith("Human:")
-
-
-def _hh_turns(text: str, side: str) -> list[dict]:
-    """Split an HH transcript into messages on the ``\\n\\nHuman:`` / ``\\n\\nAssistant:`` markers.
-
-    Markers not preceded by a blank line (e.g. "Assistant: Human: ..." quoted
-    inside a turn) are content, not turn boundaries.  A transcript that starts
-    with "Human:" without the leading blank line is accepted.
-    """
-    stripped = text.lstrip()
-    if stripped.startswith(("Human:", "Assistant:")):
-        text = "\n\n" + stripped
-    parts = _HH_MARKER.split(text)
-    if parts[0].strip():
-        raise MalformedRowError(f"{side} has text before its first '\\n\\nHuman:' marker")
-    return [
-        {"role": _HH_ROLES[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)
-    ]
+# -- HH transcripts (split into turns by reward_core.formatting.parse_hh_transcript)
 
 
 def _parse_hh(row: dict) -> tuple[list[dict], list[str], list[int]]:
@@ -313,7 +283,7 @@ def _parse_hh(row: dict) -> tuple[list[dict], list[str], list[int]]:
         value = row[side]
         if not isinstance(value, str):
             raise MalformedRowError(f"{side} must be a transcript string like the other side")
-        turns = _hh_turns(value, side)
+        turns = parse_hh_transcript(value, side)
         if not turns or turns[-1]["role"] != "assistant":
             raise MalformedRowError(f"{side} does not end with an '\\n\\nAssistant:' turn")
         sides[side] = turns
@@ -336,14 +306,14 @@ def _parse_hh(row: dict) -> tuple[list[dict], list[str], list[int]]:
 
 def _parse_trl_standard(row: dict) -> tuple[list[dict], list[str], list[int]]:
     prompt, chosen, rejected = row["prompt"], _string(row, "chosen"), _string(row, "rejected")
-    if isinstance(prompt, str) and _looks_like_hh(prompt):
+    if isinstance(prompt, str) and looks_like_hh(prompt):
         # TRL-extracted HH: prompt "...\n\nAssistant:", responses " answer"
         chosen, rejected = chosen.strip(), rejected.strip()
-    return _pair(_prompt_messages(prompt), chosen, rejected)
+    return _pair(parse_prompt(prompt), chosen, rejected)
 
 
 def _parse_trl_conversational(row: dict) -> tuple[list[dict], list[str], list[int]]:
-    prompt = _prompt_messages(row["prompt"]) if "prompt" in row else []
+    prompt = parse_prompt(row["prompt"]) if "prompt" in row else []
     sides = {}
     for side in ("chosen", "rejected"):
         value = row[side]
@@ -351,7 +321,7 @@ def _parse_trl_conversational(row: dict) -> tuple[list[dict], list[str], list[in
             value = [value]
         if not isinstance(value, list) or not value:
             raise MalformedRowError(f"{side} must be a non-empty list of messages")
-        messages = [_message(m, f"{side} message {i}") for i, m in enumerate(value)]
+        messages = [parse_message(m, f"{side} message {i}") for i, m in enumerate(value)]
         if messages[-1]["role"] != "assistant":
             raise MalformedRowError(f"{side} must end with an assistant message, got {messages[-1]['role']!r}")
         sides[side] = messages
@@ -368,7 +338,7 @@ def _parse_sharegpt(row: dict) -> tuple[list[dict], list[str], list[int]]:
     conversations = row["conversations"]
     if not isinstance(conversations, list) or not conversations:
         raise MalformedRowError("conversations must be a non-empty list of turns")
-    prompt = [_message(t, f"conversations turn {i}") for i, t in enumerate(conversations)]
+    prompt = [parse_message(t, f"conversations turn {i}") for i, t in enumerate(conversations)]
     system = row.get("system")
     if system is not None:
         if not isinstance(system, str):
@@ -381,7 +351,7 @@ def _parse_sharegpt(row: dict) -> tuple[list[dict], list[str], list[int]]:
             raise MalformedRowError(f"missing '{side}'")
         value = row[side]
         if isinstance(value, dict):
-            turn = _message(value, side)
+            turn = parse_message(value, side)
             if turn["role"] != "assistant":
                 raise MalformedRowError(f"{side} turn is from {turn['role']!r}, expected an assistant ('gpt') turn")
             value = turn["content"]
@@ -398,7 +368,7 @@ def _parse_rankings(row: dict) -> tuple[list[dict], list[str], list[int]]:
     for key in ("prompt", "responses", "ranking"):
         if key not in row:
             raise MalformedRowError(f"rankings row is missing '{key}'")
-    prompt = _prompt_messages(row["prompt"])
+    prompt = parse_prompt(row["prompt"])
     responses = row["responses"]
     if not isinstance(responses, list):
         raise MalformedRowError("responses must be a list of strings")
@@ -419,40 +389,6 @@ _PARSERS = {
 
 
 # -- shared helpers
-
-
-def _message(m: Any, where: str) -> dict:
-    """Normalise one chat turn: ``{"role", "content"}`` or ShareGPT ``{"from", "value"}``."""
-    if not isinstance(m, dict):
-        raise MalformedRowError(f"{where} must be a message object")
-    if "role" in m:
-        role, content = m["role"], m.get("content")
-    elif "from" in m:
-        role, content = m["from"], m.get("value")
-    else:
-        raise MalformedRowError(f"{where} has neither 'role' nor 'from'")
-    canonical = ROLE_ALIASES.get(role.lower() if isinstance(role, str) else role)
-    if canonical is None:
-        raise MalformedRowError(f"{where} has unsupported role {role!r}")
-    if not isinstance(content, str):
-        raise MalformedRowError(f"{where} content must be a string")
-    return {"role": canonical, "content": content}
-
-
-def _prompt_messages(value: Any) -> list[dict]:
-    """A prompt given as a string (one user turn, or an HH transcript) or as a list of messages."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise MalformedRowError("prompt is empty")
-        if _looks_like_hh(value):
-            turns = _hh_turns(value, "prompt")
-            if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
-                turns.pop()  # TRL-extracted HH prompts end with an empty "\n\nAssistant:"
-            return turns
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list):
-        return [_message(m, f"prompt message {i}") for i, m in enumerate(value)]
-    raise MalformedRowError(f"prompt must be a string or a list of messages, got {type(value).__name__}")
 
 
 def _pair(prompt: list[dict], chosen: str, rejected: str) -> tuple[list[dict], list[str], list[int]]:

@@ -4,7 +4,7 @@
    writes) and train a new reward model on them, mixed with any ``--data`` files (``reward
    train-rm``; every train-rm flag works here);
 2. **evaluate** the new version against the model the service is serving, on the ``--dev-data``
-   sets, through the eval harness (``trainer/evaluate.py``): both are scored over HTTP, the served
+   sets, through the eval harness (``trainer/evaluate/``): both are scored over HTTP, the served
    one where it is and the candidate by a temporary ``reward serve`` on a free loopback port;
 3. **deploy** it only if its mean dev accuracy is not below the served model's by more than
    ``--threshold``: the service hot-reloads it (``POST /v1/models/{name}/reload``) and
@@ -34,11 +34,11 @@ from typing import Any, Iterator
 
 from .config_flags import add_config_flags
 from .data import DataError
-from .evaluate import (
-    _SERVICE_DEFAULTS, EXIT_INPUT, EXIT_SERVICE, ItemPool, Target, build_preference_report, load_datasets,
-    score_through_service, service_error_message, to_jsonable,
-)
-from .reward import RewardTrainingConfig, TrainingConfigError, config_from_args
+from .evaluate.config import EvalConfig
+from .evaluate.datasets import ItemPool, build_preference_report, load_datasets
+from .evaluate.report import EXIT_INPUT, EXIT_SERVICE, to_jsonable, write_report
+from .evaluate.scoring import Target, score_through_service, service_error_message
+from .reward_config import RewardTrainingConfig, TrainingConfigError, config_from_args
 
 CURRENT = "current"
 HISTORY = "history.jsonl"
@@ -256,24 +256,21 @@ def run_loop(args: argparse.Namespace) -> int:
         datasets = load_datasets(args.dev_data, pool, args.max_bad_fraction)
     except DataError as exc:
         return _fail(f"{exc}; nothing to evaluate on", EXIT_INPUT)
-    eval_args = argparse.Namespace(**{**_SERVICE_DEFAULTS, "api_key": api_key})
+    eval_config = EvalConfig(api_key=api_key)  # the eval's defaults: seed 0, 2000 bootstrap resamples...
     targets = [Target(args.url, card.name), Target("", CANDIDATE)]
     try:
         with candidate_server(out, out / "candidate-serve.log", args.serve_timeout) as candidate_url:
             targets[1].url = candidate_url
-            scores, timing = score_through_service(eval_args, targets, pool, resolve=True)
+            scores, timing = score_through_service(eval_config, targets, pool, resolve=True)
     except RuntimeError as exc:
         return _fail(str(exc), EXIT_SERVICE)
     except RewardServiceError as exc:
         return _fail(service_error_message(exc), EXIT_SERVICE)
-    config = {
-        "seed": eval_args.seed, "bootstrap": 2000, "ci_method": "wilson", "confidence": 0.95, "calibration_bins": 10,
-        "normalize": False, "chunk_size": eval_args.chunk_size, "concurrency": eval_args.concurrency,
-        "datasets": [{"name": d.name, "path": d.path} for d in datasets],
-    }
-    report = build_preference_report(datasets, scores, [t.describe() for t in targets], config, timing)
+    report_config = eval_config.preference_report_config(datasets)
+    report = build_preference_report(datasets, scores, [t.describe() for t in targets], report_config, timing)
     served_label, candidate_label = targets[0].label, targets[1].label
-    _write_report(report, out / "eval")
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    write_report(report, out / "eval")
     decision = decide(report, served_label, candidate_label, args.threshold)
     decision.update(version=out.name, path=str(out.resolve()), served_before=f"{card.name}@{card.version}",
                     model=card.name, comparisons=_count_lines(out / "comparisons.jsonl"), deployed=False)
@@ -315,14 +312,6 @@ def _count_lines(path: Path) -> int | None:
         return None
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
-
-
-def _write_report(report: dict[str, Any], folder: Path) -> None:
-    from .eval_report import render_markdown
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(to_jsonable(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")
 
 
 def _finish(versions_dir: Path, out: Path, decision: dict[str, Any], code: int) -> int:

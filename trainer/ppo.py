@@ -68,10 +68,12 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from client import AsyncRewardClient, RewardServiceError, ServiceUnavailable, served_card
+from reward_core.formatting import render_policy_prompt
 from reward_core.forward import pad_token_id
 
 from .config_flags import add_config_flags, config_from_namespace, flag_help
 from .data import DataError
+from .evaluate.best_of_n import read_prompt_file
 from .sft import SFTConfigError, check_vocab, fit_to_context
 from .utils import disable_dropout, progress_bar, replace_dir, resolve_device
 
@@ -483,8 +485,6 @@ class PPOResult:
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig) -> None:
-        from trainer.evaluate import read_prompt_file
-
         config.validate()
         self.config = config
         if config.num_threads:
@@ -565,11 +565,9 @@ class PPOTrainer:
         return chosen
 
     def encode_prompts(self, prompts: list[list[dict]]):
-        from trainer.evaluate import policy_prompt_text
-
         rows = []
         for messages in prompts:
-            text, specials = policy_prompt_text(messages, self.tokenizer)
+            text, specials = render_policy_prompt(messages, self.tokenizer)
             ids = self.tokenizer(text, add_special_tokens=specials)["input_ids"]
             rows.append(ids[-self.max_prompt_tokens:])
         width = max(len(r) for r in rows)

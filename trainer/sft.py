@@ -5,10 +5,10 @@ reference it is kept close to.
 
 * Demonstrations: the best-ranked (chosen) response of each preference record, read with
   :func:`trainer.data.load_preferences` (every format it reads; ``PATH[:WEIGHT][:MAX_ROWS]``).
-* Rendering: :func:`reward_core.formatting.render_conversation` for a decoder, i.e. the tokenizer's
-  chat template when it has one, else the HH transcript ``"\\n\\nHuman: ...\\n\\nAssistant:"`` +
+* Rendering: :func:`reward_core.formatting.render_policy_example`, i.e. the tokenizer's chat
+  template when it has one, else the HH transcript ``"\\n\\nHuman: ...\\n\\nAssistant:"`` +
   ``" {response}{eos}"``. The prompt text is exactly what PPO and ``reward eval best-of-n``
-  generate from (:func:`trainer.evaluate.policy_prompt_text`), and the response part ends with the
+  generate from (:func:`reward_core.formatting.render_policy_prompt`), and the response part ends with the
   end-of-turn / EOS token, so the policy learns to stop.
 * Loss: token-level cross entropy on response tokens only (prompt and padding positions are
   masked), averaged over the response tokens of the batch.
@@ -159,13 +159,10 @@ def fit_to_context(model_config: Any, wanted: int | None, flag: str, reserved: i
 
 def render_demonstration(messages: Sequence[dict], response: str, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one demonstration; labels are IGNORE on prompt tokens."""
-    from reward_core.formatting import render_conversation
-    from reward_core.model_dir import RewardModelSpec
+    from reward_core.formatting import render_policy_example
 
-    spec = RewardModelSpec(architecture="decoder", max_length=max_length)
-    prompt_text, response_text = render_conversation(messages, response, tokenizer, spec)
     # A chat template writes its own special tokens; the HH fallback relies on the tokenizer's BOS.
-    with_specials = not getattr(tokenizer, "chat_template", None)
+    prompt_text, response_text, with_specials = render_policy_example(messages, response, tokenizer)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=with_specials)["input_ids"]
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     if len(response_ids) >= max_length:

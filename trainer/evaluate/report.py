@@ -1,18 +1,132 @@
-"""Markdown and PNG plots for ``reward eval`` reports (the JSON is built in ``trainer/evaluate.py``).
+"""``reward eval`` reports: the JSON (its schema below; built by ``datasets.py`` and
+``best_of_n.py``), the Markdown and the PNG plots, written under ``--report`` and printed
+(:func:`finish_report`); the exit statuses and error line of the command (:func:`fail`).
 
 matplotlib is imported only when plots are drawn, with the Agg backend (no display needed);
 without matplotlib the plots are skipped with a warning and the rest of the report is written.
+
+JSON report (``report.json``; stable keys; ``null`` where a value is undefined)
+------------------------------------------------------------------------------
+Both modes::
+
+    schema_version   1
+    kind             "preference" | "best_of_n"
+    created          ISO-8601 UTC time
+    config           the flags that shape the numbers (seed, bootstrap, ci_method "wilson",
+                     confidence 0.95, calibration_bins 10, datasets, chunk_size, concurrency...)
+    models           [{label, url, model (requested name or null), served_model (name@version),
+                       card (the service's /v1/models entry)}]  (best_of_n: the proxy, then gold)
+    plots            PNG file names in the report folder: preference {DATASET: {reliability,
+                     reward_vs_length}}; best_of_n {best_of_n}; {} without --report or matplotlib
+    scoring          {label: {items, seconds, items_per_second}}
+
+kind "preference" adds::
+
+    datasets: {NAME: {
+        path, n_records, n_pairs, n_unique_responses, categories [sorted names; "(none)" for
+        records without one], load {rows_read, rows_loaded, malformed},
+        longer_wins {accuracy, ci_low, ci_high, n_pairs, n_ties}     # the length baseline
+        models: {LABEL: {
+            accuracy, ci_low, ci_high, n_pairs, n_ties,
+            per_category: {CATEGORY: {accuracy, ci_low, ci_high, n_pairs, n_ties}},
+            length: {shorter_chosen {accuracy, n_pairs, n_ties}, longer_chosen {...},
+                     equal_length_pairs, length_controlled_accuracy, longer_wins_accuracy,
+                     pearson_reward_length, spearman_reward_length},
+            calibration: {ece, brier, n_pairs, label_mean, bins: [{lower, upper, n, mean_p, frac_a_better}]},
+            reward_distribution: {all: STATS, per_category: {CATEGORY: STATS}}
+                # STATS = {n, mean, std (population), min, q05, q25, median, q75, q95, max}
+        }},
+        comparisons: [{a, b, n_pairs, accuracy_a, accuracy_b, diff (b - a), diff_ci_low,
+                       diff_ci_high, agreement}]   # every model pair a < b in --url/--model order
+    }}
+    summary: {LABEL: {mean_accuracy (unweighted over datasets), pooled_accuracy, n_pairs, n_ties}}
+
+kind "best_of_n" adds::
+
+    best_of_n: {policy, n_prompts, n_samples, prompts_source, generation {temperature, top_p,
+                top_k, max_new_tokens, max_prompt_length (null: the policy's context minus max_new_tokens),
+                prompts_truncated (how many prompts kept only their most recent tokens), seed}, proxy LABEL, gold LABEL | null,
+                curve: [{n, kl, proxy_reward, proxy_reward_sem, gold_reward, gold_reward_sem}],
+                samples_file "samples.jsonl" (one line per sample: prompt_index, sample_index,
+                prompt, response, proxy_score, gold_score)}
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import EvalConfig
+
+SCHEMA_VERSION = 1
+EXIT_SERVICE = 1  # exit status: the service could not be used
+EXIT_INPUT = 2  # exit status: bad input
+
+
+# =========================================================================== JSON
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def to_jsonable(value: Any) -> Any:
+    """numpy scalars/arrays to Python; nan/inf to None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [to_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def write_report(report: dict[str, Any], folder: Path) -> str:
+    """``report.json`` and ``report.md`` in ``folder`` (an existing folder); returns the Markdown."""
+    (folder / "report.json").write_text(json.dumps(to_jsonable(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    markdown = render_markdown(report)
+    (folder / "report.md").write_text(markdown, encoding="utf-8")
+    return markdown
+
+
+def fail(message: str, code: int) -> int:
+    """Say what went wrong on stderr; returns the exit status ``code``."""
+    print(f"reward eval: {message}", file=sys.stderr)
+    return code
+
+
+def finish_report(report: dict[str, Any], config: EvalConfig, **plot_data: Any) -> int:
+    """Write plots, report.json and report.md under --report (when given); print the Markdown."""
+    if config.report:
+        out = Path(config.report)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return fail(f"cannot create the report folder {out}: {exc}", EXIT_INPUT)
+        if config.plots:
+            report["plots"] = write_plots(report, out, **plot_data)
+        markdown = write_report(report, out)
+    else:
+        markdown = render_markdown(report)
+    sys.stdout.write(markdown)
+    sys.stdout.flush()
+    if config.report:
+        print(f"reward eval: report written to {Path(config.report) / 'report.json'} and report.md", file=sys.stderr)
+    return 0
+
 
 # =========================================================================== Markdown
 

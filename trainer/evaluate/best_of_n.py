@@ -1,0 +1,232 @@
+"""``reward eval best-of-n``: N samples per prompt from a causal LM (in-process, transformers
+``generate``), scored by the service; the exact best-of-n curve (:func:`.metrics.best_of_n_curve`)
+with the proxy and, given one, the gold reward model."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from reward_core.formatting import parse_prompt, render_policy_prompt
+from reward_core.forward import pad_token_id
+
+from ..data import DataError, load_file
+from ..sft import SFTConfigError, fit_to_context
+from ..utils import progress_bar, resolve_device
+from .config import EvalConfig
+from .datasets import ItemPool
+from .metrics import best_of_n_curve
+from .report import EXIT_INPUT, EXIT_SERVICE, SCHEMA_VERSION, fail, finish_report, utc_now
+from .scoring import (
+    Target, make_targets, resolve_targets, score_through_service, service_error_message, with_clients,
+)
+
+
+def read_prompt_file(path: str | Path) -> list[list[dict]]:
+    """Prompts as chat messages: a ``.txt`` file (one prompt per non-blank line) or JSONL
+    (``.jsonl``/``.jsonl.gz``; per line a JSON string, ``{"prompt": str | messages}`` or
+    ``{"messages": [...]}``). Each prompt is read by :func:`reward_core.formatting.parse_prompt`
+    (an HH transcript is split into its turns), for a policy to answer. DataError lists the bad lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompt file not found: {path}")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    prompts, problems = [], []
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    plain = not any(path.name.endswith(s) for s in (".jsonl", ".jsonl.gz", ".json", ".json.gz"))
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = line.strip() if plain else _prompt_value(json.loads(line))
+            prompts.append(parse_prompt(value, for_generation=True))
+        except ValueError as exc:
+            problems.append(f"{path}:{number}: {exc}")
+    if problems:
+        raise DataError("bad prompt lines:\n" + "\n".join(problems[:20]))
+    if not prompts:
+        raise DataError(f"no prompts in {path}")
+    return prompts
+
+
+def _prompt_value(obj: Any) -> Any:
+    """The prompt of one JSONL line of a prompt file."""
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, dict) and "prompt" in obj:
+        return obj["prompt"]
+    if isinstance(obj, dict) and "messages" in obj:
+        return obj["messages"]
+    raise ValueError('expected a JSON string, {"prompt": ...} or {"messages": [...]}')
+
+
+def load_bon_prompts(config: EvalConfig) -> tuple[list[list[dict]], str]:
+    """The prompts for best-of-N and where they came from."""
+    if config.prompts:
+        prompts, source = read_prompt_file(config.prompts), str(config.prompts)
+    else:
+        result = load_file(config.bon_data, max_bad_fraction=config.max_bad_fraction)
+        seen: dict[str, list[dict]] = {}
+        for r in result.records:
+            seen.setdefault(json.dumps(r.prompt, sort_keys=True, ensure_ascii=False), r.prompt)
+        prompts, source = list(seen.values()), str(config.bon_data)
+    if config.max_prompts:
+        prompts = prompts[: config.max_prompts]
+    return prompts, source
+
+
+def generate_samples(
+    policy: str | Path,
+    prompts: Sequence[Sequence[dict]],
+    n_samples: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 128,
+    max_prompt_length: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    on_prompt_done: Callable[[int], None] | None = None,
+    truncated_prompts: list[int] | None = None,
+) -> list[list[str]]:
+    """N sampled completions per prompt from a causal LM (``generate`` with do_sample). Prompt i
+    is sampled with seed ``seed + i``, so its samples do not depend on the other prompts. A prompt
+    longer than ``max_prompt_length`` or than the policy's context leaves after ``max_new_tokens``
+    keeps its most recent tokens (as ``reward ppo`` does); the indices of those prompts are
+    appended to ``truncated_prompts`` when given."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar shows the sampling progress
+
+    device = resolve_device(device, error=SFTConfigError)
+    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    limit = fit_to_context(model.config, max_prompt_length, "--max-prompt-length", max_new_tokens, "--max-new-tokens")
+    model.to(device).eval()
+    pad_id = pad_token_id(tokenizer)
+    out: list[list[str]] = []
+    for i, messages in enumerate(prompts):
+        text, specials = render_policy_prompt(messages, tokenizer)
+        ids = tokenizer(text, add_special_tokens=specials, return_tensors="pt")["input_ids"].to(device)
+        if ids.shape[1] > limit:
+            ids = ids[:, -limit:]
+            if truncated_prompts is not None:
+                truncated_prompts.append(i)
+        set_seed(seed + i)
+        samples: list[str] = []
+        while len(samples) < n_samples:
+            k = min(batch_size, n_samples - len(samples))
+            with torch.inference_mode():
+                generated = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
+                    top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, num_return_sequences=k,
+                    pad_token_id=pad_id,
+                )
+            new = generated[:, ids.shape[1]:]
+            samples += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        out.append(samples)
+        if on_prompt_done:
+            on_prompt_done(i + 1)
+    return out
+
+
+def run_best_of_n(config: EvalConfig) -> int:
+    from client import RewardServiceError
+
+    urls, models = list(config.urls or []), list(config.models or [])
+    if len(urls) > 1 or len(models) > 1:
+        return fail("best-of-n takes one proxy reward model (one --url, one --model); the gold one is --gold-model/--gold-url", EXIT_INPUT)
+    proxy = make_targets(urls, models)[0]
+    gold = None
+    if config.gold_model or config.gold_url:
+        gold = Target(config.gold_url or proxy.url, config.gold_model)
+    targets = [proxy] + ([gold] if gold else [])
+    if config.temperature <= 0:
+        return fail("--temperature must be > 0 (best-of-N needs sampling)", EXIT_INPUT)
+    policy = Path(config.policy)
+    if not (policy / "config.json").is_file():
+        return fail(f"--policy {policy} is not a Hugging Face model directory (no config.json)", EXIT_INPUT)
+    try:
+        prompts, source = load_bon_prompts(config)
+    except DataError as exc:
+        return fail(f"{exc}; nothing to evaluate", EXIT_INPUT)
+
+    async def check(clients):
+        await resolve_targets(clients, targets)
+
+    try:  # before generating: a wrong URL or model name should not cost a generation run
+        asyncio.run(with_clients([t.url for t in targets], config, check))
+    except RewardServiceError as exc:
+        return fail(service_error_message(exc), EXIT_SERVICE)
+
+    N = config.n_samples
+    print(f"reward eval: best-of-{N}: {len(prompts)} prompts from {source}, policy {policy}", file=sys.stderr)
+    truncated: list[int] = []
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task("sampling", total=len(prompts))
+            samples = generate_samples(
+                policy, prompts, N, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                max_new_tokens=config.max_new_tokens, max_prompt_length=config.max_prompt_length,
+                batch_size=config.batch_size, seed=config.seed, device=config.device, dtype=config.dtype,
+                trust_remote_code=config.trust_remote_code, truncated_prompts=truncated,
+                on_prompt_done=lambda done: progress.update(task, completed=done),
+            )
+    except SFTConfigError as exc:  # the flags leave no room for a prompt in the policy's context
+        return fail(str(exc), EXIT_INPUT)
+    if truncated:
+        print(f"reward eval: {len(truncated)} of {len(prompts)} prompts were longer than the policy takes; "
+              "their most recent tokens were kept (--max-prompt-length)", file=sys.stderr)
+    pool = ItemPool()
+    index = np.array([[pool.add(p, s) for s in row] for p, row in zip(prompts, samples)], dtype=np.int64)
+
+    try:
+        scores, timing = score_through_service(config, targets, pool, resolve=False)
+    except RewardServiceError as exc:
+        return fail(service_error_message(exc), EXIT_SERVICE)
+
+    proxy_scores = scores[proxy.label][index]
+    gold_scores = scores[gold.label][index] if gold else None
+    curve = best_of_n_curve(proxy_scores, gold_scores)
+    rows = [
+        {"n": n, "kl": curve["kl"][i], "proxy_reward": curve["proxy"][i], "proxy_reward_sem": curve["proxy_sem"][i],
+         "gold_reward": curve["gold"][i] if gold else None, "gold_reward_sem": curve["gold_sem"][i] if gold else None}
+        for i, n in enumerate(curve["n"])
+    ]
+    generation = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+                  "max_new_tokens": config.max_new_tokens, "max_prompt_length": config.max_prompt_length, "seed": config.seed}
+    report = {
+        "schema_version": SCHEMA_VERSION, "kind": "best_of_n", "created": utc_now(),
+        "config": {"seed": config.seed, "normalize": config.normalize, "chunk_size": config.chunk_size,
+                   "concurrency": config.concurrency, **generation},
+        "models": [t.describe() for t in targets], "scoring": timing, "plots": {},
+        "best_of_n": {
+            "policy": str(policy), "n_prompts": len(prompts), "n_samples": N, "prompts_source": source,
+            "generation": {**generation, "prompts_truncated": len(truncated)}, "proxy": proxy.label, "gold": gold.label if gold else None,
+            "curve": rows, "samples_file": "samples.jsonl" if config.report else None,
+        },
+    }
+    if config.report:
+        out = Path(config.report)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+            for p, (messages, row) in enumerate(zip(prompts, samples)):
+                for s, text in enumerate(row):
+                    line = {"prompt_index": p, "sample_index": s, "prompt": messages, "response": text,
+                            "proxy_score": float(proxy_scores[p, s]),
+                            "gold_score": float(gold_scores[p, s]) if gold_scores is not None else None}
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return finish_report(report, config)

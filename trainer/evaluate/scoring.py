@@ -1,0 +1,146 @@
+"""Scoring through the running service with our client (:class:`client.AsyncRewardClient`), never
+the model in-process: the served models to score with (:class:`Target`), each service checked and
+its model card recorded, every unique item scored once per model in concurrent chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..utils import progress_bar
+from .datasets import ItemPool
+
+if TYPE_CHECKING:
+    from .config import EvalConfig
+
+
+@dataclass
+class Target:
+    """One served reward model: a URL and a model name (None: the service's default)."""
+
+    url: str
+    model: str | None
+    label: str = ""
+    served_model: str = ""
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label, "url": self.url, "model": self.model, "served_model": self.served_model, "card": self.card}
+
+
+def make_targets(urls: Sequence[str], models: Sequence[str]) -> list[Target]:
+    """--url/--model combinations: one URL with several models, several URLs (each with its
+    default model, or the one --model), or as many URLs as models (zipped)."""
+    urls = list(urls) or [os.environ.get("REWARD_URL", _default_url())]
+    models = list(models)
+    if len(urls) == 1:
+        targets = [Target(urls[0], m) for m in (models or [None])]
+    elif len(models) <= 1:
+        targets = [Target(u, models[0] if models else None) for u in urls]
+    elif len(models) == len(urls):
+        targets = [Target(u, m) for u, m in zip(urls, models)]
+    else:
+        raise ValueError(
+            f"{len(urls)} --url and {len(models)} --model: give one URL with several models, several URLs "
+            "with at most one model, or as many models as URLs (paired in order)"
+        )
+    return targets
+
+
+def _default_url() -> str:
+    from client.client import DEFAULT_URL
+
+    return DEFAULT_URL
+
+
+def _label_targets(targets: list[Target]) -> None:
+    names = [t.model or t.card.get("name") or "default" for t in targets]
+    for t, name in zip(targets, names):
+        t.label = name if names.count(name) == 1 else f"{name}@{t.url.split('://', 1)[-1]}"
+    labels = [t.label for t in targets]
+    for i, t in enumerate(targets):
+        if labels.count(t.label) > 1:
+            t.label = f"{t.label}#{i + 1}"
+
+
+def _client_options(config: EvalConfig) -> dict[str, Any]:
+    return dict(
+        timeout=config.timeout, max_retries=config.max_retries, backoff=config.backoff, backoff_max=max(config.backoff, 20.0),
+        chunk_size=config.chunk_size, max_concurrency=config.concurrency,
+        api_key=config.api_key or os.environ.get("REWARD_API_KEY"),
+    )
+
+
+async def resolve_targets(clients: dict[str, Any], targets: list[Target]) -> None:
+    """Ask each service for its models: checks it is reachable (with retries) and that the model
+    exists, and records its card. Raises RewardServiceError."""
+    from client import served_card
+
+    listings: dict[str, Any] = {}
+    for t in targets:
+        if t.url not in listings:
+            listings[t.url] = await clients[t.url].models()
+        card = served_card(listings[t.url], t.model, t.url)
+        t.card = card.model_dump()
+        t.served_model = f"{card.name}@{card.version}"
+    _label_targets(targets)
+
+
+async def score_pool(
+    clients: dict[str, Any], targets: list[Target], items: list[dict], normalize: bool, progress: Any
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Score every pool item with every target, chunks in flight concurrently. Returns scores per
+    label and per-label timing."""
+    scores, timing = {}, {}
+    for t in targets:
+        task = progress.add_task(f"scoring {t.label}", total=len(items))
+        started = time.perf_counter()
+        response = await clients[t.url].score(
+            items, model=t.model, normalize=normalize, progress=lambda done, total, task=task: progress.update(task, completed=done)
+        )
+        seconds = time.perf_counter() - started
+        if len(response.scores) != len(items):
+            from client import RewardServiceError
+
+            raise RewardServiceError(None, "invalid_response", f"{t.url} returned {len(response.scores)} scores for {len(items)} items")
+        scores[t.label] = np.asarray(response.scores, dtype=np.float64)
+        timing[t.label] = {"items": len(items), "seconds": seconds, "items_per_second": len(items) / seconds if seconds else None}
+    return scores, timing
+
+
+async def with_clients(urls: Iterable[str], config: EvalConfig, body: Callable[[dict[str, Any]], Any]):
+    from client import AsyncRewardClient
+
+    clients = {u: AsyncRewardClient(u, **_client_options(config)) for u in dict.fromkeys(urls)}
+    try:
+        return await body(clients)
+    finally:
+        for c in clients.values():
+            await c.aclose()
+
+
+def score_through_service(config: EvalConfig, targets: list[Target], pool: ItemPool, *, resolve: bool):
+    """Score every item of ``pool`` with every target, chunked and concurrent, with a progress bar;
+    ``resolve`` first checks each target is served (resolve_targets)."""
+
+    async def body(clients):
+        if resolve:
+            await resolve_targets(clients, targets)
+        with progress_bar() as progress:
+            return await score_pool(clients, targets, pool.items, config.normalize, progress)
+
+    return asyncio.run(with_clients([t.url for t in targets], config, body))
+
+
+def service_error_message(exc: Exception) -> str:
+    from client import ServiceUnavailable
+
+    text = str(exc)
+    if isinstance(exc, ServiceUnavailable):
+        text += "; is `reward serve` running there? (set --url or REWARD_URL)"
+    return text
