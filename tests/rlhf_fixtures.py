@@ -72,7 +72,8 @@ def build_tiny_gpt2_lm(out: Path, seed: int = 0) -> Path:
 
 def train_planted_rm(root: Path) -> Path:
     import tiny_models
-    from trainer.reward import RewardTrainingConfig, train_reward_model
+    from trainer.reward import train_reward_model
+    from trainer.reward_config import RewardTrainingConfig
 
     bert = tiny_models.build_tiny_bert(root / "bert")
     config = RewardTrainingConfig(

@@ -272,7 +272,8 @@ def write_fixture(path: Path, n: int, seed: int) -> Path:
 def planted(tmp_path_factory):
     """A tiny BERT trained on the planted preference with the project's trainer, and an untrained one."""
     import tiny_models
-    from trainer.reward import RewardTrainingConfig, train_reward_model
+    from trainer.reward import train_reward_model
+    from trainer.reward_config import RewardTrainingConfig
 
     root = tmp_path_factory.mktemp("eval-models")
     bert = tiny_models.build_tiny_bert(root / "bert")
