@@ -39,6 +39,19 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
+def add_config_subcommand(
+    subparsers, name: str, config_class: type, run: Any, *, help: str, description: str,
+) -> argparse.ArgumentParser:
+    """The ``reward NAME`` subcommand of a trainer: one flag per field of its config dataclass,
+    defaults shown in ``--help``, ``run(args)`` as what it does."""
+    parser = subparsers.add_parser(
+        name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_flags(parser, config_class)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def config_from_namespace(config_class: type, args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     for f in fields(config_class):

@@ -71,7 +71,7 @@ from client import AsyncRewardClient, RewardServiceError, ServiceUnavailable, se
 from reward_core.formatting import render_policy_prompt
 from reward_core.forward import pad_token_id
 
-from .config_flags import add_config_flags, config_from_namespace, flag_help
+from .config_flags import add_config_subcommand, config_from_namespace, flag_help
 from .data import DataError
 from .evaluate.best_of_n import read_prompt_file
 from .sft import SFTConfigError, check_vocab, fit_to_context
@@ -818,14 +818,11 @@ def train_ppo(config: PPOConfig) -> PPOResult:
 
 
 def add_ppo_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "ppo", help="RLHF: PPO on a policy from `reward sft`, rewards from a running `reward serve`",
+    return add_config_subcommand(
+        subparsers, "ppo", PPOConfig, run_ppo,
+        help="RLHF: PPO on a policy from `reward sft`, rewards from a running `reward serve`",
         description="PPO with a KL penalty to the SFT reference; rewards are scored by the reward service over HTTP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_config_flags(parser, PPOConfig)
-    parser.set_defaults(func=run_ppo)
-    return parser
 
 
 def run_ppo(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ from typing import Any, Iterator, Sequence
 
 from reward_core.forward import pad_token_id
 
-from .config_flags import add_config_flags
+from .config_flags import add_config_subcommand
 from .data import DataError, DataSpec, PreferenceRecord, load_preferences, parse_data_spec
 from .reward_config import DEFAULT_BASE_MODEL, RewardTrainingConfig, TrainingConfigError, config_from_args
 from .reward_data import file_report, length_balance_weights, parse_eval_spec
@@ -103,17 +103,14 @@ class TrainResult:
 
 def add_train_rm_parser(subparsers) -> argparse.ArgumentParser:
     """``reward train-rm``: one flag per :class:`RewardTrainingConfig` field."""
-    parser = subparsers.add_parser(
-        "train-rm", help="train a reward model on preference data",
+    return add_config_subcommand(
+        subparsers, "train-rm", RewardTrainingConfig, run_train_rm,
+        help="train a reward model on preference data",
         description=(
             "Train a reward model (Bradley-Terry / K-way rankings) whose output directory "
             "`reward serve --model NAME=OUTPUT_DIR` loads. Runs under torchrun for several processes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_config_flags(parser, RewardTrainingConfig)
-    parser.set_defaults(func=run_train_rm)
-    return parser
 
 
 def run_train_rm(args: argparse.Namespace) -> int:
@@ -406,23 +403,14 @@ class _Trainer:
     def _build_model(self) -> None:
         import torch
 
-        from reward_core.loading import load_sequence_classifier
-        from reward_core.model_dir import RewardModelSpec, load_spec, load_tokenizer
-        from transformers import AutoConfig
+        from reward_core.loading import load_sequence_classifier, open_model_dir
+        from reward_core.model_dir import RewardModelSpec
 
         c = self.config
         base_path, base_ref = resolve_base(c.base_model)
         self.base_path, self.base_ref = base_path, base_ref
-        hf_config = AutoConfig.from_pretrained(base_path)
-        raw_base = None
-        meta = base_path / "reward_model.json"
-        if meta.is_file():
-            try:
-                raw_base = json.loads(meta.read_text()).get("base_model")
-            except (json.JSONDecodeError, AttributeError):
-                raw_base = None
-        tokenizer = load_tokenizer(base_path, base_model=raw_base)
-        base_spec = load_spec(base_path, hf_config, tokenizer)
+        base_files = open_model_dir(base_path)
+        tokenizer, base_spec = base_files.tokenizer, base_files.spec
         if c.train_mode in ("top", "lora") and (base_spec.base_model or (base_path / "adapter_config.json").is_file()):
             raise TrainingConfigError(
                 f"train_mode={c.train_mode} saves weights relative to base_model, but {base_path} is itself "

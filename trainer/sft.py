@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from reward_core.forward import pad_token_id
 
-from .config_flags import add_config_flags, config_from_namespace, flag_help
+from .config_flags import add_config_subcommand, config_from_namespace, flag_help
 from .data import DataError, load_preferences
 from .utils import disable_dropout, progress_bar, resolve_device
 
@@ -268,14 +268,11 @@ def train_sft(config: SFTConfig) -> SFTResult:
 
 
 def add_sft_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "sft", help="fine-tune a causal LM on demonstrations (the chosen answers of preference data)",
+    return add_config_subcommand(
+        subparsers, "sft", SFTConfig, run_sft,
+        help="fine-tune a causal LM on demonstrations (the chosen answers of preference data)",
         description="Supervised fine-tuning on demonstrations, loss on response tokens only; the starting policy for `reward ppo`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_config_flags(parser, SFTConfig)
-    parser.set_defaults(func=run_sft)
-    return parser
 
 
 def run_sft(args: argparse.Namespace) -> int:
