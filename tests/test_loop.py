@@ -1,7 +1,8 @@
-"""The comparison loop end to end, as the README walks through it: labellers' comparisons are
-in the store of a running service; `reward loop` retrains on them, evaluates the new version
-against the served one on a dev set through the eval harness, and deploys it (hot reload) only
-when it is not worse. Also `reward export-comparisons` and `train-rm --from-store`'s refusals."""
+"""The comparison loop end to end, as docs/comparison-loop.md walks through it: labellers'
+comparisons are in the store of a running service; `reward loop` retrains on them, evaluates the
+new version against the served one on a dev set through the eval harness, and deploys it (hot
+reload) only when it is not worse. Also `reward export-comparisons` and `train-rm --from-store`'s
+refusals."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -59,9 +59,11 @@ def test_reward_loop_retrains_on_the_store_and_deploys_only_a_model_that_is_not_
     args = ["--model", f"rm={versions / 'current'}", "--store", store]
     with running_server(args, tmp_path / "server.log", env={"REWARD_RELOAD_TOKEN": TOKEN}) as server, \
             RewardClient(server.url, max_concurrency=8) as client:
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda body: client.submit_comparison(**body, labeller="ann"),
-                          comparisons_from(write_task(tmp_path / "labelled.jsonl", 160, seed=0))))
+        # One after the other: the store's order is the training data's order, so comparisons
+        # sent from a thread pool made the trained model (and its dev accuracy, near the bar
+        # below) depend on thread scheduling.
+        for body in comparisons_from(write_task(tmp_path / "labelled.jsonl", 160, seed=0)):
+            client.submit_comparison(**body, labeller="ann")
         served_before = client.models().data[0]
         training = ["--base-model", str(model_dirs["bert"]), "--max-length", "32", "--per-device-batch-size", "16",
                     "--warmup-ratio", "0", "--eval-steps", "0", "--save-steps", "0", "--reward-stats-samples", "200",
