@@ -83,7 +83,7 @@ def length_sorted_chunks(encoded, pad_id: int, max_tokens: int, device):
 def evaluate_pairs(records: Sequence[PreferenceRecord], rewards_per_record: Sequence[Sequence[float]]) -> dict[str, Any]:
     """Accuracy (ties count half), mean BT loss and the "longer answer wins" baseline, overall and
     per category, over every (better, worse) pair of the records."""
-    from .evaluate import pair_outcomes
+    from .evaluate.metrics import pair_outcomes
 
     better, worse, longer, shorter, categories = [], [], [], [], []
     loss = 0.0
