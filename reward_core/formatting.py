@@ -36,7 +36,7 @@ Where a decoder reads its reward
 end of the chat template's rendering of the whole conversation, or ``"eos"``, OpenRLHF's EOS.
 :func:`reward_read_point` brings any text to that point: a text cut at the end-of-turn token
 (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``: what a policy's rollout ends with, as
-OpenRLHF sends it) gets the rest of what the template writes after it (``"\n"``), and for
+OpenRLHF sends it) gets the rest of what the template writes after it (``"\\n"``), and for
 ``"eos"`` trailing newlines go and the EOS is appended when missing. Both
 :func:`encode_conversations` and :func:`encode_texts` apply it, so every route reads the reward
 at the same token. A text that stops elsewhere (a response cut by the length limit) is read

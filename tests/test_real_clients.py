@@ -226,7 +226,7 @@ def test_verl_custom_reward_function_called_as_the_naive_manager_calls_it(server
 
 
 def test_verl_async_reward_function_awaited_concurrently_by_the_reward_loop(server):
-    compute_score = load_like_verl(REPO_ROOT / "client" / "verl.py", "compute_score_async", {"reward_url": server.url})
+    compute_score = load_like_verl(REPO_ROOT / "client" / "verl.py", "compute_score_async", {"reward_url": server.url, "reward_model": "default"})
     assert inspect.iscoroutinefunction(compute_score)
 
     async def reward_loop():  # RewardLoopWorker: one task per sample, gathered; its own keywords added
@@ -242,7 +242,7 @@ def test_verl_async_reward_function_awaited_concurrently_by_the_reward_loop(serv
 
 
 def test_verl_batch_reward_function_and_a_missing_prompt(server):
-    compute_score = load_like_verl(REPO_ROOT / "client" / "verl.py", "compute_score_batch", {"reward_url": server.url})
+    compute_score = load_like_verl(REPO_ROOT / "client" / "verl.py", "compute_score_batch", {"reward_url": server.url, "reward_model": "default"})
 
     scores = compute_score(
         data_sources=np.array(["gsm8k", "gsm8k"], dtype=object), solution_strs=[r for _, r in VERL_SAMPLES],
