@@ -183,12 +183,16 @@ def test_text_in_no_known_chat_format_is_still_one_segment(server):
 # --------------------------------------------------------------------------- 3. verl, for real
 
 
-def load_like_verl(path: Path, name: str, reward_kwargs: dict):
-    """verl.utils.import_utils.load_module (a file path, a module name of its own) and
-    verl.trainer.ppo.reward.get_custom_reward_fn (reward_kwargs merged over the call's keywords)."""
-    spec = importlib.util.spec_from_file_location(f"custom_module_{hash(str(path.resolve()))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def load_like_verl(path: Path | str, name: str, reward_kwargs: dict):
+    """verl.utils.import_utils.load_module (``pkg://`` a module, else a file path loaded under a
+    module name of its own) and verl.trainer.ppo.reward.get_custom_reward_fn (reward_kwargs merged
+    over the call's keywords)."""
+    if isinstance(path, str) and path.startswith("pkg://"):
+        module = importlib.import_module(path[len("pkg://"):].replace("/", "."))
+    else:
+        spec = importlib.util.spec_from_file_location(f"custom_module_{hash(str(Path(path).resolve()))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     raw_fn = getattr(module, name)
 
     if inspect.iscoroutinefunction(raw_fn):
@@ -212,9 +216,10 @@ def expected_for_verl(server, model):
         return client.score(items, model=model).scores
 
 
-@pytest.mark.parametrize("model", ["default", "chatml"])
-def test_verl_custom_reward_function_called_as_the_naive_manager_calls_it(server, model):
-    compute_score = load_like_verl(REPO_ROOT / "client" / "verl.py", "compute_score", {"reward_url": server.url, "reward_model": model})
+@pytest.mark.parametrize("model,where", [("default", "file"), ("chatml", "file"), ("default", "pkg://client.verl")])
+def test_verl_custom_reward_function_called_as_the_naive_manager_calls_it(server, model, where):
+    path = REPO_ROOT / "client" / "verl.py" if where == "file" else where
+    compute_score = load_like_verl(path, "compute_score", {"reward_url": server.url, "reward_model": model})
 
     scores = [
         compute_score(data_source="openai/gsm8k", solution_str=response, ground_truth="42", extra_info=dict(info))
@@ -223,6 +228,15 @@ def test_verl_custom_reward_function_called_as_the_naive_manager_calls_it(server
 
     assert scores == pytest.approx(expected_for_verl(server, model), abs=1e-4)
     assert all(isinstance(s, float) for s in scores)
+
+    async def reward_loop():  # the reward loop runs a plain function in its thread pool, many at once
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(
+            loop.run_in_executor(None, lambda i=i, r=r: compute_score(data_source="x", solution_str=r, ground_truth="", extra_info=dict(i)))
+            for i, r in VERL_SAMPLES * 4
+        ))
+
+    assert asyncio.run(reward_loop()) == pytest.approx(expected_for_verl(server, model) * 4, abs=1e-4)
 
 
 def test_verl_async_reward_function_awaited_concurrently_by_the_reward_loop(server):
