@@ -18,6 +18,10 @@ section of this module):
 - ``POST /get_reward``  GetRewardRequest      -> GetRewardResponse       (OpenRLHF remote RM)
 - ``POST /classify``    ClassificationRequest -> ClassificationResponse  (vLLM; verl's reward loop)
 - ``POST /pooling``     PoolingRequest        -> PoolingResponse         (vLLM)
+- ``POST /slime_reward`` SlimeRewardRequest   -> a bare number           (slime's remote_rm)
+
+``/classify`` and ``/pooling`` take either vLLM's text body (``input``) or its chat body
+(``messages``, scored through the model's own template as ``/v1/score`` scores them).
 """
 
 from __future__ import annotations
@@ -245,11 +249,36 @@ class GetRewardResponse(BaseModel):
     )
 
 
+class VLLMChatMessage(_Lenient):
+    """One message of vLLM's chat body: OpenAI's shape, content a string or a list of parts
+    (the text parts are read)."""
+
+    role: Role
+    content: Union[str, list[dict[str, Any]], None] = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if self.content is None:
+            return ""
+        return "".join(
+            p.get("text", "") for p in self.content if isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text", ""), str)
+        )
+
+
 class _VLLMPoolingBase(_Lenient):
     model: str | None = Field(
         default=None, description="Served model name or its directory path (verl sends the path); the default when omitted."
     )
-    input: Union[str, list[str]] = Field(description="One text or a list of texts, chat template already applied.")
+    input: Union[str, list[str], None] = Field(
+        default=None, description="One text or a list of texts, chat template already applied. Send this or messages."
+    )
+    messages: list[VLLMChatMessage] | None = Field(
+        default=None,
+        description="vLLM's chat form: one conversation ending with the assistant turn to score, formatted by the "
+        "model's own template (as /v1/score formats it). Send this or input.",
+    )
     use_activation: StrictBool | None = Field(
         default=None, description="Apply the head's activation (sigmoid for a one-output reward model)."
     )
@@ -266,13 +295,27 @@ class _VLLMPoolingBase(_Lenient):
 
     @model_validator(mode="after")
     def _input_not_empty(self) -> "_VLLMPoolingBase":
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("send input (text, or a list of texts) or messages (a chat ending with the assistant turn), one of the two")
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input is an empty list; send a string or at least one string")
+        if self.messages is not None and (not self.messages or self.messages[-1].role != "assistant"):
+            raise ValueError("messages must end with the assistant turn to score (a reward model scores a response)")
         return self
 
     @property
     def texts(self) -> list[str]:
+        if self.input is None:
+            return []
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    @property
+    def conversation(self) -> tuple[list[dict[str, str]], str] | None:
+        """The chat body as (prompt messages, response); None for a text body."""
+        if self.messages is None:
+            return None
+        turns = [{"role": m.role, "content": m.text} for m in self.messages]
+        return turns[:-1], turns[-1]["content"]
 
     def activation_wanted(self, default: bool) -> bool:
         for value in (self.use_activation, self.activation):
@@ -328,6 +371,23 @@ class PoolingResponse(BaseModel):
     model: str
     data: list[PoolingData]
     usage: VLLMUsage
+
+
+class SlimeRewardRequest(_Lenient):
+    """slime's remote reward model body (``--rm-type remote_rm --rm-url http://host:8000/slime_reward``):
+    one sample per request; the answer is the reward, a bare JSON number."""
+
+    prompt: Union[str, list[VLLMChatMessage]] = Field(
+        description="The prompt: chat messages, a prompt already rendered with a chat template (parsed back), or plain text."
+    )
+    response: str = Field(description="The generated response.")
+    label: Any = Field(default=None, description="The sample's label; accepted and not used by a reward model.")
+    model: str | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
+
+    def prompt_value(self) -> Union[str, list[dict[str, str]]]:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return [{"role": m.role, "content": m.text} for m in self.prompt]
 
 
 # -- Comparisons and the labelling queue (service/routers/comparisons.py) --------------------------

@@ -30,6 +30,27 @@ one renderer of a prompt for a causal LM to continue (SFT, PPO and best-of-N): t
 rendering above without the response, i.e. the chat template with the generation prompt, or
 the HH transcript ending in ``"\\n\\nAssistant:"``.
 
+Where a decoder reads its reward
+--------------------------------
+``spec.read_reward_at`` (see ``reward_core.model_dir``) names the token: ``"template_end"``, the
+end of the chat template's rendering of the whole conversation, or ``"eos"``, OpenRLHF's EOS.
+:func:`reward_read_point` brings any text to that point: a text cut at the end-of-turn token
+(``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``: what a policy's rollout ends with, as
+OpenRLHF sends it) gets the rest of what the template writes after it (``"\\n"``), and for
+``"eos"`` trailing newlines go and the EOS is appended when missing. Both
+:func:`encode_conversations` and :func:`encode_texts` apply it, so every route reads the reward
+at the same token. A text that stops elsewhere (a response cut by the length limit) is read
+where it stops.
+
+Chat markup read by encoders
+----------------------------
+An encoder was trained on the pair (prompt, response), never on chat markup. A text that
+already went through a chat template (verl's reward input, OpenRLHF's query) is parsed back
+into (prompt messages, response) by :func:`parse_chat_markup` (ChatML, which is also the
+template our encoders ship, :data:`ENCODER_CHAT_TEMPLATE`; Llama 3; Gemma; and the
+``<|user|>...</s>`` / ``<|user|>...<|end|>`` style of Zephyr and Phi-3) and then rendered as
+:func:`render_conversation` renders it. Text in no known format is read as one segment.
+
 Truncation
 ----------
 When the input is longer than ``max_length`` tokens, tokens are removed from the START of the
@@ -43,7 +64,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from .model_dir import RewardModelSpec
+from .model_dir import READ_AT_EOS, RewardModelSpec
 
 # (prompt messages, response text): the canonical scoring unit, shared with the trainer.
 Conversation = tuple[list[dict[str, str]], str]
@@ -52,6 +73,14 @@ _HH_ROLE = {"user": "Human", "assistant": "Assistant", "system": "System", "tool
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _HH_MARKER_ROLE = {"Human": "user", "Assistant": "assistant"}
 _LINE_ROLE = {"user": "User", "assistant": "Assistant", "system": "System", "tool": "Tool"}
+
+#: The chat template our encoders ship (``reward train-rm`` saves it with an encoder that had
+#: none; models/default-rm has it): ChatML, so callers that format with the reward model's
+#: template (verl, vLLM-style clients) can, and :func:`parse_chat_markup` reads it back.
+ENCODER_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # Segment kinds of each token, used to decide what truncation may remove.
 SPECIAL, PROMPT, RESPONSE = 0, 1, 2
@@ -236,6 +265,156 @@ def render_conversation(messages: Sequence[dict], response: str, tokenizer: Any,
     return _render_decoder(messages, response, tokenizer, bool(chat_template))
 
 
+# --------------------------------------------------------------------------- the reward's token
+
+_PROBE_USER, _PROBE_REPLY = "\u2063probe question\u2063", "\u2063probe reply\u2063"
+_turn_end_cache: dict[tuple[int, str], tuple[str, str] | None] = {}
+
+
+def assistant_turn_end(tokenizer: Any) -> tuple[str, str] | None:
+    """What the chat template writes after an assistant turn's content, split in two: (the
+    end-of-turn marker, up to and including the first special token, e.g. ``"<|im_end|>"``; the
+    rest, e.g. ``"\\n"``). None without a template, or when nothing special ends the turn."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or not isinstance(template, str):
+        return None
+    key = (id(tokenizer), template)
+    if key not in _turn_end_cache:
+        _turn_end_cache[key] = _probe_turn_end(tokenizer)
+    return _turn_end_cache[key]
+
+
+def _probe_turn_end(tokenizer: Any) -> tuple[str, str] | None:
+    try:
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}], tokenize=False
+        )
+    except Exception:  # a template that refuses this conversation: nothing to complete
+        return None
+    at = full.rfind(_PROBE_REPLY)
+    if at < 0:
+        return None
+    suffix = full[at + len(_PROBE_REPLY):]
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    try:
+        specials |= set(tokenizer.get_added_vocab())
+    except Exception:
+        pass
+    ends = [suffix.find(t) + len(t) for t in specials if t and suffix.find(t) >= 0]
+    if not ends:
+        return None
+    first = min(ends)
+    return suffix[:first], suffix[first:]
+
+
+def reward_read_point(text: str, tokenizer: Any, spec: RewardModelSpec) -> str:
+    """A decoder's full text (prompt and response) brought to the token its reward is read at
+    (``spec.read_reward_at``; see the module docstring). Idempotent; encoders' text is returned
+    as it is."""
+    if spec.architecture != "decoder":
+        return text
+    if spec.read_reward_at == READ_AT_EOS:
+        eos = getattr(tokenizer, "eos_token", None)
+        text = text.rstrip("\n")
+        if eos and not text.endswith(eos):
+            text += " " + eos
+        return text
+    if not (spec.use_chat_template and getattr(tokenizer, "chat_template", None)):
+        return text  # the HH fallback ends with the EOS it renders
+    turn_end = assistant_turn_end(tokenizer)
+    if turn_end is None:
+        return text
+    marker, rest = turn_end
+    if rest and text.endswith(marker) and not text.endswith(marker + rest):
+        return text + rest
+    return text
+
+
+# --------------------------------------------------------------------------- chat markup
+
+
+@dataclass(frozen=True)
+class _Markup:
+    """One chat format: a turn (groups role, content) closed by its end token; the last turn may
+    be open (a response cut by the length limit)."""
+
+    name: str
+    turn: re.Pattern
+    open_turn: re.Pattern
+    bos: tuple[str, ...]
+    eos: tuple[str, ...]
+
+
+def _markup(name: str, head: str, end: str, bos: tuple[str, ...], eos: tuple[str, ...]) -> _Markup:
+    return _Markup(
+        name, re.compile(head + r"(?P<content>.*?)" + end, re.S), re.compile(head + r"(?P<content>.*)\Z", re.S), bos, eos
+    )
+
+
+_ROLE = r"(?P<role>[A-Za-z_]+)"
+CHAT_MARKUPS: tuple[_Markup, ...] = (
+    _markup("chatml", r"<\|im_start\|>" + _ROLE + r"\n", r"<\|im_end\|>", (), ("<|endoftext|>",)),
+    _markup(
+        "llama3", r"<\|start_header_id\|>" + _ROLE + r"<\|end_header_id\|>\n\n", r"<\|eot_id\|>",
+        ("<|begin_of_text|>",), ("<|end_of_text|>",),
+    ),
+    _markup("gemma", r"<start_of_turn>" + _ROLE + r"\n", r"<end_of_turn>", ("<bos>",), ("<eos>",)),
+    _markup("zephyr", r"<\|(?P<role>user|assistant|system)\|>\n?", r"(?:</s>|<\|end\|>)", ("<s>",), ("<|endoftext|>",)),
+)
+_MARKUP_ROLES = dict(ROLE_ALIASES, tool="tool")
+
+
+def parse_chat_markup(text: str) -> Conversation | None:
+    """A text in a known chat format (:data:`CHAT_MARKUPS`) that ends with an assistant turn, as
+    (prompt messages, response); None for any other text. The whole text must be turns of one
+    format (a leading BOS, whitespace between turns and a trailing EOS or pad allowed);
+    contents are stripped, as the common templates strip them."""
+    for markup in CHAT_MARKUPS:
+        messages = _parse_turns(text, markup)
+        if messages and messages[-1]["role"] == "assistant":
+            return messages[:-1], messages[-1]["content"]
+    return None
+
+
+def prompt_response_conversation(prompt: Any, response: str) -> Conversation:
+    """A (prompt, response) whose prompt may already be rendered (slime sends the policy's
+    templated prompt): chat messages as they are; a templated prompt string parsed back with its
+    response (:func:`parse_chat_markup`); any other string read by :func:`parse_prompt` (one
+    user turn or an HH transcript)."""
+    if isinstance(prompt, str):
+        parsed = parse_chat_markup(prompt + response)
+        if parsed is not None and parsed[0] and parsed[1] == response.strip():
+            return parsed[0], response
+        return parse_prompt(prompt), response
+    return parse_prompt(prompt), response
+
+
+def _parse_turns(text: str, markup: _Markup) -> list[dict] | None:
+    body = text.strip()
+    for bos in markup.bos:
+        if body.startswith(bos):
+            body = body[len(bos):].lstrip()
+    changed = True
+    while changed:  # trailing EOS / pad tokens a decoded rollout may carry
+        changed = False
+        for tail in markup.eos + ("<pad>", "<|pad|>", "[PAD]"):
+            if body.endswith(tail):
+                body, changed = body[: -len(tail)].rstrip(), True
+    messages, pos = [], 0
+    while pos < len(body):
+        match = markup.turn.match(body, pos) or markup.open_turn.match(body, pos)
+        if match is None:
+            return None
+        role = _MARKUP_ROLES.get(match["role"].lower())
+        if role is None:
+            return None
+        messages.append({"role": role, "content": match["content"].strip()})
+        pos = match.end()
+        while pos < len(body) and body[pos].isspace():
+            pos += 1
+    return messages or None
+
+
 def encode_conversations(
     conversations: Iterable[Conversation], tokenizer: Any, spec: RewardModelSpec
 ) -> list[EncodedInput]:
@@ -243,6 +422,8 @@ def encode_conversations(
     rendered = [render_conversation(m, r, tokenizer, spec) for m, r in conversations]
     if not rendered:
         return []
+    if spec.architecture == "decoder":
+        rendered = [_at_read_point(p, r, tokenizer, spec) for p, r in rendered]
     prompts = [p for p, _ in rendered]
     responses = [r for _, r in rendered]
     if spec.architecture == "encoder":
@@ -266,6 +447,11 @@ def encode_conversations(
         kinds = [SPECIAL] * len(bos) + [PROMPT] * len(p_ids) + [RESPONSE] * len(r_ids)
         out.append(_truncate(ids, kinds, None, spec.max_length))
     return out
+
+
+def _at_read_point(prompt: str, response: str, tokenizer: Any, spec: RewardModelSpec) -> tuple[str, str]:
+    full = reward_read_point(prompt + response, tokenizer, spec)
+    return (prompt, full[len(prompt):]) if full.startswith(prompt) else (full, "")
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -319,9 +505,14 @@ def encode_texts(
       with the BOS token (a chat template wrote it) or ``add_special_tokens`` says otherwise.
       When ``prompt_prefixes[i]`` is a prefix of the text, the tokens inside it count as the
       prompt for truncation; otherwise the whole text does.
-    * Encoders: when ``prompt_prefixes[i]`` is a non-empty prefix of the text, the text is
-      split there and read as the text pair (prefix, rest), as ``encode_conversations`` does
-      for a single-turn (prompt, response); otherwise the whole text is one segment.
+      The text is first brought to the model's reward token (:func:`reward_read_point`): a
+      rollout cut at the end-of-turn token is read where ``/v1/score`` reads the conversation.
+    * Encoders: a text in a known chat format (:func:`parse_chat_markup`) is parsed back into
+      (prompt messages, response) and rendered as ``encode_conversations`` renders it (the
+      markup is not read). Otherwise, when ``prompt_prefixes[i]`` is a non-empty prefix of the
+      text, the text is split there and read as the text pair (prefix, rest), as
+      ``encode_conversations`` does for a single-turn (prompt, response); otherwise the whole
+      text is one segment.
 
     Trailing pad tokens (when the pad token is not also EOS) are removed first: a rollout
     decoded with its special tokens can carry them, and a pad is never what is being judged.
@@ -344,7 +535,12 @@ def encode_texts(
         out = []
         for text, prefix in zip(texts, splits):
             with_specials = True if add_special_tokens is None else add_special_tokens
-            if prefix is not None and len(prefix) < len(text):
+            conversation = parse_chat_markup(text)
+            if conversation is not None:
+                first, second = render_conversation(*conversation, tokenizer, spec)
+                enc = tokenizer(first, second, add_special_tokens=with_specials, truncation=False, verbose=False)
+                kinds = [SPECIAL if s is None else (PROMPT if s == 0 else RESPONSE) for s in enc.sequence_ids(0)]
+            elif prefix is not None and len(prefix) < len(text):
                 enc = tokenizer(prefix, text[len(prefix):], add_special_tokens=with_specials, truncation=False, verbose=False)
                 # Both segments are kept apart so truncation cuts the prompt before the response.
                 kinds = [SPECIAL if s is None else (PROMPT if s == 0 else RESPONSE) for s in enc.sequence_ids(0)]
@@ -355,6 +551,7 @@ def encode_texts(
         return out
 
     bos = getattr(tokenizer, "bos_token", None)
+    texts = [reward_read_point(t, tokenizer, spec) for t in texts]
     out = []
     for text, prefix in zip(texts, splits):
         with_specials = add_special_tokens

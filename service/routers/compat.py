@@ -1,8 +1,11 @@
 """Other frameworks' endpoints, so their trainers call this service unchanged.
 
 - ``POST /get_reward``: OpenRLHF's remote reward model (``--reward.remote_url URL/get_reward``).
+- ``POST /slime_reward``: slime's remote reward model (``{"prompt", "response", "label"}`` in,
+  the reward as a bare number out).
 - ``POST /classify`` and ``POST /pooling``: vLLM's pooling API as verl's reward loop calls it
-  (``data[-1].probs[-1]`` is the reward).
+  (``data[-1].probs[-1]`` is the reward), in its text form (``input``) and its chat form
+  (``messages``, rendered by the model's template like ``/v1/score``).
 
 Each route only translates shapes: the texts go through ``formatting.encode_texts`` and the
 model's batcher via the inference path (``service/inference.py``, ``app.state.inference``: the
@@ -26,10 +29,12 @@ from client.protocol import (
     PoolingData,
     PoolingRequest,
     PoolingResponse,
+    SlimeRewardRequest,
     VLLMUsage,
 )
+from reward_core.formatting import PromptError, prompt_response_conversation
 
-from ..errors import SCORING_ERRORS
+from ..errors import SCORING_ERRORS, APIError
 from ..inference import Inference, sigmoid
 
 router = APIRouter(tags=["compatibility"])
@@ -59,12 +64,18 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
 async def _score_vllm_texts(body, request: Request):
     inference: Inference = request.app.state.inference
     model = inference.pick_model(body.model)
-    texts = body.texts
-    inference.check_count(len(texts), "inputs")
-    scores, encoded = await inference.score_texts(
-        request, model, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
-    )
-    tokens = sum(len(e) for e in encoded)
+    conversation = body.conversation
+    if conversation is not None:
+        # vLLM's chat form: rendered by the model's own template, exactly as /v1/score renders it.
+        scores, usage = await inference.score_conversations(request, model, [conversation])
+        tokens = usage.tokens
+    else:
+        texts = body.texts
+        inference.check_count(len(texts), "inputs")
+        scores, encoded = await inference.score_texts(
+            request, model, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
+        )
+        tokens = sum(len(e) for e in encoded)
     # vLLM echoes the model name it was asked for; ours when none was given.
     name = body.model or model.display_name
     return model, name, scores, VLLMUsage(prompt_tokens=tokens, total_tokens=tokens)
@@ -94,3 +105,18 @@ async def pooling(body: PoolingRequest, request: Request) -> PoolingResponse:
     data = [PoolingData(index=i, data=[sigmoid(s) if activate else s]) for i, s in enumerate(scores)]
     return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", created=int(time.time()), model=name, data=data, usage=usage)
 
+
+
+@router.post("/slime_reward", response_model=float, responses=SCORING_ERRORS)
+async def slime_reward(body: SlimeRewardRequest, request: Request) -> float:
+    """slime's remote RM (``--rm-url .../slime_reward``): the reward of one (prompt, response),
+    scored as ``/v1/score`` scores the conversation. A prompt already rendered with a chat
+    template is parsed back into its messages."""
+    inference: Inference = request.app.state.inference
+    model = inference.pick_model(body.model)
+    try:
+        conversation = prompt_response_conversation(body.prompt_value(), body.response)
+    except PromptError as exc:
+        raise APIError(422, "validation_error", f"prompt: {exc}") from None
+    scores, _ = await inference.score_conversations(request, model, [conversation])
+    return scores[0]
