@@ -42,7 +42,7 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     an encoder reads the pair (prompt, rest)). An empty ``query`` gets empty lists."""
     inference: Inference = request.app.state.inference
     model = inference.pick_model(body.model)
-    inference.check_count(len(body.query), "queries")
+    inference.admit(body, len(body.query), "queries")
     if not body.query:
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
     scores, encoded = await inference.score_texts(request, model, body.query, prompt_prefixes=body.prompts)
@@ -60,7 +60,7 @@ async def _score_vllm_texts(body, request: Request):
     inference: Inference = request.app.state.inference
     model = inference.pick_model(body.model)
     texts = body.texts
-    inference.check_count(len(texts), "inputs")
+    inference.admit(body, len(texts), "inputs")
     scores, encoded = await inference.score_texts(
         request, model, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
     )
