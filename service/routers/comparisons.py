@@ -19,17 +19,20 @@ They read the store (``app.state.store``, None without ``--store``) and the allo
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from client.protocol import (
+    MAX_ID,
     Comparison,
     ComparisonCreated,
     ComparisonList,
@@ -139,8 +142,24 @@ def _no_nul(**values: str | None) -> None:
             raise APIError(422, "validation_error", f"query.{name}: contains a NUL character; remove it")
 
 
+def _in_utc(name: str, value: datetime | None) -> datetime | None:
+    # The store compares in UTC; a time whose UTC is before year 1 or after year 9999 (e.g.
+    # 9999-12-31T23:59:59-14:00) has no datetime, so it is refused here, naming the parameter.
+    if value is None:
+        return None
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise APIError(
+            422, "validation_error",
+            f"query.{name}: {value.isoformat()} is outside the times the store can compare (0001-01-01 to "
+            "9999-12-31 in UTC); send a time within them",
+        ) from None
+
+
 def _filters(since: datetime | None, until: datetime | None, labeller: str | None, category: str | None) -> Filters:
     _no_nul(labeller=labeller, category=category)
+    since, until = _in_utc("since", since), _in_utc("until", until)
     if since is not None and until is not None and until <= since:
         raise APIError(422, "invalid_time_range", f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
     return Filters(since=since, until=until, labeller=labeller, category=category)
@@ -148,8 +167,8 @@ def _filters(since: datetime | None, until: datetime | None, labeller: str | Non
 
 _SINCE = Query(default=None, description="Only comparisons stored at or after this time (ISO 8601; UTC when no offset).")
 _UNTIL = Query(default=None, description="Only comparisons stored before this time (ISO 8601).")
-_LABELLER = Query(default=None, description="Only this labeller's comparisons.")
-_CATEGORY = Query(default=None, description="Only this category.")
+_LABELLER = Query(default=None, max_length=200, description="Only this labeller's comparisons.")
+_CATEGORY = Query(default=None, max_length=200, description="Only this category.")
 
 
 @router.get("/v1/comparisons", response_model=ComparisonList, responses=STORE_ERRORS)
@@ -159,7 +178,7 @@ def list_comparisons(
     until: datetime | None = _UNTIL,
     labeller: str | None = _LABELLER,
     category: str | None = _CATEGORY,
-    after: int | None = Query(default=None, ge=0, description="The next_after of the previous page."),
+    after: int | None = Query(default=None, ge=0, le=MAX_ID, description="The next_after of the previous page."),
     limit: int = Query(default=100, ge=1, le=1000, description="Comparisons per page (at most 1000)."),
 ) -> ComparisonList:
     """Stored comparisons, oldest first, one page at a time."""
@@ -236,8 +255,24 @@ def next_label_task(
     return NextLabelTask(task=LabelTask.model_validate(task) if task else None, waiting=waiting)
 
 
+def page_csp(html: str) -> str:
+    """The Content-Security-Policy of a page: only its own inline <script> and <style> blocks
+    (by their SHA-256), requests to this origin only, no frames, forms or plugins."""
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        digests = [base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode() for b in blocks]
+        return " ".join(f"'sha256-{d}'" for d in digests) or "'none'"
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
 @router.get("/label", response_class=HTMLResponse, include_in_schema=False)
 def label_page() -> HTMLResponse:
     """The labelling page: plain HTML and a little JavaScript talking to the routes above."""
-    return HTMLResponse(LABEL_PAGE.read_text(encoding="utf-8"))
+    html = LABEL_PAGE.read_text(encoding="utf-8")
+    return HTMLResponse(html, headers={"Content-Security-Policy": page_csp(html), "Referrer-Policy": "no-referrer"})
 
