@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import socket
@@ -110,7 +111,7 @@ def main() -> int:
         "under_load": {
             "requests": len(latencies),
             "median_s": round(statistics.median(latencies), 3) if latencies else None,
-            "p90_s": round(sorted(latencies)[int(0.9 * (len(latencies) - 1))], 3) if latencies else None,
+            "p90_s": sorted(latencies)[max(0, math.ceil(0.9 * len(latencies)) - 1)] if latencies else None,
             "max_s": max(latencies) if latencies else None,
         },
         "huge_requests": huge_results,

@@ -9,10 +9,11 @@ event loop keeps accepting and tokenising requests meanwhile. Each request gets 
 back through per-item futures, so a request larger than one batch is simply split.
 
 Fairness: the plan is made again before every forward, over everything waiting then, and the
-batch run is the one holding an item of the next request in turn (round robin over the waiting
-requests, in arrival order). A request of many batches therefore runs one batch per turn, and a
-small request that arrives meanwhile waits for about one forward per request ahead of it, not
-for the whole of a large one.
+batch run is chosen by turns: one forward for the request with the fewest items waiting, the
+next for the next request in arrival order (round robin), and so on. A request of many batches
+therefore runs one batch per turn; a small request that arrives meanwhile waits for about one
+forward, not for the whole of a large one; and large requests still get at least every other
+forward between them, so a stream of small ones cannot starve them.
 
 Backpressure: at most ``max_queue_items`` items wait per model (queued or planned into a batch
 not yet run); a request that does not fit is refused at once with ``QueueFull`` and an estimate
@@ -105,7 +106,8 @@ class TokenBudgetBatcher:
         self._arrived = asyncio.Event()
         self._budget_full = asyncio.Event()
         self._requests = itertools.count()  # numbers the requests, for the round robin
-        self._last_turn = -1  # the request whose item the last batch was chosen for
+        self._last_turn = -1  # the request whose item the last round-robin batch was chosen for
+        self._smallest_next = True  # turns alternate: the smallest request, then round robin
         # One forward at a time per model: torch already spreads one forward over all cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}")
         self._worker: asyncio.Task | None = None
@@ -229,9 +231,16 @@ class TokenBudgetBatcher:
         batch: list[_QueuedItem] = []
         if live:
             plan = plan_batches([len(q.encoded) for q in live], self.max_batch_tokens, self.max_batch_size, self.max_padding)
-            owners = sorted({q.owner for q in live})
-            turn = next((o for o in owners if o > self._last_turn), owners[0])
-            self._last_turn = turn
+            waiting: dict[int, int] = {}
+            for q in live:
+                waiting[q.owner] = waiting.get(q.owner, 0) + 1
+            if self._smallest_next:
+                turn = min(waiting, key=lambda o: (waiting[o], o))
+            else:
+                owners = sorted(waiting)
+                turn = next((o for o in owners if o > self._last_turn), owners[0])
+                self._last_turn = turn
+            self._smallest_next = not self._smallest_next
             chosen = next(indices for indices in plan if any(live[i].owner == turn for i in indices))
             batch = [live[i] for i in chosen]
             taken = set(map(id, batch))

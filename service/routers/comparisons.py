@@ -27,9 +27,11 @@ import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BeforeValidator
 
 from client.protocol import (
     MAX_ID,
@@ -165,6 +167,15 @@ def _filters(since: datetime | None, until: datetime | None, labeller: str | Non
     return Filters(since=since, until=until, labeller=labeller, category=category)
 
 
+def _iso_only(value):
+    # pydantic would read a bare number as a Unix timestamp; the filters take ISO 8601 only.
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*", value):
+        raise ValueError("give an ISO 8601 time such as 2026-11-27T12:00:00Z, not a number")
+    return value
+
+
+IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
+
 _SINCE = Query(default=None, description="Only comparisons stored at or after this time (ISO 8601; UTC when no offset).")
 _UNTIL = Query(default=None, description="Only comparisons stored before this time (ISO 8601).")
 _LABELLER = Query(default=None, max_length=200, description="Only this labeller's comparisons.")
@@ -174,8 +185,8 @@ _CATEGORY = Query(default=None, max_length=200, description="Only this category.
 @router.get("/v1/comparisons", response_model=ComparisonList, responses=STORE_ERRORS)
 def list_comparisons(
     request: Request,
-    since: datetime | None = _SINCE,
-    until: datetime | None = _UNTIL,
+    since: IsoTime | None = _SINCE,
+    until: IsoTime | None = _UNTIL,
     labeller: str | None = _LABELLER,
     category: str | None = _CATEGORY,
     after: int | None = Query(default=None, ge=0, le=MAX_ID, description="The next_after of the previous page."),
@@ -194,8 +205,8 @@ def list_comparisons(
 @router.get("/v1/comparisons/export", responses={**STORE_ERRORS, 200: {"content": {"application/x-ndjson": {}}}})
 def export_comparisons(
     request: Request,
-    since: datetime | None = _SINCE,
-    until: datetime | None = _UNTIL,
+    since: IsoTime | None = _SINCE,
+    until: IsoTime | None = _UNTIL,
     labeller: str | None = _LABELLER,
     category: str | None = _CATEGORY,
 ):
