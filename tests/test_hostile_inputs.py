@@ -104,6 +104,23 @@ def test_a_poisoned_label_task_is_refused_so_the_labeller_is_not_locked_out(bert
     assert drawn[0].json()["task"]["prompt"] == "fine task"
 
 
+def test_a_task_poisoned_before_the_fix_is_set_aside_not_handed_out(bert, tmp_path):
+    from reward_core.store import ComparisonStore
+
+    store = ComparisonStore(f"sqlite:///{tmp_path}/comparisons.db")
+    # Written straight into the store, as the service before the fix accepted it.
+    poisoned = store.add_tasks([{"prompt": "poison \ud800 task", "responses": ["a", "b"]},
+                                {"prompt": [{"role": "user", "content": "x\udfff"}], "responses": ["a", "b"]}])
+    fine = store.add_tasks([{"prompt": "fine task", "responses": ["a", "b"]}])
+    store.close()
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        drawn = [http.get("/v1/label/tasks/next", params={"labeller": name}) for name in ("ann", "bob")]
+
+    assert [d.status_code for d in drawn] == [200, 200], drawn[0].text
+    assert drawn[0].json()["task"]["id"] == fine[0] and drawn[1].json()["task"] is None
+    assert poisoned and drawn[1].json()["waiting"] == 1, "the poisoned tasks left the queue"
+
+
 # -- 3: model names that are no path --------------------------------------------------------------
 
 

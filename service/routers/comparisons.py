@@ -260,10 +260,30 @@ def next_label_task(
     if labellers is not None and labeller not in labellers:
         raise APIError(422, "unknown_labeller", f"labeller {labeller!r} is not one of this service's labellers (--labellers)")
     try:
-        task, waiting = store.next_task(labeller, lease_s)
+        for _ in range(10):
+            task, waiting = store.next_task(labeller, lease_s)
+            served = _servable(task)
+            if task is None or served is not None:
+                return NextLabelTask(task=served, waiting=waiting)
+            # Stored before text was checked (a lone surrogate, say): set it aside rather than
+            # fail this labeller on every retry for the length of the lease.
+            log.warning("label task %s cannot be served (its stored text is not valid); set aside", task["id"])
+            store.set_aside_task(task["id"])
     except StoreUnavailable as exc:
         raise _unavailable(exc, "no task was handed out.") from None
-    return NextLabelTask(task=LabelTask.model_validate(task) if task else None, waiting=waiting)
+    return NextLabelTask(task=None, waiting=waiting)
+
+
+def _servable(task: dict | None) -> LabelTask | None:
+    """The task as it will be answered, or None when it cannot be (or there is none)."""
+    if task is None:
+        return None
+    try:
+        served = LabelTask.model_validate(task)
+        json.dumps(served.model_dump(mode="json"), ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError):
+        return None
+    return served
 
 
 def page_csp(html: str) -> str:
