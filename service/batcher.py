@@ -8,6 +8,13 @@ batch have similar lengths (little padding), cuts it into batches whose padded s
 event loop keeps accepting and tokenising requests meanwhile. Each request gets its own scores
 back through per-item futures, so a request larger than one batch is simply split.
 
+Fairness: the plan is made again before every forward, over everything waiting then, and the
+batch run is chosen by turns: one forward for the request with the fewest items waiting, the
+next for the next request in arrival order (round robin), and so on. A request of many batches
+therefore runs one batch per turn; a small request that arrives meanwhile waits for about one
+forward, not for the whole of a large one; and large requests still get at least every other
+forward between them, so a stream of small ones cannot starve them.
+
 Backpressure: at most ``max_queue_items`` items wait per model (queued or planned into a batch
 not yet run); a request that does not fit is refused at once with ``QueueFull`` and an estimate
 of when there will be room. A request that gives up (deadline, disconnect) takes its
@@ -17,6 +24,7 @@ not-yet-run items out of the queue. A failing forward fails only the requests in
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +57,11 @@ class BatcherStopped(RuntimeError):
     """The service is shutting down and takes no new work."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _QueuedItem:
     encoded: EncodedInput
     future: asyncio.Future
+    owner: int  # the request it came with (numbered in arrival order)
 
 
 class TokenBudgetBatcher:
@@ -96,6 +105,9 @@ class TokenBudgetBatcher:
         self._queued_tokens = 0
         self._arrived = asyncio.Event()
         self._budget_full = asyncio.Event()
+        self._requests = itertools.count()  # numbers the requests, for the round robin
+        self._last_turn = -1  # the request whose item the last round-robin batch was chosen for
+        self._smallest_next = True  # turns alternate: the smallest request, then round robin
         # One forward at a time per model: torch already spreads one forward over all cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{model_name}")
         self._worker: asyncio.Task | None = None
@@ -165,12 +177,13 @@ class TokenBudgetBatcher:
         self.check_room(len(encoded))
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in encoded]
+        owner = next(self._requests)
         self._pending += len(futures)
         self._idle.clear()
         for e, f in zip(encoded, futures):
             self._unanswered.add(f)
             f.add_done_callback(self._item_done)
-            self._queue.append(_QueuedItem(e, f))
+            self._queue.append(_QueuedItem(e, f, owner))
             self._queued_tokens += len(e)
         self._update_depth()
         self._arrived.set()
@@ -198,27 +211,44 @@ class TokenBudgetBatcher:
 
     async def _run(self) -> None:
         while True:
-            await self._arrived.wait()
-            if self._queued_tokens < self.max_batch_tokens and self.max_wait > 0:
-                try:
-                    await asyncio.wait_for(self._budget_full.wait(), self.max_wait)
-                except asyncio.TimeoutError:
-                    pass
-            taken = [q for q in self._queue if not q.future.done()]
-            self._queue.clear()
-            self._queued_tokens = 0
-            self._arrived.clear()
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                # The first item after a quiet spell waits a little for company to share its batch.
+                if self._queued_tokens < self.max_batch_tokens and self.max_wait > 0:
+                    try:
+                        await asyncio.wait_for(self._budget_full.wait(), self.max_wait)
+                    except asyncio.TimeoutError:
+                        pass
             self._budget_full.clear()
-            self._update_depth()
-            if not taken:
-                continue
-            plan = plan_batches(
-                [len(q.encoded) for q in taken], self.max_batch_tokens, self.max_batch_size, self.max_padding
-            )
-            for indices in plan:
-                live = [taken[i] for i in indices if not taken[i].future.done()]
-                if live:
-                    await self._forward(live)
+            batch = self._next_batch()
+            if batch:
+                await self._forward(batch)
+
+    def _next_batch(self) -> list[_QueuedItem]:
+        """Plan what is waiting and take the batch holding an item of the next request in turn."""
+        live = [q for q in self._queue if not q.future.done()]
+        batch: list[_QueuedItem] = []
+        if live:
+            plan = plan_batches([len(q.encoded) for q in live], self.max_batch_tokens, self.max_batch_size, self.max_padding)
+            waiting: dict[int, int] = {}
+            for q in live:
+                waiting[q.owner] = waiting.get(q.owner, 0) + 1
+            if self._smallest_next:
+                turn = min(waiting, key=lambda o: (waiting[o], o))
+            else:
+                owners = sorted(waiting)
+                turn = next((o for o in owners if o > self._last_turn), owners[0])
+                self._last_turn = turn
+            self._smallest_next = not self._smallest_next
+            chosen = next(indices for indices in plan if any(live[i].owner == turn for i in indices))
+            batch = [live[i] for i in chosen]
+            taken = set(map(id, batch))
+            live = [q for q in live if id(q) not in taken]
+        self._queue = live
+        self._queued_tokens = sum(len(q.encoded) for q in live)
+        self._update_depth()
+        return batch
 
     async def _forward(self, items: list[_QueuedItem]) -> None:
         batch = pad_batch([q.encoded for q in items], self.pad_token_id)

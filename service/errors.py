@@ -54,10 +54,20 @@ STORE_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
 NOT_READY_ERRORS = error_responses(503)
 
 
+# The tags of the protocol's tagged unions (an item's shape, a prompt's), which pydantic puts in
+# the path of an error right after the item's index or the prompt field.
+_UNION_TAGS = frozenset({"prompt_response", "messages", "text"})
+
+
 def _field_path(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    # Drop the discriminator tags pydantic puts in the path of a tagged union.
-    parts = [p for p in parts if p not in ("prompt_response", "messages") or p == parts[-1]]
+    parts: list[str] = []
+    previous: object = None
+    for i, p in enumerate(loc):
+        tag = p in _UNION_TAGS and (isinstance(previous, int) or previous == "prompt")
+        last_shape = i == len(loc) - 1 and p != "text"  # an error of the whole item keeps its shape's name
+        if p != "body" and (not tag or last_shape):
+            parts.append(str(p))
+        previous = p
     return ".".join(parts) or "body"
 
 

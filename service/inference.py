@@ -4,21 +4,28 @@ lengths, tokenise in a pool of threads off the event loop, hand the encoded item
 batcher, all within the request's deadline, and turn the batcher's backpressure (QueueFull,
 BatcherStopped, ForwardFailed) and the deadline into APIErrors. Routes only translate shapes;
 none batches, tokenises or touches tensors itself.
+
+Fairness: a request of at most ``SMALL_REQUEST_CHARS`` characters is tokenised in a lane of
+its own, so a few huge requests cannot make a one-item request wait for their tokenisation; a
+larger one is tokenised in slices of about ``SLICE_CHARS`` characters, each its own job in the
+pool, so large requests take turns and one past its deadline stops after the slice it is in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 
-from client.protocol import CompareRequest, ScoreRequest, Usage
+from client.protocol import Usage
 from reward_core.formatting import Conversation, encode_conversations, encode_texts
 
 from .batcher import BatcherStopped, ForwardFailed, QueueFull
@@ -28,6 +35,11 @@ from .registry import ModelRegistry, ServedModel
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+# A request with at most this many characters of text is tokenised in the small requests' lane.
+SMALL_REQUEST_CHARS = 16_384
+# A larger request is tokenised in slices of about this many characters (at least one item each).
+SLICE_CHARS = 65_536
 
 
 def usage_of(encoded: list) -> Usage:
@@ -39,6 +51,25 @@ def sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     z = math.exp(x)
     return z / (1.0 + z)
+
+
+def conversation_chars(conversation: Conversation) -> int:
+    messages, response = conversation
+    return sum(len(m.get("content") or "") for m in messages) + len(response)
+
+
+def slices(sizes: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """(start, end) ranges of consecutive items of about ``budget`` in total size (one item at least)."""
+    ranges: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            ranges.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
 
 
 def long_fields(value: Any, limit: int, path: str = "") -> list[tuple[str, int]]:
@@ -60,9 +91,12 @@ class Inference:
         self.settings = settings
         self.metrics = metrics
         self.tokenize_pool = ThreadPoolExecutor(max_workers=settings.tokenizer_threads, thread_name_prefix="tokenize")
+        # Small requests' own lane: never behind a large request's slices.
+        self.small_pool = ThreadPoolExecutor(max_workers=settings.tokenizer_threads, thread_name_prefix="tokenize-small")
 
     def shutdown(self) -> None:
         self.tokenize_pool.shutdown(wait=False)
+        self.small_pool.shutdown(wait=False)
 
     def pick_model(self, name: str | None) -> ServedModel:
         if name is None:
@@ -81,9 +115,15 @@ class Inference:
                 "request (the client does it for you) or raise --max-items",
             )
 
-    def check_field_lengths(self, body: ScoreRequest | CompareRequest) -> None:
+    def admit(self, body: BaseModel, n_items: int, what: str) -> None:
+        """What every scoring route, ours and the compatible ones, checks before any work: the
+        item count (``n_items`` of ``what``) and the length of every text field of the body."""
+        self.check_count(n_items, what)
+        self.check_field_lengths(body)
+
+    def check_field_lengths(self, body: BaseModel) -> None:
         limit = self.settings.max_field_chars
-        too_long = long_fields(body.model_dump(include={"items", "pairs"}), limit)
+        too_long = long_fields(body.model_dump(exclude_none=True), limit)
         if too_long:
             where, n = too_long[0]
             more = f" (and {len(too_long) - 1} more fields)" if len(too_long) > 1 else ""
@@ -98,28 +138,40 @@ class Inference:
     ) -> tuple[list[float], Usage]:
         """/v1/score and /v1/compare: (prompt messages, response) conversations, formatted by the
         model's template."""
-        scores, encoded = await self.score_encoded(http, model, len(conversations), encode_conversations, conversations)
+        sizes = [conversation_chars(c) for c in conversations]
+        scores, encoded = await self.score_encoded(http, model, encode_conversations, conversations, sizes)
         return scores, usage_of(encoded)
 
-    async def score_texts(self, http: Request, model: ServedModel, texts: list[str], **kwargs) -> tuple[list[float], list]:
+    async def score_texts(
+        self, http: Request, model: ServedModel, texts: list[str], *, prompt_prefixes: list[str | None] | None = None,
+        **kwargs,
+    ) -> tuple[list[float], list]:
         """The compatible routes: texts already rendered by the caller (``encode_texts`` options
         as keywords). Returns (scores, the EncodedInputs)."""
-        return await self.score_encoded(http, model, len(texts), encode_texts, texts, **kwargs)
+        sizes = [len(t) for t in texts]
+        per_item = {"prompt_prefixes": prompt_prefixes} if prompt_prefixes is not None else {}
+        return await self.score_encoded(http, model, encode_texts, texts, sizes, per_item, **kwargs)
 
     async def score_encoded(
-        self, http: Request, model: ServedModel, n_items: int, encode: Callable[..., list], *args, **kwargs
+        self, http: Request, model: ServedModel, encode: Callable[..., list], items: list, sizes: list[int],
+        per_item: dict[str, list] | None = None, **kwargs,
     ) -> tuple[list[float], list]:
-        """THE scoring path of every route: ``encode(*args, tokenizer, spec, **kwargs)`` in the
-        tokeniser pool, then the model's batcher, within the request's deadline. Returns (scores,
-        the EncodedInputs) in order; refusals (queue full, deadline, failed forward) become APIErrors."""
+        """THE scoring path of every route: ``encode(items, tokenizer, spec, **per_item, **kwargs)``
+        in the tokeniser pool (``sizes``: each item's characters, for the lane and the slices;
+        ``per_item``: keyword lists cut along with the items), then the model's batcher, within
+        the request's deadline. Returns (scores, the EncodedInputs) in order; refusals (queue
+        full, deadline, failed forward) become APIErrors."""
         settings = self.settings
+        n_items = len(items)
         http.state.model, http.state.items = model.name, n_items
         started = getattr(http.state, "started", time.perf_counter())
         remaining = settings.request_timeout_s - (time.perf_counter() - started)
         try:
             model.batcher.check_room(n_items)  # shed load before paying for tokenisation
             with model.in_use():  # a reload waits for this before retiring the model
-                return await asyncio.wait_for(self._tokenize_and_score(http, model, encode, args, kwargs), max(remaining, 0.0))
+                return await asyncio.wait_for(
+                    self._tokenize_and_score(http, model, encode, items, sizes, per_item or {}, kwargs), max(remaining, 0.0)
+                )
         except QueueFull as full:
             retry_after = max(1, math.ceil(full.retry_after_s))
             raise APIError(
@@ -146,9 +198,20 @@ class Inference:
             raise APIError(503, "stopping", "the service is shutting down; retry on another instance",
                            headers={"Retry-After": "1"}) from None
 
-    async def _tokenize_and_score(self, http: Request, model: ServedModel, encode, args, kwargs) -> tuple[list[float], list]:
+    async def _tokenize(self, model: ServedModel, encode, items: list, sizes: list[int], per_item: dict, kwargs) -> list:
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self.tokenize_pool, lambda: encode(*args, model.tokenizer, model.spec, **kwargs))
+        pool = self.small_pool if sum(sizes) <= SMALL_REQUEST_CHARS else self.tokenize_pool
+        encoded: list = []
+        for start, end in slices(sizes, SLICE_CHARS):
+            cut = {k: v[start:end] for k, v in per_item.items()}
+            job = functools.partial(encode, items[start:end], model.tokenizer, model.spec, **cut, **kwargs)
+            encoded += await loop.run_in_executor(pool, job)
+        return encoded
+
+    async def _tokenize_and_score(
+        self, http: Request, model: ServedModel, encode, items: list, sizes: list[int], per_item: dict, kwargs
+    ) -> tuple[list[float], list]:
+        encoded = await self._tokenize(model, encode, items, sizes, per_item, kwargs)
         empty = [i for i, e in enumerate(encoded) if len(e) == 0]
         if empty:  # a model cannot read zero tokens (e.g. "" with add_special_tokens false)
             raise APIError(

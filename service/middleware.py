@@ -4,7 +4,12 @@
   over the whole request (body included), the request count and latency per route, one log line
   per request, and a JSON 500 for a bug of ours.
 - ``AccessMiddleware``: the API key and its scope, and the caller's rate limit, before any body
-  is read. Which route needs what comes from the one table in ``service/routes.py``.
+  is read. Which route needs what comes from the one table in ``service/routes.py``. A request
+  with more than one Authorization header is refused (400): which one counts would otherwise
+  depend on who reads the headers (a proxy, the access check, the reload route).
+
+Every answer carries ``X-Content-Type-Options: nosniff`` (set by the guard), so a browser never
+reads an API answer as anything but its declared type.
 
 Both are pure ASGI and answer refusals themselves in the error shape of ``service/errors.py``.
 """
@@ -67,7 +72,9 @@ class GuardMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"], status_holder["started"] = message["status"], True
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode("latin-1"))]
+                message["headers"] = list(message["headers"]) + [
+                    (b"x-request-id", request_id.encode("latin-1")), (b"x-content-type-options", b"nosniff"),
+                ]
             await send(message)
 
         declared = headers.get(b"content-length")
@@ -156,9 +163,20 @@ class AccessMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_ROUTES:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
+        authorizations = sum(1 for name, _ in scope.get("headers") or [] if name == b"authorization")
+        if authorizations > 1:
+            self.metrics.rejections.labels("ambiguous_authorization").inc()
+            refusal = error_response(
+                400, "ambiguous_authorization",
+                f"the request has {authorizations} Authorization headers; send exactly one ('Authorization: Bearer <key>')",
+                request_id=state.get("request_id"),
+            )
+            return await refusal(scope, receive, send)
+        if scope["path"] in OPEN_ROUTES:
+            return await self.app(scope, receive, send)
         caller = (scope.get("client") or ("unknown",))[0]
         if self.keys.enabled:
             refusal = self._check_key(scope, state)

@@ -33,6 +33,9 @@ from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
+# The longest path Linux takes (PATH_MAX); a longer model name is not looked up as a directory.
+MAX_PATH_CHARS = 4096
+
 
 @dataclass
 class ServedModel:
@@ -176,10 +179,14 @@ class ModelRegistry:
         return self._by_name.get(name) or self._by_name.get(name.split("@", 1)[0]) or self._by_path(name)
 
     def _by_path(self, name: str) -> ServedModel | None:
-        # vLLM-style callers (verl) name the model by the directory they would have served.
+        # vLLM-style callers (verl) name the model by the directory they would have served. Any
+        # name that cannot be a path here (~nosuchuser, a symlink loop, too long, a NUL) names
+        # no served model: the caller gets a 404, not the resolution error.
+        if len(name) > MAX_PATH_CHARS:
+            return None
         try:
             wanted = Path(name).expanduser().resolve()
-        except (OSError, ValueError):
+        except (OSError, ValueError, RuntimeError):
             return None
         return next((m for m in self._models if m.path == wanted), None)
 
@@ -209,6 +216,12 @@ class ModelRegistry:
                 new = await loop.run_in_executor(None, load_model, name, path, self.settings)
             except ModelDirError as exc:
                 raise ReloadFailed(f"{exc}; model {name!r} keeps serving version {old.spec.version}") from exc
+            except Exception as exc:  # whatever a directory's files make the loaders raise: still that directory's fault
+                log.warning("reload of %s from %s failed", name, path, exc_info=True)
+                raise ReloadFailed(
+                    f"cannot load {str(path)[:300]!r} ({type(exc).__name__}: {str(exc)[:300]}); fix the directory or "
+                    f"give another path; model {name!r} keeps serving version {old.spec.version}"
+                ) from exc
             attach_batchers([new], self.settings, self.metrics, self.score_cache)
             await loop.run_in_executor(None, new.warm_up)
             new.batcher.start()

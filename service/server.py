@@ -9,12 +9,64 @@ A second signal stops at once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .settings import ServiceSettings
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a header-read timeout, which uvicorn lacks: a connection that
+    has not sent a complete request header ``header_timeout_s`` after it opened (or after the
+    previous answer, or after the first bytes of the next request) is closed. Without it a
+    client can hold sockets open for ever by never finishing its headers. The body has its own
+    bound (the request deadline, GuardMiddleware's 408)."""
+
+    header_timeout_s = 10.0  # set per server by ``server_for`` (a subclass per settings)
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_headers()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_headers()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _watch_headers(self) -> None:
+        # IDLE: h11 has not read a whole request line and header block of the next request.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm_header_timer()
+        else:
+            self._cancel_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
 
 
 class DrainingServer(uvicorn.Server):
@@ -45,5 +97,7 @@ def server_for(app: FastAPI, settings: ServiceSettings, *, host: str | None = No
         log_level=settings.log_level.lower(), access_log=False,  # the guard middleware logs each request
         # Requests in flight at shutdown get until their deadline, plus a little to write the answer.
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        http=type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout_s": settings.header_timeout_s}),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
     )
     return DrainingServer(config, app, settings.shutdown_drain_s)

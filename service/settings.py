@@ -104,6 +104,13 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(
         60.0, gt=0, description="Deadline of a scoring request; past it the answer is 504 and its queued items are dropped."
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection that has not sent a request's whole header within this many seconds "
+        "(of opening, or of its previous answer) is closed, so idle or trickling sockets cannot pile up.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds without a new request.",
+    )
     shutdown_drain_s: float = Field(
         2.0, ge=0, description="On SIGTERM, seconds to keep serving while /readyz says not ready, before closing."
     )

@@ -19,17 +19,22 @@ They read the store (``app.state.store``, None without ``--store``) and the allo
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BeforeValidator
 
 from client.protocol import (
+    MAX_ID,
     Comparison,
     ComparisonCreated,
     ComparisonList,
@@ -139,27 +144,52 @@ def _no_nul(**values: str | None) -> None:
             raise APIError(422, "validation_error", f"query.{name}: contains a NUL character; remove it")
 
 
+def _in_utc(name: str, value: datetime | None) -> datetime | None:
+    # The store compares in UTC; a time whose UTC is before year 1 or after year 9999 (e.g.
+    # 9999-12-31T23:59:59-14:00) has no datetime, so it is refused here, naming the parameter.
+    if value is None:
+        return None
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise APIError(
+            422, "validation_error",
+            f"query.{name}: {value.isoformat()} is outside the times the store can compare (0001-01-01 to "
+            "9999-12-31 in UTC); send a time within them",
+        ) from None
+
+
 def _filters(since: datetime | None, until: datetime | None, labeller: str | None, category: str | None) -> Filters:
     _no_nul(labeller=labeller, category=category)
+    since, until = _in_utc("since", since), _in_utc("until", until)
     if since is not None and until is not None and until <= since:
         raise APIError(422, "invalid_time_range", f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
     return Filters(since=since, until=until, labeller=labeller, category=category)
 
 
+def _iso_only(value):
+    # pydantic would read a bare number as a Unix timestamp; the filters take ISO 8601 only.
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*", value):
+        raise ValueError("give an ISO 8601 time such as 2026-11-27T12:00:00Z, not a number")
+    return value
+
+
+IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
+
 _SINCE = Query(default=None, description="Only comparisons stored at or after this time (ISO 8601; UTC when no offset).")
 _UNTIL = Query(default=None, description="Only comparisons stored before this time (ISO 8601).")
-_LABELLER = Query(default=None, description="Only this labeller's comparisons.")
-_CATEGORY = Query(default=None, description="Only this category.")
+_LABELLER = Query(default=None, max_length=200, description="Only this labeller's comparisons.")
+_CATEGORY = Query(default=None, max_length=200, description="Only this category.")
 
 
 @router.get("/v1/comparisons", response_model=ComparisonList, responses=STORE_ERRORS)
 def list_comparisons(
     request: Request,
-    since: datetime | None = _SINCE,
-    until: datetime | None = _UNTIL,
+    since: IsoTime | None = _SINCE,
+    until: IsoTime | None = _UNTIL,
     labeller: str | None = _LABELLER,
     category: str | None = _CATEGORY,
-    after: int | None = Query(default=None, ge=0, description="The next_after of the previous page."),
+    after: int | None = Query(default=None, ge=0, le=MAX_ID, description="The next_after of the previous page."),
     limit: int = Query(default=100, ge=1, le=1000, description="Comparisons per page (at most 1000)."),
 ) -> ComparisonList:
     """Stored comparisons, oldest first, one page at a time."""
@@ -175,8 +205,8 @@ def list_comparisons(
 @router.get("/v1/comparisons/export", responses={**STORE_ERRORS, 200: {"content": {"application/x-ndjson": {}}}})
 def export_comparisons(
     request: Request,
-    since: datetime | None = _SINCE,
-    until: datetime | None = _UNTIL,
+    since: IsoTime | None = _SINCE,
+    until: IsoTime | None = _UNTIL,
     labeller: str | None = _LABELLER,
     category: str | None = _CATEGORY,
 ):
@@ -230,14 +260,50 @@ def next_label_task(
     if labellers is not None and labeller not in labellers:
         raise APIError(422, "unknown_labeller", f"labeller {labeller!r} is not one of this service's labellers (--labellers)")
     try:
-        task, waiting = store.next_task(labeller, lease_s)
+        for _ in range(10):
+            task, waiting = store.next_task(labeller, lease_s)
+            served = _servable(task)
+            if task is None or served is not None:
+                return NextLabelTask(task=served, waiting=waiting)
+            # Stored before text was checked (a lone surrogate, say): set it aside rather than
+            # fail this labeller on every retry for the length of the lease.
+            log.warning("label task %s cannot be served (its stored text is not valid); set aside", task["id"])
+            store.set_aside_task(task["id"])
     except StoreUnavailable as exc:
         raise _unavailable(exc, "no task was handed out.") from None
-    return NextLabelTask(task=LabelTask.model_validate(task) if task else None, waiting=waiting)
+    return NextLabelTask(task=None, waiting=waiting)
+
+
+def _servable(task: dict | None) -> LabelTask | None:
+    """The task as it will be answered, or None when it cannot be (or there is none)."""
+    if task is None:
+        return None
+    try:
+        served = LabelTask.model_validate(task)
+        json.dumps(served.model_dump(mode="json"), ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError):
+        return None
+    return served
+
+
+def page_csp(html: str) -> str:
+    """The Content-Security-Policy of a page: only its own inline <script> and <style> blocks
+    (by their SHA-256), requests to this origin only, no frames, forms or plugins."""
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        digests = [base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode() for b in blocks]
+        return " ".join(f"'sha256-{d}'" for d in digests) or "'none'"
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
 @router.get("/label", response_class=HTMLResponse, include_in_schema=False)
 def label_page() -> HTMLResponse:
     """The labelling page: plain HTML and a little JavaScript talking to the routes above."""
-    return HTMLResponse(LABEL_PAGE.read_text(encoding="utf-8"))
+    html = LABEL_PAGE.read_text(encoding="utf-8")
+    return HTMLResponse(html, headers={"Content-Security-Policy": page_csp(html), "Referrer-Policy": "no-referrer"})
 

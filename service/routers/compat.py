@@ -47,7 +47,7 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     an encoder reads the pair (prompt, rest)). An empty ``query`` gets empty lists."""
     inference: Inference = request.app.state.inference
     model = inference.pick_model(body.model)
-    inference.check_count(len(body.query), "queries")
+    inference.admit(body, len(body.query), "queries")
     if not body.query:
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
     scores, encoded = await inference.score_texts(request, model, body.query, prompt_prefixes=body.prompts)
@@ -67,11 +67,12 @@ async def _score_vllm_texts(body, request: Request):
     conversation = body.conversation
     if conversation is not None:
         # vLLM's chat form: rendered by the model's own template, exactly as /v1/score renders it.
+        inference.admit(body, 1, "conversations")
         scores, usage = await inference.score_conversations(request, model, [conversation])
         tokens = usage.tokens
     else:
         texts = body.texts
-        inference.check_count(len(texts), "inputs")
+        inference.admit(body, len(texts), "inputs")
         scores, encoded = await inference.score_texts(
             request, model, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
         )
@@ -114,6 +115,7 @@ async def slime_reward(body: SlimeRewardRequest, request: Request) -> float:
     template is parsed back into its messages."""
     inference: Inference = request.app.state.inference
     model = inference.pick_model(body.model)
+    inference.admit(body, 1, "samples")
     try:
         conversation = prompt_response_conversation(body.prompt_value(), body.response)
     except PromptError as exc:

@@ -25,8 +25,7 @@ async def score(request: ScoreRequest, http: Request) -> ScoreResponse:
     """Score each item: one reward per item, in item order."""
     inference: Inference = http.app.state.inference
     model = inference.pick_model(request.model)
-    inference.check_count(len(request.items), "items")
-    inference.check_field_lengths(request)
+    inference.admit(request, len(request.items), "items")
     if request.normalize and not model.spec.normalize_available:
         raise APIError(
             400, "normalize_unavailable",
@@ -45,8 +44,7 @@ async def compare(request: CompareRequest, http: Request) -> CompareResponse:
     """Score both responses of each pair; p_a_better = sigmoid(reward_a - reward_b)."""
     inference: Inference = http.app.state.inference
     model = inference.pick_model(request.model)
-    inference.check_count(2 * len(request.pairs), "responses (2 per pair)")
-    inference.check_field_lengths(request)
+    inference.admit(request, 2 * len(request.pairs), "responses (2 per pair)")
     conversations: list[Conversation] = []
     for pair in request.pairs:
         messages, _ = item_to_conversation({**pair.model_dump(include={"prompt"}), "response": ""})

@@ -1,0 +1,328 @@
+"""Issue #21: what an attacker's probe found, one request each, and what the service now answers.
+
+Every probe here was a 500 (or a socket held open, a lockout, a missing header, a huge request
+holding small ones for seconds) before the fix. Each test serves the tiny BERT in-process on
+loopback; tests/test_protocol_properties.py generalises these with Hypothesis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from faults import ControlledBackend
+from server import in_process_server
+from service.app import create_app
+from service.auth import KeyRing, parse_key_entry
+from service.registry import load_model
+from service.settings import ServiceSettings
+
+SCORING_BODIES = {
+    "/v1/score": lambda t: {"items": [{"prompt": t, "response": t}]},
+    "/v1/compare": lambda t: {"pairs": [{"prompt": t, "a": t, "b": "b"}]},
+    "/get_reward": lambda t: {"query": [t]},
+    "/classify": lambda t: {"input": [t]},
+    "/pooling": lambda t: {"input": t},
+}
+SURROGATE = "x\ud800y"
+
+
+@pytest.fixture(scope="module")
+def bert(model_dirs):
+    return load_model("bert", model_dirs["bert"], ServiceSettings(models=[f"bert={model_dirs['bert']}"]))
+
+
+@contextlib.contextmanager
+def serving(bert, tmp_path=None, tokenizer=None, keys: KeyRing | None = None, **overrides):
+    if tmp_path is not None:
+        overrides.setdefault("store", f"sqlite:///{tmp_path}/comparisons.db")
+    settings = ServiceSettings(models=[f"bert={bert.path}"], max_wait_ms=0, shutdown_drain_s=0, **overrides)
+    backend = ControlledBackend(bert.backend)
+    served = replace(bert, backend=backend, batcher=None, tokenizer=tokenizer or bert.tokenizer)
+    with in_process_server(create_app(settings, [served], keys), settings) as url:
+        backend.reset()
+        yield url, backend
+
+
+def post_raw(http: httpx.Client, path: str, body: object, **kwargs) -> httpx.Response:
+    # json.dumps escapes a lone surrogate as \ud800 (httpx's own encoder would fail on it).
+    return http.post(path, content=json.dumps(body), headers={"content-type": "application/json"}, **kwargs)
+
+
+def assert_error(answer: httpx.Response, status: int, type_: str, *words: str) -> dict:
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == status and error["type"] == type_ and error["request_id"], error
+    for word in words:
+        assert word in error["message"], (word, error["message"])
+    return error
+
+
+# -- 1 and 2: text that is not Unicode ------------------------------------------------------------
+
+
+def test_a_lone_surrogate_is_a_422_naming_the_field_on_every_route(bert, tmp_path):
+    comparison = {"prompt": "p", "responses": ["a", SURROGATE], "choice": 0, "labeller": "ann"}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        answers = {path: post_raw(http, path, body(SURROGATE)) for path, body in SCORING_BODIES.items()}
+        chat = post_raw(http, "/v1/score", {"items": [{"messages": [{"role": "user", "content": "hi"},
+                                                                     {"role": "assistant", "content": SURROGATE}]}]})
+        stored = post_raw(http, "/v1/comparisons", comparison)
+        # The same character as raw CESU-8 bytes inside the JSON string.
+        raw = http.post("/v1/score", content=b'{"items":[{"prompt":"x\xed\xa0\x80y","response":"r"}]}',
+                        headers={"content-type": "application/json"})
+        fine = http.post("/v1/score", json={"items": [{"prompt": "emoji \U0001F600", "response": "ok"}]})
+
+    expected_field = {"/v1/score": "items.0.prompt", "/v1/compare": "pairs.0.prompt", "/get_reward": "query.0",
+                      "/classify": "input", "/pooling": "input"}
+    for path, answer in answers.items():
+        assert_error(answer, 422, "validation_error", expected_field[path], "lone surrogate", "U+D800")
+    assert_error(chat, 422, "validation_error", "items.0.messages.1.content", "lone surrogate")
+    assert_error(stored, 422, "validation_error", "responses.1", "lone surrogate")
+    assert_error(raw, 422, "validation_error", "items.0.prompt", "lone surrogate")
+    assert fine.status_code == 200, "a surrogate pair (a character outside the BMP) is fine"
+
+
+def test_a_poisoned_label_task_is_refused_so_the_labeller_is_not_locked_out(bert, tmp_path):
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        poisoned = post_raw(http, "/v1/label/tasks", {"tasks": [{"prompt": "poison \ud800 task", "responses": ["a", "b"]}]})
+        good = http.post("/v1/label/tasks", json={"tasks": [{"prompt": "fine task", "responses": ["a", "b"]}]})
+        drawn = [http.get("/v1/label/tasks/next", params={"labeller": "ann"}) for _ in range(2)]
+
+    assert_error(poisoned, 422, "validation_error", "tasks.0.prompt", "lone surrogate")
+    assert good.status_code == 201
+    assert [d.status_code for d in drawn] == [200, 200]
+    assert drawn[0].json()["task"]["prompt"] == "fine task"
+
+
+def test_a_task_poisoned_before_the_fix_is_set_aside_not_handed_out(bert, tmp_path):
+    from reward_core.store import ComparisonStore
+
+    store = ComparisonStore(f"sqlite:///{tmp_path}/comparisons.db")
+    # Written straight into the store, as the service before the fix accepted it.
+    poisoned = store.add_tasks([{"prompt": "poison \ud800 task", "responses": ["a", "b"]},
+                                {"prompt": [{"role": "user", "content": "x\udfff"}], "responses": ["a", "b"]}])
+    fine = store.add_tasks([{"prompt": "fine task", "responses": ["a", "b"]}])
+    store.close()
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        drawn = [http.get("/v1/label/tasks/next", params={"labeller": name}) for name in ("ann", "bob")]
+
+    assert [d.status_code for d in drawn] == [200, 200], drawn[0].text
+    assert drawn[0].json()["task"]["id"] == fine[0] and drawn[1].json()["task"] is None
+    assert poisoned and drawn[1].json()["waiting"] == 1, "the poisoned tasks left the queue"
+
+
+# -- 3: model names that are no path --------------------------------------------------------------
+
+
+def test_model_names_that_cannot_be_resolved_are_404_on_every_scoring_route(bert, tmp_path):
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)  # a symlink to itself
+    names = ["~nosuchuser", str(loop), str(loop / "x"), "a" * 5000, "/" + "b" * 300]
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        answers = [(path, name, http.post(path, json={**body("text"), "model": name}))
+                   for path, body in SCORING_BODIES.items() for name in names]
+    for path, name, answer in answers:
+        assert answer.status_code == 404, (path, name[:40], answer.text)
+        assert answer.json()["error"]["type"] == "model_not_found"
+
+
+# -- 4: the store's filters ------------------------------------------------------------------------
+
+
+def test_out_of_range_store_filters_are_422_naming_the_parameter(bert, tmp_path):
+    late, early = "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        since = http.get("/v1/comparisons", params={"since": late})
+        until = http.get("/v1/comparisons", params={"until": early})
+        export = http.get("/v1/comparisons/export", params={"since": late})
+        after = http.get("/v1/comparisons", params={"after": str(2**63)})
+        task = http.post("/v1/comparisons", json={"prompt": "p", "responses": ["a", "b"], "choice": 0,
+                                                  "labeller": "ann", "task_id": 2**63})
+        in_range = http.get("/v1/comparisons", params={"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59Z"})
+
+    assert_error(since, 422, "validation_error", "query.since", "9999-12-31")
+    assert_error(until, 422, "validation_error", "query.until")
+    assert_error(export, 422, "validation_error", "query.since")
+    assert_error(after, 422, "validation_error", "after")
+    assert_error(task, 422, "validation_error", "task_id")
+    assert in_range.status_code == 200, in_range.text
+
+
+# -- 5: field limits on every route, and fairness ------------------------------------------------
+
+
+def test_the_field_limit_applies_to_the_compatible_routes(bert):
+    with serving(bert, max_field_chars=1000) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        answers = {path: http.post(path, json=body("x" * 1001)) for path, body in SCORING_BODIES.items()}
+        prompts = http.post("/get_reward", json={"query": ["q"], "prompts": ["p" * 1001]})
+        at_limit = {path: http.post(path, json=body("x" * 1000)) for path, body in SCORING_BODIES.items()}
+
+    fields = {"/v1/score": "items.0.prompt", "/v1/compare": "pairs.0.prompt", "/get_reward": "query.0",
+              "/classify": "input.0", "/pooling": "input"}
+    for path, answer in answers.items():
+        assert_error(answer, 413, "field_too_long", fields[path], "--max-field-chars")
+    assert_error(prompts, 413, "field_too_long", "prompts.0")
+    assert {p: a.status_code for p, a in at_limit.items()} == {p: 200 for p in SCORING_BODIES}
+
+
+class SlowTokenizer:
+    """The real tokenizer, taking 1 s per 100,000 characters it is given (sleeping: no CPU used,
+    as a slow machine's tokeniser would look to the other requests)."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __call__(self, *args, **kwargs):
+        chars = sum(len(t) for a in args for t in ([a] if isinstance(a, str) else a if isinstance(a, list) else []))
+        time.sleep(chars / 100_000)
+        return self._inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+async def test_a_small_request_does_not_wait_for_two_huge_ones_to_be_tokenised(bert):
+    # Two requests of 300,000 characters (3 s of tokenising each) take both tokeniser threads.
+    huge = {"items": [{"prompt": "p" * 5000, "response": "r" * 5000} for _ in range(30)]}
+    with serving(bert, tokenizer=SlowTokenizer(bert.tokenizer), tokenizer_threads=2) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            big = [asyncio.create_task(http.post("/v1/score", json=huge)) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            started = time.perf_counter()
+            small = await http.post("/v1/score", json={"items": [{"prompt": "hi", "response": "hello"}]})
+            waited = time.perf_counter() - started
+            big_done_meanwhile = sum(t.done() for t in big)
+            answers = await asyncio.gather(*big)
+
+    assert small.status_code == 200 and [a.status_code for a in answers] == [200, 200]
+    assert waited < 1.0, f"the one-item request waited {waited:.2f} s behind the huge ones"
+    assert big_done_meanwhile == 0, "the huge requests were done before the small one came; the test proved nothing"
+
+
+async def test_a_small_request_does_not_wait_for_all_of_a_large_requests_batches(bert):
+    # 48 items, 4 per forward, 0.1 s each: ~1.2 s of forwards for the large request.
+    large = {"items": [{"prompt": f"question number {i}", "response": "an answer of some words"} for i in range(48)]}
+    with serving(bert, max_batch_size=4) as (url, backend):
+        backend.delay_s = 0.1
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            big = asyncio.create_task(http.post("/v1/score", json=large))
+            assert await asyncio.to_thread(backend.started.wait, 10)
+            started = time.perf_counter()
+            small = await http.post("/v1/score", json={"items": [{"prompt": "hi", "response": "hello"}]})
+            waited = time.perf_counter() - started
+            big_done_meanwhile = big.done()
+            big_answer = await big
+
+    assert small.status_code == 200 and big_answer.status_code == 200
+    assert len(big_answer.json()["scores"]) == 48
+    assert waited < 0.6, f"the one-item request waited {waited:.2f} s for the large request's batches"
+    assert not big_done_meanwhile, "the large request was done before the small one came; the test proved nothing"
+
+
+# -- 6: reload errors -----------------------------------------------------------------------------
+
+
+def test_reload_of_a_directory_that_cannot_load_is_422_and_the_old_model_serves_on(bert, tmp_path):
+    version_2 = tmp_path / "format-2"
+    shutil.copytree(bert.path, version_2)
+    meta = version_2 / "reward_model.json"
+    spec = json.loads(meta.read_text()) if meta.is_file() else {}
+    meta.write_text(json.dumps({**spec, "format_version": "2"}))
+    paths = {"component": "/tmp/" + "c" * 300, "path": "/tmp/" + "/".join(["d" * 200] * 25), "format": str(version_2)}
+    auth = {"Authorization": "Bearer reload-secret"}
+    with serving(bert, reload_token="reload-secret") as (url, _), httpx.Client(base_url=url, timeout=60) as http:
+        answers = {k: http.post("/v1/models/bert/reload", json={"path": p}, headers=auth) for k, p in paths.items()}
+        after = http.post("/v1/score", json={"items": [{"prompt": "p", "response": "r"}]})
+
+    for kind, answer in answers.items():
+        error = assert_error(answer, 422, "model_load_failed", "keeps serving")
+        assert "Traceback" not in error["message"], kind
+    assert "format_version" in answers["format"].json()["error"]["message"]
+    assert after.status_code == 200
+
+
+# -- 7: connections, headers, and what a model directory may run --------------------------------
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(bert):
+    with serving(bert, header_timeout_s=1.0) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        closed_after = []
+        for opening in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b""):  # half a header; nothing at all
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(opening) if opening else None
+                started = time.monotonic()
+                assert conn.recv(1024) == b"", "closed without an answer"
+                closed_after.append(time.monotonic() - started)
+        # A whole request on a kept-alive connection is still answered, and a slow but complete one too.
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.3)
+            conn.sendall(b"\r\n")
+            answered = conn.recv(4096)
+    assert all(0.5 < t < 5 for t in closed_after), closed_after
+    assert answered.startswith(b"HTTP/1.1 200")
+
+
+def test_answers_carry_nosniff_and_the_label_page_a_csp_of_its_own(bert, tmp_path):
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        answers = [http.get("/healthz"), http.post("/v1/score", json={"items": []}), http.get("/nowhere"),
+                   http.post("/v1/score", json={"items": [{"prompt": "p", "response": "r"}]})]
+        page = http.get("/label")
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.request.url
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "style-src 'sha256-" in csp
+    assert "unsafe-inline" not in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
+
+
+def test_two_authorization_headers_are_refused(bert):
+    keys = KeyRing([parse_key_entry("good-key-0123456789:score,admin")])
+    two = [("Authorization", "Bearer wrong"), ("Authorization", "Bearer good-key-0123456789")]
+    body = {"items": [{"prompt": "p", "response": "r"}]}
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        open_service = http.post("/v1/score", json=body, headers=two)
+    with serving(bert, keys=keys) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        keyed = http.post("/v1/score", json=body, headers=two)
+        one = http.post("/v1/score", json=body, headers=two[1:])
+    assert_error(open_service, 400, "ambiguous_authorization", "exactly one")
+    assert_error(keyed, 400, "ambiguous_authorization")
+    assert one.status_code == 200
+
+
+def test_a_pypi_base_model_is_found_without_running_its_code(tmp_path, monkeypatch):
+    from reward_core.model_dir import ModelDirError, resolve_base_model
+
+    marker = tmp_path / "imported"
+    package = tmp_path / "site" / "base_that_runs_code"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        f"def get_model_path():\n    return {str(tmp_path / 'nowhere')!r}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(ModelDirError, match="--trust-remote-code"):
+        resolve_base_model("pypi:base_that_runs_code", tmp_path)
+    assert not marker.exists(), "the package's code ran without --trust-remote-code"
+    with pytest.raises(ModelDirError, match="top-level package"):
+        resolve_base_model("pypi:os.path", tmp_path)
+    # With its model/ folder, a package is used without being imported (the shipped default's case).
+    (package / "model").mkdir()
+    (package / "model" / "config.json").write_text("{}")
+    assert resolve_base_model("pypi:base_that_runs_code", tmp_path) == package / "model"
+    assert not marker.exists() and "base_that_runs_code" not in sys.modules
+    # With --trust-remote-code the package may be asked (get_model_path) when it has no model/ folder.
+    shutil.rmtree(package / "model")
+    with pytest.raises(ModelDirError, match="no config.json"):
+        resolve_base_model("pypi:base_that_runs_code", tmp_path, trust_remote_code=True)
+    assert marker.exists()
