@@ -309,12 +309,30 @@ class VLLMContentPart(_Lenient):
     text: Text | None = None
 
 
+def _content_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "parts"
+    return None
+
+
+# A chat message's content, OpenAI's shape: a string or a list of parts.
+MessageContent = Annotated[
+    Union[Annotated[Text, Tag("string")], Annotated[list[VLLMContentPart], Tag("parts")]],
+    Discriminator(
+        _content_kind, custom_error_type="invalid_content",
+        custom_error_message="the content is a string or a list of parts ({type, text})",
+    ),
+]
+
+
 class VLLMChatMessage(_Lenient):
     """One message of vLLM's chat body: OpenAI's shape, content a string or a list of parts
     (the text parts are read)."""
 
     role: Role
-    content: Union[Text, list[VLLMContentPart], None] = None
+    content: MessageContent | None = None
 
     @property
     def text(self) -> str:
@@ -435,7 +453,13 @@ class SlimeRewardRequest(_Lenient):
     """slime's remote reward model body (``--rm-type remote_rm --rm-url http://host:8000/slime_reward``):
     one sample per request; the answer is the reward, a bare JSON number."""
 
-    prompt: Union[Text, list[VLLMChatMessage]] = Field(
+    prompt: Annotated[
+        Union[Annotated[Text, Tag("text")], Annotated[list[VLLMChatMessage], Tag("messages")]],
+        Discriminator(
+            _prompt_kind, custom_error_type="invalid_prompt",
+            custom_error_message="the prompt is a string or a list of messages ({role, content})",
+        ),
+    ] = Field(
         description="The prompt: chat messages, a prompt already rendered with a chat template (parsed back), or plain text."
     )
     response: Text = Field(description="The generated response.")

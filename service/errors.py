@@ -54,17 +54,22 @@ STORE_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
 NOT_READY_ERRORS = error_responses(503)
 
 
-# The tags of the protocol's tagged unions (an item's shape, a prompt's), which pydantic puts in
-# the path of an error right after the item's index or the prompt field.
-_UNION_TAGS = frozenset({"prompt_response", "messages", "text"})
+# The tags of the protocol's tagged unions, which pydantic puts in the path of an error right
+# after the union-typed place: an item's shape after its index, a prompt's kind after "prompt",
+# a message content's kind after "content". Only there are they tags: "text" is also a field.
+_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}}
+_ITEM_SHAPES = frozenset({"prompt_response", "messages"})
 
 
 def _field_path(loc: tuple) -> str:
     parts: list[str] = []
     previous: object = None
     for i, p in enumerate(loc):
-        tag = p in _UNION_TAGS and (isinstance(previous, int) or previous == "prompt")
-        last_shape = i == len(loc) - 1 and p != "text"  # an error of the whole item keeps its shape's name
+        if isinstance(previous, int):
+            tag = p in _ITEM_SHAPES
+        else:
+            tag = p in _UNION_TAGS_AFTER.get(previous, ()) if isinstance(previous, str) else False
+        last_shape = i == len(loc) - 1 and p in _ITEM_SHAPES  # an error of the whole item keeps its shape's name
         if p != "body" and (not tag or last_shape):
             parts.append(str(p))
         previous = p

@@ -175,6 +175,27 @@ def test_the_field_limit_applies_to_the_compatible_routes(bert):
     assert {p: a.status_code for p, a in at_limit.items()} == {p: 200 for p in SCORING_BODIES}
 
 
+CHAT_BODIES = {  # the chat forms of the compatible routes: vLLM's messages and slime's sample
+    "/classify": lambda t: {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": t}]},
+    "/pooling": lambda t: {"messages": [{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": [{"type": "text", "text": t}]}]},
+    "/slime_reward": lambda t: {"prompt": "hi", "response": t, "label": None},
+}
+
+
+def test_the_chat_bodies_of_the_compatible_routes_take_the_same_text_checks(bert):
+    with serving(bert, max_field_chars=1000) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        surrogate = {path: post_raw(http, path, body(SURROGATE)) for path, body in CHAT_BODIES.items()}
+        too_long = {path: http.post(path, json=body("x" * 1001)) for path, body in CHAT_BODIES.items()}
+        at_limit = {path: http.post(path, json=body("x" * 1000)) for path, body in CHAT_BODIES.items()}
+
+    fields = {"/classify": "messages.1.content", "/pooling": "messages.1.content.0.text", "/slime_reward": "response"}
+    for path in CHAT_BODIES:
+        assert_error(surrogate[path], 422, "validation_error", fields[path], "lone surrogate")
+        assert_error(too_long[path], 413, "field_too_long", fields[path], "--max-field-chars")
+    assert {p: a.status_code for p, a in at_limit.items()} == {p: 200 for p in CHAT_BODIES}
+
+
 class SlowTokenizer:
     """The real tokenizer, taking 1 s per 100,000 characters it is given (sleeping: no CPU used,
     as a slow machine's tokeniser would look to the other requests)."""
