@@ -82,22 +82,27 @@ class Message(_Strict):
     content: Text
 
 
-def _prompt_kind(value: object) -> str | None:
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, list):
-        return "messages"
-    return None
+def text_or_list(list_type: Any, text_tag: str, list_tag: str, error_type: str, error_message: str) -> Any:
+    """A string or a list of ``list_type``, told apart by the JSON type (a tagged union), so a bad
+    value gets one error saying what the field takes instead of one per union member."""
+
+    def kind(value: object) -> str | None:
+        if isinstance(value, str):
+            return text_tag
+        if isinstance(value, list):
+            return list_tag
+        return None
+
+    return Annotated[
+        Union[Annotated[Text, Tag(text_tag)], Annotated[list[list_type], Tag(list_tag)]],
+        Discriminator(kind, custom_error_type=error_type, custom_error_message=error_message),
+    ]
 
 
 # A prompt: plain text, or the chat messages that precede the response.
-Prompt = Annotated[
-    Union[Annotated[Text, Tag("text")], Annotated[list[Message], Tag("messages")]],
-    Discriminator(
-        _prompt_kind, custom_error_type="invalid_prompt",
-        custom_error_message="the prompt is a string or a list of messages ({role, content})",
-    ),
-]
+Prompt = text_or_list(
+    Message, "text", "messages", "invalid_prompt", "the prompt is a string or a list of messages ({role, content})"
+)
 
 
 class PromptResponseItem(_Strict):
@@ -309,22 +314,10 @@ class VLLMContentPart(_Lenient):
     text: Text | None = None
 
 
-def _content_kind(value: Any) -> str | None:
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "parts"
-    return None
-
-
 # A chat message's content, OpenAI's shape: a string or a list of parts.
-MessageContent = Annotated[
-    Union[Annotated[Text, Tag("string")], Annotated[list[VLLMContentPart], Tag("parts")]],
-    Discriminator(
-        _content_kind, custom_error_type="invalid_content",
-        custom_error_message="the content is a string or a list of parts ({type, text})",
-    ),
-]
+MessageContent = text_or_list(
+    VLLMContentPart, "string", "parts", "invalid_content", "the content is a string or a list of parts ({type, text})"
+)
 
 
 class VLLMChatMessage(_Lenient):
@@ -449,17 +442,17 @@ class PoolingResponse(BaseModel):
     usage: VLLMUsage
 
 
+# A prompt in the compatible routes' chat shape: plain or rendered text, or OpenAI-style messages.
+ChatPrompt = text_or_list(
+    VLLMChatMessage, "text", "messages", "invalid_prompt", "the prompt is a string or a list of messages ({role, content})"
+)
+
+
 class SlimeRewardRequest(_Lenient):
     """slime's remote reward model body (``--rm-type remote_rm --rm-url http://host:8000/slime_reward``):
     one sample per request; the answer is the reward, a bare JSON number."""
 
-    prompt: Annotated[
-        Union[Annotated[Text, Tag("text")], Annotated[list[VLLMChatMessage], Tag("messages")]],
-        Discriminator(
-            _prompt_kind, custom_error_type="invalid_prompt",
-            custom_error_message="the prompt is a string or a list of messages ({role, content})",
-        ),
-    ] = Field(
+    prompt: ChatPrompt = Field(
         description="The prompt: chat messages, a prompt already rendered with a chat template (parsed back), or plain text."
     )
     response: Text = Field(description="The generated response.")

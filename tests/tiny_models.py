@@ -69,9 +69,8 @@ def build_tiny_bert(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def build_tiny_llama(out: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    tokenizer = bpe_tokenizer(CHATML_TEMPLATE, with_pad=True)
+def save_tiny_llama(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """A 2-layer Llama sequence classifier (one output) over ``tokenizer``, saved with it."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, num_labels=1,
@@ -79,6 +78,12 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     )
     LlamaForSequenceClassification(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def build_tiny_llama(out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer(CHATML_TEMPLATE, with_pad=True)
+    save_tiny_llama(tokenizer, out)
     return out
 
 
@@ -236,13 +241,7 @@ def build_templated_decoder(out: Path, family: str, *, read_reward_at: str | Non
         )
     tokenizer = PreTrainedTokenizerFast(**kwargs)
     tokenizer.chat_template = t["template"]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, num_labels=1,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tiny_llama(tokenizer, out)
     if read_reward_at:
         (out / "reward_model.json").write_text(json.dumps({"read_reward_at": read_reward_at}))
     return out
