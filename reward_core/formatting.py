@@ -394,12 +394,17 @@ def _parse_turns(text: str, markup: _Markup) -> list[dict] | None:
     for bos in markup.bos:
         if body.startswith(bos):
             body = body[len(bos):].lstrip()
-    changed = True
-    while changed:  # trailing EOS / pad tokens a decoded rollout may carry
+    # Trailing EOS / pad tokens a decoded rollout may carry. Moving an end index rather than
+    # slicing keeps this linear however many of them a text ends with.
+    end, changed = len(body), True
+    while changed:
         changed = False
         for tail in markup.eos + ("<pad>", "<|pad|>", "[PAD]"):
-            if body.endswith(tail):
-                body, changed = body[: -len(tail)].rstrip(), True
+            if body.endswith(tail, 0, end):
+                end, changed = end - len(tail), True
+                while end and body[end - 1].isspace():
+                    end -= 1
+    body = body[:end]
     messages, pos = [], 0
     while pos < len(body):
         match = markup.turn.match(body, pos) or markup.open_turn.match(body, pos)
