@@ -57,7 +57,7 @@ class BatcherStopped(RuntimeError):
     """The service is shutting down and takes no new work."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False)  # identity: two items of equal text are still two items
 class _QueuedItem:
     encoded: EncodedInput
     future: asyncio.Future
@@ -243,8 +243,8 @@ class TokenBudgetBatcher:
             self._smallest_next = not self._smallest_next
             chosen = next(indices for indices in plan if any(live[i].owner == turn for i in indices))
             batch = [live[i] for i in chosen]
-            taken = set(map(id, batch))
-            live = [q for q in live if id(q) not in taken]
+            taken = set(batch)  # queued items compare and hash by identity (eq=False)
+            live = [q for q in live if q not in taken]
         self._queue = live
         self._queued_tokens = sum(len(q.encoded) for q in live)
         self._update_depth()
