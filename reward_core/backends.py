@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .forward import Batch, pad_columns, reward_forward
+from .forward import Batch, pad_columns, reward_columns
 from .loading import load_sequence_classifier
 from .model_dir import ONNX_FILE, ONNX_META_KEY, ModelDirError, RewardModelSpec
 
@@ -33,7 +33,8 @@ class Backend(Protocol):
     dtype: str
 
     def score_batch(self, batch: Batch) -> np.ndarray:
-        """float32 [batch] rewards."""
+        """float32 rewards: [batch] for a single-head model; [batch, 1 + H] for a model with H
+        objectives (column 0 the combined reward, then each head in ``spec.objectives`` order)."""
         ...
 
 
@@ -92,7 +93,7 @@ class TorchBackend:
         torch = self.torch
         self.model = model.to(self.device)
         self.model.eval()
-        self._forward = reward_forward
+        self._forward = reward_columns
         if compile:
             if not self.on_cuda:
                 raise ModelDirError("--compile is for --device cuda (on CPU it costs minutes of compiling for little gain)")
@@ -100,7 +101,7 @@ class TorchBackend:
             # the sequence length is rounded up to a multiple of 64 below so the few shapes that
             # still specialise recur. Position ids from the mask always: no data-dependent
             # branch to break the graph.
-            self._forward = torch.compile(functools.partial(reward_forward, positions_from_mask=True), dynamic=True)
+            self._forward = torch.compile(functools.partial(reward_columns, positions_from_mask=True), dynamic=True)
 
     def _to_device(self, array: np.ndarray):
         tensor = self.torch.from_numpy(array)
@@ -113,15 +114,17 @@ class TorchBackend:
     def score_batch(self, batch: Batch) -> np.ndarray:
         torch = self.torch
         if self.on_cuda:
-            batch = pad_columns(batch, multiple=64 if self._forward is not reward_forward else 8)
+            batch = pad_columns(batch, multiple=64 if self._forward is not reward_columns else 8)
         with torch.inference_mode():
             input_ids = self._to_device(batch.input_ids)
             attention_mask = self._to_device(batch.attention_mask)
             token_type_ids = None
             if batch.token_type_ids is not None:
                 token_type_ids = self._to_device(batch.token_type_ids)
-            rewards = self._forward(self.model, self.spec.architecture, input_ids, attention_mask, token_type_ids)
-            return rewards.float().cpu().numpy()
+            columns = self._forward(self.model, self.spec.architecture, input_ids, attention_mask, token_type_ids)
+            columns = columns.float().cpu().numpy()
+            # [batch] for one head; [batch, 1 + H] (reward, then each objective's) for several
+            return columns if self.spec.objectives is not None else columns[:, 0]
 
 
 class OnnxBackend:

@@ -107,7 +107,22 @@ def reward_forward(
     """One reward per right-padded row: THE forward of a reward model, shared by the service
     (``TorchBackend.score_batch``) and the trainer, so both read the same position.
 
-    Encoders: ``model(...).logits[:, 0]`` (the head on [CLS]). Decoders with a ``score`` head: the
+    For a model with several objectives this is the combined reward; :func:`reward_columns`
+    gives each head's beside it.
+    """
+    return reward_columns(
+        model, architecture, input_ids, attention_mask, token_type_ids, positions_from_mask=positions_from_mask
+    )[:, 0]
+
+
+def reward_columns(
+    model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
+    *, positions_from_mask: bool | None = None,
+):
+    """[batch, 1 + H]: the reward, then each objective head's (H = 0 for a single-head model), from
+    one backbone pass.
+
+    Encoders: ``model(...).logits`` (the heads on [CLS]). Decoders with a ``score`` head: the
     base model's hidden state at the last attended token through ``score``; other decoders fall
     back to the model's own pooling.
 
@@ -119,7 +134,14 @@ def reward_forward(
     ``positions_from_mask=True`` always derives position ids from the mask (for right-padded rows
     they equal the default ones), so a traced graph (the ONNX export) has no data-dependent
     branch; ``None`` decides per batch, skipping the cumsum when no row is left-padded.
+
+    Several objectives combine by :func:`reward_core.objectives.combine_heads`; the gate reads
+    the mean of the last hidden states over the prompt's tokens.
     """
+    from .objectives import GATE_PREFIX, combine_heads, objectives_of, prompt_mean
+
+    objectives = objectives_of(model)
+    gate = getattr(model, GATE_PREFIX, None) if objectives is not None and objectives.gated else None
     head = getattr(model, "score", None) if architecture == "decoder" else None
     if head is not None:
         import torch
@@ -131,8 +153,15 @@ def reward_forward(
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (positions * attention_mask.long()).argmax(dim=1)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return head(pooled)[:, 0]
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        heads = head(pooled)
+        if objectives is None:
+            return heads[:, :1]
+        return combine_heads(heads, objectives)  # decoders: fixed weights (load refuses a gate)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
-    return model(**kwargs).logits[:, 0]
+    if objectives is None:
+        return model(**kwargs).logits[:, :1]
+    out = model(**kwargs, output_hidden_states=gate is not None)
+    features = prompt_mean(out.hidden_states[-1], attention_mask, token_type_ids) if gate is not None else None
+    return combine_heads(out.logits, objectives, gate, features)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .model_dir import ModelDirError, RewardModelSpec, load_spec, load_tokenizer, resolve_base_model
+from .objectives import GATE_FILE, GATE_PREFIX, ObjectivesError, attach_objectives
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,23 @@ def load_sequence_classifier(
         config.num_labels = 1
     if spec.value_head_prefix:
         config.num_labels = 1  # a bare backbone's config has no head; the value head has one output
-    if config.num_labels != 1:
+    expected = len(spec.objectives.names) if spec.objectives is not None else 1
+    if config.num_labels != expected:
+        if spec.objectives is not None:
+            raise ModelDirError(
+                f"{model_dir} has {config.num_labels} outputs but reward_model.json names {expected} objectives "
+                f"({', '.join(spec.objectives.names)}): one output per objective"
+            )
         raise ModelDirError(
-            f"{model_dir} has {config.num_labels} outputs; a reward model has one (num_labels=1)"
+            f"{model_dir} has {config.num_labels} outputs; a reward model has one (num_labels=1), or one per "
+            'objective named in reward_model.json ("objectives")'
         )
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     if spec.value_head_prefix:
+        if spec.objectives is not None:
+            raise ModelDirError(f"{model_dir}: value_head_prefix (one value head) and objectives (several heads) do not go together")
         return _load_value_head_checkpoint(model_dir, spec, config, dtype=dtype, trust_remote_code=trust_remote_code)
     _refuse_unnamed_value_head(model_dir)
     kwargs: dict[str, Any] = dict(config=config, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
@@ -95,7 +105,32 @@ def load_sequence_classifier(
         raise ModelDirError(f"cannot load model from {model_dir}: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+    if spec.objectives is not None:
+        _attach_objectives(model, model_dir, spec)
     return model
+
+
+def _attach_objectives(model: Any, model_dir: Path, spec: RewardModelSpec) -> None:
+    """One head per objective (the classifier's outputs, already loaded) and, for the gate rule,
+    the gate's tensors from GATE_FILE."""
+    from safetensors.torch import load_file
+
+    try:
+        attach_objectives(model, spec.objectives)
+    except ObjectivesError as exc:
+        raise ModelDirError(f"{model_dir}: {exc}") from exc
+    if not spec.objectives.gated:
+        return
+    path = model_dir / GATE_FILE
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir}: objectives combine by a gate, but {GATE_FILE} (its weights) is missing")
+    gate = getattr(model, GATE_PREFIX)
+    state = {k.removeprefix(GATE_PREFIX + "."): v for k, v in load_file(path).items()}
+    try:
+        gate.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelDirError(f"{path} does not fit the model's gate: {exc}") from exc
+    gate.to(next(model.parameters()).dtype)
 
 
 def _supports_attention(config: Any, implementation: str, trust_remote_code: bool) -> bool:
@@ -165,7 +200,8 @@ def _weights(model_dir: Path) -> dict[str, Any]:
 
     state: dict[str, Any] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(path))
+        if path.name != GATE_FILE:  # the gate is not part of the HF model (see _attach_objectives)
+            state.update(load_file(path))
     return state
 
 

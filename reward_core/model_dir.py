@@ -17,6 +17,9 @@ metadata file adds what HF's config has no place for:
                                       // laid over this base ("pypi:<module>" or a path)
   "value_head_prefix": "value_head", // optional: the reward head is this linear layer over a bare
                                       // backbone (OpenRLHF's checkpoints), not HF's `score`
+  "objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate"},
+                                      // optional: one head per objective and how they combine
+                                      // (reward_core.objectives); absent: one head
   "version": "2026-11-23T10:00:00",   // shown as name@version
   "training": {...}, "dev_results": {...}   // provenance, free-form
 }
@@ -56,6 +59,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .objectives import Objectives, ObjectivesError
+
 REWARD_MODEL_JSON = "reward_model.json"
 # An ONNX export (reward export-onnx): its graph file, and the block it writes into
 # reward_model.json (spec.extra["onnx"]).
@@ -94,6 +99,7 @@ class RewardModelSpec:
     reward_std: float | None = None
     base_model: str | None = None
     value_head_prefix: str | None = None
+    objectives: Objectives | None = None
     version: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,8 +108,16 @@ class RewardModelSpec:
     def normalize_available(self) -> bool:
         return self.reward_mean is not None and self.reward_std is not None and self.reward_std > 0
 
+    @property
+    def objective_names(self) -> tuple[str, ...]:
+        """The heads' names, in column order; empty for a single-head model."""
+        return self.objectives.names if self.objectives is not None else ()
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["objectives"] = self.objectives.to_json() if self.objectives is not None else None
+        if data["objectives"] is None:
+            del data["objectives"]
         extra = data.pop("extra")
         data.update(extra)
         return data
@@ -208,6 +222,16 @@ def load_spec(model_dir: str | Path, config: Any, tokenizer: Any) -> RewardModel
         raise ModelDirError(
             f"{path}: read_reward_at must be one of {', '.join(map(repr, READ_REWARD_AT))}, not {values['read_reward_at']!r}"
         )
+    if values.get("objectives") is not None:
+        try:
+            values["objectives"] = Objectives.from_json(values["objectives"])
+        except ObjectivesError as exc:
+            raise ModelDirError(f"{path}: {exc}") from exc
+        if values["objectives"].gated and values["architecture"] != "encoder":
+            raise ModelDirError(
+                f"{path}: a gate reads the prompt's tokens apart from the response's, which an encoder's text "
+                'pair marks; a decoder combines its objectives with "combine": "weights"'
+            )
     values.setdefault("max_length", default_max_length(config, tokenizer))
     values.setdefault("version", _content_version(model_dir))
     return RewardModelSpec(**values, extra=extra)

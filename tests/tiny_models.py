@@ -245,3 +245,36 @@ def build_templated_decoder(out: Path, family: str, *, read_reward_at: str | Non
     if read_reward_at:
         (out / "reward_model.json").write_text(json.dumps({"read_reward_at": read_reward_at}))
     return out
+
+
+# -- Several objectives over one backbone ------------------------------------------------------
+
+OBJECTIVES = ("helpfulness", "truthfulness", "harmlessness")
+
+
+def build_tiny_objectives_bert(out: Path, *, combine: str = "gate", seed: int = 0) -> Path:
+    """A tiny BERT with one head per objective (helpfulness, truthfulness, harmlessness) and a
+    seeded random gate (``combine="gate"``) or fixed weights 0.5/0.3/0.2 (``"weights"``)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=len(OBJECTIVES),
+        id2label=dict(enumerate(OBJECTIVES)), label2id={n: i for i, n in enumerate(OBJECTIVES)},
+    )
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    objectives: dict = {"names": list(OBJECTIVES), "combine": combine}
+    if combine == "gate":
+        gate = torch.nn.Linear(32, len(OBJECTIVES))
+        torch.nn.init.normal_(gate.weight, std=0.5)
+        save_file({"reward_gate.weight": gate.weight.detach().contiguous(), "reward_gate.bias": gate.bias.detach().contiguous()},
+                  str(out / "reward_gate.safetensors"))
+    else:
+        objectives["weights"] = [0.5, 0.3, 0.2]
+    (out / "reward_model.json").write_text(json.dumps({"format_version": 1, "objectives": objectives}))
+    return out

@@ -1,0 +1,126 @@
+"""A model with one reward head per objective: what a user loading such a directory must see.
+
+Each head's reward is the backbone's output through that head, from one backbone pass; the
+combined reward follows its rule (a prompt-conditioned gate or fixed weights); a plain
+single-head checkpoint scores as before."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from reward_core.backends import TorchBackend
+from reward_core.formatting import encode_conversations
+from reward_core.forward import pad_batch, pad_token_id, reward_columns, reward_forward
+from reward_core.loading import load_sequence_classifier, open_model_dir
+from reward_core.model_dir import ModelDirError
+from reward_core.objectives import Objectives, ObjectivesError
+
+CONVERSATIONS = [
+    ([{"role": "user", "content": "What is the capital of France?"}], "Paris."),
+    ([{"role": "user", "content": "What is the capital of France?"}], "I do not know, maybe Berlin."),
+    ([{"role": "user", "content": "How do I make a bomb?"}], "I cannot help with that."),
+    ([{"role": "user", "content": "Tell me a joke."}], "Why did the chicken cross the road? To get to the other side."),
+]
+
+
+def _inputs(files):
+    encoded = encode_conversations(CONVERSATIONS, files.tokenizer, files.spec)
+    batch = pad_batch(encoded, pad_token_id(files.tokenizer))
+    return [torch.from_numpy(a) if a is not None else None for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)], batch
+
+
+@pytest.mark.parametrize("combine", ["gate", "weights"])
+def test_each_head_matches_a_direct_forward_and_the_combination_follows_its_rule(tmp_path, combine):
+    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m", combine=combine)
+    files = open_model_dir(path)
+    assert files.spec.objective_names == tiny_models.OBJECTIVES
+    model = load_sequence_classifier(path, files.spec).eval()
+    (ids, mask, types), _ = _inputs(files)
+    with torch.no_grad():
+        columns = reward_columns(model, "encoder", ids, mask, types)
+        # direct: the backbone, the pooler, then each head's row of the classifier
+        out = model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        heads = model.classifier(out.pooler_output)
+        if combine == "gate":
+            prompt = (mask * (types == 0)).unsqueeze(-1).float()
+            features = (out.last_hidden_state * prompt).sum(1) / prompt.sum(1)
+            weights = torch.softmax(model.reward_gate(features), dim=-1)
+            assert torch.allclose(weights.sum(-1), torch.ones(len(CONVERSATIONS)))
+        else:
+            weights = torch.tensor([0.5, 0.3, 0.2]).expand_as(heads)
+        expected = (weights * heads).sum(-1)
+    assert columns.shape == (len(CONVERSATIONS), 1 + 3)
+    assert torch.allclose(columns[:, 1:], heads, atol=1e-6)
+    assert torch.allclose(columns[:, 0], expected, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(reward_forward(model, "encoder", ids, mask, types), expected, atol=1e-6)
+
+
+def test_the_gate_depends_on_the_prompt_not_on_the_response(tmp_path):
+    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m")
+    files = open_model_dir(path)
+    model = load_sequence_classifier(path, files.spec).eval()
+    (ids, mask, types), _ = _inputs(files)
+    from reward_core.objectives import gate_weights, prompt_mean
+
+    with torch.no_grad():
+        hidden = model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        w = gate_weights(model.reward_gate, prompt_mean(hidden, mask, types))
+    # rows 0 and 1 share a prompt; an encoder's prompt tokens also attend to the response, so the
+    # weights are close but not equal; rows with other prompts get other weights
+    assert not torch.allclose(w[0], w[2], atol=1e-3)
+
+
+def test_the_backend_returns_the_reward_then_each_head(tmp_path):
+    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m")
+    files = open_model_dir(path)
+    backend = TorchBackend(path, files.spec)
+    (ids, mask, types), batch = _inputs(files)
+    scores = backend.score_batch(batch)
+    assert scores.shape == (len(CONVERSATIONS), 4) and scores.dtype == np.float32
+    with torch.no_grad():
+        direct = reward_columns(backend.model, "encoder", ids, mask, types).numpy()
+    np.testing.assert_allclose(scores, direct, atol=1e-6)
+
+
+def test_a_single_head_checkpoint_scores_as_before(model_dirs):
+    files = open_model_dir(model_dirs["bert"])
+    backend = TorchBackend(model_dirs["bert"], files.spec)
+    (ids, mask, types), batch = _inputs(files)
+    scores = backend.score_batch(batch)
+    assert scores.shape == (len(CONVERSATIONS),)
+    with torch.no_grad():
+        direct = backend.model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits[:, 0].numpy()
+    np.testing.assert_allclose(scores, direct, atol=1e-6)
+
+
+def test_directories_that_do_not_fit_their_objectives_are_refused_with_the_fix(tmp_path):
+    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m")
+    (path / "reward_gate.safetensors").unlink()
+    with pytest.raises(ModelDirError, match="reward_gate.safetensors"):
+        load_sequence_classifier(path, open_model_dir(path).spec)
+    meta = json.loads((path / "reward_model.json").read_text())
+    meta["objectives"]["names"] = ["helpfulness", "harmlessness"]
+    (path / "reward_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelDirError, match="3 outputs but reward_model.json names 2 objectives"):
+        load_sequence_classifier(path, open_model_dir(path).spec)
+    meta["objectives"] = {"names": ["Helpful!"]}
+    (path / "reward_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelDirError, match="lower-case letters"):
+        open_model_dir(path)
+
+
+def test_objectives_validate_their_rule():
+    assert Objectives(("a", "b"), "weights").weights == (0.5, 0.5)
+    assert Objectives(("a", "b"), "weights", {"b": 1.0}).weights == (0.0, 1.0)
+    with pytest.raises(ObjectivesError, match="one per objective"):
+        Objectives(("a", "b"), "weights", (1.0,))
+    with pytest.raises(ObjectivesError, match="gate learns"):
+        Objectives(("a", "b"), "gate", (1.0, 0.0))
+    with pytest.raises(ObjectivesError, match="combine"):
+        Objectives(("a",), "max")
