@@ -120,7 +120,25 @@ def reward_columns(
     *, positions_from_mask: bool | None = None,
 ):
     """[batch, 1 + H]: the reward, then each objective head's (H = 0 for a single-head model), from
-    one backbone pass.
+    one backbone pass (:func:`reward_heads`). Several objectives combine by
+    :func:`reward_core.objectives.combine_heads`."""
+    from .objectives import GATE_PREFIX, combine_heads, objectives_of
+
+    heads, features = reward_heads(
+        model, architecture, input_ids, attention_mask, token_type_ids, positions_from_mask=positions_from_mask
+    )
+    objectives = objectives_of(model)
+    if objectives is None:
+        return heads[:, :1]
+    return combine_heads(heads, objectives, getattr(model, GATE_PREFIX, None), features)
+
+
+def reward_heads(
+    model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
+    *, positions_from_mask: bool | None = None, inputs_embeds: Any = None,
+):
+    """(heads [batch, H], prompt features [batch, hidden] or None): every head's reward from one
+    backbone pass, and what a gate reads (only computed for a gated model).
 
     Encoders: ``model(...).logits`` (the heads on [CLS]). Decoders with a ``score`` head: the
     base model's hidden state at the last attended token through ``score``; other decoders fall
@@ -135,13 +153,13 @@ def reward_columns(
     they equal the default ones), so a traced graph (the ONNX export) has no data-dependent
     branch; ``None`` decides per batch, skipping the cumsum when no row is left-padded.
 
-    Several objectives combine by :func:`reward_core.objectives.combine_heads`; the gate reads
-    the mean of the last hidden states over the prompt's tokens.
+    ``inputs_embeds`` (encoders) replaces ``input_ids``: the trainer feeds the cached output of
+    frozen lower blocks this way (trainer/frozen_cache.py).
     """
-    from .objectives import GATE_PREFIX, combine_heads, objectives_of, prompt_mean
+    from .objectives import GATE_PREFIX, objectives_of, prompt_mean
 
     objectives = objectives_of(model)
-    gate = getattr(model, GATE_PREFIX, None) if objectives is not None and objectives.gated else None
+    gated = objectives is not None and objectives.gated and getattr(model, GATE_PREFIX, None) is not None
     head = getattr(model, "score", None) if architecture == "decoder" else None
     if head is not None:
         import torch
@@ -153,15 +171,15 @@ def reward_columns(
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (positions * attention_mask.long()).argmax(dim=1)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        heads = head(pooled)
-        if objectives is None:
-            return heads[:, :1]
-        return combine_heads(heads, objectives)  # decoders: fixed weights (load refuses a gate)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return head(pooled), None  # decoders combine by fixed weights (load refuses a gate)
+    kwargs = {"attention_mask": attention_mask}
+    if inputs_embeds is not None:
+        kwargs["inputs_embeds"] = inputs_embeds
+    else:
+        kwargs["input_ids"] = input_ids
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
-    if objectives is None:
-        return model(**kwargs).logits[:, :1]
-    out = model(**kwargs, output_hidden_states=gate is not None)
-    features = prompt_mean(out.hidden_states[-1], attention_mask, token_type_ids) if gate is not None else None
-    return combine_heads(out.logits, objectives, gate, features)
+    if not gated:
+        return model(**kwargs).logits, None
+    out = model(**kwargs, output_hidden_states=True)
+    return out.logits, prompt_mean(out.hidden_states[-1], attention_mask, token_type_ids)

@@ -179,3 +179,22 @@ def gate_state(model: Any) -> dict[str, Any]:
     if gate is None:
         return {}
     return {f"{GATE_PREFIX}.{k}": v.detach().contiguous() for k, v in gate.state_dict().items()}
+
+
+class without_gate:
+    """Context manager: the model without its gate submodule (HF's save_pretrained then writes
+    only the HF model; the gate goes to GATE_FILE)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.gate = None
+
+    def __enter__(self) -> Any:
+        self.gate = getattr(self.model, GATE_PREFIX, None)
+        if self.gate is not None:
+            delattr(self.model, GATE_PREFIX)
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.gate is not None:
+            setattr(self.model, GATE_PREFIX, self.gate)

@@ -33,6 +33,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is list or base is list:
             kwargs["action"] = "append"
+            element = (typing.get_args(base) or (str,))[0]
+            if element in (int, float):
+                kwargs["type"] = element
         else:
             kwargs["type"] = base
         kwargs["default"] = default if not isinstance(default, list) else None

@@ -40,6 +40,8 @@ only: this module must stay importable without torch.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import json
 import math
@@ -120,6 +122,7 @@ class PreferenceRecord:
     category: str | None = None
     source: str = ""
     line: int = 0
+    objective: str | None = None  # the reward head this record trains (DataSpec.objective)
 
     def __post_init__(self) -> None:
         _check_prompt(self.prompt)
@@ -631,9 +634,18 @@ class DataSpec:
     weight: float = 1.0
     max_rows: int | None = None
     name: str = ""
+    objective: str | None = None  # the reward head its records train (a multi-objective model)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", str(self.path))
+        if self.objective is not None:
+            from reward_core.objectives import OBJECTIVE_NAME
+
+            if not isinstance(self.objective, str) or not OBJECTIVE_NAME.match(self.objective):
+                raise DataError(
+                    f"{self.path}: objective {self.objective!r}: use lower-case letters, digits and '_' "
+                    "(e.g. objective=harmlessness)"
+                )
         if not self.name:
             object.__setattr__(self, "name", self.path)
         w = self.weight
@@ -662,14 +674,23 @@ def _as_int(text: str) -> int | None:
 
 
 def parse_data_spec(text: str, *, name: str | None = None) -> DataSpec:
-    """Parse ``"PATH[:WEIGHT][:MAX_ROWS]"``, e.g. ``"hh/train.jsonl.gz:0.5"`` or ``"a.jsonl:2:1000"``.
+    """Parse ``"PATH[:WEIGHT][:MAX_ROWS][:objective=NAME]"``, e.g. ``"hh/train.jsonl.gz:0.5"``,
+    ``"a.jsonl:2:1000"`` or ``"hh/train.jsonl.gz:3:objective=harmlessness"``.
 
     Trailing ``:``-separated parts are taken as WEIGHT/MAX_ROWS only when they
     parse as numbers (``"a.jsonl::1000"`` keeps weight 1), so paths containing
     ``:`` still work; a path that exists as given is always taken whole.
+    ``objective=NAME`` (last) names the reward head the file's records train.
     """
     if not isinstance(text, str) or not text:
         raise DataError(f"empty data spec: {text!r}")
+    objective = None
+    if not Path(text).exists():
+        head, sep, tail = text.rpartition(":")
+        if sep and tail.startswith("objective="):
+            text, objective = head, tail[len("objective="):]
+            if not objective:
+                raise DataError(f"data spec {text!r}: objective= needs a name, e.g. objective=harmlessness")
     parts = text.split(":")
     path, weight, max_rows = text, 1.0, None
     if not Path(text).exists():
@@ -681,7 +702,7 @@ def parse_data_spec(text: str, *, name: str | None = None) -> DataSpec:
             path, weight = ":".join(parts[:-1]), _as_number(parts[-1])
     if not path:
         raise DataError(f"data spec {text!r} has no path")
-    return DataSpec(path=path, weight=weight, max_rows=max_rows, name=name or path)
+    return DataSpec(path=path, weight=weight, max_rows=max_rows, name=name or path, objective=objective)
 
 
 def _apply_weight(records: list[PreferenceRecord], weight: float, rng: random.Random) -> list[PreferenceRecord]:
@@ -726,7 +747,10 @@ def load_preferences(
         )
         file_report = result.report.files[0]
         rng = random.Random(f"{seed}:{spec.path}")
-        weighted = _apply_weight(result.records, spec.weight, rng)
+        loaded = result.records
+        if spec.objective is not None:
+            loaded = [dataclasses.replace(r, objective=spec.objective) for r in loaded]
+        weighted = _apply_weight(loaded, spec.weight, rng)
         file_report.weight = spec.weight
         file_report.records_used = len(weighted)
         records.extend(weighted)

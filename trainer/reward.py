@@ -50,13 +50,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from reward_core.forward import pad_token_id
+from reward_core.objectives import GATE_FILE, GATE_PREFIX, attach_objectives, gate_state, gate_weights, without_gate
 
 from .config_flags import add_config_subcommand
 from .data import DataError, DataSpec, PreferenceRecord, load_preferences, parse_data_spec
 from .reward_config import DEFAULT_BASE_MODEL, RewardTrainingConfig, TrainingConfigError, config_from_args
 from .reward_data import file_report, length_balance_weights, parse_eval_spec
 from .scoring import evaluate_pairs, length_sorted_chunks, score_conversations, score_encoded
-from .surgery import apply_train_mode, make_reward_module, under
+from .surgery import apply_train_mode, make_reward_module, set_objective_heads, under
 from .utils import disable_dropout, progress_bar, replace_dir, resolve_device
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,7 @@ class _Trainer:
         self.model.to(self.device)
         self.model.train()
         self._encode_eval_sets()
+        self._fill_frozen_cache()
         self._plan_steps()
         self._build_optimizer()
         self.best_metric: float | None = None
@@ -360,6 +362,7 @@ class _Trainer:
             result = load_preferences([spec], seed=c.seed, max_bad_fraction=c.max_bad_fraction)
             self.eval_sets.append((spec.name, result.records))
             self.data_report["eval"][spec.name] = file_report(result.report)[0]
+        self.objectives = self._resolve_objectives(specs)
         self.pair_weights, balance = length_balance_weights(self.train_records, c.length_balance)
         self.use_weights = c.length_balance > 0
         self.data_report["length_balance"] = {"strength": c.length_balance, "sources": balance}
@@ -372,6 +375,39 @@ class _Trainer:
                     f"length balance {source}: longer-better {r['longer_better_fraction']:.1%} of pairs -> "
                     f"{r['weighted_longer_better_fraction']:.1%} of the weight"
                 )
+
+    def _resolve_objectives(self, specs: list[DataSpec]):
+        """The model's objectives (None: one head): --objectives, else those the --data files name."""
+        from reward_core.objectives import DEFAULT_OBJECTIVES, Objectives, ObjectivesError
+
+        c = self.config
+        named = [s.objective for s in specs if s.objective is not None]
+        if not named and not c.objectives:
+            return None
+        names = list(c.objectives or [])
+        if not names:
+            names = [n for n in DEFAULT_OBJECTIVES if n in named] + [n for n in dict.fromkeys(named) if n not in DEFAULT_OBJECTIVES]
+        unnamed = [s.name for s in specs if s.objective is None]
+        if unnamed:
+            raise TrainingConfigError(
+                f"with objectives ({', '.join(names)}) every --data file names the head it trains; add "
+                f":objective=NAME to {', '.join(unnamed[:3])}"
+            )
+        unknown = sorted({n for n in named if n not in names})
+        if unknown:
+            raise TrainingConfigError(f"--data names objectives {unknown} that --objectives ({', '.join(names)}) lacks")
+        try:
+            weights = tuple(c.combine_weights) if c.combine_weights is not None else None
+            objectives = Objectives(names=tuple(names), combine=c.combine, weights=weights)
+        except ObjectivesError as exc:
+            raise TrainingConfigError(str(exc)) from exc
+        counts = {n: sum(1 for r in self.train_records if r.objective == n) for n in names}
+        empty = [n for n, k in counts.items() if k == 0]
+        if empty:
+            raise TrainingConfigError(f"objectives {empty} have no training data; name them in a --data file or drop them")
+        self.say("[bold]objectives[/bold]: " + ", ".join(f"{n} ({k} records)" for n, k in counts.items())
+                 + f"; combined by {objectives.combine}")
+        return objectives
 
     def _export_store(self, reuse: bool) -> DataSpec:
         """Snapshot the store's comparisons into output_dir (rank 0; the others wait and read the
@@ -421,6 +457,13 @@ class _Trainer:
         model = load_sequence_classifier(base_path, base_spec, dtype=torch.float32)
         model.config.num_labels = 1
         model.config.architectures = [type(model).__name__]
+        if self.objectives is not None:
+            if self.objectives.gated and base_spec.architecture != "encoder":
+                raise TrainingConfigError(
+                    "--combine gate reads the prompt apart from the response, which an encoder's text pair marks; "
+                    "for a decoder use --combine weights"
+                )
+            set_objective_heads(model, len(self.objectives.names))
         if c.disable_dropout:
             disable_dropout(model)
         max_length = c.max_length or base_spec.max_length
@@ -438,11 +481,14 @@ class _Trainer:
         self.spec = RewardModelSpec(
             architecture=base_spec.architecture, max_length=max_length, use_chat_template=use_chat_template,
             read_reward_at=base_spec.read_reward_at, base_model=base_ref if c.train_mode in ("top", "lora") else None,
+            objectives=self.objectives,
         )
         self.tokenizer = tokenizer
         self.pad_id = pad_token_id(tokenizer)
         # the HF model (LoRA layers injected in place), PEFT's wrapper (lora), the saved modules (top)
         self.model, self.peft_model, self.saved_prefixes = apply_train_mode(model, c, self.spec.architecture, base_ref)
+        if self.objectives is not None:
+            attach_objectives(self.model, self.objectives)  # after the train mode: the gate always trains
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         n_train = sum(p.numel() for _, p in self.trainable)
         n_total = sum(p.numel() for p in self.model.parameters())
@@ -451,6 +497,43 @@ class _Trainer:
             f"[bold]model[/bold]: {type(self.model).__name__} from {base_ref} ({self.spec.architecture}, max_length "
             f"{max_length}), train_mode={c.train_mode}: {n_train:,} of {n_total:,} parameters trainable"
         )
+
+    def _fill_frozen_cache(self) -> None:
+        """--cache-frozen: the frozen blocks' output for every distinct training input, computed
+        once here (a resumed run computes it again: it lives in memory)."""
+        self.frozen_cache = None
+        c = self.config
+        if not c.cache_frozen:
+            return
+        from reward_core.formatting import encode_conversations
+
+        from .frozen_cache import FrozenPrefixCache
+
+        if self.dist.enabled:
+            raise TrainingConfigError("--cache-frozen runs in one process; leave it off under torchrun")
+        if self.spec.architecture != "encoder":
+            raise TrainingConfigError("--cache-frozen is for encoders (BERT's family); leave it off for a decoder")
+        cache = FrozenPrefixCache(self.model, c.top_layers)
+        started = time.time()
+        seen: set[tuple[Any, str]] = set()
+        conversations = []
+        for r in self.train_records:
+            prompt_key = json.dumps(r.prompt, sort_keys=True)
+            for resp in r.responses:
+                if (prompt_key, resp) not in seen:
+                    seen.add((prompt_key, resp))
+                    conversations.append((r.prompt, resp))
+        encoded = encode_conversations(conversations, self.tokenizer, self.spec)
+        with progress_bar(c.progress, console=self._console()) as bar:
+            task = bar.add_task("frozen blocks, once per input", total=len(encoded))
+            n = cache.fill(encoded, self.pad_id, c.forward_chunk_tokens, self.device, progress=lambda k: bar.advance(task, k))
+        chunks, _ = length_sorted_chunks(encoded[:8], self.pad_id, c.forward_chunk_tokens, self.device)
+        diff = cache.check(self.spec.architecture, chunks[0])
+        seconds = time.time() - started
+        self.say(f"[bold]frozen cache[/bold]: {n} distinct inputs through {cache.split} frozen blocks in {seconds:.0f} s "
+                 f"(cached vs plain forward: max difference {diff:.2g})")
+        self.log_event({"type": "frozen_cache", "inputs": n, "frozen_blocks": cache.split, "seconds": seconds, "check_max_diff": diff})
+        self.frozen_cache = cache
 
     def _encode_eval_sets(self) -> None:
         from reward_core.formatting import encode_conversations
@@ -487,7 +570,7 @@ class _Trainer:
 
     def _wrap_module(self):
         """The module the step runs: the reward forward as an nn.Module, in DDP under torchrun."""
-        module = make_reward_module(self.model, self.spec.architecture)
+        module = make_reward_module(self.model, self.spec.architecture, self.frozen_cache)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -507,8 +590,12 @@ class _Trainer:
 
         with replace_dir(target) as tmp:
             mode = self.config.train_mode
+            gate = gate_state(self.model)
+            if gate:
+                save_file({k: v.to("cpu", copy=True) for k, v in gate.items()}, str(tmp / GATE_FILE), metadata={"format": "pt"})
             if mode == "full":
-                self.model.save_pretrained(tmp)
+                with without_gate(self.model):
+                    self.model.save_pretrained(tmp)
             elif mode == "top":
                 state = {
                     k: v.detach().to("cpu", copy=True).contiguous()
@@ -642,7 +729,7 @@ class _Trainer:
         from reward_core.formatting import encode_conversations
 
         c = self.config
-        conversations, better, worse, group, margin, p, weight = [], [], [], [], [], [], []
+        conversations, better, worse, group, margin, p, weight, objective = [], [], [], [], [], [], [], []
         for g, i in enumerate(indices):
             r = self.train_records[i]
             offset = len(conversations)
@@ -655,6 +742,8 @@ class _Trainer:
                 margin.append(r.margin if (c.use_margin and r.margin is not None) else 0.0)
                 p.append(r.p_first if soft else float("nan"))
                 weight.append(self.pair_weights[i][j])
+                if self.objectives is not None:
+                    objective.append(self.objectives.index(r.objective))
         encoded = encode_conversations(conversations, self.tokenizer, self.spec)
         chunks, order = length_sorted_chunks(encoded, self.pad_id, c.forward_chunk_tokens, self.device)
         dev = self.device
@@ -666,20 +755,50 @@ class _Trainer:
             "margin": as_t(margin, torch.float32) if any(margin) else None,
             "p": as_t(p, torch.float32) if not all(math.isnan(x) for x in p) else None,
             "weight": as_t(weight, torch.float32) if self.use_weights else None,
+            "objective": as_t(objective, torch.long) if self.objectives is not None else None,
         }
     # ---- training step
 
-    def compute_loss(self, rewards, batch):
-        """(loss, pair deltas) of a micro-batch: per-record mean of the pair losses, averaged over
-        records (weighted by length balancing when on), plus reward centring when asked for."""
+    def compute_loss(self, outputs, batch):
+        """(loss, pair deltas of the reward) of a micro-batch: per-record mean of the pair losses,
+        averaged over records (weighted by length balancing when on), plus reward centring when
+        asked for.
+
+        With objectives, each pair's loss is on its objective's head only, and for a gate a second
+        term trains the gate on every pair through the combined reward of the heads held fixed
+        (detached), so a head moves only on its own data."""
         from .losses import center_rewards_penalty, grouped_mean, pair_deltas, pair_losses
 
         c = self.config
-        delta = pair_deltas(rewards, batch["better"], batch["worse"])
-        losses = pair_losses(delta, batch["margin"], batch["p"])
-        loss = grouped_mean(losses, batch["group"], batch["n_groups"], batch["weight"])
+        heads, features = outputs
+        heads = heads.float()
+        if self.objectives is None:
+            rewards = heads[:, 0]
+            delta = pair_deltas(rewards, batch["better"], batch["worse"])
+            losses = pair_losses(delta, batch["margin"], batch["p"])
+            loss = grouped_mean(losses, batch["group"], batch["n_groups"], batch["weight"])
+        else:
+            import torch
+
+            column = batch["objective"]
+            better = heads[batch["better"], column]
+            worse = heads[batch["worse"], column]
+            head_delta = better - worse
+            losses = pair_losses(head_delta, batch["margin"], batch["p"])
+            loss = grouped_mean(losses, batch["group"], batch["n_groups"], batch["weight"])
+            if self.objectives.gated:
+                weights = gate_weights(getattr(self.model, GATE_PREFIX), features)
+                combined = (weights * heads.detach()).sum(dim=-1)
+                delta = pair_deltas(combined, batch["better"], batch["worse"])
+                gate_losses = pair_losses(delta, batch["margin"], batch["p"])
+                loss = loss + grouped_mean(gate_losses, batch["group"], batch["n_groups"], batch["weight"])
+                rewards = combined
+            else:
+                w = torch.tensor(self.objectives.weights, dtype=heads.dtype, device=heads.device)
+                rewards = (heads * w).sum(dim=-1)
+                delta = pair_deltas(rewards, batch["better"], batch["worse"])
         if c.center_rewards_coefficient:
-            loss = loss + c.center_rewards_coefficient * center_rewards_penalty(rewards)
+            loss = loss + c.center_rewards_coefficient * center_rewards_penalty(heads if self.objectives else rewards)
         return loss, delta
 
     def train_step(self, module, step: int) -> float:
@@ -698,8 +817,8 @@ class _Trainer:
             sync = module.no_sync() if self.dist.enabled and a < accum - 1 else contextlib.nullcontext()
             with sync:
                 with self._autocast():
-                    rewards = module(batch["chunks"], batch["order"])
-                loss, delta = self.compute_loss(rewards.float(), batch)
+                    outputs = module(batch["chunks"], batch["order"])
+                loss, delta = self.compute_loss(outputs, batch)
                 (loss / accum).backward()
             self.window += torch.tensor([
                 float(loss.detach()), float(pair_accuracy(delta.detach()).sum()), delta.numel(), 1.0,

@@ -40,6 +40,18 @@ class RewardTrainingConfig:
         "the architecture, e.g. query,value for BERT)."))
     max_length: int | None = field(default=None, metadata=flag_help(
         "Tokens per (prompt, response) after truncation (default: the base model's limit)."))
+    objectives: list[str] | None = field(default=None, metadata=flag_help(
+        "Reward heads, one per objective, over one backbone (repeatable or comma-separated; default: the "
+        "objectives the --data files name, in the order helpfulness, truthfulness, harmlessness, then "
+        "others). Without objectives the model has one head, as before.", metavar="NAME"))
+    combine: str = field(default="gate", metadata=flag_help(
+        "How the heads combine into the reward: gate (weights from the prompt, learned on all pairs) or "
+        "weights (fixed, --combine-weights).", choices=("gate", "weights")))
+    combine_weights: list[float] | None = field(default=None, metadata=flag_help(
+        "combine=weights: one weight per objective, in --objectives order (default: equal).", metavar="W"))
+    cache_frozen: bool = field(default=False, metadata=flag_help(
+        "top mode, encoders: compute the frozen lower blocks' output once per distinct input and reuse it "
+        "every epoch (kept in memory as float16), so a step runs only the trained blocks."))
     # -- data
     data: list[str] = field(default_factory=list, metadata=flag_help(
         "Training data as PATH[:WEIGHT][:MAX_ROWS] (repeatable; any format trainer/data.py reads).",
@@ -144,6 +156,12 @@ class RewardTrainingConfig:
             raise TrainingConfigError("length_balance must be in [0, 1]")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise TrainingConfigError("warmup_ratio must be in [0, 1)")
+        if self.combine not in ("gate", "weights"):
+            raise TrainingConfigError("combine must be gate or weights")
+        if self.combine_weights is not None and self.combine != "weights":
+            raise TrainingConfigError("--combine-weights is for --combine weights; a gate learns its weights")
+        if self.cache_frozen and self.train_mode != "top":
+            raise TrainingConfigError("--cache-frozen is for --train-mode top (only then are the lower blocks frozen)")
         if self.max_length is not None and self.max_length < 8:
             raise TrainingConfigError("max_length must be >= 8")
 
@@ -153,4 +171,6 @@ def config_from_args(args: argparse.Namespace) -> RewardTrainingConfig:
     """The config of parsed ``reward train-rm`` flags (``--lora-target-modules`` may be repeated and comma-separated)."""
     if getattr(args, "lora_target_modules", None):
         args.lora_target_modules = [m.strip() for v in args.lora_target_modules for m in v.split(",") if m.strip()]
+    if getattr(args, "objectives", None):
+        args.objectives = [m.strip() for v in args.objectives for m in v.split(",") if m.strip()]
     return config_from_namespace(RewardTrainingConfig, args)

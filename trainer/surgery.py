@@ -106,12 +106,14 @@ def wrap_lora(model: Any, config: RewardTrainingConfig, architecture: str, base_
     return peft_model
 
 
-def make_reward_module(model: Any, architecture: str):
-    """An nn.Module whose forward is reward_core.forward.reward_forward, so DDP sees the real forward."""
+def make_reward_module(model: Any, architecture: str, cache: Any = None):
+    """An nn.Module whose forward is reward_core.forward.reward_heads (every head, and what a gate
+    reads), so DDP sees the real forward. With a :class:`trainer.frozen_cache.FrozenPrefixCache`
+    the frozen lower blocks' output comes from the cache and only the trained blocks run."""
     import torch
     import torch.nn as nn
 
-    from reward_core.forward import reward_forward
+    from reward_core.forward import reward_heads
 
     class RewardModule(nn.Module):
         def __init__(self) -> None:
@@ -120,8 +122,39 @@ def make_reward_module(model: Any, architecture: str):
 
         def forward(self, chunks, order):
             # One DDP forward over several length-sorted chunks: each chunk is padded only to its
-            # own longest row, and the rewards come back in the batch's original row order.
-            rewards = torch.cat([reward_forward(self.model, architecture, *chunk) for chunk in chunks])
-            return rewards[order]
+            # own longest row, and the outputs come back in the batch's original row order.
+            # Returns (heads [rows, H], prompt features [rows, hidden] or None).
+            parts = [cache.heads(architecture, *chunk) if cache is not None else reward_heads(self.model, architecture, *chunk)
+                     for chunk in chunks]
+            heads = torch.cat([h for h, _ in parts])[order]
+            if parts[0][1] is None:
+                return heads, None
+            return heads, torch.cat([f for _, f in parts])[order]
 
     return RewardModule()
+
+
+def set_objective_heads(model: Any, n_objectives: int) -> None:
+    """Give the model one fresh head output per objective (the classifier's last linear layer,
+    initialised as HF initialises heads)."""
+    import torch.nn as nn
+
+    names = head_module_names(model)
+    owner, attr, linear = None, None, None
+    for name in names:
+        module = getattr(model, name)
+        if isinstance(module, nn.Linear):
+            owner, attr, linear = model, name, module
+        else:  # e.g. RoBERTa's classifier: dense -> out_proj
+            for child_name, child in module.named_children():
+                if isinstance(child, nn.Linear) and child.out_features == model.config.num_labels:
+                    owner, attr, linear = module, child_name, child
+    if linear is None:
+        raise TrainingConfigError(f"cannot find the reward head of {type(model).__name__} to give it one output per objective")
+    new = nn.Linear(linear.in_features, n_objectives, bias=linear.bias is not None).to(linear.weight.dtype)
+    std = getattr(model.config, "initializer_range", 0.02)
+    nn.init.normal_(new.weight, std=std)
+    if new.bias is not None:
+        nn.init.zeros_(new.bias)
+    setattr(owner, attr, new)
+    model.config.num_labels = n_objectives

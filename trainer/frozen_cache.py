@@ -1,0 +1,163 @@
+"""Frozen lower blocks, computed once: in ``--train-mode top`` only the top blocks, the pooler and
+the heads learn, so the output of the blocks below is the same every epoch and for every head.
+:class:`FrozenPrefixCache` computes it once per distinct input (float16, in memory) and the
+training forward then runs only the trained blocks on it.
+
+It works on encoders whose base model has ``embeddings`` and ``encoder.layer`` (BERT and its
+family, MiniLM included): the prefix is the base model with its block list cut to the frozen
+blocks; the suffix is the same model with the embeddings replaced by a pass-through and the block
+list cut to the trained ones, so masks, pooler, heads and gate go through the model's own code
+(:func:`reward_core.forward.reward_heads`). :meth:`FrozenPrefixCache.check` compares the two
+paths with the plain forward before training starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any, Iterator, Sequence
+
+from .reward_config import TrainingConfigError
+
+
+def _row_key(ids: Sequence[int], types: Sequence[int] | None) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(bytes(memoryview(_as_int64(ids))))
+    if types is not None:
+        digest.update(b"|")
+        digest.update(bytes(memoryview(_as_int64(types))))
+    return digest.digest()
+
+
+def _as_int64(values: Sequence[int]):
+    import numpy as np
+
+    return np.ascontiguousarray(np.asarray(values, dtype=np.int64))
+
+
+class _PassThrough:
+    """Stands in for the embeddings: the cached hidden states come in as ``inputs_embeds``."""
+
+    def __new__(cls):
+        import torch.nn as nn
+
+        class PassThrough(nn.Module):
+            def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, **_: Any):
+                return inputs_embeds
+
+        return PassThrough()
+
+
+class FrozenPrefixCache:
+    """The frozen blocks' output per distinct (input ids, token types), float16 on the CPU."""
+
+    def __init__(self, model: Any, trained_blocks: int) -> None:
+        base = getattr(model, "base_model", None)
+        encoder = getattr(base, "encoder", None)
+        blocks = getattr(encoder, "layer", None)
+        if base is None or getattr(base, "embeddings", None) is None or blocks is None:
+            raise TrainingConfigError(
+                f"--cache-frozen needs an encoder with embeddings and encoder.layer (BERT's family); "
+                f"{type(model).__name__} has not; leave it off"
+            )
+        if not 0 < trained_blocks < len(blocks):
+            raise TrainingConfigError(
+                f"--cache-frozen needs frozen blocks below the trained ones: --top-layers {trained_blocks} of {len(blocks)}"
+            )
+        self.model, self.base, self.encoder = model, base, encoder
+        self.blocks = list(blocks)
+        self.split = len(self.blocks) - trained_blocks
+        self.rows: dict[bytes, Any] = {}
+
+    @contextlib.contextmanager
+    def _blocks(self, which: list[Any], pass_through: bool) -> Iterator[None]:
+        import torch.nn as nn
+
+        original_blocks, original_embeddings = self.encoder.layer, self.base.embeddings
+        self.encoder.layer = nn.ModuleList(which)
+        if pass_through:
+            self.base.embeddings = _PassThrough()
+        try:
+            yield
+        finally:
+            self.encoder.layer = original_blocks
+            self.base.embeddings = original_embeddings
+
+    def fill(self, encoded: Sequence[Any], pad_id: int, max_tokens: int, device: Any, progress: Any = None) -> int:
+        """Compute the prefix of every input not cached yet (length-sorted batches of at most
+        ``max_tokens`` padded tokens). Returns how many were computed."""
+        import torch
+
+        from reward_core.forward import pad_batch, plan_batches
+
+        todo: dict[bytes, Any] = {}
+        for e in encoded:
+            key = _row_key(e.input_ids, e.token_type_ids)
+            if key not in self.rows and key not in todo:
+                todo[key] = e
+        items = list(todo.items())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._blocks(self.blocks[: self.split], pass_through=False):
+                for batch_rows in plan_batches([len(e) for _, e in items], max_tokens):
+                    batch = pad_batch([items[i][1] for i in batch_rows], pad_id)
+                    kwargs = {
+                        "input_ids": torch.from_numpy(batch.input_ids).to(device),
+                        "attention_mask": torch.from_numpy(batch.attention_mask).to(device),
+                    }
+                    if batch.token_type_ids is not None:
+                        kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(device)
+                    hidden = self.base(**kwargs).last_hidden_state.to("cpu", torch.float16)
+                    for row, i in enumerate(batch_rows):
+                        self.rows[items[i][0]] = hidden[row, : len(items[i][1])].clone()
+                    if progress is not None:
+                        progress(len(batch_rows))
+        finally:
+            self.model.train(was_training)
+        return len(items)
+
+    def hidden_for(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+        """The cached prefix output of a right-padded chunk, [rows, seq, hidden] float32."""
+        import torch
+
+        lengths = attention_mask.sum(dim=1).tolist()
+        ids = input_ids.cpu().numpy()
+        types = token_type_ids.cpu().numpy() if token_type_ids is not None else None
+        seq = input_ids.shape[1]
+        rows = []
+        for r, n in enumerate(lengths):
+            key = _row_key(ids[r, :n], types[r, :n] if types is not None else None)
+            cached = self.rows.get(key)
+            if cached is None:
+                raise KeyError("an input was not cached; FrozenPrefixCache.fill must see every training input")
+            if n < seq:
+                cached = torch.cat([cached, cached.new_zeros(seq - n, cached.shape[1])])
+            rows.append(cached)
+        return torch.stack(rows).to(input_ids.device, torch.float32)
+
+    def heads(self, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any):
+        """(heads, prompt features) of a chunk through the trained blocks only."""
+        from reward_core.forward import reward_heads
+
+        hidden = self.hidden_for(input_ids, attention_mask, token_type_ids)
+        with self._blocks(self.blocks[self.split:], pass_through=True):
+            return reward_heads(self.model, architecture, None, attention_mask, token_type_ids, inputs_embeds=hidden)
+
+    def check(self, architecture: str, chunk: tuple[Any, Any, Any], atol: float = 2e-2) -> float:
+        """Largest difference between the cached path and the plain forward on one chunk (float16
+        storage costs a little precision); raises when they disagree beyond ``atol``."""
+        import torch
+
+        from reward_core.forward import reward_heads
+
+        with torch.no_grad():
+            plain, _ = reward_heads(self.model, architecture, *chunk)
+            cached, _ = self.heads(architecture, *chunk)
+        diff = float((plain - cached).abs().max())
+        if diff > atol:
+            raise TrainingConfigError(
+                f"--cache-frozen: the cached forward differs from the model's by {diff:.3g}; this architecture's "
+                "blocks do not run apart from its embeddings; leave --cache-frozen off"
+            )
+        return diff
