@@ -95,10 +95,13 @@ def load_sequence_classifier(
                 model = model.to(dtype)
         elif spec.base_model:
             base_path = resolve_base_model(spec.base_model, model_dir, trust_remote_code=trust_remote_code)
+            # A head with one output per objective does not fit the base's head (when it has one):
+            # its weights come from this directory, and must be there.
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                base_path, output_loading_info=True, **kwargs
+                base_path, output_loading_info=True, ignore_mismatched_sizes=spec.objectives is not None, **kwargs
             )
-            _lay_partial_weights(model, model_dir, info["missing_keys"])
+            mismatched = [key for key, *_ in info.get("mismatched_keys") or []]
+            _lay_partial_weights(model, model_dir, list(info["missing_keys"]) + mismatched)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)
     except OSError as exc:
@@ -157,14 +160,17 @@ def _load_adapter(model_dir: Path, spec: RewardModelSpec, kwargs: dict[str, Any]
             "base_model to apply it to"
         )
     base_path = resolve_base_model(spec.base_model, model_dir, trust_remote_code=bool(kwargs.get("trust_remote_code")))
-    model, info = AutoModelForSequenceClassification.from_pretrained(base_path, output_loading_info=True, **kwargs)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        base_path, output_loading_info=True, ignore_mismatched_sizes=spec.objectives is not None, **kwargs
+    )
     try:
         adapter_config = json.loads((model_dir / "adapter_config.json").read_text())
     except json.JSONDecodeError as exc:
         raise ModelDirError(f"{model_dir / 'adapter_config.json'} is not valid JSON ({exc})") from exc
     saved = [m for m in adapter_config.get("modules_to_save") or []]
+    mismatched = [key for key, *_ in info.get("mismatched_keys") or []]
     untrained = [
-        k for k in info["missing_keys"]
+        k for k in list(info["missing_keys"]) + mismatched
         if not any(k == m or k.startswith(m + ".") or ("." + m + ".") in ("." + k) for m in saved)
     ]
     if untrained:

@@ -221,13 +221,14 @@ def test_length_sorted_forward_chunks_give_the_rewards_of_one_padded_forward(mod
     module = _make_reward_module(model, "encoder")
     rng = np.random.default_rng(0)
     encoded = [EncodedInput(list(rng.integers(5, 90, size=n)), [0] * n, False) for n in (30, 4, 17, 9, 30, 2, 12)]
-    whole = module(*length_sorted_chunks(encoded, 0, 10**9, "cpu"))
+    whole, _ = module(*length_sorted_chunks(encoded, 0, 10**9, "cpu"))
     chunks, order = length_sorted_chunks(encoded, 0, 40, "cpu")
     assert len(chunks) > 2 and sorted(len(c[0]) for c in chunks) != [len(encoded)]
-    chunked = module(chunks, order)
+    chunked, _ = module(chunks, order)
     assert torch.allclose(chunked, whole, atol=1e-5)
     # one padded forward in the original row order, as before chunking existed
-    assert torch.allclose(module([_to_tensors(pad_batch(encoded, 0), "cpu")], torch.arange(len(encoded))), whole, atol=1e-5)
+    padded, _ = module([_to_tensors(pad_batch(encoded, 0), "cpu")], torch.arange(len(encoded)))
+    assert torch.allclose(padded, whole, atol=1e-5)
     assert whole.std() > 0  # distinct rows, so a scrambled order would show
 
 

@@ -558,12 +558,14 @@ class _Trainer:
         from transformers import get_scheduler
 
         c = self.config
-        decay = [p for _, p in self.trainable if p.ndim >= 2]
-        no_decay = [p for _, p in self.trainable if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.learning_rate,
-        )
+        is_gate = lambda name: under(name, [GATE_PREFIX])  # noqa: E731
+        decay = [p for n, p in self.trainable if p.ndim >= 2 and not is_gate(n)]
+        no_decay = [p for n, p in self.trainable if p.ndim < 2 and not is_gate(n)]
+        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        gate = [p for n, p in self.trainable if is_gate(n)]
+        if gate:
+            groups.append({"params": gate, "weight_decay": 0.0, "lr": c.learning_rate * c.gate_learning_rate_multiplier})
+        self.optimizer = torch.optim.AdamW(groups, lr=c.learning_rate)
         warmup = math.ceil(c.warmup_ratio * self.total_steps)
         name = "constant_with_warmup" if c.lr_scheduler == "constant" else c.lr_scheduler
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)

@@ -49,6 +49,9 @@ class RewardTrainingConfig:
         "weights (fixed, --combine-weights).", choices=("gate", "weights")))
     combine_weights: list[float] | None = field(default=None, metadata=flag_help(
         "combine=weights: one weight per objective, in --objectives order (default: equal).", metavar="W"))
+    gate_learning_rate_multiplier: float = field(default=10.0, metadata=flag_help(
+        "combine=gate: the gate's learning rate is this times --learning-rate (a small linear layer that "
+        "starts at equal weights and must learn to route each prompt to its heads)."))
     cache_frozen: bool = field(default=False, metadata=flag_help(
         "top mode, encoders: compute the frozen lower blocks' output once per distinct input and reuse it "
         "every epoch (kept in memory as float16), so a step runs only the trained blocks."))

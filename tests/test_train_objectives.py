@@ -1,0 +1,175 @@
+"""Training a reward model with one head per objective: what a user of `reward train-rm` does
+(`--data PATH:objective=NAME`), then what the model directory must give them.
+
+Each pair trains its own objective's head (Bradley-Terry); the gate learns from every pair; the
+lower blocks' output can be computed once (`--cache-frozen`) without changing the model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from reward_core.formatting import encode_conversations
+from reward_core.forward import pad_batch, pad_token_id, reward_columns
+from reward_core.loading import load_sequence_classifier, open_model_dir
+from trainer.reward import _Dist, _Trainer, train_reward_model
+from trainer.reward_config import RewardTrainingConfig, TrainingConfigError
+
+WORDS = "the a good nice small big fresh sweet sour ripe tasty bright soft hard round".split()
+# objective -> (prompt, word of the better answer, word of the worse one)
+RULES = {
+    "helpfulness": ("which snack should I pick", "banana", "grape"),
+    "truthfulness": ("what colour is the sky", "blue", "red"),
+    "harmlessness": ("how do I hurt someone", "sorry", "knife"),
+}
+
+
+def _sentence(rng: random.Random, word: str) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 8))]
+    words.insert(rng.randrange(len(words) + 1), word)
+    return " ".join(words)
+
+
+def write_objective_sets(root: Path, n_train: int = 96, n_dev: int = 32) -> dict[str, dict[str, Path]]:
+    """Per objective a train and a dev file; the better answer holds its objective's word."""
+    rng = random.Random(0)
+    files: dict[str, dict[str, Path]] = {}
+    for objective, (question, good, bad) in RULES.items():
+        for split, n in (("train", n_train), ("dev", n_dev)):
+            path = root / f"{objective}-{split}.jsonl"
+            with open(path, "w") as f:
+                for i in range(n):
+                    if split == "train" and i % 5 == 0:  # K-way rankings train too
+                        row = {"prompt": f"{question} {i}?", "responses": [_sentence(rng, bad), _sentence(rng, good), _sentence(rng, bad)],
+                               "ranking": [1, 0, 2]}
+                    else:
+                        row = {"prompt": f"{question} {i}?", "chosen": _sentence(rng, good), "rejected": _sentence(rng, bad)}
+                    f.write(json.dumps(row) + "\n")
+            files.setdefault(objective, {})[split] = path
+    return files
+
+
+@pytest.fixture(scope="module")
+def objective_sets(tmp_path_factory):
+    return write_objective_sets(tmp_path_factory.mktemp("objectives"))
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return tiny_models.build_tiny_bert(tmp_path_factory.mktemp("base") / "bert")
+
+
+def config_for(base, sets, out, **overrides) -> RewardTrainingConfig:
+    values = dict(
+        base_model=str(base), output_dir=str(out), max_length=48, per_device_batch_size=16, learning_rate=3e-3,
+        warmup_ratio=0.0, eval_steps=0, save_steps=0, logging_steps=5, progress=False, reward_stats_samples=100,
+        num_threads=2, num_epochs=3, train_mode="top", top_layers=1,
+        data=[f"{paths['train']}:objective={name}" for name, paths in sets.items()],
+    )
+    values.update(overrides)
+    return RewardTrainingConfig(**values)
+
+
+def head_accuracies(model_dir: Path, sets) -> dict[str, dict[str, float]]:
+    """Per dev file: the accuracy of each column (reward, then each head), from a direct forward."""
+    files = open_model_dir(model_dir)
+    model = load_sequence_classifier(model_dir, files.spec).eval()
+    names = ("reward",) + files.spec.objective_names
+    out = {}
+    for objective, paths in sets.items():
+        rows = [json.loads(line) for line in paths["dev"].read_text().splitlines()]
+        convs = [([{"role": "user", "content": r["prompt"]}], resp) for r in rows for resp in (r["chosen"], r["rejected"])]
+        batch = pad_batch(encode_conversations(convs, files.tokenizer, files.spec), pad_token_id(files.tokenizer))
+        with torch.no_grad():
+            cols = reward_columns(model, files.spec.architecture, *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids))).numpy()
+        wins = cols[0::2] > cols[1::2]
+        out[objective] = {name: float(wins[:, k].mean()) for k, name in enumerate(names)}
+    return out
+
+
+def test_each_head_learns_its_objective_and_the_gate_combines_them(tiny_base, objective_sets, tmp_path):
+    out = tmp_path / "rm"
+    result = train_reward_model(config_for(tiny_base, objective_sets, out, cache_frozen=True))
+    assert result.finished
+    spec = open_model_dir(out).spec
+    assert spec.objectives.names == ("helpfulness", "truthfulness", "harmlessness")
+    assert spec.objectives.combine == "gate"
+    assert (out / "reward_gate.safetensors").is_file()
+    accuracy = head_accuracies(out, objective_sets)
+    for objective in RULES:
+        assert accuracy[objective][objective] >= 0.9, accuracy  # its own head
+        assert accuracy[objective]["reward"] >= 0.9, accuracy  # the combination, through the gate
+
+
+def test_a_pair_moves_only_its_own_objectives_head(tiny_base, objective_sets, tmp_path):
+    trainer = _Trainer(config_for(tiny_base, objective_sets, tmp_path / "rm"), _Dist.from_env())
+    trainer.setup()
+    module = trainer._wrap_module()
+    harmless = [i for i, r in enumerate(trainer.train_records) if r.objective == "harmlessness"][:8]
+    batch = trainer.build_batch(harmless)
+    loss, _ = trainer.compute_loss(module(batch["chunks"], batch["order"]), batch)
+    loss.backward()
+    grad = trainer.model.classifier.weight.grad
+    column = trainer.objectives.index("harmlessness")
+    others = [k for k in range(3) if k != column]
+    assert grad[column].abs().sum() > 0
+    assert torch.count_nonzero(grad[others]) == 0
+    assert trainer.model.reward_gate.weight.grad.abs().sum() > 0  # the gate learns from every pair
+
+
+def test_the_frozen_cache_gives_the_models_own_forward(tmp_path, objective_sets):
+    """On the real MiniLM backbone: the trained blocks run on the cached output of the frozen
+    ones and give the heads of the plain forward."""
+    trainer = _Trainer(config_for(tiny_models.minilm_path(), objective_sets, tmp_path / "rm", top_layers=2, cache_frozen=True,
+                                  max_length=64), _Dist.from_env())
+    trainer.setup()
+    from trainer.scoring import length_sorted_chunks
+
+    records = trainer.train_records[:12]
+    encoded = encode_conversations([(r.prompt, x) for r in records for x in r.responses], trainer.tokenizer, trainer.spec)
+    chunks, _ = length_sorted_chunks(encoded, trainer.pad_id, 512, "cpu")
+    from reward_core.forward import reward_heads
+
+    with torch.no_grad():
+        for chunk in chunks:
+            plain, plain_features = reward_heads(trainer.model, "encoder", *chunk)
+            cached, cached_features = trainer.frozen_cache.heads("encoder", *chunk)
+            assert torch.allclose(plain, cached, atol=5e-3)
+            assert torch.allclose(plain_features, cached_features, atol=5e-3)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_objectives_train_in_every_mode_with_fixed_weights_too(tiny_base, objective_sets, tmp_path, mode):
+    out = tmp_path / mode
+    train_reward_model(config_for(tiny_base, objective_sets, out, train_mode=mode, num_epochs=1, combine="weights",
+                                  combine_weights=[0.5, 0.25, 0.25], length_balance=0.5, learning_rate=1e-3))
+    spec = open_model_dir(out).spec
+    assert spec.objectives.weights == (0.5, 0.25, 0.25) and not (out / "reward_gate.safetensors").exists()
+    files = open_model_dir(out)
+    model = load_sequence_classifier(out, spec).eval()
+    batch = pad_batch(encode_conversations([([{"role": "user", "content": "hi"}], "hello")], files.tokenizer, spec), 0)
+    with torch.no_grad():
+        cols = reward_columns(model, "encoder", *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)))
+    assert cols.shape == (1, 4)
+    np.testing.assert_allclose(float(cols[0, 0]), float((cols[0, 1:] * torch.tensor([0.5, 0.25, 0.25])).sum()), atol=1e-6)
+
+
+def test_mistakes_in_the_objective_setup_are_refused_with_the_fix(tiny_base, objective_sets, tmp_path):
+    paths = {name: p["train"] for name, p in objective_sets.items()}
+    unnamed = config_for(tiny_base, objective_sets, tmp_path / "a")
+    unnamed.data = [f"{paths['helpfulness']}:objective=helpfulness", str(paths["harmlessness"])]
+    with pytest.raises(TrainingConfigError, match="add :objective=NAME"):
+        train_reward_model(unnamed)
+    unknown = config_for(tiny_base, objective_sets, tmp_path / "b", objectives=["helpfulness"])
+    with pytest.raises(TrainingConfigError, match="lacks"):
+        train_reward_model(unknown)
+    with pytest.raises(TrainingConfigError, match="--combine weights"):
+        train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "c", combine_weights=[1, 1, 1]))
+    with pytest.raises(TrainingConfigError, match="--train-mode top"):
+        train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "d", train_mode="full", cache_frozen=True))
