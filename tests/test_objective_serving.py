@@ -240,3 +240,23 @@ def test_the_score_cache_keeps_heads_and_combination_apart(heads_dir, tmp_path, 
     assert again.objectives["helpfulness"] == pytest.approx(column(expected, "helpfulness"), abs=TOLERANCE)
     hits = [line for line in metrics.splitlines() if line.startswith("reward_score_cache_hits_total")]
     assert hits and float(hits[0].split()[-1]) == 2 * len(ITEMS)
+
+
+def test_reward_score_writes_each_heads_reward(server, client, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, **item}) + "\n" for i, item in enumerate(ITEMS)))
+    done = subprocess.run(
+        [sys.executable, "-m", "reward_cli", "score", "--url", server.url, "--model", "heads", "--objective", "helpfulness",
+         "--objectives", str(source)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    expected = client.score(ITEMS, model="heads", return_objectives=True).objectives
+    assert [line["id"] for line in lines] == list(range(len(ITEMS)))
+    assert [line["score"] for line in lines] == pytest.approx(expected["helpfulness"])
+    assert [line["objectives"]["harmlessness"] for line in lines] == pytest.approx(expected["harmlessness"])
