@@ -7,7 +7,9 @@
 
 from .client import AsyncRewardClient, RewardClient, RewardServiceError, ServiceUnavailable, served_card
 from .protocol import (
+    API_REVISION,
     API_VERSION,
+    CombineRule,
     ComparePair,
     CompareRequest,
     CompareResponse,
@@ -29,6 +31,7 @@ from .protocol import (
     MessagesItem,
     ModelCard,
     ModelList,
+    ObjectiveComparison,
     PoolingRequest,
     PoolingResponse,
     PromptResponseItem,
@@ -45,6 +48,7 @@ __all__ = [
     "RewardServiceError",
     "ServiceUnavailable",
     "API_VERSION",
+    "API_REVISION",
     "Message",
     "PromptResponseItem",
     "MessagesItem",
@@ -56,6 +60,8 @@ __all__ = [
     "CompareRequest",
     "CompareResult",
     "CompareResponse",
+    "ObjectiveComparison",
+    "CombineRule",
     "ModelCard",
     "ModelList",
     "ErrorDetail",

@@ -2,7 +2,8 @@
 
 Each input line is ``{"prompt", "response"}`` or ``{"messages"}``, optionally with extra keys
 (an "id", metadata) that are kept in the output but not sent. Each output line is the input
-object plus ``"score"``, in input order.
+object plus ``"score"``, in input order; with ``--objectives`` (a model with several reward
+heads) also ``"objectives"``: each head's reward by name.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=None, help="model name (default: the service's default model)")
     parser.add_argument("--normalize", action="store_true", help="return normalized rewards (model's mean/std)")
+    parser.add_argument(
+        "--objective", default=None, metavar="NAME",
+        help="a model with several reward heads: score with this head instead of their combination "
+        "(GET /v1/models lists them)",
+    )
+    parser.add_argument(
+        "--objectives", action="store_true",
+        help='a model with several reward heads: also write each head\'s reward ("objectives": {name: reward})',
+    )
     parser.add_argument("--chunk-size", type=_positive_int, default=64, help="items per request (default %(default)s)")
     parser.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default %(default)s)")
@@ -160,6 +170,7 @@ def run_score(args: argparse.Namespace, *, transport: httpx.BaseTransport | None
         return 2
 
     scores: list[float] = []
+    per_objective: dict[str, list[float]] | None = None
     model_name = "no model (empty input)"
     if items:
         api_key = getattr(args, "api_key", None) or os.environ.get("REWARD_API_KEY")
@@ -175,18 +186,23 @@ def run_score(args: argparse.Namespace, *, transport: httpx.BaseTransport | None
                 task = bar.add_task("scoring", total=len(items))
                 response = client.score(
                     items, model=args.model, normalize=args.normalize,
+                    objective=getattr(args, "objective", None), return_objectives=getattr(args, "objectives", False),
                     progress=lambda done, total: bar.update(task, completed=done),
                 )
-        except RewardServiceError as exc:
+        except (RewardServiceError, ValueError) as exc:  # ValueError: a bad --objective, refused before sending
             print(f"reward score: {exc}", file=sys.stderr)
             return 1
-        scores, model_name = response.scores, response.model
+        scores, model_name, per_objective = response.scores, response.model, response.objectives
         if len(scores) != len(objects):
             print(f"reward score: the service returned {len(scores)} scores for {len(objects)} items", file=sys.stderr)
             return 1
 
     # Written only once everything is scored, so a failed run leaves no half-written output.
-    lines = "".join(json.dumps({**obj, "score": score}, ensure_ascii=False) + "\n" for obj, score in zip(objects, scores))
+    scored = [{**obj, "score": score} for obj, score in zip(objects, scores)]
+    if per_objective is not None:
+        for i, row in enumerate(scored):
+            row["objectives"] = {name: values[i] for name, values in per_objective.items()}
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
     try:
         if args.output == "-":
             sys.stdout.write(lines)

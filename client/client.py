@@ -170,7 +170,12 @@ def _merge(responses: list[ResponseT]) -> ResponseT:
         truncated=sum(r.usage.truncated for r in responses),
     )
     if isinstance(first, ScoreResponse):
-        return ScoreResponse(model=first.model, scores=[s for r in responses for s in r.scores], usage=usage)
+        objectives = None
+        if first.objectives is not None:
+            objectives = {name: [x for r in responses for x in (r.objectives or {}).get(name, [])] for name in first.objectives}
+        return ScoreResponse(
+            model=first.model, scores=[s for r in responses for s in r.scores], objectives=objectives, usage=usage
+        )
     return CompareResponse(model=first.model, results=[x for r in responses for x in r.results], usage=usage)
 
 
@@ -260,20 +265,53 @@ class _ClientCore:
         # holds chunk_size // 2 pairs to stay within the same limit as a score chunk.
         return max(1, self.chunk_size // 2)
 
-    def _text_bodies(self, texts: Sequence[str], prompts: Sequence[str] | None, model: str | None) -> list[dict]:
+    def _text_bodies(
+        self, texts: Sequence[str], prompts: Sequence[str] | None, model: str | None, objective: str | None = None
+    ) -> list[dict]:
         texts = list(texts)
         if prompts is not None and len(prompts) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(prompts)} prompts; give one prompt per text or none")
         bodies = []
         for start in range(0, len(texts), self.chunk_size):
             chunk_prompts = list(prompts[start : start + self.chunk_size]) if prompts is not None else None
-            request = GetRewardRequest(query=texts[start : start + self.chunk_size], prompts=chunk_prompts, model=model)
+            request = GetRewardRequest(
+                query=texts[start : start + self.chunk_size], prompts=chunk_prompts, model=model, objective=objective
+            )
             bodies.append(self._body(request))
         return bodies
 
     @staticmethod
     def _body(request: BaseModel) -> dict:
         return request.model_dump(mode="json", exclude_none=True)
+
+    def _score_bodies(
+        self, items: Iterable[ItemLike], model: str | None, normalize: bool, objective: str | None, return_objectives: bool
+    ) -> tuple[list[dict], list[int]]:
+        chunks = _chunks(self._items(items), self.chunk_size)
+        bodies = [
+            self._scoring_body(ScoreRequest(
+                model=model, items=list(c), normalize=normalize, objective=objective, return_objectives=return_objectives
+            ))
+            for c in chunks
+        ]
+        return bodies, [len(c) for c in chunks]
+
+    def _compare_bodies(
+        self, pairs: Iterable[PairLike], model: str | None, objective: str | None, return_objectives: bool
+    ) -> tuple[list[dict], list[int]]:
+        chunks = _chunks(self._pairs(pairs), self._pairs_per_chunk())
+        bodies = [
+            self._scoring_body(CompareRequest(model=model, pairs=list(c), objective=objective, return_objectives=return_objectives))
+            for c in chunks
+        ]
+        return bodies, [len(c) for c in chunks]
+
+    def _scoring_body(self, request: ScoreRequest | CompareRequest) -> dict:
+        body = self._body(request)
+        if not request.return_objectives:
+            # Not sent unless asked: a service older than protocol 1.1 refuses fields it does not know.
+            del body["return_objectives"]
+        return body
 
     @staticmethod
     def _comparison(comparison: ComparisonRequest | Mapping[str, Any], fields: dict[str, Any]) -> tuple[dict, dict]:
@@ -397,29 +435,42 @@ class RewardClient(_ClientCore):
         model: str | None = None,
         normalize: bool = False,
         *,
+        objective: str | None = None,
+        return_objectives: bool = False,
         progress: ProgressCallback | None = None,
     ) -> ScoreResponse:
-        """One reward per item, in item order. Items are protocol items or dicts."""
-        chunks = _chunks(self._items(items), self.chunk_size)
-        bodies = [self._body(ScoreRequest(model=model, items=list(c), normalize=normalize)) for c in chunks]
-        return self._send_chunks(f"/{API_VERSION}/score", bodies, [len(c) for c in chunks], ScoreResponse, progress)
+        """One reward per item, in item order. Items are protocol items or dicts.
+
+        For a model with several reward heads: ``objective`` scores with that head instead of
+        their combination; ``return_objectives`` also returns each head's rewards
+        (``response.objectives``, by name)."""
+        bodies, sizes = self._score_bodies(items, model, normalize, objective, return_objectives)
+        return self._send_chunks(f"/{API_VERSION}/score", bodies, sizes, ScoreResponse, progress)
 
     def compare(
-        self, pairs: Iterable[PairLike], model: str | None = None, *, progress: ProgressCallback | None = None
+        self,
+        pairs: Iterable[PairLike],
+        model: str | None = None,
+        *,
+        objective: str | None = None,
+        return_objectives: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> CompareResponse:
-        """Rewards of both responses of each pair and P(a better than b), in pair order."""
-        chunks = _chunks(self._pairs(pairs), self._pairs_per_chunk())
-        bodies = [self._body(CompareRequest(model=model, pairs=list(c))) for c in chunks]
-        return self._send_chunks(f"/{API_VERSION}/compare", bodies, [len(c) for c in chunks], CompareResponse, progress)
+        """Rewards of both responses of each pair and P(a better than b), in pair order;
+        ``objective`` / ``return_objectives`` as for :meth:`score` (each result's ``objectives``)."""
+        bodies, sizes = self._compare_bodies(pairs, model, objective, return_objectives)
+        return self._send_chunks(f"/{API_VERSION}/compare", bodies, sizes, CompareResponse, progress)
 
     def score_texts(
-        self, texts: Sequence[str], prompts: Sequence[str] | None = None, model: str | None = None
+        self, texts: Sequence[str], prompts: Sequence[str] | None = None, model: str | None = None,
+        *, objective: str | None = None,
     ) -> list[float]:
         """Rewards of already-formatted texts (prompt + response, chat template applied), via
-        ``/get_reward``; ``prompts[i]``, when a prefix of ``texts[i]``, marks its prompt part."""
+        ``/get_reward``; ``prompts[i]``, when a prefix of ``texts[i]``, marks its prompt part;
+        ``objective``: a head's rewards instead of the combination."""
         if not texts:
             return []
-        bodies = self._text_bodies(texts, prompts, model)
+        bodies = self._text_bodies(texts, prompts, model, objective)
         sizes = [len(b["query"]) for b in bodies]
         return self._send_chunks("/get_reward", bodies, sizes, GetRewardResponse, None).rewards
 
@@ -589,31 +640,38 @@ class AsyncRewardClient(_ClientCore):
         model: str | None = None,
         normalize: bool = False,
         *,
+        objective: str | None = None,
+        return_objectives: bool = False,
         progress: ProgressCallback | None = None,
     ) -> ScoreResponse:
-        """One reward per item, in item order. Items are protocol items or dicts."""
-        chunks = _chunks(self._items(items), self.chunk_size)
-        bodies = [self._body(ScoreRequest(model=model, items=list(c), normalize=normalize)) for c in chunks]
-        return await self._send_chunks(f"/{API_VERSION}/score", bodies, [len(c) for c in chunks], ScoreResponse, progress)
+        """One reward per item, in item order (see RewardClient.score)."""
+        bodies, sizes = self._score_bodies(items, model, normalize, objective, return_objectives)
+        return await self._send_chunks(f"/{API_VERSION}/score", bodies, sizes, ScoreResponse, progress)
 
     async def compare(
-        self, pairs: Iterable[PairLike], model: str | None = None, *, progress: ProgressCallback | None = None
+        self,
+        pairs: Iterable[PairLike],
+        model: str | None = None,
+        *,
+        objective: str | None = None,
+        return_objectives: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> CompareResponse:
-        """Rewards of both responses of each pair and P(a better than b), in pair order."""
-        chunks = _chunks(self._pairs(pairs), self._pairs_per_chunk())
-        bodies = [self._body(CompareRequest(model=model, pairs=list(c))) for c in chunks]
-        return await self._send_chunks(
-            f"/{API_VERSION}/compare", bodies, [len(c) for c in chunks], CompareResponse, progress
-        )
+        """Rewards of both responses of each pair and P(a better than b), in pair order (see
+        RewardClient.compare)."""
+        bodies, sizes = self._compare_bodies(pairs, model, objective, return_objectives)
+        return await self._send_chunks(f"/{API_VERSION}/compare", bodies, sizes, CompareResponse, progress)
 
     async def score_texts(
-        self, texts: Sequence[str], prompts: Sequence[str] | None = None, model: str | None = None
+        self, texts: Sequence[str], prompts: Sequence[str] | None = None, model: str | None = None,
+        *, objective: str | None = None,
     ) -> list[float]:
         """Rewards of already-formatted texts (prompt + response, chat template applied), via
-        ``/get_reward``; ``prompts[i]``, when a prefix of ``texts[i]``, marks its prompt part."""
+        ``/get_reward``; ``prompts[i]``, when a prefix of ``texts[i]``, marks its prompt part;
+        ``objective``: a head's rewards instead of the combination."""
         if not texts:
             return []
-        bodies = self._text_bodies(texts, prompts, model)
+        bodies = self._text_bodies(texts, prompts, model, objective)
         sizes = [len(b["query"]) for b in bodies]
         return (await self._send_chunks("/get_reward", bodies, sizes, GetRewardResponse, None)).rewards
 

@@ -12,6 +12,10 @@ calls an ``async def`` function on its own event loop, concurrently with the oth
 already-formatted texts.
 
 Each takes one service URL or a list of replicas' URLs (spread and failed over by the client).
+For a model with several reward heads, ``objective=`` makes a function return that head's reward
+instead of the combination; TRL logs each function under its name (``reward_<objective>`` by
+default then), and sums them with its ``reward_weights``, so one function per objective is how
+to train on heads with weights of your own.
 Like the rest of ``client``, this module imports neither torch, TRL nor the service.
 """
 
@@ -63,6 +67,12 @@ def completions_to_items(prompts: Sequence[Any], completions: Sequence[Any]) -> 
     return items
 
 
+def _name(name: str | None, objective: str | None) -> str:
+    if name is not None:
+        return name
+    return f"reward_{objective}" if objective is not None else "reward_model"
+
+
 def _failed(n: int, exc: Exception, on_error: OnError) -> list[float | None]:
     if on_error == "raise":
         raise exc
@@ -75,13 +85,17 @@ def trl_reward_func(
     *,
     model: str | None = None,
     normalize: bool = False,
+    objective: str | None = None,
     on_error: OnError = "raise",
-    name: str = "reward_model",
+    name: str | None = None,
     client: RewardClient | None = None,
     **client_options: Any,
 ) -> Callable[..., list[float | None]]:
     """A synchronous TRL reward function scoring completions with the service at ``url``.
 
+    ``objective``: for a model with several reward heads, that head's reward instead of their
+    combination (the service refuses a name the model does not have, naming its heads).
+    ``name``: what TRL logs it under; ``reward_model``, or ``reward_<objective>`` with an objective.
     ``on_error="none"`` returns ``None`` for every completion when the service fails after the
     client's retries (TRL then ignores them) instead of raising. Extra keyword arguments go to
     :class:`RewardClient` (timeout, max_retries, chunk_size...).
@@ -93,11 +107,11 @@ def trl_reward_func(
         if not items:
             return []
         try:
-            return list(rm.score(items, model=model, normalize=normalize).scores)
+            return list(rm.score(items, model=model, normalize=normalize, objective=objective).scores)
         except RewardServiceError as exc:
             return _failed(len(items), exc, on_error)
 
-    reward_func.__name__ = reward_func.__qualname__ = name
+    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective)
     reward_func.client = rm  # type: ignore[attr-defined]  # so a caller can close it
     return reward_func
 
@@ -107,11 +121,13 @@ def trl_async_reward_func(
     *,
     model: str | None = None,
     normalize: bool = False,
+    objective: str | None = None,
     on_error: OnError = "raise",
-    name: str = "reward_model",
+    name: str | None = None,
     **client_options: Any,
 ) -> Callable[..., Awaitable[list[float | None]]]:
-    """The ``async def`` flavour: TRL awaits it concurrently with its other async reward functions.
+    """The ``async def`` flavour: TRL awaits it concurrently with its other async reward functions
+    (``objective`` and ``name`` as for :func:`trl_reward_func`).
 
     TRL runs async reward functions on an event loop of its own, so each call opens its client
     on the loop it runs on (an httpx async client cannot move between loops).
@@ -123,23 +139,27 @@ def trl_async_reward_func(
             return []
         try:
             async with AsyncRewardClient(url, **client_options) as rm:
-                return list((await rm.score(items, model=model, normalize=normalize)).scores)
+                return list((await rm.score(items, model=model, normalize=normalize, objective=objective)).scores)
         except RewardServiceError as exc:
             return _failed(len(items), exc, on_error)
 
-    reward_func.__name__ = reward_func.__qualname__ = name
+    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective)
     return reward_func
 
 
 def text_reward_fn(
-    url: str | Sequence[str] = DEFAULT_URL, *, model: str | None = None, client: RewardClient | None = None, **client_options: Any
+    url: str | Sequence[str] = DEFAULT_URL, *, model: str | None = None, objective: str | None = None,
+    client: RewardClient | None = None, **client_options: Any
 ) -> Callable[..., list[float]]:
     """``reward_fn(texts, prompts=None) -> list[float]`` for trainers that pass already-formatted
-    texts (prompt + response, chat template applied): scored as ``/get_reward`` scores them."""
+    texts (prompt + response, chat template applied): scored as ``/get_reward`` scores them
+    (``objective``: a head's reward instead of the combination)."""
     rm = client or RewardClient(url, **client_options)
 
     def reward_fn(texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
-        return rm.score_texts(list(texts), prompts=list(prompts) if prompts is not None else None, model=model)
+        return rm.score_texts(
+            list(texts), prompts=list(prompts) if prompts is not None else None, model=model, objective=objective
+        )
 
     reward_fn.client = rm  # type: ignore[attr-defined]
     return reward_fn

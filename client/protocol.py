@@ -12,6 +12,18 @@ Versioned under ``/v1``:
 - ``POST /v1/models/{name}/reload``  ReloadRequest -> ReloadResponse (hot reload; needs --reload-token)
 - errors                -> ErrorResponse (every 4xx/5xx)
 
+The path carries the major version; within ``/v1`` the protocol only grows, and ``API_REVISION``
+counts what it grew by. A new request field is optional and its default keeps the old behaviour;
+a new response field is omitted unless the request asked for it. So a request of an older client
+is answered exactly as before, and an older server refuses a newer field by name (422) rather
+than ignoring it. Revisions:
+
+- ``1.0``: the routes above.
+- ``1.1``: rewards per objective, for models with several reward heads: ``objective`` and
+  ``return_objectives`` on ``/v1/score`` and ``/v1/compare``, ``objectives`` in their answers,
+  ``objectives`` and ``combine`` on the model card, per-objective ``extra_logs`` and ``objective``
+  on ``/get_reward``.
+
 Other frameworks' wire shapes, served beside ``/v1`` so their trainers work unchanged (last
 section of this module):
 
@@ -36,6 +48,7 @@ from pydantic import (
     Discriminator,
     Field,
     StrictBool,
+    StringConstraints,
     Tag,
     field_validator,
     model_validator,
@@ -43,6 +56,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 API_VERSION = "v1"
+API_REVISION = "1.1"  # see the module docstring: what each revision of /v1 added
 
 # The largest integer the store keeps (a signed 64-bit column): ids, task ids and cursors.
 MAX_ID = 2**63 - 1
@@ -69,6 +83,10 @@ def _check_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_check_text)]
 
 Role = Literal["system", "user", "assistant", "tool"]
+
+# The name of a reward head, as a request gives it (the model's names are at most 32 characters;
+# a longer one names no head, and is refused before it is echoed into an error message).
+ObjectiveName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_check_text)]
 
 
 class _Strict(BaseModel):
@@ -167,7 +185,17 @@ class ScoreRequest(_Strict):
     items: list[ScoreItem] = Field(min_length=1, description="Items to score, at least one.")
     normalize: bool = Field(
         default=False,
-        description="Return (reward - mean) / std using the statistics the model was trained with.",
+        description="Return (reward - mean) / std using the statistics the model was trained with. Those are the "
+        "statistics of the model's reward (the combination, for a model with objectives): not with `objective`.",
+    )
+    objective: ObjectiveName | None = Field(
+        default=None,
+        description="A model with several reward heads: score with this objective's head instead of their "
+        "combination (the names are on GET /v1/models). (1.1)",
+    )
+    return_objectives: bool = Field(
+        default=False,
+        description="A model with several reward heads: also return each objective's raw reward (`objectives`). (1.1)",
     )
 
 
@@ -179,7 +207,15 @@ class Usage(BaseModel):
 
 class ScoreResponse(BaseModel):
     model: str = Field(description="The model that scored, as name@version.")
-    scores: list[float] = Field(description="One reward per item, in item order.")
+    scores: list[float] = Field(
+        description="One reward per item, in item order: the model's reward (for a model with objectives, their "
+        "combination, or the head named by `objective`)."
+    )
+    objectives: dict[str, list[float]] | None = Field(
+        default=None,
+        description="With return_objectives: each objective's raw reward (one per item, in item order), by "
+        "objective name; never normalized. Omitted otherwise. (1.1)",
+    )
     usage: Usage
 
 
@@ -198,18 +234,52 @@ class ComparePair(_Strict):
 class CompareRequest(_Strict):
     model: Text | None = None
     pairs: list[ComparePair] = Field(min_length=1, description="Pairs to compare, at least one.")
+    objective: ObjectiveName | None = Field(
+        default=None,
+        description="A model with several reward heads: compare by this objective's head instead of their "
+        "combination. (1.1)",
+    )
+    return_objectives: bool = Field(
+        default=False,
+        description="A model with several reward heads: also compare by each objective (`objectives` of each result). (1.1)",
+    )
+
+
+class ObjectiveComparison(BaseModel):
+    """One pair compared by one objective's head."""
+
+    reward_a: float
+    reward_b: float
+    p_a_better: float = Field(description="sigmoid(reward_a - reward_b) by this objective.")
 
 
 class CompareResult(BaseModel):
     reward_a: float
     reward_b: float
     p_a_better: float = Field(description="sigmoid(reward_a - reward_b): the Bradley-Terry probability.")
+    objectives: dict[str, ObjectiveComparison] | None = Field(
+        default=None,
+        description="With return_objectives: the pair compared by each objective's head, by objective name. "
+        "Omitted otherwise. (1.1)",
+    )
 
 
 class CompareResponse(BaseModel):
     model: str
     results: list[CompareResult]
     usage: Usage
+
+
+class CombineRule(BaseModel):
+    """How a model's objective heads combine into its reward (reward_core/objectives.py)."""
+
+    rule: Literal["gate", "weights"] = Field(
+        description="'weights': a fixed weighted sum of the heads; 'gate': a weighted sum whose weights a gate "
+        "computes from the prompt (ArmoRM-style)."
+    )
+    weights: list[float] | None = Field(
+        default=None, description="The rule 'weights': one weight per objective, in `objectives` order."
+    )
 
 
 class ModelCard(BaseModel):
@@ -223,6 +293,14 @@ class ModelCard(BaseModel):
     architecture: str = Field(description="'encoder' (text-pair cross-encoder) or 'decoder' (last-token).")
     normalize_available: bool = Field(description="Whether the model carries reward mean/std.")
     default: bool
+    objectives: list[str] | None = Field(
+        default=None,
+        description="A model with several reward heads: their names (what `objective` takes). Omitted for a "
+        "single-head model. (1.1)",
+    )
+    combine: CombineRule | None = Field(
+        default=None, description="How the heads combine into the reward; omitted for a single-head model. (1.1)"
+    )
 
 
 class ModelList(BaseModel):
@@ -289,6 +367,11 @@ class GetRewardRequest(_Lenient):
     )
     labels: list[Any] | None = Field(default=None, description="Ground-truth labels; accepted and not used by a reward model.")
     model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
+    objective: ObjectiveName | None = Field(
+        default=None,
+        description="Our extension (1.1): for a model with several reward heads, `rewards` are this objective's "
+        "instead of their combination.",
+    )
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "GetRewardRequest":
@@ -303,7 +386,10 @@ class GetRewardResponse(BaseModel):
     rewards: list[float] = Field(description="One reward per query, in order.")
     scores: list[float] = Field(description="The same values: OpenRLHF reads `scores` for dynamic filtering.")
     extra_logs: dict[str, list[float]] = Field(
-        default_factory=dict, description="Per-query values OpenRLHF logs: tokens read and whether the input was truncated."
+        default_factory=dict,
+        description="Per-query values OpenRLHF logs: tokens read (`reward_model_tokens`), whether the input was "
+        "truncated (`reward_model_truncated`) and, for a model with several reward heads, each objective's raw "
+        "reward (`objective_<name>`, 1.1).",
     )
 
 

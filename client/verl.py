@@ -30,7 +30,8 @@ on verl's Hydra command line) or environment variables seen by verl's reward wor
 ``reward_url`` / ``REWARD_URL`` (one URL or several separated by commas: replicas),
 ``reward_model`` / ``REWARD_MODEL`` (a served model name; the default model otherwise),
 ``reward_api_key`` / ``REWARD_API_KEY`` (when the service has API keys on), ``prompt_key``,
-``normalize``. Other keywords verl passes (``reward_router_address``,
+``normalize``, ``reward_objective`` / ``REWARD_OBJECTIVE`` (a model with several reward heads:
+that head's reward instead of their combination). Other keywords verl passes (``reward_router_address``,
 ``reward_model_tokenizer``...) are ignored.
 
 Like the rest of ``client``, this imports neither torch, verl nor the service; its imports are
@@ -71,6 +72,15 @@ def _options(kwargs: dict) -> tuple[tuple[str, ...], str | None]:
 
 def _model(kwargs: dict) -> str | None:
     return kwargs.get("reward_model") or os.environ.get("REWARD_MODEL") or None
+
+
+def _objective(kwargs: dict) -> str | None:
+    return kwargs.get("reward_objective") or os.environ.get("REWARD_OBJECTIVE") or None
+
+
+def _score_options(kwargs: dict) -> dict[str, Any]:
+    """The keywords of ``client.score`` from verl's reward_kwargs (and the environment)."""
+    return {"model": _model(kwargs), "normalize": bool(kwargs.get("normalize", False)), "objective": _objective(kwargs)}
 
 
 def _prompt_of(extra_info: Any, prompt_key: str | None) -> Any:
@@ -119,7 +129,7 @@ def _async_client(key: tuple[tuple[str, ...], str | None]) -> AsyncRewardClient:
 def compute_score(data_source: Any = None, solution_str: str = "", ground_truth: Any = None, extra_info: Any = None, **kwargs: Any) -> float:
     """verl's ``compute_score`` signature: the reward of one response, from the service."""
     item = verl_item(solution_str, extra_info, kwargs.get("prompt_key"))
-    response = _client(_options(kwargs)).score([item], model=_model(kwargs), normalize=bool(kwargs.get("normalize", False)))
+    response = _client(_options(kwargs)).score([item], **_score_options(kwargs))
     return float(response.scores[0])
 
 
@@ -130,7 +140,7 @@ async def compute_score_async(
     service batches them)."""
     item = verl_item(solution_str, extra_info, kwargs.get("prompt_key"))
     client = _async_client(_options(kwargs))
-    response = await client.score([item], model=_model(kwargs), normalize=bool(kwargs.get("normalize", False)))
+    response = await client.score([item], **_score_options(kwargs))
     return float(response.scores[0])
 
 
@@ -149,5 +159,5 @@ def compute_score_batch(
     items = [verl_item(s, e, kwargs.get("prompt_key")) for s, e in zip(solution_strs, infos)]
     if not items:
         return []
-    response = _client(_options(kwargs)).score(items, model=_model(kwargs), normalize=bool(kwargs.get("normalize", False)))
+    response = _client(_options(kwargs)).score(items, **_score_options(kwargs))
     return [float(s) for s in response.scores]

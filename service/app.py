@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.routing import Route
 
+from client.protocol import API_REVISION
 from reward_core.store import ComparisonStore
 
 from .auth import KeyRing, RateLimiter
@@ -70,7 +71,7 @@ def create_app(
 
     app = FastAPI(
         title="Reward model service",
-        version="1",
+        version=API_REVISION,  # the protocol revision within /v1 (client/protocol.py)
         summary="Scores (prompt, response) pairs with reward models, batched across requests.",
         lifespan=lifespan,
     )

@@ -8,6 +8,10 @@ batch have similar lengths (little padding), cuts it into batches whose padded s
 event loop keeps accepting and tokenising requests meanwhile. Each request gets its own scores
 back through per-item futures, so a request larger than one batch is simply split.
 
+What an item gets back is its row of the backend's answer, every column of it: the reward alone
+for a single-head model, the reward then each objective head's for a model with objectives
+(``Backend.score_batch``). The batcher does not pick among them; the routes do.
+
 Fairness: the plan is made again before every forward, over everything waiting then, and the
 batch run is chosen by turns: one forward for the request with the fewest items waiting, the
 next for the next request in arrival order (round robin), and so on. A request of many batches
@@ -30,6 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 
 from reward_core.backends import Backend
 from reward_core.formatting import EncodedInput
@@ -39,6 +44,17 @@ from .metrics import ServiceMetrics
 from .score_cache import ScoreCache
 
 log = logging.getLogger(__name__)
+
+RewardRow = tuple[float, ...]
+"""One item's rewards: the model's reward, then each objective head's (none for a single-head model)."""
+
+
+def reward_rows(rewards: np.ndarray) -> list[RewardRow]:
+    """A backend's answer, [batch] or [batch, 1 + H], as one row of plain floats per item."""
+    array = np.asarray(rewards, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[:, None]
+    return [tuple(row) for row in array.tolist()]
 
 
 class QueueFull(Exception):
@@ -158,22 +174,28 @@ class TokenBudgetBatcher:
         self._executor.shutdown(wait=True)
 
     async def score(self, encoded: list[EncodedInput]) -> list[float]:
-        """Queue the items and wait for their rewards (in the given order).
+        """Queue the items and wait for their rewards (in the given order): the model's reward,
+        which for a model with objectives is their combination (column 0 of :meth:`score_rows`).
 
         Raises QueueFull when they do not fit, ForwardFailed when the backend fails on them."""
+        return [row[0] for row in await self.score_rows(encoded)]
+
+    async def score_rows(self, encoded: list[EncodedInput]) -> list[RewardRow]:
+        """Each item's row of rewards, in the given order: ``(reward,)`` for a single-head model,
+        ``(reward, head 1, ..., head H)`` for a model with H objectives. Raises as :meth:`score`."""
         if self.cache is None:
             return await self._score_queued(encoded)
         keys = self.cache.keys(self.cache_key, encoded)
         found = self.cache.lookup(self.model_name, keys)
-        missing = [i for i, reward in enumerate(found) if reward is None]
+        missing = [i for i, row in enumerate(found) if row is None]
         if missing:
             fresh = await self._score_queued([encoded[i] for i in missing])
             self.cache.store([keys[i] for i in missing], fresh)
-            for i, reward in zip(missing, fresh):
-                found[i] = reward
+            for i, row in zip(missing, fresh):
+                found[i] = row
         return found  # type: ignore[return-value]  (every None was filled)
 
-    async def _score_queued(self, encoded: list[EncodedInput]) -> list[float]:
+    async def _score_queued(self, encoded: list[EncodedInput]) -> list[RewardRow]:
         self.check_room(len(encoded))
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in encoded]
@@ -278,9 +300,9 @@ class TokenBudgetBatcher:
             m.items_scored.labels(name).inc(rows)
             m.tokens_scored.labels(name).inc(real)
             m.padded_tokens.labels(name).inc(rows * longest)
-        for q, reward in zip(items, rewards.tolist()):
+        for q, row in zip(items, reward_rows(rewards)):
             if not q.future.done():
-                q.future.set_result(float(reward))
+                q.future.set_result(row)
 
     def _update_depth(self) -> None:
         if self.metrics is not None:

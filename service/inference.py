@@ -5,6 +5,11 @@ batcher, all within the request's deadline, and turn the batcher's backpressure 
 BatcherStopped, ForwardFailed) and the deadline into APIErrors. Routes only translate shapes;
 none batches, tokenises or touches tensors itself.
 
+What comes back is :class:`Rewards`: every item's whole row (the reward, then each objective
+head's for a model with several), from which a route takes the column it was asked for
+(``objective``) and, when asked, every head's (``return_objectives``). ``check_objective``
+refuses a head the model does not have before any work is done.
+
 Fairness: a request of at most ``SMALL_REQUEST_CHARS`` characters is tokenised in a lane of
 its own, so a few huge requests cannot make a one-item request wait for their tokenisation; a
 larger one is tokenised in slices of about ``SLICE_CHARS`` characters, each its own job in the
@@ -20,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -28,7 +34,7 @@ from pydantic import BaseModel
 from client.protocol import Usage
 from reward_core.formatting import Conversation, encode_conversations, encode_texts
 
-from .batcher import BatcherStopped, ForwardFailed, QueueFull
+from .batcher import BatcherStopped, ForwardFailed, QueueFull, RewardRow
 from .errors import APIError
 from .metrics import ServiceMetrics
 from .registry import ModelRegistry, ServedModel
@@ -83,6 +89,44 @@ def long_fields(value: Any, limit: int, path: str = "") -> list[tuple[str, int]]
     return found
 
 
+@dataclass(frozen=True)
+class Rewards:
+    """The rewards of a request's items, in item order: ``rows[i]`` is item i's reward, then (for
+    a model with objectives) each head's, in ``objectives`` order."""
+
+    rows: list[RewardRow]
+    objectives: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, objective: str | None = None) -> list[float]:
+        """One reward per item: the model's reward (the combination), or the head ``objective``
+        (checked by ``Inference.check_objective`` beforehand)."""
+        if objective is None:
+            return [row[0] for row in self.rows]
+        if objective not in self.objectives:
+            raise _heads_not_served()
+        index = 1 + self.objectives.index(objective)
+        return [row[index] for row in self.rows]
+
+    def by_objective(self) -> dict[str, list[float]]:
+        """Each head's rewards by objective name."""
+        if not self.objectives:
+            raise _heads_not_served()
+        return {name: [row[1 + i] for row in self.rows] for i, name in enumerate(self.objectives)}
+
+
+def _heads_not_served() -> APIError:
+    # The model directory names objectives but its backend answered with the reward alone (an
+    # ONNX export traces the combined reward only).
+    return APIError(
+        422, "objectives_not_served",
+        "this model's backend returns only the combined reward, not each objective's; serve the model with "
+        "--backend torch for per-objective rewards, or leave objective and return_objectives out",
+    )
+
+
 class Inference:
     """Held by the app (``app.state.inference``); its tokeniser pool lives as long as the app."""
 
@@ -115,6 +159,27 @@ class Inference:
                 "request (the client does it for you) or raise --max-items",
             )
 
+    @staticmethod
+    def check_objective(model: ServedModel, objective: str | None, return_objectives: bool = False) -> None:
+        """A 422 unless the model has the head ``objective`` (when named) and has heads at all
+        (when ``return_objectives``): before any work, naming what the model has."""
+        if objective is None and not return_objectives:
+            return
+        names = model.spec.objective_names
+        asked = f"objective {objective[:64]!r}" if objective is not None else "return_objectives"
+        if not names:
+            raise APIError(
+                422, "no_objectives",
+                f"model {model.name!r} has one reward head, not several objectives, so {asked} does not apply; "
+                "leave it out (the model's reward is `scores`). GET /v1/models lists each model's objectives",
+            )
+        if objective is not None and objective not in names:
+            raise APIError(
+                422, "unknown_objective",
+                f"model {model.name!r} has no objective {objective[:64]!r}; its objectives are "
+                f"{', '.join(names)} (or leave objective out for their combination)",
+            )
+
     def admit(self, body: BaseModel, n_items: int, what: str) -> None:
         """What every scoring route, ours and the compatible ones, checks before any work: the
         item count (``n_items`` of ``what``) and the length of every text field of the body."""
@@ -135,19 +200,19 @@ class Inference:
 
     async def score_conversations(
         self, http: Request, model: ServedModel, conversations: list[Conversation]
-    ) -> tuple[list[float], Usage]:
+    ) -> tuple[Rewards, Usage]:
         """/v1/score and /v1/compare: (prompt messages, response) conversations, formatted by the
         model's template."""
         sizes = [conversation_chars(c) for c in conversations]
-        scores, encoded = await self.score_encoded(http, model, encode_conversations, conversations, sizes)
-        return scores, usage_of(encoded)
+        rewards, encoded = await self.score_encoded(http, model, encode_conversations, conversations, sizes)
+        return rewards, usage_of(encoded)
 
     async def score_texts(
         self, http: Request, model: ServedModel, texts: list[str], *, prompt_prefixes: list[str | None] | None = None,
         **kwargs,
-    ) -> tuple[list[float], list]:
+    ) -> tuple[Rewards, list]:
         """The compatible routes: texts already rendered by the caller (``encode_texts`` options
-        as keywords). Returns (scores, the EncodedInputs)."""
+        as keywords). Returns (rewards, the EncodedInputs)."""
         sizes = [len(t) for t in texts]
         per_item = {"prompt_prefixes": prompt_prefixes} if prompt_prefixes is not None else {}
         return await self.score_encoded(http, model, encode_texts, texts, sizes, per_item, **kwargs)
@@ -155,12 +220,12 @@ class Inference:
     async def score_encoded(
         self, http: Request, model: ServedModel, encode: Callable[..., list], items: list, sizes: list[int],
         per_item: dict[str, list] | None = None, **kwargs,
-    ) -> tuple[list[float], list]:
+    ) -> tuple[Rewards, list]:
         """THE scoring path of every route: ``encode(items, tokenizer, spec, **per_item, **kwargs)``
         in the tokeniser pool (``sizes``: each item's characters, for the lane and the slices;
         ``per_item``: keyword lists cut along with the items), then the model's batcher, within
-        the request's deadline. Returns (scores, the EncodedInputs) in order; refusals (queue
-        full, deadline, failed forward) become APIErrors."""
+        the request's deadline. Returns (the rewards, the EncodedInputs) in order; refusals
+        (queue full, deadline, failed forward) become APIErrors."""
         settings = self.settings
         n_items = len(items)
         http.state.model, http.state.items = model.name, n_items
@@ -210,7 +275,7 @@ class Inference:
 
     async def _tokenize_and_score(
         self, http: Request, model: ServedModel, encode, items: list, sizes: list[int], per_item: dict, kwargs
-    ) -> tuple[list[float], list]:
+    ) -> tuple[Rewards, list]:
         encoded = await self._tokenize(model, encode, items, sizes, per_item, kwargs)
         empty = [i for i, e in enumerate(encoded) if len(e) == 0]
         if empty:  # a model cannot read zero tokens (e.g. "" with add_special_tokens false)
@@ -223,4 +288,8 @@ class Inference:
         if truncated:
             self.metrics.truncated_items.labels(model.name).inc(truncated)
         http.state.tokens = sum(len(e) for e in encoded)
-        return await model.batcher.score(encoded), encoded
+        rows = await model.batcher.score_rows(encoded)
+        names = model.spec.objective_names
+        if names and len(rows[0]) != 1 + len(names):
+            names = ()  # the backend gave the reward alone (see _heads_not_served)
+        return Rewards(rows, names), encoded

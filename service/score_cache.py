@@ -7,6 +7,11 @@ render to the same tokens share an entry whatever route or wording of the reques
 by, and a reloaded model (new version) never reads the old one's entries. Values are raw
 rewards; normalisation is applied by the route afterwards, as for uncached scores.
 
+A value is an item's whole row of rewards (the batcher's ``RewardRow``): the model's reward and,
+for a model with objectives, each head's beside it. One entry per input, whatever the request
+asked for: a request for a head and one for the combination read the same row, each its own
+column of it, so neither can be answered with the other's number.
+
 Used from the event loop only (the batcher's ``score``), so it needs no lock.
 """
 
@@ -28,7 +33,7 @@ class ScoreCache:
             raise ValueError("a score cache needs room for at least one entry")
         self.max_entries = max_entries
         self.metrics = metrics
-        self._entries: OrderedDict[bytes, float] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -46,8 +51,8 @@ class ScoreCache:
             keys.append(digest.digest())
         return keys
 
-    def lookup(self, model_name: str, keys: Sequence[bytes]) -> list[float | None]:
-        found: list[float | None] = []
+    def lookup(self, model_name: str, keys: Sequence[bytes]) -> list[tuple[float, ...] | None]:
+        found: list[tuple[float, ...] | None] = []
         for key in keys:
             value = self._entries.get(key)
             if value is not None:
@@ -59,9 +64,9 @@ class ScoreCache:
             self.metrics.score_cache_misses.labels(model_name).inc(len(found) - hits)
         return found
 
-    def store(self, keys: Sequence[bytes], rewards: Sequence[float]) -> None:
-        for key, reward in zip(keys, rewards):
-            self._entries[key] = reward
+    def store(self, keys: Sequence[bytes], rows: Sequence[tuple[float, ...]]) -> None:
+        for key, row in zip(keys, rows):
+            self._entries[key] = row
             self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -145,6 +145,26 @@ def test_items_may_be_messages_or_protocol_models_and_unset_fields_are_not_sent(
     assert sent == [{"items": [conversation, {"prompt": "q", "response": "answer 3"}], "normalize": False}]
 
 
+def test_objective_fields_are_sent_only_when_used_and_heads_merge_across_chunks():
+    # A 1.0 service refuses fields it does not know: a call that does not use them must not send them.
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append({k: v for k, v in body.items() if k != "items"})
+        answer = score_body(request)
+        if body.get("return_objectives"):
+            answer["objectives"] = {"truthfulness": [-s for s in answer["scores"]]}
+        return httpx.Response(200, json=answer)
+
+    with RewardClient(BASE_URL, chunk_size=2, transport=httpx.MockTransport(handler)) as rm:
+        rm.score([item(1)])
+        result = rm.score([item(i) for i in range(5)], objective="truthfulness", return_objectives=True)
+    assert sent[0] == {"normalize": False}
+    assert sent[1:] == [{"normalize": False, "objective": "truthfulness", "return_objectives": True}] * 3
+    assert result.objectives == {"truthfulness": [-float(i) for i in range(5)]}
+
+
 def test_invalid_item_is_reported_by_index_before_sending():
     def handler(request: httpx.Request) -> httpx.Response:  # pragma: no cover - must not be called
         raise AssertionError("nothing should be sent")

@@ -70,6 +70,8 @@ MESSAGE = body({"role": mostly(st.sampled_from(["user", "assistant"]), st.sample
 PROMPT = st.one_of(TEXT, st.lists(MESSAGE, max_size=3))
 ITEM = st.one_of(body({"prompt": PROMPT, "response": TEXT}), body({"messages": st.lists(MESSAGE, max_size=3)}))
 MODEL = {"model": maybe(st.one_of(TEXT, st.sampled_from(["bert", "~nosuchuser", "/" + "d" * 300])))}
+# Protocol 1.1: a reward head by name (the served model has one head: always refused, never a 5xx).
+OBJECTIVES = {"objective": maybe(st.one_of(TEXT, st.sampled_from(["truthfulness", "x" * 65]))), "return_objectives": st.booleans()}
 VLLM = {**MODEL, "truncate_prompt_tokens": maybe(INT), "priority": INT, "add_special_tokens": st.booleans(),
         "use_activation": maybe(st.booleans()), "user": maybe(TEXT), "request_id": maybe(TEXT)}
 RESPONSES = mostly(st.lists(TEXT, min_size=2, max_size=4), st.lists(TEXT, max_size=17))
@@ -81,9 +83,10 @@ COMPARISON = body(
 TASK = body({"prompt": PROMPT, "responses": RESPONSES}, {"category": maybe(TEXT), "source": maybe(TEXT)})
 
 POSTS = {
-    "/v1/score": body({"items": st.lists(ITEM, max_size=3)}, {**MODEL, "normalize": st.booleans()}),
-    "/v1/compare": body({"pairs": st.lists(body({"prompt": PROMPT, "a": TEXT, "b": TEXT}), max_size=3)}, MODEL),
-    "/get_reward": body({"query": st.lists(TEXT, max_size=3)}, {**MODEL, "prompts": maybe(st.lists(TEXT, max_size=3))}),
+    "/v1/score": body({"items": st.lists(ITEM, max_size=3)}, {**MODEL, **OBJECTIVES, "normalize": st.booleans()}),
+    "/v1/compare": body({"pairs": st.lists(body({"prompt": PROMPT, "a": TEXT, "b": TEXT}), max_size=3)}, {**MODEL, **OBJECTIVES}),
+    "/get_reward": body({"query": st.lists(TEXT, max_size=3)},
+                        {**MODEL, "prompts": maybe(st.lists(TEXT, max_size=3)), "objective": OBJECTIVES["objective"]}),
     "/classify": body({"input": st.one_of(TEXT, st.lists(TEXT, max_size=3))}, VLLM),
     "/pooling": body({"input": st.one_of(TEXT, st.lists(TEXT, max_size=3))}, {**VLLM, "encoding_format": TEXT}),
     "/v1/comparisons": COMPARISON,

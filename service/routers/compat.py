@@ -11,6 +11,13 @@ Each route only translates shapes: the texts go through ``formatting.encode_text
 model's batcher via the inference path (``service/inference.py``, ``app.state.inference``: the
 same path as ``/v1/score``), so a text scored here and the same input scored through
 ``/v1/score`` get the same reward.
+
+A model with several reward heads (objectives) serves its combined reward on every route here,
+as on ``/v1/score``. ``/get_reward`` also puts each head's reward in ``extra_logs`` (OpenRLHF
+logs every key there each step) and takes our extension ``objective`` to make ``rewards`` a
+head's. ``/classify`` and ``/pooling`` answer with the combined reward as their one class: vLLM
+would return every output of a multi-output classifier (softmaxed, in ``/classify``), and verl
+reads ``probs[-1]``, which would then silently be the last head's reward instead of the model's.
 """
 
 from __future__ import annotations
@@ -48,17 +55,20 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     inference: Inference = request.app.state.inference
     model = inference.pick_model(body.model)
     inference.admit(body, len(body.query), "queries")
+    inference.check_objective(model, body.objective)
     if not body.query:
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-    scores, encoded = await inference.score_texts(request, model, body.query, prompt_prefixes=body.prompts)
-    return GetRewardResponse(
-        rewards=scores,
-        scores=scores,
-        extra_logs={
-            "reward_model_tokens": [float(len(e)) for e in encoded],
-            "reward_model_truncated": [float(e.truncated) for e in encoded],
-        },
-    )
+    rewards, encoded = await inference.score_texts(request, model, body.query, prompt_prefixes=body.prompts)
+    scores = rewards.column(body.objective)
+    extra_logs = {
+        "reward_model_tokens": [float(len(e)) for e in encoded],
+        "reward_model_truncated": [float(e.truncated) for e in encoded],
+    }
+    # Each head's raw reward, for a model with several: "objective_<name>" cannot clash with the
+    # keys above, whatever a head is called.
+    if rewards.objectives:
+        extra_logs.update({f"objective_{name}": values for name, values in rewards.by_objective().items()})
+    return GetRewardResponse(rewards=scores, scores=scores, extra_logs=extra_logs)
 
 
 async def _score_vllm_texts(body, request: Request):
@@ -68,15 +78,16 @@ async def _score_vllm_texts(body, request: Request):
     if conversation is not None:
         # vLLM's chat form: rendered by the model's own template, exactly as /v1/score renders it.
         inference.admit(body, 1, "conversations")
-        scores, usage = await inference.score_conversations(request, model, [conversation])
+        rewards, usage = await inference.score_conversations(request, model, [conversation])
         tokens = usage.tokens
     else:
         texts = body.texts
         inference.admit(body, len(texts), "inputs")
-        scores, encoded = await inference.score_texts(
+        rewards, encoded = await inference.score_texts(
             request, model, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
         )
         tokens = sum(len(e) for e in encoded)
+    scores = rewards.column()  # the model's reward: for a model with objectives, their combination
     # vLLM echoes the model name it was asked for; ours when none was given.
     name = body.model or model.display_name
     return model, name, scores, VLLMUsage(prompt_tokens=tokens, total_tokens=tokens)
@@ -85,11 +96,14 @@ async def _score_vllm_texts(body, request: Request):
 @router.post("/classify", response_model=ClassificationResponse, responses=SCORING_ERRORS)
 async def classify(body: ClassificationRequest, request: Request) -> ClassificationResponse:
     """vLLM's classify API. A reward model has one class: ``probs`` is ``[reward]`` with
-    ``use_activation: false`` (what verl sends), ``[sigmoid(reward)]`` otherwise (vLLM's default)."""
+    ``use_activation: false`` (what verl sends), ``[sigmoid(reward)]`` otherwise (vLLM's default).
+    For a model with objectives the one class is their combination, and has no label of its own."""
     model, name, scores, usage = await _score_vllm_texts(body, request)
     activate = body.activation_wanted(default=True)
+    # config.id2label[0] of a multi-head model names its first head, not the combination served
+    label = model.label if not model.spec.objective_names else None
     data = [
-        ClassificationData(index=i, label=model.label, probs=[sigmoid(s) if activate else s], num_classes=1)
+        ClassificationData(index=i, label=label, probs=[sigmoid(s) if activate else s], num_classes=1)
         for i, s in enumerate(scores)
     ]
     return ClassificationResponse(
@@ -120,5 +134,5 @@ async def slime_reward(body: SlimeRewardRequest, request: Request) -> float:
         conversation = prompt_response_conversation(body.prompt_value(), body.response)
     except PromptError as exc:
         raise APIError(422, "validation_error", f"prompt: {exc}") from None
-    scores, _ = await inference.score_conversations(request, model, [conversation])
-    return scores[0]
+    rewards, _ = await inference.score_conversations(request, model, [conversation])
+    return rewards.column()[0]

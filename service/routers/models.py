@@ -13,7 +13,7 @@ import hmac
 
 from fastapi import APIRouter, Request
 
-from client.protocol import ModelCard, ModelList, ReloadRequest, ReloadResponse
+from client.protocol import CombineRule, ModelCard, ModelList, ReloadRequest, ReloadResponse
 
 from ..errors import RELOAD_ERRORS, APIError
 from ..registry import ModelRegistry, ReloadFailed, ServedModel, UnknownModel
@@ -22,14 +22,20 @@ router = APIRouter(tags=["models"])
 
 
 def _card(m: ServedModel, is_default: bool) -> ModelCard:
+    objectives = m.spec.objectives
     return ModelCard(
         name=m.name, version=m.spec.version or "", path=str(m.path), backend=m.backend.name,
         max_length=m.spec.max_length, dtype=m.backend.dtype, device=m.backend.device,
         architecture=m.spec.architecture, normalize_available=m.spec.normalize_available, default=is_default,
+        objectives=list(objectives.names) if objectives is not None else None,
+        combine=CombineRule(
+            rule=objectives.combine, weights=list(objectives.weights) if objectives.weights is not None else None
+        ) if objectives is not None else None,
     )
 
 
-@router.get("/v1/models", response_model=ModelList)
+# Fields a single-head model's card does not have are omitted, so its card reads as before (1.0).
+@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
 async def list_models(request: Request) -> ModelList:
     registry: ModelRegistry = request.app.state.registry
     return ModelList(data=[_card(m, registry.is_default(m)) for m in registry.list()])
@@ -47,7 +53,7 @@ def _check_token(request: Request) -> None:
         raise APIError(401, "unauthorized", "reload needs the header 'Authorization: Bearer <reload token>'")
 
 
-@router.post("/v1/models/{name}/reload", response_model=ReloadResponse, responses=RELOAD_ERRORS)
+@router.post("/v1/models/{name}/reload", response_model=ReloadResponse, response_model_exclude_none=True, responses=RELOAD_ERRORS)
 async def reload_model(name: str, request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
     """Load the model's directory again (or ``path``) and serve it under the same name."""
     _check_token(request)
