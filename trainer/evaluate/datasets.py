@@ -312,9 +312,11 @@ def build_preference_report(
         if not heads.get(label):
             continue
         names = list(heads[label])
-        card = by_label[label].get("card") or {}
+        combine = (by_label[label].get("card") or {}).get("combine")
+        if isinstance(combine, dict):  # {"rule": "gate" | "weights", "weights": ...}: the rule; the card has the rest
+            combine = combine.get("rule")
         report["objectives"][label] = {
-            "names": names, "combine": card.get("combine"),
+            "names": names, "combine": combine,
             "sections": [row for d in datasets for row in objective_sections(d, report["datasets"][d.name], label, names)],
         }
     for label in labels:
