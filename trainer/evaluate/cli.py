@@ -14,8 +14,10 @@ Two modes::
     reward eval best-of-n --policy path/to/causal-lm --data prompts.jsonl --n 16 \\
         --model proxy --gold-model gold --report out/
 
-``--data [NAME=]PATH[::MAX_ROWS]`` is repeatable and takes every format ``trainer/data.py`` reads;
-without ``NAME=`` a dataset is named after its folder and file stem (``alpacaeval/dev``).
+``--data [NAME=]PATH[::MAX_ROWS][:objective=NAME]`` is repeatable and takes every format
+``trainer/data.py`` reads; without ``NAME=`` a dataset is named after its folder and file stem
+(``alpacaeval/dev``). ``:objective=`` says which objective it measures (else its folder's default,
+or its categories': ``datasets.py``); a model with several heads is judged by each of them too.
 Each unique (prompt, response) is scored once (``/v1/score``), even when it appears in several
 pairs or datasets; chunks go concurrently (``--chunk-size``, ``--concurrency``). Progress is a
 rich bar on stderr; the Markdown report goes to stdout, and with ``--report DIR`` also to
@@ -91,7 +93,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     _add_service_flags(parser, suppress=False)
-    _flag(parser, "--data", "data", action="append", metavar="[NAME=]PATH[::MAX_ROWS]")
+    _flag(parser, "--data", "data", action="append", metavar="[NAME=]PATH[::MAX_ROWS][:objective=NAME]")
     _flag(parser, "--bootstrap", "bootstrap", type=_positive_int)
     _flag(parser, "--max-bad-fraction", "max_bad_fraction", type=float)
     parser.set_defaults(func=run_eval, eval_mode="preference")
@@ -153,12 +155,12 @@ def run_preference_eval(config: EvalConfig) -> int:
     print(f"reward eval: {len(pool)} unique responses to score with {len(targets)} model(s)", file=sys.stderr)
 
     try:
-        scores, timing = score_through_service(config, targets, pool, resolve=True)
+        scores, timing, heads = score_through_service(config, targets, pool, resolve=True)
     except RewardServiceError as exc:
         return fail(service_error_message(exc), EXIT_SERVICE)
 
     report_config = config.preference_report_config(datasets)
-    report = build_preference_report(datasets, scores, [t.describe() for t in targets], report_config, timing)
+    report = build_preference_report(datasets, scores, [t.describe() for t in targets], report_config, timing, heads)
     return finish_report(report, config, scores=scores, datasets=datasets)
 
 

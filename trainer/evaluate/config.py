@@ -39,7 +39,8 @@ class EvalConfig:
     api_key: str | None = field(default=None, metadata=_help("sent as 'Authorization: Bearer KEY' (env REWARD_API_KEY)"))
     # preference mode
     data: list[str] | None = field(default=None, metadata=_help(
-        "preference data in any format trainer/data.py reads (repeatable); default name <folder>/<stem>"))
+        "preference data in any format trainer/data.py reads (repeatable); default name <folder>/<stem>; "
+        ":objective=NAME: the objective it measures (default: by folder, or by category)"))
     bootstrap: int = field(default=2000, metadata=_help("paired bootstrap resamples (default 2000)"))
     max_bad_fraction: float = field(default=0.01, metadata=_help(
         "abort when more than this fraction of a file's rows are malformed (default 0.01)"))

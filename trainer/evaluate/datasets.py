@@ -1,14 +1,26 @@
 """Preference datasets for ``reward eval``: responses pooled for scoring, pairs over the pool, and
-the preference report (every metric of every model on every dataset, side by side)."""
+the preference report (every metric of every model on every dataset, side by side).
+
+Which objective a dataset measures: ``:objective=NAME`` on its ``--data`` spec; else the
+default for its folder (:data:`FOLDER_OBJECTIVES`); else none for the whole set, and each of its
+categories named like an objective (:data:`CATEGORY_OBJECTIVES`, e.g. ``sanity/dev``'s
+``truthful``/``harmless``/``helpful``) is a section of its own. For a model with several heads
+(objectives) the report gives each head's accuracy beside the combination's on every set and
+section, the matching head highlighted.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from reward_core.objectives import OBJECTIVE_NAME
 
 from ..data import DataError, PreferenceRecord, load_file
 from .metrics import (
@@ -29,6 +41,13 @@ from .metrics import (
 from .report import SCHEMA_VERSION, utc_now
 
 NO_CATEGORY = "(none)"
+
+# What our known dev sets measure, by the folder they live in (../shared/data/<folder>/...).
+FOLDER_OBJECTIVES = {"alpacaeval": "helpfulness", "hh-harmless": "harmlessness", "truthfulqa": "truthfulness"}
+# Categories that name what their pairs measure (sanity/dev's); a category spelled as an
+# objective (``harmlessness``) measures that objective too.
+CATEGORY_OBJECTIVES = {"helpful": "helpfulness", "truthful": "truthfulness", "harmless": "harmlessness"}
+_OBJECTIVE_SUFFIX = re.compile(r":objective=([^:=]*)$")
 
 
 class ItemPool:
@@ -66,6 +85,8 @@ class EvalDataset:
     responses: np.ndarray = field(default=None)  # unique pool indices of the dataset's responses
     response_len: np.ndarray = field(default=None)
     response_category: np.ndarray = field(default=None)
+    objective: str | None = None  # what the whole set measures
+    category_objectives: dict[str, str] = field(default_factory=dict)  # sections: category -> objective
 
     @property
     def n_pairs(self) -> int:
@@ -97,13 +118,37 @@ class EvalDataset:
         self.response_category = np.asarray([v[1] for v in seen.values()], dtype=object)
 
 
-def parse_dataset_spec(text: str) -> tuple[str, str, int | None]:
-    """``[NAME=]PATH[::MAX_ROWS]`` -> (name, path, max_rows); the default name is
-    ``<folder>/<file stem>`` (the trainer's dev-set naming)."""
+def parse_dataset_spec(text: str) -> tuple[str, str, int | None, str | None]:
+    """``[NAME=]PATH[::MAX_ROWS][:objective=OBJECTIVE]`` -> (name, path, max_rows, objective); the
+    default name is ``<folder>/<file stem>`` (the trainer's dev-set naming), the objective None
+    when not given (see :func:`dataset_objectives` for the defaults)."""
     from ..reward_data import parse_eval_spec
 
+    objective = None
+    match = _OBJECTIVE_SUFFIX.search(text) if not Path(text).exists() else None
+    if match:
+        objective, given, text = match.group(1), text, text[: match.start()]
+        if not OBJECTIVE_NAME.match(objective):
+            raise DataError(f"--data {given}: objective {objective!r} is not an objective name "
+                            "(lower-case letters, digits and '_', e.g. objective=harmlessness)")
     spec = parse_eval_spec(text)
-    return spec.name, spec.path, spec.max_rows
+    objective = objective or getattr(spec, "objective", None)
+    return spec.name, spec.path, spec.max_rows, objective
+
+
+def dataset_objectives(path: str, objective: str | None, categories: Sequence[str]) -> tuple[str | None, dict[str, str]]:
+    """(what the whole set measures, {category: objective} for the categories that are sections of
+    their own): the objective given, else the default for the file's folder, else none and its
+    categories named like objectives."""
+    objective = objective or FOLDER_OBJECTIVES.get(Path(path).parent.name)
+    if objective is not None:
+        return objective, {}
+    sections = {}
+    for c in categories:
+        name = CATEGORY_OBJECTIVES.get(c, c if c in CATEGORY_OBJECTIVES.values() else None)
+        if name is not None:
+            sections[c] = name
+    return None, sections
 
 
 def load_datasets(specs: Sequence[str], pool: ItemPool, max_bad_fraction: float | None) -> list[EvalDataset]:
@@ -112,7 +157,7 @@ def load_datasets(specs: Sequence[str], pool: ItemPool, max_bad_fraction: float 
     datasets: list[EvalDataset] = []
     names: set[str] = set()
     for text in specs:
-        name, path, max_rows = parse_dataset_spec(text)
+        name, path, max_rows, objective = parse_dataset_spec(text)
         if name in names:
             raise DataError(f"two datasets are named {name!r}; name them with NAME=PATH")
         names.add(name)
@@ -128,6 +173,7 @@ def load_datasets(specs: Sequence[str], pool: ItemPool, max_bad_fraction: float 
         dataset.build(pool)
         if dataset.n_pairs == 0:
             raise DataError(f"dataset {name} ({path}) has no usable pairs")
+        dataset.objective, dataset.category_objectives = dataset_objectives(path, objective, dataset.categories)
         datasets.append(dataset)
     return datasets
 
@@ -136,13 +182,30 @@ def dataset_seed(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
 
 
-def evaluate_model(dataset: EvalDataset, scores: np.ndarray, seed: int) -> dict[str, Any]:
-    """Every single-model metric of one model on one dataset (``scores`` indexed by pool index)."""
+def _by_category(dataset: EvalDataset, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, dict[str, Any]]:
+    return {c: accuracy_block(chosen[dataset.category == c], rejected[dataset.category == c]) for c in dataset.categories}
+
+
+def evaluate_heads(dataset: EvalDataset, heads: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Accuracy of each objective head of one model on one dataset, overall and per category
+    (``heads``: objective -> scores indexed by pool index)."""
+    per_head = {name: _by_category(dataset, s[dataset.chosen], s[dataset.rejected]) for name, s in heads.items()}
+    return {
+        "names": list(heads),
+        "heads": {name: accuracy_block(s[dataset.chosen], s[dataset.rejected]) for name, s in heads.items()},
+        "per_category": {c: {name: per_head[name][c] for name in heads} for c in dataset.categories},
+    }
+
+
+def evaluate_model(
+    dataset: EvalDataset, scores: np.ndarray, seed: int, heads: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """Every single-model metric of one model on one dataset (``scores`` indexed by pool index);
+    with ``heads`` (a model with objectives: objective -> scores) each head's accuracy too."""
     chosen, rejected = scores[dataset.chosen], scores[dataset.rejected]
     result = accuracy_block(chosen, rejected)
-    result["per_category"] = {
-        c: accuracy_block(chosen[dataset.category == c], rejected[dataset.category == c]) for c in dataset.categories
-    }
+    result["per_category"] = _by_category(dataset, chosen, rejected)
+    result["objectives"] = evaluate_heads(dataset, heads) if heads else None
     response_scores = scores[dataset.responses]
     length = length_controlled_accuracy(chosen, rejected, dataset.chosen_len, dataset.rejected_len)
     length["longer_wins_accuracy"] = longer_wins_accuracy(dataset.chosen_len, dataset.rejected_len)[0]
@@ -186,26 +249,75 @@ def compare_models(
     return out
 
 
+def length_baselines(dataset: EvalDataset, mask: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """"Longer answer wins" and its opposite, "shorter answer wins", on the pairs of ``mask``
+    (all by default): accuracy blocks of scoring each answer by its length, and by minus it."""
+    lc, lr = dataset.chosen_len, dataset.rejected_len
+    if mask is not None:
+        lc, lr = lc[mask], lr[mask]
+    return {"longer_wins": accuracy_block(lc, lr), "shorter_wins": accuracy_block(-lc, -lr)}
+
+
+def objective_sections(
+    dataset: EvalDataset, entry: dict[str, Any], label: str, names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The per-objective rows of one model with heads ``names`` on one dataset (its report
+    ``entry``): the whole set, then each category that measures an objective of its own."""
+    model = entry["models"][label]
+    rows = [{
+        "dataset": dataset.name, "category": None, "objective": dataset.objective, "n_pairs": dataset.n_pairs,
+        "combined": {k: model[k] for k in ("accuracy", "ci_low", "ci_high", "n_pairs", "n_ties")},
+        "heads": model["objectives"]["heads"],
+        "longer_wins": entry["longer_wins"], "shorter_wins": entry["shorter_wins"],
+    }]
+    for c, objective in sorted(dataset.category_objectives.items()):
+        rows.append({
+            "dataset": dataset.name, "category": c, "objective": objective, "n_pairs": model["per_category"][c]["n_pairs"],
+            "combined": model["per_category"][c], "heads": model["objectives"]["per_category"][c],
+            **entry["baselines_per_category"][c],
+        })
+    for row in rows:
+        row["matching_head"] = row["objective"] if row["objective"] in names else None
+    return rows
+
+
 def build_preference_report(
     datasets: Sequence[EvalDataset],
     scores: dict[str, np.ndarray],
     models: list[dict[str, Any]],
     config: dict[str, Any],
     scoring: dict[str, Any],
+    heads: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
+    """Every metric of every model on every dataset. ``heads``: for the models with objectives,
+    label -> objective -> scores (pool-indexed), from the same requests as ``scores``."""
+    heads = heads or {}
     labels = [m["label"] for m in models]
     seed, n_boot = config["seed"], config["bootstrap"]
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "kind": "preference", "created": utc_now(), "config": config,
-        "models": models, "scoring": scoring, "datasets": {}, "summary": {}, "plots": {},
+        "models": models, "scoring": scoring, "datasets": {}, "summary": {}, "objectives": {}, "plots": {},
     }
     for d in datasets:
-        longer = accuracy_block(d.chosen_len, d.rejected_len)
         report["datasets"][d.name] = {
             "path": d.path, "n_records": len(d.records), "n_pairs": d.n_pairs, "n_unique_responses": int(d.responses.size),
-            "categories": d.categories, "load": d.load, "longer_wins": longer,
-            "models": {label: evaluate_model(d, scores[label], seed) for label in labels},
+            "categories": d.categories, "load": d.load, **length_baselines(d),
+            "baselines_per_category": {c: length_baselines(d, d.category == c) for c in d.categories},
+            "objective": d.objective, "category_objectives": dict(sorted(d.category_objectives.items())),
+            "models": {label: evaluate_model(d, scores[label], seed, heads.get(label)) for label in labels},
             "comparisons": compare_models(d, scores, labels, n_boot, seed),
+        }
+    by_label = {m["label"]: m for m in models}
+    for label in labels:
+        if not heads.get(label):
+            continue
+        names = list(heads[label])
+        combine = (by_label[label].get("card") or {}).get("combine")
+        if isinstance(combine, dict):  # {"rule": "gate" | "weights", "weights": ...}: the rule; the card has the rest
+            combine = combine.get("rule")
+        report["objectives"][label] = {
+            "names": names, "combine": combine,
+            "sections": [row for d in datasets for row in objective_sections(d, report["datasets"][d.name], label, names)],
         }
     for label in labels:
         per = [report["datasets"][d.name]["models"][label] for d in datasets]

@@ -26,9 +26,19 @@ kind "preference" adds::
         path, n_records, n_pairs, n_unique_responses, categories [sorted names; "(none)" for
         records without one], load {rows_read, rows_loaded, malformed},
         longer_wins {accuracy, ci_low, ci_high, n_pairs, n_ties}     # the length baseline
+        shorter_wins {...}                                           # its opposite
+        baselines_per_category: {CATEGORY: {longer_wins {...}, shorter_wins {...}}}
+        objective          what the whole set measures (--data ...:objective=NAME, else the
+                           folder's default: alpacaeval helpfulness, hh-harmless harmlessness,
+                           truthfulqa truthfulness) or null
+        category_objectives {CATEGORY: OBJECTIVE}   # categories that are sections of their own
+                           (sets without an objective: truthful, harmless, helpful -> ...ness)
         models: {LABEL: {
             accuracy, ci_low, ci_high, n_pairs, n_ties,
             per_category: {CATEGORY: {accuracy, ci_low, ci_high, n_pairs, n_ties}},
+            objectives: null (one head) | {names [the heads, in the model's order],
+                         heads {OBJECTIVE: {accuracy, ci_low, ci_high, n_pairs, n_ties}},
+                         per_category {CATEGORY: {OBJECTIVE: {...}}}},
             length: {shorter_chosen {accuracy, n_pairs, n_ties}, longer_chosen {...},
                      equal_length_pairs, length_controlled_accuracy, longer_wins_accuracy,
                      pearson_reward_length, spearman_reward_length},
@@ -40,6 +50,10 @@ kind "preference" adds::
                        diff_ci_high, agreement}]   # every model pair a < b in --url/--model order
     }}
     summary: {LABEL: {mean_accuracy (unweighted over datasets), pooled_accuracy, n_pairs, n_ties}}
+    objectives: {LABEL: {names, combine ("gate" | "weights" | null), sections: [   # models with heads only
+        {dataset, category (null: the whole set), objective (or null), n_pairs,
+         combined {accuracy, ci_low, ci_high, n_pairs, n_ties}, heads {OBJECTIVE: {...}},
+         matching_head (the head named by objective, or null), longer_wins {...}, shorter_wins {...}}]}}
 
 kind "best_of_n" adds::
 
@@ -182,10 +196,11 @@ def _render_preference(report: dict[str, Any]) -> str:
         "(pairs treated as independent). K-way rankings contribute all their implied pairs.\n"
     )
     out.append("\n## Summary\n\n")
-    header = ["dataset", "pairs"] + [f"{label} accuracy" for label in labels] + ["longer-wins baseline"]
+    header = ["dataset", "pairs"] + [f"{label} accuracy" for label in labels] + ["longer-wins baseline", "shorter wins"]
     rows = []
     for name, d in report["datasets"].items():
-        rows.append([name, d["n_pairs"]] + [_acc_ci(d["models"][label]) for label in labels] + [_pct(d["longer_wins"]["accuracy"])])
+        rows.append([name, d["n_pairs"]] + [_acc_ci(d["models"][label]) for label in labels]
+                    + [_pct(d["longer_wins"]["accuracy"]), _pct(_shorter_wins(d)["accuracy"])])
     out.append(_table(header, rows))
     if len(report["datasets"]) > 1:
         out.append("\n" + _table(
@@ -193,12 +208,16 @@ def _render_preference(report: dict[str, Any]) -> str:
             [[label, _pct(s["mean_accuracy"]), _pct(s["pooled_accuracy"]), s["n_pairs"], s["n_ties"]] for label, s in report["summary"].items()],
         ))
 
+    for label, objectives in report.get("objectives", {}).items():
+        out.append(_render_objectives(label, objectives))
+
     for name, d in report["datasets"].items():
         out.append(f"\n## {name}\n\n")
         out.append(
             f"`{d['path']}`: {d['n_records']} records, {d['n_pairs']} pairs, {d['n_unique_responses']} unique responses "
             f"({d['load']['malformed']} malformed rows skipped). The \"longer answer wins\" baseline: "
-            f"{_acc_ci(d['longer_wins'])} ({d['longer_wins']['n_ties']} equal-length pairs counted half).\n\n"
+            f"{_acc_ci(d['longer_wins'])} ({d['longer_wins']['n_ties']} equal-length pairs counted half)."
+            f"{_measures(d) if report.get('objectives') else ''}\n\n"
         )
         out.append("### Accuracy, length and calibration\n\n")
         out.append(_table(
@@ -220,13 +239,14 @@ def _render_preference(report: dict[str, Any]) -> str:
         )
         out.append("### Per category\n\n")
         rows = []
+        baselines = d.get("baselines_per_category", {})
         for c in d["categories"]:
             first = d["models"][labels[0]]["per_category"][c]
             rows.append([c, first["n_pairs"]] + [
                 f"{_acc_ci(d['models'][label]['per_category'][c])}, ties {d['models'][label]['per_category'][c]['n_ties']}"
                 for label in labels
-            ])
-        out.append(_table(["category", "pairs"] + labels, rows))
+            ] + ([_pct(baselines[c]["longer_wins"]["accuracy"]), _pct(baselines[c]["shorter_wins"]["accuracy"])] if baselines else []))
+        out.append(_table(["category", "pairs"] + labels + (["longer wins", "shorter wins"] if baselines else []), rows))
         out.append("\n### Reward distribution\n\n")
         rows = []
         for label in labels:
@@ -261,6 +281,48 @@ def _render_preference(report: dict[str, Any]) -> str:
         plots = report.get("plots", {}).get(name, {})
         if plots:
             out.append("\n" + "".join(f"![{kind}]({file})\n" for kind, file in plots.items()))
+    return "".join(out)
+
+
+def _shorter_wins(d: dict[str, Any]) -> dict[str, Any]:
+    """The "shorter answer wins" block (reports from before it was recorded: 1 - longer wins)."""
+    if "shorter_wins" in d:
+        return d["shorter_wins"]
+    longer = d["longer_wins"]
+    return {"accuracy": None if longer["accuracy"] is None else 1 - longer["accuracy"]}
+
+
+def _measures(d: dict[str, Any]) -> str:
+    if d.get("objective"):
+        return f" It measures **{d['objective']}**."
+    sections = d.get("category_objectives") or {}
+    if sections:
+        return " Its categories measure " + ", ".join(f"{c}: **{o}**" for c, o in sections.items()) + "."
+    return ""
+
+
+def _render_objectives(label: str, objectives: dict[str, Any]) -> str:
+    """The per-objective table of one model with several heads: per set (and section), the
+    combination's accuracy, each head's, and the two length baselines."""
+    names = objectives["names"]
+    combine = f", combined by {objectives['combine']}" if objectives.get("combine") else ""
+    out = [
+        f"\n## Per objective: {label}\n\n",
+        f"`{label}` has {len(names)} reward heads ({', '.join(names)}){combine}. Accuracy of the combination (the "
+        "reward a caller gets) and of each head on the same pairs, with 95% Wilson intervals; **bold**: the head "
+        "of the objective the set or section measures. Longer / shorter wins: picking the longer / the shorter "
+        "answer (equal lengths count half).\n\n",
+    ]
+    rows = []
+    for r in objectives["sections"]:
+        section = r["dataset"] if r["category"] is None else f"{r['dataset']} · {r['category']}"
+        measures = r["objective"] or ("(by category)" if r["category"] is None and any(
+            x["dataset"] == r["dataset"] and x["category"] is not None for x in objectives["sections"]) else "")
+        heads = [_acc_ci(r["heads"][n]) for n in names]
+        heads = [f"**{h}**" if n == r["matching_head"] else h for n, h in zip(names, heads)]
+        rows.append([section, measures, r["n_pairs"], _acc_ci(r["combined"]), *heads,
+                     _pct(r["longer_wins"]["accuracy"]), _pct(r["shorter_wins"]["accuracy"])])
+    out.append(_table(["set", "measures", "pairs", "combination", *names, "longer wins", "shorter wins"], rows))
     return "".join(out)
 
 

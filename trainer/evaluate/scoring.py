@@ -91,26 +91,50 @@ async def resolve_targets(clients: dict[str, Any], targets: list[Target]) -> Non
     _label_targets(targets)
 
 
+def card_objectives(card: dict[str, Any]) -> list[str]:
+    """The objectives (reward heads) a model card lists; [] for a single-head model."""
+    return list(card.get("objectives") or [])
+
+
+async def score_items(client: Any, target: Target, items: list[dict], normalize: bool, progress: Callable[[int, int], None]):
+    """THE scoring call of ``reward eval``: every item with one target, through the client.
+    Returns (rewards, {objective: rewards}); the heads' rewards come from the same requests
+    (``return_objectives``) when the target's card lists objectives, else the dict is empty."""
+    from client import RewardServiceError
+
+    objectives = card_objectives(target.card)
+    kwargs = {"return_objectives": True} if objectives else {}
+    response = await client.score(items, model=target.model, normalize=normalize, progress=progress, **kwargs)
+
+    def column(values: Any, what: str) -> np.ndarray:
+        if values is None or len(values) != len(items):
+            got = "none" if values is None else len(values)
+            raise RewardServiceError(None, "invalid_response", f"{target.url} returned {got} {what} for {len(items)} items")
+        return np.asarray(values, dtype=np.float64)
+
+    scores = column(response.scores, "scores")
+    by_objective = getattr(response, "objectives", None) or {}
+    heads = {name: column(by_objective.get(name), f"'{name}' rewards") for name in objectives}
+    return scores, heads
+
+
 async def score_pool(
     clients: dict[str, Any], targets: list[Target], items: list[dict], normalize: bool, progress: Any
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Score every pool item with every target, chunks in flight concurrently. Returns scores per
-    label and per-label timing."""
-    scores, timing = {}, {}
+    label, per-label timing, and per label of a model with objectives, each head's scores."""
+    scores, timing, heads = {}, {}, {}
     for t in targets:
         task = progress.add_task(f"scoring {t.label}", total=len(items))
         started = time.perf_counter()
-        response = await clients[t.url].score(
-            items, model=t.model, normalize=normalize, progress=lambda done, total, task=task: progress.update(task, completed=done)
+        scores[t.label], per_head = await score_items(
+            clients[t.url], t, items, normalize, lambda done, total, task=task: progress.update(task, completed=done)
         )
         seconds = time.perf_counter() - started
-        if len(response.scores) != len(items):
-            from client import RewardServiceError
-
-            raise RewardServiceError(None, "invalid_response", f"{t.url} returned {len(response.scores)} scores for {len(items)} items")
-        scores[t.label] = np.asarray(response.scores, dtype=np.float64)
+        if per_head:
+            heads[t.label] = per_head
         timing[t.label] = {"items": len(items), "seconds": seconds, "items_per_second": len(items) / seconds if seconds else None}
-    return scores, timing
+    return scores, timing, heads
 
 
 async def with_clients(urls: Iterable[str], config: EvalConfig, body: Callable[[dict[str, Any]], Any]):
@@ -126,7 +150,9 @@ async def with_clients(urls: Iterable[str], config: EvalConfig, body: Callable[[
 
 def score_through_service(config: EvalConfig, targets: list[Target], pool: ItemPool, *, resolve: bool):
     """Score every item of ``pool`` with every target, chunked and concurrent, with a progress bar;
-    ``resolve`` first checks each target is served (resolve_targets)."""
+    ``resolve`` first checks each target is served (resolve_targets) and records its card (so a
+    model with objectives gets its heads scored too). Returns (scores, timing, heads), as
+    :func:`score_pool`."""
 
     async def body(clients):
         if resolve:
