@@ -5,6 +5,7 @@ head (``objectives`` [batch, H] beside ``reward`` [batch]) and ``OnnxBackend`` r
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -130,9 +131,7 @@ def test_a_single_head_export_is_as_before(exports, precision):
 
 
 def test_an_export_and_its_reward_model_json_must_agree_on_the_heads(exports, tmp_path):
-    sources, dirs, _ = exports
-    import shutil
-
+    _, dirs, _ = exports
     # heads in the graph, none in the json: the service could not name the columns
     dropped = tmp_path / "dropped"
     shutil.copytree(dirs["gate-fp32"], dropped)
