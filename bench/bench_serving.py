@@ -84,10 +84,18 @@ def in_process_limit(
 ) -> dict:
     """Tokenise with the service's formatting and run the same length-sorted token-budget batches
     on the same backend (``score_rows_alone``: override the ONNX backend's choice, to compare)."""
+    model = load_bench_model(model_dir, backend, score_rows_alone)
+    best = None
+    for _ in range(repeats):
+        elapsed, stats = limit_pass(model, items, max_batch_tokens, max_padding)
+        best = elapsed if best is None else min(best, elapsed)
+    return limit_result(items, best, stats)
+
+
+def load_bench_model(model_dir: Path, backend: str, score_rows_alone: bool | None = None):
+    """The model as the service loads it, warmed up, on every core."""
     import torch
 
-    from reward_core.forward import pad_batch, plan_batches
-    from reward_core.formatting import encode_items
     from service.registry import load_model
     from service.settings import ServiceSettings
 
@@ -96,22 +104,31 @@ def in_process_limit(
     if score_rows_alone is not None:
         model.backend.score_rows_alone = score_rows_alone
     model.warm_up()
-    best = None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        encoded = encode_items(items, model.tokenizer, model.spec)
-        batches = plan_batches([len(e) for e in encoded], max_batch_tokens, max_padding=max_padding)
-        padded = 0
-        for indices in batches:
-            batch = pad_batch([encoded[i] for i in indices], model.pad_token_id)
-            model.backend.score_batch(batch)
-            padded += batch.input_ids.size
-        elapsed = time.perf_counter() - started
-        best = elapsed if best is None else min(best, elapsed)
-    tokens = sum(len(e) for e in encoded)
+    return model
+
+
+def limit_pass(model, items: list[dict], max_batch_tokens: int, max_padding: float) -> tuple[float, dict]:
+    """One timed pass of the in-process limit: tokenise, plan, pad, score. (seconds, batch stats)"""
+    from reward_core.forward import pad_batch, plan_batches
+    from reward_core.formatting import encode_items
+
+    started = time.perf_counter()
+    encoded = encode_items(items, model.tokenizer, model.spec)
+    batches = plan_batches([len(e) for e in encoded], max_batch_tokens, max_padding=max_padding)
+    padded = 0
+    for indices in batches:
+        batch = pad_batch([encoded[i] for i in indices], model.pad_token_id)
+        model.backend.score_batch(batch)
+        padded += batch.input_ids.size
+    elapsed = time.perf_counter() - started
+    return elapsed, {"tokens": sum(len(e) for e in encoded), "padded": padded, "batches": len(batches)}
+
+
+def limit_result(items: list[dict], best: float, stats: dict) -> dict:
+    tokens, batches = stats["tokens"], stats["batches"]
     return {
         "items_per_s": len(items) / best, "tokens_per_s": tokens / best, "seconds": best,
-        "batches": len(batches), "mean_batch_size": len(items) / len(batches), "padding_efficiency": tokens / padded,
+        "batches": batches, "mean_batch_size": len(items) / batches, "padding_efficiency": tokens / stats["padded"],
     }
 
 

@@ -5,7 +5,8 @@ service's batcher runs them, and the trainer's ONNX export checks its graph agai
 
 - ``TorchBackend``: any HF sequence classifier with one output (loaded by
   :mod:`reward_core.loading`), through :func:`reward_core.forward.reward_forward`.
-- ``OnnxBackend``: a directory exported by ``reward export-onnx``, on CPU through onnxruntime.
+- ``OnnxBackend``: a directory exported by ``reward export-onnx``, on CPU through onnxruntime
+  (its graph's ``reward`` output, and ``objectives`` beside it for a multi-objective model).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import numpy as np
 
 from .forward import Batch, pad_columns, reward_columns
 from .loading import load_sequence_classifier
-from .model_dir import ONNX_FILE, ONNX_META_KEY, ModelDirError, RewardModelSpec
+from .model_dir import (
+    ONNX_FILE, ONNX_META_KEY, ONNX_OBJECTIVES_OUTPUT, ONNX_REWARD_OUTPUT, ModelDirError, RewardModelSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,7 @@ class OnnxBackend:
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
+        self.spec = spec
         path = self.model_dir / ONNX_FILE
         if not path.is_file():
             raise ModelDirError(
@@ -182,21 +186,58 @@ class OnnxBackend:
         missing = {"input_ids", "attention_mask"} - set(self.input_names)
         if missing:
             raise ModelDirError(f"{path} lacks the inputs {sorted(missing)}; re-export it with `reward export-onnx`")
+        self.output_names = self._outputs(path, spec)
         log.info("onnx backend: %s (%s), %d intra-op threads", path, self.dtype, options.intra_op_num_threads)
 
+    def _outputs(self, path: Path, spec: RewardModelSpec) -> list[str]:
+        """The graph outputs to read: ``reward``, and ``objectives`` when the spec names several
+        heads (the export writes both; they must agree on the number of heads)."""
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if ONNX_REWARD_OUTPUT not in outputs:
+            raise ModelDirError(f"{path} has no output {ONNX_REWARD_OUTPUT!r}; re-export it with `reward export-onnx`")
+        heads = outputs.get(ONNX_OBJECTIVES_OUTPUT)
+        if spec.objectives is None:
+            if heads is not None:
+                raise ModelDirError(
+                    f"{path} outputs one reward per objective ({ONNX_OBJECTIVES_OUTPUT!r}) but its reward_model.json "
+                    "names no objectives; restore its \"objectives\" block or re-export it"
+                )
+            return [ONNX_REWARD_OUTPUT]
+        if heads is None:
+            raise ModelDirError(
+                f"{path} has no {ONNX_OBJECTIVES_OUTPUT!r} output for the objectives its reward_model.json names "
+                f"({', '.join(spec.objectives.names)}); it was exported without them: re-export it with `reward export-onnx`"
+            )
+        width = heads.shape[-1] if len(heads.shape) == 2 else None
+        if isinstance(width, int) and width != len(spec.objectives.names):
+            raise ModelDirError(
+                f"{path} outputs {width} objective rewards but reward_model.json names {len(spec.objectives.names)} "
+                f"({', '.join(spec.objectives.names)})"
+            )
+        return [ONNX_REWARD_OUTPUT, ONNX_OBJECTIVES_OUTPUT]
+
     def score_batch(self, batch: Batch) -> np.ndarray:
+        """[batch] for a single-head export; [batch, 1 + H] (the reward, then each objective's)
+        for one with objectives, as ``TorchBackend.score_batch``."""
         feeds: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if "token_type_ids" in self.input_names:
             types = batch.token_type_ids
             feeds["token_type_ids"] = types if types is not None else np.zeros_like(batch.input_ids)
         if not self.score_rows_alone:
             return self._run(feeds)
-        rewards = np.empty(batch.input_ids.shape[0], dtype=np.float32)
-        for row, length in enumerate(batch.attention_mask.sum(axis=1)):
+        rows = [
             # right-padded: the row's own tokens come first
-            rewards[row] = self._run({name: array[row:row + 1, : int(length)] for name, array in feeds.items()})[0]
-        return rewards
+            self._run({name: array[row:row + 1, : int(length)] for name, array in feeds.items()})[0]
+            for row, length in enumerate(batch.attention_mask.sum(axis=1))
+        ]
+        if not rows:
+            width = () if len(self.output_names) == 1 else (1 + len(self.spec.objectives.names),)
+            return np.empty((0, *width), dtype=np.float32)
+        return np.stack(rows).astype(np.float32, copy=False)
 
     def _run(self, feeds: dict[str, Any]) -> np.ndarray:
-        (rewards,) = self.session.run(["reward"], feeds)
-        return rewards.astype(np.float32, copy=False)
+        outputs = self.session.run(self.output_names, feeds)
+        if len(outputs) == 1:
+            return outputs[0].astype(np.float32, copy=False)
+        rewards, heads = outputs
+        return np.concatenate([rewards[:, None], heads], axis=1).astype(np.float32, copy=False)

@@ -66,6 +66,10 @@ REWARD_MODEL_JSON = "reward_model.json"
 # reward_model.json (spec.extra["onnx"]).
 ONNX_FILE = "model.onnx"
 ONNX_META_KEY = "onnx"
+# The export's graph outputs: the reward, [batch]; and for a model with objectives each head's
+# reward, [batch, H] in the order of ``objectives.names``.
+ONNX_REWARD_OUTPUT = "reward"
+ONNX_OBJECTIVES_OUTPUT = "objectives"
 FORMAT_VERSION = 1
 # Where a decoder reads its reward (RewardModelSpec.read_reward_at); see the module docstring.
 READ_AT_TEMPLATE_END = "template_end"

@@ -9,11 +9,17 @@ quantises the weights of the matrix multiplications to int8 with onnxruntime's d
 quantisation (activations are quantised per batch at run time), which is what makes CPU
 inference faster; its accuracy change must be measured on the dev sets (README: Performance).
 
+A model with several objectives (``reward_core.objectives``) is traced through
+``reward_columns``: its graph has a second output, ``objectives`` [batch, H] (each head's reward
+in the order of ``objectives.names``), beside ``reward`` [batch] (the combined reward), from the
+one backbone pass. A single-head model's graph has only ``reward``, as before.
+
 The output directory holds ``model.onnx``, the tokenizer, ``config.json`` and a
 ``reward_model.json`` with the source's formatting, ``max_length`` and normalisation
 statistics, a version of its own (``<source version>+onnx`` or ``+onnx-int8``) and an ``onnx``
 block saying how it was made. Before returning, the export scores sample items with both
-torch and onnxruntime and refuses an fp32 graph whose rewards differ by more than 1e-3.
+torch and onnxruntime and refuses an fp32 graph whose rewards (every head's, for several) differ
+by more than 1e-3.
 """
 
 from __future__ import annotations
@@ -83,13 +89,35 @@ class ExportError(RuntimeError):
     """The export cannot be written, or its graph does not compute what torch computes."""
 
 
+def output_names(model: Any) -> list[str]:
+    """The graph's outputs: ``reward`` [batch] always; ``objectives`` [batch, H] (each head's
+    reward, in the order of the model's objectives) beside it for a multi-objective model."""
+    from reward_core.model_dir import ONNX_OBJECTIVES_OUTPUT, ONNX_REWARD_OUTPUT
+    from reward_core.objectives import objectives_of
+
+    if objectives_of(model) is None:
+        return [ONNX_REWARD_OUTPUT]
+    return [ONNX_REWARD_OUTPUT, ONNX_OBJECTIVES_OUTPUT]
+
+
+def _graph_outputs(model: Any, architecture: str, input_ids, attention_mask, token_type_ids, **kwargs):
+    """What the exported graph returns: the reward (as ``reward_forward``), and for a
+    multi-objective model each head's reward too, from the one pass of ``reward_columns``."""
+    from reward_core.forward import reward_columns, reward_forward
+    from reward_core.objectives import objectives_of
+
+    if objectives_of(model) is None:
+        return reward_forward(model, architecture, input_ids, attention_mask, token_type_ids, **kwargs)
+    columns = reward_columns(model, architecture, input_ids, attention_mask, token_type_ids, **kwargs)
+    return columns[:, 0], columns[:, 1:]
+
+
 def _reward_graph(model: Any, architecture: str):
     import torch
 
-    from reward_core.forward import reward_forward
-
     class RewardGraph(torch.nn.Module):
-        """``reward_forward`` as a module, the function torch.export traces."""
+        """``reward_forward`` (``reward_columns`` for several heads) as a module, the function
+        torch.export traces."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -98,7 +126,7 @@ def _reward_graph(model: Any, architecture: str):
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             # Position ids always from the mask: no data-dependent branch in the graph, and the
             # same rewards for right-padded rows (the batcher's) as for left-padded ones.
-            return reward_forward(
+            return _graph_outputs(
                 self.model, architecture, input_ids, attention_mask, token_type_ids, positions_from_mask=True
             )
 
@@ -120,8 +148,6 @@ def _export_fused_encoder(model: Any, example: tuple, names: list[str], path: Pa
     import torch
     from onnxruntime.transformers import optimizer
 
-    from reward_core.forward import reward_forward
-
     # Eager attention traces to the MatMul/Softmax pattern the fusion recognises (SDPA traces
     # to an opaque op); the served torch model is not affected (this copy is the export's own).
     model.config._attn_implementation = "eager"
@@ -135,13 +161,16 @@ def _export_fused_encoder(model: Any, example: tuple, names: list[str], path: Pa
             self.model = model
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
-            return reward_forward(self.model, "encoder", input_ids, attention_mask, token_type_ids)
+            return _graph_outputs(self.model, "encoder", input_ids, attention_mask, token_type_ids)
 
+    outputs = output_names(model)
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    if len(outputs) > 1:  # a single-head graph stays exactly as it was
+        axes.update({n: {0: "batch"} for n in outputs})
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
-            EncoderRewardGraph().eval(), example, str(path), input_names=names, output_names=["reward"],
+            EncoderRewardGraph().eval(), example, str(path), input_names=names, output_names=outputs,
             dynamic_axes=axes, opset_version=17, dynamo=False,
         )
     config = model.config
@@ -210,7 +239,7 @@ def export_onnx(
         try:
             with torch.inference_mode(False), torch.no_grad():
                 program = torch.onnx.export(
-                    graph, example, input_names=names, output_names=["reward"], dynamo=True,
+                    graph, example, input_names=names, output_names=output_names(model), dynamo=True,
                     dynamic_shapes=dynamic, optimize=True,
                 )
             program.save(str(traced_path), external_data=big)
@@ -259,19 +288,33 @@ def export_onnx(
     exported_spec.save(out_dir)
 
     # The check: the same padded batches through torch and through the exported graph.
+    # For a multi-objective model both are [batch, 1 + H], so every head is checked, not only
+    # the combined reward.
     backend = OnnxBackend(out_dir, exported_spec)
     differences = []
     for part in (batch, pad_batch(encoded[:1], pad_id), pad_batch(encoded[1:3], pad_id)):
         expected = torch_backend.score_batch(part)
         got = backend.score_batch(part)
-        differences.append(float(np.max(np.abs(expected - got))))
-    max_difference = max(differences)
+        if got.shape != expected.shape:
+            raise ExportError(
+                f"the exported graph gives rewards of shape {got.shape} where torch gives {expected.shape}; "
+                f"the export in {out_dir} is not usable"
+            )
+        differences.append(np.abs(expected - got).reshape(len(expected), -1).max(axis=0))
+    per_column = np.max(differences, axis=0)
+    max_difference = float(per_column.max())
     summary = {
         "model": str(model_dir), "out": str(out_dir), "architecture": spec.architecture,
         "quantization": "dynamic-int8" if int8 else None, "version": exported_spec.version, "exporter": exporter,
         "onnx_bytes": onnx_path.stat().st_size, "torch_weight_bytes": weight_bytes,
         "max_abs_difference_vs_torch": max_difference, "seconds": round(time.perf_counter() - started, 1),
     }
+    if spec.objectives is not None:
+        summary["objectives"] = spec.objectives.to_json()
+        # column 0 the combined reward, then each head
+        summary["max_abs_difference_per_column"] = dict(
+            zip(["reward", *spec.objectives.names], (float(d) for d in per_column))
+        )
     if not int8 and max_difference > FP32_TOLERANCE:
         raise ExportError(
             f"the exported graph's rewards differ from torch's by {max_difference:.2e} (> {FP32_TOLERANCE}); "
