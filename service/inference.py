@@ -118,8 +118,10 @@ class Rewards:
 
 
 def _heads_not_served() -> APIError:
-    # The model directory names objectives but its backend answered with the reward alone (an
-    # ONNX export traces the combined reward only).
+    # The model directory names objectives but its backend answered with the reward alone. Both
+    # backends return every head (an ONNX export carries them as its `objectives` output, and
+    # OnnxBackend refuses an export whose graph and reward_model.json disagree), so this guards
+    # third-party backends only.
     return APIError(
         422, "objectives_not_served",
         "this model's backend returns only the combined reward, not each objective's; serve the model with "
