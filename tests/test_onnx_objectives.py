@@ -156,3 +156,24 @@ def test_an_export_and_its_reward_model_json_must_agree_on_the_heads(exports, tm
     (fewer / "reward_model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelDirError, match="outputs 3 objective rewards"):
         OnnxBackend(fewer, open_model_dir(fewer).spec)
+
+
+def test_the_service_serves_every_head_of_an_onnx_export(exports, tmp_path):
+    """`reward serve --backend onnx` of a 3-head export: return_objectives and a named head come
+    back as the torch backend computes them."""
+    from client import RewardClient
+    from server import running_server
+
+    sources, dirs, _ = exports
+    files = open_model_dir(sources["gate"])
+    encoded = encode_conversations(CONVERSATIONS, files.tokenizer, files.spec)
+    expected = TorchBackend(sources["gate"], files.spec).score_batch(pad_batch(encoded, pad_token_id(files.tokenizer)))
+    items = [{"prompt": messages, "response": response} for messages, response in CONVERSATIONS]
+    with running_server(["--model", f"rm={dirs['gate-fp32']}", "--backend", "onnx"], tmp_path / "server.log") as server:
+        with RewardClient(server.url) as client:
+            scored = client.score(items, return_objectives=True)
+            truthful = client.score(items, objective="truthfulness")
+    np.testing.assert_allclose(scored.scores, expected[:, 0], atol=FP32_COLUMNS_TOLERANCE)
+    for k, name in enumerate(tiny_models.OBJECTIVES):
+        np.testing.assert_allclose(scored.objectives[name], expected[:, 1 + k], atol=FP32_COLUMNS_TOLERANCE)
+    np.testing.assert_allclose(truthful.scores, expected[:, 2], atol=FP32_COLUMNS_TOLERANCE)

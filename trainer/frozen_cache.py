@@ -35,17 +35,15 @@ def _as_int64(values: Sequence[int]):
     return np.ascontiguousarray(np.asarray(values, dtype=np.int64))
 
 
-class _PassThrough:
-    """Stands in for the embeddings: the cached hidden states come in as ``inputs_embeds``."""
+def _pass_through() -> Any:
+    """A module standing in for the embeddings: the cached hidden states come in as ``inputs_embeds``."""
+    import torch.nn as nn
 
-    def __new__(cls):
-        import torch.nn as nn
+    class PassThrough(nn.Module):
+        def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, **_: Any):
+            return inputs_embeds
 
-        class PassThrough(nn.Module):
-            def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, **_: Any):
-                return inputs_embeds
-
-        return PassThrough()
+    return PassThrough()
 
 
 class FrozenPrefixCache:
@@ -76,7 +74,7 @@ class FrozenPrefixCache:
         original_blocks, original_embeddings = self.encoder.layer, self.base.embeddings
         self.encoder.layer = nn.ModuleList(which)
         if pass_through:
-            self.base.embeddings = _PassThrough()
+            self.base.embeddings = _pass_through()
         try:
             yield
         finally:

@@ -881,19 +881,24 @@ class _Trainer:
             return results
         for name, records in self.eval_sets:
             encoded = self._eval_encoded[name]
-            rewards = score_encoded(self.model, self.spec, encoded, self.pad_id, self.config.per_device_eval_batch_size, self.device)
+            columns = score_encoded(
+                self.model, self.spec, encoded, self.pad_id, self.config.per_device_eval_batch_size, self.device, columns=True,
+            )
             per_record, at = [], 0
             for r in records:
-                per_record.append(rewards[at:at + len(r.responses)])
+                per_record.append(columns[at:at + len(r.responses)])
                 at += len(r.responses)
-            results[name] = evaluate_pairs(records, per_record)
+            results[name] = evaluate_pairs(records, [c[:, 0] for c in per_record])
+            for k, objective in enumerate(self.spec.objective_names):  # each head on this set, for learning curves
+                results[name].setdefault("heads", {})[objective] = evaluate_pairs(records, [c[:, 1 + k] for c in per_record])["accuracy"]
             self.log_event({"type": "eval", "step": step, "eval_set": name, **results[name]})
         if results:
             lines = [f"[bold]eval @ step {step}[/bold]"]
             for name, r in results.items():
+                heads = "".join(f", {k} {v:.4f}" for k, v in r.get("heads", {}).items())
                 lines.append(
                     f"  {name:<28} accuracy {r['accuracy']:.4f}  (longer-wins {r['longer_wins_accuracy']:.4f}, "
-                    f"loss {r['loss']:.4f}, {r['n_pairs']} pairs)"
+                    f"loss {r['loss']:.4f}, {r['n_pairs']} pairs{heads})"
                 )
             self.say("\n".join(lines))
         return results

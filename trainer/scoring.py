@@ -27,16 +27,18 @@ def score_conversations(
     return score_encoded(model, spec, encoded, pad_token_id(tokenizer), batch_size, device)
 
 
-def score_encoded(model, spec, encoded, pad_id, batch_size, device):
-    """Rewards (float32 numpy, in input order) of already encoded inputs, in eval mode, batched by length."""
+def score_encoded(model, spec, encoded, pad_id, batch_size, device, *, columns: bool = False):
+    """Rewards (float32 numpy, in input order) of already encoded inputs, in eval mode, batched by
+    length; with ``columns`` [n, 1 + H]: the reward, then each objective head's."""
     import numpy as np
     import torch
 
-    from reward_core.forward import pad_batch, reward_forward
+    from reward_core.forward import pad_batch, reward_columns
 
     if device is None:
         device = next(model.parameters()).device
-    out = np.zeros(len(encoded), dtype=np.float32)
+    width = 1 + len(spec.objective_names)
+    out = np.zeros((len(encoded), width), dtype=np.float32)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     was_training = model.training
     model.eval()
@@ -46,10 +48,10 @@ def score_encoded(model, spec, encoded, pad_id, batch_size, device):
                 idx = order[start:start + batch_size]
                 batch = pad_batch([encoded[i] for i in idx], pad_id)
                 ids, mask, types = to_tensors(batch, device)
-                out[idx] = reward_forward(model, spec.architecture, ids, mask, types).float().cpu().numpy()
+                out[idx] = reward_columns(model, spec.architecture, ids, mask, types).float().cpu().numpy()
     finally:
         model.train(was_training)
-    return out
+    return out if columns else out[:, 0]
 
 
 def to_tensors(batch, device):
