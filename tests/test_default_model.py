@@ -34,11 +34,16 @@ def test_the_default_model_ships_small_and_with_its_provenance():
     weights = sum(p.stat().st_size for p in DEFAULT_RM.iterdir() if p.is_file())
     assert weights <= 10 * 1024 * 1024
     assert spec["training"]["data"]["train"], "the data the model saw is recorded"
-    assert set(readme_accuracies()) == {"alpacaeval/dev", "alpacaeval/dev-balanced", "hh-harmless/dev", "truthfulqa/dev"}
+    assert set(readme_accuracies()) == {
+        "alpacaeval/dev", "alpacaeval/dev-balanced", "hh-harmless/dev", "truthfulqa/dev", "sanity/dev",
+    }
+    # one head per objective, combined by a gate whose weights ship beside the block
+    assert spec["objectives"] == {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate"}
+    assert (DEFAULT_RM / "reward_gate.safetensors").is_file()
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # 4,738 responses at 512 tokens: about 5 minutes on 2 cores
+@pytest.mark.timeout(1500)  # 4,810 responses at 512 tokens: about 4 minutes on 2 cores
 def test_the_default_model_scores_every_dev_set_at_the_readme_accuracy(shared_data, tmp_path):
     claims = readme_accuracies()
     data = [f"{name}={shared_data / (name + '.jsonl.gz')}" for name in claims]
