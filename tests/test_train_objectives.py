@@ -173,3 +173,25 @@ def test_mistakes_in_the_objective_setup_are_refused_with_the_fix(tiny_base, obj
         train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "c", combine_weights=[1, 1, 1]))
     with pytest.raises(TrainingConfigError, match="--train-mode top"):
         train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "d", train_mode="full", cache_frozen=True))
+
+
+def test_objectives_train_under_torchrun_two_processes(tiny_base, objective_sets, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    data = sum((["--data", f"{p['train']}:objective={name}"] for name, p in objective_sets.items()), [])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "trainer.reward", "--base-model", str(tiny_base), *data, "--output-dir", str(out), "--max-steps", "3",
+        "--per-device-batch-size", "4", "--max-length", "32", "--train-mode", "top", "--no-progress", "--device", "cpu",
+        "--reward-stats-samples", "50", "--save-steps", "0",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    meta = json.loads((out / "reward_model.json").read_text())
+    assert meta["training"]["world_size"] == 2 and meta["objectives"]["combine"] == "gate"
+    assert (out / "reward_gate.safetensors").is_file()
