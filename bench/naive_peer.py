@@ -30,6 +30,7 @@ def build_app(model_dir: Path, backend: str, threads: int):
     import torch
     from fastapi import FastAPI
 
+    from reward_core.backends import served_rewards
     from reward_core.forward import pad_batch
     from reward_core.formatting import encode_items
     from service.registry import load_model
@@ -44,7 +45,7 @@ def build_app(model_dir: Path, backend: str, threads: int):
     async def score(request: ScoreRequest) -> ScoreResponse:
         # Tokenise, pad and run the forward right here, blocking the loop: the naive design.
         encoded = encode_items(request.items, model.tokenizer, model.spec)
-        rewards = model.backend.score_batch(pad_batch(encoded, model.pad_token_id)).tolist()
+        rewards = served_rewards(model.backend.score_batch(pad_batch(encoded, model.pad_token_id))).tolist()
         if request.normalize:
             rewards = [(r - model.spec.reward_mean) / model.spec.reward_std for r in rewards]
         usage = Usage(items=len(encoded), tokens=sum(len(e) for e in encoded), truncated=sum(e.truncated for e in encoded))

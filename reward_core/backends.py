@@ -41,6 +41,13 @@ class Backend(Protocol):
         ...
 
 
+def served_rewards(scores: np.ndarray) -> np.ndarray:
+    """The reward a caller gets, [batch], from a backend's answer: the answer itself for a
+    single-head model, its column 0 (the combination) for a model with objectives."""
+    scores = np.asarray(scores)
+    return scores if scores.ndim == 1 else scores[:, 0]
+
+
 class TorchBackend:
     """Any HF ``AutoModelForSequenceClassification`` with one output, in ``torch.inference_mode``.
 

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from client import RewardClient
+from reward_core.backends import served_rewards
 from reward_core.formatting import encode_items
 from reward_core.forward import pad_batch
 from server import free_port
@@ -301,7 +302,7 @@ def test_the_image_scores_runs_unprivileged_turns_healthy_and_drains_on_sigterm(
             served = client.score(ITEMS).scores
         model = load_model("default", REPO_ROOT / "models" / "default-rm",
                            ServiceSettings(models=[f"default={REPO_ROOT / 'models' / 'default-rm'}"]))
-        expected = [float(model.backend.score_batch(pad_batch([e], model.pad_token_id))[0])
+        expected = [float(served_rewards(model.backend.score_batch(pad_batch([e], model.pad_token_id)))[0])
                     for e in encode_items(ITEMS, model.tokenizer, model.spec)]
         assert served == pytest.approx(expected, abs=1e-4)
         assert httpx.post(f"{url}/v1/score", json={"items": ITEMS[:1]}, timeout=10).status_code == 401
