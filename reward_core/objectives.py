@@ -22,8 +22,10 @@ A directory without the field is a single-head model, read exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +131,7 @@ def combine_heads(heads: Any, objectives: Objectives, gate: Any = None, prompt_f
     import torch
 
     if objectives.gated:
-        weights = torch.softmax(gate(prompt_features).float(), dim=-1).to(heads.dtype)
+        weights = gate_weights(gate, prompt_features).to(heads.dtype)
         combined = (weights * heads).sum(dim=-1, keepdim=True)
     else:
         w = torch.tensor(objectives.weights, dtype=heads.dtype, device=heads.device)
@@ -181,20 +183,15 @@ def gate_state(model: Any) -> dict[str, Any]:
     return {f"{GATE_PREFIX}.{k}": v.detach().contiguous() for k, v in gate.state_dict().items()}
 
 
-class without_gate:
-    """Context manager: the model without its gate submodule (HF's save_pretrained then writes
-    only the HF model; the gate goes to GATE_FILE)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.gate = None
-
-    def __enter__(self) -> Any:
-        self.gate = getattr(self.model, GATE_PREFIX, None)
-        if self.gate is not None:
-            delattr(self.model, GATE_PREFIX)
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.gate is not None:
-            setattr(self.model, GATE_PREFIX, self.gate)
+@contextlib.contextmanager
+def without_gate(model: Any) -> Iterator[Any]:
+    """The model without its gate submodule for the block (HF's save_pretrained then writes only
+    the HF model; the gate goes to GATE_FILE)."""
+    gate = getattr(model, GATE_PREFIX, None)
+    if gate is not None:
+        delattr(model, GATE_PREFIX)
+    try:
+        yield model
+    finally:
+        if gate is not None:
+            setattr(model, GATE_PREFIX, gate)

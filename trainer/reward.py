@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from reward_core.forward import pad_token_id
-from reward_core.objectives import GATE_FILE, GATE_PREFIX, attach_objectives, gate_state, gate_weights, without_gate
+from reward_core.objectives import GATE_FILE, GATE_PREFIX, attach_objectives, combine_heads, gate_state, without_gate
 
 from .config_flags import add_config_subcommand
 from .data import DataError, DataSpec, PreferenceRecord, load_preferences, parse_data_spec
@@ -780,24 +780,20 @@ class _Trainer:
             losses = pair_losses(delta, batch["margin"], batch["p"])
             loss = grouped_mean(losses, batch["group"], batch["n_groups"], batch["weight"])
         else:
-            import torch
-
+            # each pair on its own objective's head
             column = batch["objective"]
-            better = heads[batch["better"], column]
-            worse = heads[batch["worse"], column]
-            head_delta = better - worse
+            head_delta = heads[batch["better"], column] - heads[batch["worse"], column]
             losses = pair_losses(head_delta, batch["margin"], batch["p"])
             loss = grouped_mean(losses, batch["group"], batch["n_groups"], batch["weight"])
             if self.objectives.gated:
-                weights = gate_weights(getattr(self.model, GATE_PREFIX), features)
-                combined = (weights * heads.detach()).sum(dim=-1)
-                delta = pair_deltas(combined, batch["better"], batch["worse"])
+                # the gate learns from every pair through the heads held fixed
+                gate = getattr(self.model, GATE_PREFIX)
+                rewards = combine_heads(heads.detach(), self.objectives, gate, features)[:, 0]
+                delta = pair_deltas(rewards, batch["better"], batch["worse"])
                 gate_losses = pair_losses(delta, batch["margin"], batch["p"])
                 loss = loss + grouped_mean(gate_losses, batch["group"], batch["n_groups"], batch["weight"])
-                rewards = combined
             else:
-                w = torch.tensor(self.objectives.weights, dtype=heads.dtype, device=heads.device)
-                rewards = (heads * w).sum(dim=-1)
+                rewards = combine_heads(heads, self.objectives)[:, 0]
                 delta = pair_deltas(rewards, batch["better"], batch["worse"])
         if c.center_rewards_coefficient:
             loss = loss + c.center_rewards_coefficient * center_rewards_penalty(heads if self.objectives else rewards)
