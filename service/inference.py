@@ -105,28 +105,12 @@ class Rewards:
         (checked by ``Inference.check_objective`` beforehand)."""
         if objective is None:
             return [row[0] for row in self.rows]
-        if objective not in self.objectives:
-            raise _heads_not_served()
         index = 1 + self.objectives.index(objective)
         return [row[index] for row in self.rows]
 
     def by_objective(self) -> dict[str, list[float]]:
-        """Each head's rewards by objective name."""
-        if not self.objectives:
-            raise _heads_not_served()
+        """Each head's rewards by objective name (empty for a single-head model)."""
         return {name: [row[1 + i] for row in self.rows] for i, name in enumerate(self.objectives)}
-
-
-def _heads_not_served() -> APIError:
-    # The model directory names objectives but its backend answered with the reward alone. Both
-    # backends return every head (an ONNX export carries them as its `objectives` output, and
-    # OnnxBackend refuses an export whose graph and reward_model.json disagree), so this guards
-    # third-party backends only.
-    return APIError(
-        422, "objectives_not_served",
-        "this model's backend returns only the combined reward, not each objective's; serve the model with "
-        "--backend torch for per-objective rewards, or leave objective and return_objectives out",
-    )
 
 
 class Inference:
@@ -290,8 +274,5 @@ class Inference:
         if truncated:
             self.metrics.truncated_items.labels(model.name).inc(truncated)
         http.state.tokens = sum(len(e) for e in encoded)
-        rows = await model.batcher.score_rows(encoded)
-        names = model.spec.objective_names
-        if names and len(rows[0]) != 1 + len(names):
-            names = ()  # the backend gave the reward alone (see _heads_not_served)
-        return Rewards(rows, names), encoded
+        rows = await model.batcher.score_rows(encoded)  # widths checked at warm-up (ServedModel.warm_up)
+        return Rewards(rows, model.spec.objective_names), encoded

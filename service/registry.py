@@ -56,9 +56,19 @@ class ServedModel:
         return f"{self.name}@{self.spec.version}"
 
     def warm_up(self) -> None:
-        """One real forward, so the first request does not pay for lazy initialisation."""
+        """One real forward, so the first request does not pay for lazy initialisation; it also
+        checks that the backend answers one column per head the spec names (the reward, then
+        each objective's), so no request meets a backend that cannot give them."""
         encoded = encode_conversations([([{"role": "user", "content": "Hello"}], "Hi!")], self.tokenizer, self.spec)
-        self.backend.score_batch(pad_batch(encoded, self.pad_token_id))
+        answer = self.backend.score_batch(pad_batch(encoded, self.pad_token_id))
+        width = 1 if answer.ndim == 1 else answer.shape[1]
+        names = self.spec.objective_names
+        if width != 1 + len(names):
+            raise ModelDirError(
+                f"model {self.name!r}: its {self.backend.name} backend returns {width} reward column(s) but "
+                f"reward_model.json names {len(names)} objective(s) ({', '.join(names) or 'none'}); "
+                "re-export or fix its objectives"
+            )
 
     @contextlib.contextmanager
     def in_use(self):
@@ -223,7 +233,10 @@ class ModelRegistry:
                     f"give another path; model {name!r} keeps serving version {old.spec.version}"
                 ) from exc
             attach_batchers([new], self.settings, self.metrics, self.score_cache)
-            await loop.run_in_executor(None, new.warm_up)
+            try:
+                await loop.run_in_executor(None, new.warm_up)
+            except ModelDirError as exc:
+                raise ReloadFailed(f"{exc}; model {name!r} keeps serving version {old.spec.version}") from exc
             new.batcher.start()
             seconds = time.perf_counter() - started
             # The swap: from here every new request picks the new model.

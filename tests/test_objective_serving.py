@@ -260,3 +260,18 @@ def test_reward_score_writes_each_heads_reward(server, client, tmp_path):
     assert [line["id"] for line in lines] == list(range(len(ITEMS)))
     assert [line["score"] for line in lines] == pytest.approx(expected["helpfulness"])
     assert [line["objectives"]["harmlessness"] for line in lines] == pytest.approx(expected["harmlessness"])
+
+
+def test_a_backend_without_a_column_per_head_is_refused_when_the_model_loads(heads_dir):
+    """A backend that answers the reward alone for a directory naming three objectives fails at
+    load (warm-up), saying so, instead of failing the first request that asks for a head."""
+    from reward_core.backends import served_rewards
+    from reward_core.model_dir import ModelDirError
+    from service.registry import load_model
+    from service.settings import ServiceSettings
+
+    model = load_model("heads", heads_dir, ServiceSettings(models=[f"heads={heads_dir}"]))
+    full = model.backend.score_batch
+    model.backend.score_batch = lambda batch: served_rewards(full(batch))  # the reward only
+    with pytest.raises(ModelDirError, match="returns 1 reward column"):
+        model.warm_up()
