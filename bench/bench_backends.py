@@ -44,6 +44,15 @@ from bench_serving import (  # noqa: E402
 from service.settings import CPU_BATCH_TOKENS, CPU_MAX_PADDING  # noqa: E402
 
 
+def emit(report: dict, out: Path | None) -> None:
+    """Print the report as JSON and, with --out, write it there too."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped default RM)")
@@ -82,11 +91,7 @@ def main() -> None:
         "in_process_limit": limits,
         "ratio_to_torch_fp32": {name: limit["items_per_s"] / base for name, limit in limits.items()},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     print("backends (in process, items/s): " + ", ".join(
         f"{name} {limit['items_per_s']:.1f} ({report['ratio_to_torch_fp32'][name]:.2f}x torch)" for name, limit in limits.items()))
 
@@ -238,11 +243,7 @@ def objectives_main(args: argparse.Namespace, model_dir: Path, items: list[dict]
                   "median_batch_speed_ratio_to_single: median over batches of single's time / the variant's",
         "exports": exports, "forwards": limits, "seconds": round(time.perf_counter() - started, 1),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     print("objectives (forwards in process, items/s): " + "; ".join(
         f"{backend} single {variants['single']['forward_items_per_s']:.1f}, " + ", ".join(
             f"{v} {r['forward_items_per_s']:.1f} ({r['ratio_to_single']:.3f}x)" for v, r in variants.items() if v != "single")
