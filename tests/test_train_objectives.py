@@ -107,6 +107,40 @@ def test_each_head_learns_its_objective_and_the_gate_combines_them(tiny_base, ob
         assert accuracy[objective]["reward"] >= 0.9, accuracy  # the combination, through the gate
 
 
+def gate_weight_on_own_objective(model_dir: Path, sets) -> dict[str, float]:
+    """Per dev file: the mean weight the gate gives the file's own objective."""
+    from reward_core.forward import reward_heads
+    from reward_core.objectives import gate_weights
+
+    files = open_model_dir(model_dir)
+    model = load_sequence_classifier(model_dir, files.spec).eval()
+    out = {}
+    for objective, paths in sets.items():
+        rows = [json.loads(line) for line in paths["dev"].read_text().splitlines()]
+        convs = [([{"role": "user", "content": r["prompt"]}], r["chosen"]) for r in rows]
+        batch = pad_batch(encode_conversations(convs, files.tokenizer, files.spec), pad_token_id(files.tokenizer))
+        with torch.no_grad():
+            _, features = reward_heads(model, files.spec.architecture, *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)))
+            weights = gate_weights(model.reward_gate, features)
+        out[objective] = float(weights[:, files.spec.objectives.index(objective)].mean())
+    return out
+
+
+def test_gate_routing_teaches_the_gate_each_prompts_objective(tiny_base, objective_sets, tmp_path):
+    """--gate-routing-weight: the gate learns from each pair's source which objective its prompt is
+    about; the combined reward alone routes a prompt anywhere a head happens to get its pairs right."""
+    plain = tmp_path / "plain"
+    routed = tmp_path / "routed"
+    train_reward_model(config_for(tiny_base, objective_sets, plain, cache_frozen=True))
+    train_reward_model(config_for(tiny_base, objective_sets, routed, cache_frozen=True, gate_routing_weight=1.0))
+    before, after = gate_weight_on_own_objective(plain, objective_sets), gate_weight_on_own_objective(routed, objective_sets)
+    assert min(after.values()) >= 0.8, after  # every prompt goes to its own head
+    assert min(after.values()) > min(before.values()) + 0.1, (before, after)  # the combined reward alone leaves one astray
+    assert json.loads((routed / "reward_model.json").read_text())["training"]["config"]["gate_routing_weight"] == 1.0
+    with pytest.raises(TrainingConfigError, match="--combine gate"):
+        train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "w", combine="weights", gate_routing_weight=1.0))
+
+
 def test_a_pair_moves_only_its_own_objectives_head(tiny_base, objective_sets, tmp_path):
     trainer = _Trainer(config_for(tiny_base, objective_sets, tmp_path / "rm"), _Dist.from_env())
     trainer.setup()

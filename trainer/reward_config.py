@@ -52,6 +52,10 @@ class RewardTrainingConfig:
     gate_learning_rate_multiplier: float = field(default=10.0, metadata=flag_help(
         "combine=gate: the gate's learning rate is this times --learning-rate (a small linear layer that "
         "starts at equal weights and must learn to route each prompt to its heads)."))
+    gate_routing_weight: float = field(default=0.0, metadata=flag_help(
+        "combine=gate: add this times the cross-entropy between the gate's weights and each pair's "
+        "objective, so the gate also learns which objective a prompt is about (its source says), not "
+        "only what helps the pairs through the combined reward. 0: the combined reward alone, as ArmoRM."))
     cache_frozen: bool = field(default=False, metadata=flag_help(
         "top mode, encoders: compute the frozen lower blocks' output once per distinct input and reuse it "
         "every epoch (kept in memory as float16), so a step runs only the trained blocks."))
@@ -163,6 +167,10 @@ class RewardTrainingConfig:
             raise TrainingConfigError("combine must be gate or weights")
         if self.combine_weights is not None and self.combine != "weights":
             raise TrainingConfigError("--combine-weights is for --combine weights; a gate learns its weights")
+        if self.gate_routing_weight < 0:
+            raise TrainingConfigError("gate_routing_weight must be >= 0")
+        if self.gate_routing_weight and self.combine != "gate":
+            raise TrainingConfigError("--gate-routing-weight is for --combine gate")
         if self.cache_frozen and self.train_mode != "top":
             raise TrainingConfigError("--cache-frozen is for --train-mode top (only then are the lower blocks frozen)")
         if self.max_length is not None and self.max_length < 8:
