@@ -22,7 +22,8 @@ import numpy as np
 from .forward import Batch, pad_columns, reward_columns
 from .loading import load_sequence_classifier
 from .model_dir import (
-    ONNX_FILE, ONNX_META_KEY, ONNX_OBJECTIVES_OUTPUT, ONNX_REWARD_OUTPUT, ModelDirError, RewardModelSpec,
+    ONNX_FILE, ONNX_MEMBERS_OUTPUT, ONNX_META_KEY, ONNX_OBJECTIVES_OUTPUT, ONNX_REWARD_OUTPUT, ModelDirError,
+    RewardModelSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,14 @@ class Backend(Protocol):
 
     def score_batch(self, batch: Batch) -> np.ndarray:
         """float32 rewards: [batch] for a single-head model; [batch, 1 + H] for a model with H
-        objectives (column 0 the combined reward, then each head in ``spec.objectives`` order)."""
+        objectives (column 0 the combined reward, then each head in ``spec.objectives`` order);
+        [batch, 1 + K] for an ensemble of K members (column 0 their mean, then each member's)."""
         ...
 
 
 def served_rewards(scores: np.ndarray) -> np.ndarray:
     """The reward a caller gets, [batch], from a backend's answer: the answer itself for a
-    single-head model, its column 0 (the combination) for a model with objectives."""
+    single-head model, its column 0 (the combination, or an ensemble's mean) otherwise."""
     scores = np.asarray(scores)
     return scores if scores.ndim == 1 else scores[:, 0]
 
@@ -133,8 +135,8 @@ class TorchBackend:
                 token_type_ids = self._to_device(batch.token_type_ids)
             columns = self._forward(self.model, self.spec.architecture, input_ids, attention_mask, token_type_ids)
             columns = columns.float().cpu().numpy()
-            # [batch] for one head; [batch, 1 + H] (reward, then each objective's) for several
-            return columns if self.spec.objectives is not None else columns[:, 0]
+            # [batch] for one head; [batch, 1 + H] (reward, then each objective's or member's) otherwise
+            return columns if self.spec.extra_columns else columns[:, 0]
 
 
 class OnnxBackend:
@@ -197,35 +199,40 @@ class OnnxBackend:
         log.info("onnx backend: %s (%s), %d intra-op threads", path, self.dtype, options.intra_op_num_threads)
 
     def _outputs(self, path: Path, spec: RewardModelSpec) -> list[str]:
-        """The graph outputs to read: ``reward``, and ``objectives`` when the spec names several
-        heads (the export writes both; they must agree on the number of heads)."""
+        """The graph outputs to read: ``reward``, and ``objectives`` (one per head) or ``members``
+        (one per ensemble member) when the spec has them (the export writes both; they must agree
+        on the width)."""
         outputs = {o.name: o for o in self.session.get_outputs()}
         if ONNX_REWARD_OUTPUT not in outputs:
             raise ModelDirError(f"{path} has no output {ONNX_REWARD_OUTPUT!r}; re-export it with `reward export-onnx`")
-        heads = outputs.get(ONNX_OBJECTIVES_OUTPUT)
-        if spec.objectives is None:
-            if heads is not None:
+        if spec.objectives is not None:
+            wanted, what = ONNX_OBJECTIVES_OUTPUT, f"objectives ({', '.join(spec.objectives.names)})"
+        elif spec.ensemble is not None:
+            wanted, what = ONNX_MEMBERS_OUTPUT, f"ensemble of {spec.member_count} members"
+        else:
+            wanted, what = None, ""
+        for name, block in ((ONNX_OBJECTIVES_OUTPUT, "objectives"), (ONNX_MEMBERS_OUTPUT, "ensemble")):
+            if name in outputs and name != wanted:
                 raise ModelDirError(
-                    f"{path} outputs one reward per objective ({ONNX_OBJECTIVES_OUTPUT!r}) but its reward_model.json "
-                    "names no objectives; restore its \"objectives\" block or re-export it"
+                    f"{path} outputs {name!r} but its reward_model.json names no {block}; restore its {block!r} block or re-export it"
                 )
+        if wanted is None:
             return [ONNX_REWARD_OUTPUT]
-        if heads is None:
+        extra = outputs.get(wanted)
+        if extra is None:
             raise ModelDirError(
-                f"{path} has no {ONNX_OBJECTIVES_OUTPUT!r} output for the objectives its reward_model.json names "
-                f"({', '.join(spec.objectives.names)}); it was exported without them: re-export it with `reward export-onnx`"
+                f"{path} has no {wanted!r} output for the {what} its reward_model.json names; it was exported "
+                "without them: re-export it with `reward export-onnx`"
             )
-        width = heads.shape[-1] if len(heads.shape) == 2 else None
-        if isinstance(width, int) and width != len(spec.objectives.names):
-            raise ModelDirError(
-                f"{path} outputs {width} objective rewards but reward_model.json names {len(spec.objectives.names)} "
-                f"({', '.join(spec.objectives.names)})"
-            )
-        return [ONNX_REWARD_OUTPUT, ONNX_OBJECTIVES_OUTPUT]
+        width = extra.shape[-1] if len(extra.shape) == 2 else None
+        if isinstance(width, int) and width != spec.extra_columns:
+            label = "objective" if wanted == ONNX_OBJECTIVES_OUTPUT else "member"
+            raise ModelDirError(f"{path} outputs {width} {label} rewards but reward_model.json names {spec.extra_columns}: {what}")
+        return [ONNX_REWARD_OUTPUT, wanted]
 
     def score_batch(self, batch: Batch) -> np.ndarray:
-        """[batch] for a single-head export; [batch, 1 + H] (the reward, then each objective's)
-        for one with objectives, as ``TorchBackend.score_batch``."""
+        """[batch] for a single-head export; [batch, 1 + H] (the reward, then each objective's or
+        member's) otherwise, as ``TorchBackend.score_batch``."""
         feeds: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if "token_type_ids" in self.input_names:
             types = batch.token_type_ids
@@ -238,7 +245,7 @@ class OnnxBackend:
             for row, length in enumerate(batch.attention_mask.sum(axis=1))
         ]
         if not rows:
-            width = () if len(self.output_names) == 1 else (1 + len(self.spec.objectives.names),)
+            width = () if len(self.output_names) == 1 else (1 + self.spec.extra_columns,)
             return np.empty((0, *width), dtype=np.float32)
         return np.stack(rows).astype(np.float32, copy=False)
 

@@ -121,7 +121,11 @@ def reward_columns(
 ):
     """[batch, 1 + H]: the reward, then each objective head's (H = 0 for a single-head model), from
     one backbone pass (:func:`reward_heads`). Several objectives combine by
-    :func:`reward_core.objectives.combine_heads`."""
+    :func:`reward_core.objectives.combine_heads`. An ensemble's columns are the members' mean,
+    then each member's reward (:mod:`reward_core.ensemble`; the service aggregates them)."""
+    import torch
+
+    from .ensemble import ensemble_of
     from .objectives import GATE_PREFIX, combine_heads, objectives_of
 
     heads, features = reward_heads(
@@ -129,6 +133,8 @@ def reward_columns(
     )
     objectives = objectives_of(model)
     if objectives is None:
+        if ensemble_of(model) is not None:  # the members' mean, then each member
+            return torch.cat([heads.mean(dim=-1, keepdim=True), heads], dim=-1)
         return heads[:, :1]
     return combine_heads(heads, objectives, getattr(model, GATE_PREFIX, None), features)
 
@@ -154,10 +160,14 @@ def reward_heads(
     branch; ``None`` decides per batch, skipping the cumsum when no row is left-padded.
 
     ``inputs_embeds`` (encoders) replaces ``input_ids``: the trainer feeds the cached output of
-    frozen lower blocks this way (trainer/frozen_cache.py).
+    frozen lower blocks this way (trainer/frozen_cache.py). For an ensemble the heads are its
+    members, [batch, K], and ``inputs_embeds`` is the shared part's output.
     """
+    from .ensemble import ensemble_of, ensemble_rewards
     from .objectives import GATE_PREFIX, objectives_of, prompt_mean
 
+    if ensemble_of(model) is not None:  # the members are the heads; inputs_embeds is the shared part's output
+        return ensemble_rewards(model, input_ids, attention_mask, token_type_ids, shared_hidden=inputs_embeds), None
     objectives = objectives_of(model)
     gated = objectives is not None and objectives.gated and getattr(model, GATE_PREFIX, None) is not None
     head = getattr(model, "score", None) if architecture == "decoder" else None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .model_dir import ModelDirError, RewardModelSpec, load_spec, load_tokenizer, resolve_base_model
+from .ensemble import ENSEMBLE_FILE, EnsembleError, attach_ensemble, load_members_state
 from .objectives import GATE_FILE, GATE_PREFIX, ObjectivesError, attach_objectives
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,25 @@ def load_sequence_classifier(
         hf_logging.set_verbosity(verbosity)
     if spec.objectives is not None:
         _attach_objectives(model, model_dir, spec)
+    if spec.ensemble is not None:
+        _attach_ensemble(model, model_dir, spec)
     return model
+
+
+def _attach_ensemble(model: Any, model_dir: Path, spec: RewardModelSpec) -> None:
+    """K members over the model's lower blocks, their tensors from ENSEMBLE_FILE."""
+    from safetensors.torch import load_file
+
+    path = model_dir / ENSEMBLE_FILE
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir}: reward_model.json describes an ensemble, but {ENSEMBLE_FILE} (its members) is missing")
+    try:
+        attach_ensemble(model, spec.ensemble)
+        load_members_state(model, load_file(path))
+    except EnsembleError as exc:
+        raise ModelDirError(f"{model_dir}: {exc}") from exc
+    except RuntimeError as exc:
+        raise ModelDirError(f"{path} does not fit {spec.ensemble.members} members of {spec.ensemble.top_layers} top blocks: {exc}") from exc
 
 
 def _attach_objectives(model: Any, model_dir: Path, spec: RewardModelSpec) -> None:
@@ -206,7 +225,7 @@ def _weights(model_dir: Path) -> dict[str, Any]:
 
     state: dict[str, Any] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
-        if path.name != GATE_FILE:  # the gate is not part of the HF model (see _attach_objectives)
+        if path.name not in (GATE_FILE, ENSEMBLE_FILE):  # not part of the HF model (see _attach_objectives/_attach_ensemble)
             state.update(load_file(path))
     return state
 

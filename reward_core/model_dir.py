@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .ensemble import Ensemble, EnsembleError
 from .objectives import Objectives, ObjectivesError
 
 REWARD_MODEL_JSON = "reward_model.json"
@@ -70,6 +71,8 @@ ONNX_META_KEY = "onnx"
 # reward, [batch, H] in the order of ``objectives.names``.
 ONNX_REWARD_OUTPUT = "reward"
 ONNX_OBJECTIVES_OUTPUT = "objectives"
+# For an ensemble: each member's reward, [batch, K] (``reward`` is then the members' mean).
+ONNX_MEMBERS_OUTPUT = "members"
 FORMAT_VERSION = 1
 # Where a decoder reads its reward (RewardModelSpec.read_reward_at); see the module docstring.
 READ_AT_TEMPLATE_END = "template_end"
@@ -104,6 +107,7 @@ class RewardModelSpec:
     base_model: str | None = None
     value_head_prefix: str | None = None
     objectives: Objectives | None = None
+    ensemble: Ensemble | None = None
     version: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -117,11 +121,24 @@ class RewardModelSpec:
         """The heads' names, in column order; empty for a single-head model."""
         return self.objectives.names if self.objectives is not None else ()
 
+    @property
+    def member_count(self) -> int:
+        """K for an ensemble (its members' rewards are columns 1..K); 0 otherwise."""
+        return self.ensemble.members if self.ensemble is not None else 0
+
+    @property
+    def extra_columns(self) -> int:
+        """How many columns a backend returns after the reward: one per objective head, or one per
+        ensemble member; 0 for a single model (the backend then returns [batch])."""
+        return len(self.objective_names) or self.member_count
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["objectives"] = self.objectives.to_json() if self.objectives is not None else None
-        if data["objectives"] is None:
-            del data["objectives"]
+        for key in ("objectives", "ensemble"):
+            value = getattr(self, key)
+            data[key] = value.to_json() if value is not None else None
+            if data[key] is None:
+                del data[key]
         extra = data.pop("extra")
         data.update(extra)
         return data
@@ -236,6 +253,15 @@ def load_spec(model_dir: str | Path, config: Any, tokenizer: Any) -> RewardModel
                 f"{path}: a gate reads the prompt's tokens apart from the response's, which an encoder's text "
                 'pair marks; a decoder combines its objectives with "combine": "weights"'
             )
+    if values.get("ensemble") is not None:
+        try:
+            values["ensemble"] = Ensemble.from_json(values["ensemble"])
+        except EnsembleError as exc:
+            raise ModelDirError(f"{path}: {exc}") from exc
+        if values["architecture"] != "encoder" or values.get("value_head_prefix"):
+            raise ModelDirError(f"{path}: an ensemble's members share a BERT-family encoder; this model is not one")
+        if values.get("objectives") is not None:
+            raise ModelDirError(f"{path}: a model is an ensemble or has objectives, not both (yet)")
     values.setdefault("max_length", default_max_length(config, tokenizer))
     values.setdefault("version", _content_version(model_dir))
     return RewardModelSpec(**values, extra=extra)

@@ -278,3 +278,33 @@ def build_tiny_objectives_bert(out: Path, *, combine: str = "gate", seed: int = 
         objectives["weights"] = [0.5, 0.3, 0.2]
     (out / "reward_model.json").write_text(json.dumps({"format_version": 1, "objectives": objectives}))
     return out
+
+
+def build_tiny_ensemble_bert(out: Path, *, members: int = 3, top_layers: int = 1, seed: int = 0, **ensemble) -> Path:
+    """A tiny BERT (3 blocks) holding ``members`` members over its lower blocks, each member's top
+    blocks, pooler and head perturbed by its own seeded noise so the members disagree."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from reward_core.ensemble import Ensemble, attach_ensemble, members_state, without_members
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=1,
+    )
+    model = BertForSequenceClassification(config).eval()
+    spec = Ensemble(members=members, top_layers=top_layers, **ensemble)
+    attach_ensemble(model, spec)
+    with torch.no_grad():
+        for member in model.reward_members.members:
+            for p in member.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    with without_members(model):
+        model.save_pretrained(out)
+    save_file(members_state(model), str(out / "reward_members.safetensors"))
+    tokenizer.save_pretrained(out)
+    (out / "reward_model.json").write_text(json.dumps({"format_version": 1, "ensemble": spec.to_json()}))
+    return out
