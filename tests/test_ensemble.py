@@ -135,3 +135,21 @@ def test_ensemble_blocks_that_cannot_be_used_are_refused_with_the_fix(tmp_path):
     (other / "reward_model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelDirError, match="ensemble or has objectives"):
         open_model_dir(other)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_an_onnx_export_carries_every_member(tmp_path, int8):
+    from reward_core.backends import OnnxBackend
+    from trainer.export import export_onnx
+
+    source = tiny_models.build_tiny_ensemble_bert(tmp_path / "m", members=3)
+    summary = export_onnx(source, tmp_path / "onnx", int8=int8)
+    assert summary["ensemble"]["members"] == 3
+    assert set(summary["max_abs_difference_per_column"]) == {"reward", "member_0", "member_1", "member_2"}
+    files = open_model_dir(tmp_path / "onnx")
+    assert files.spec.ensemble.members == 3
+    batch = pad_batch(encode_conversations(CONVERSATIONS, files.tokenizer, files.spec), pad_token_id(files.tokenizer))
+    exported = OnnxBackend(tmp_path / "onnx", files.spec).score_batch(batch)
+    direct = TorchBackend(source, open_model_dir(source).spec).score_batch(batch)
+    assert exported.shape == direct.shape == (len(CONVERSATIONS), 4)
+    np.testing.assert_allclose(exported, direct, atol=0.05 if int8 else 1e-4)

@@ -12,7 +12,8 @@ inference faster; its accuracy change must be measured on the dev sets (README: 
 A model with several objectives (``reward_core.objectives``) is traced through
 ``reward_columns``: its graph has a second output, ``objectives`` [batch, H] (each head's reward
 in the order of ``objectives.names``), beside ``reward`` [batch] (the combined reward), from the
-one backbone pass. A single-head model's graph has only ``reward``, as before.
+one backbone pass. An ensemble's graph likewise has ``members`` [batch, K] beside ``reward`` (their
+mean). A single-head model's graph has only ``reward``, as before.
 
 The output directory holds ``model.onnx``, the tokenizer, ``config.json`` and a
 ``reward_model.json`` with the source's formatting, ``max_length`` and normalisation
@@ -90,23 +91,27 @@ class ExportError(RuntimeError):
 
 
 def output_names(model: Any) -> list[str]:
-    """The graph's outputs: ``reward`` [batch] always; ``objectives`` [batch, H] (each head's
-    reward, in the order of the model's objectives) beside it for a multi-objective model."""
-    from reward_core.model_dir import ONNX_OBJECTIVES_OUTPUT, ONNX_REWARD_OUTPUT
+    """The graph's outputs: ``reward`` [batch] always; beside it ``objectives`` [batch, H] (each
+    head's reward, in the order of the model's objectives) for a multi-objective model, or
+    ``members`` [batch, K] (each member's reward; ``reward`` is their mean) for an ensemble."""
+    from reward_core.ensemble import ensemble_of
+    from reward_core.model_dir import ONNX_MEMBERS_OUTPUT, ONNX_OBJECTIVES_OUTPUT, ONNX_REWARD_OUTPUT
     from reward_core.objectives import objectives_of
 
-    if objectives_of(model) is None:
-        return [ONNX_REWARD_OUTPUT]
-    return [ONNX_REWARD_OUTPUT, ONNX_OBJECTIVES_OUTPUT]
+    if objectives_of(model) is not None:
+        return [ONNX_REWARD_OUTPUT, ONNX_OBJECTIVES_OUTPUT]
+    if ensemble_of(model) is not None:
+        return [ONNX_REWARD_OUTPUT, ONNX_MEMBERS_OUTPUT]
+    return [ONNX_REWARD_OUTPUT]
 
 
 def _graph_outputs(model: Any, architecture: str, input_ids, attention_mask, token_type_ids, **kwargs):
     """What the exported graph returns: the reward (as ``reward_forward``), and for a
-    multi-objective model each head's reward too, from the one pass of ``reward_columns``."""
+    multi-objective model or an ensemble each head's or member's reward too, from the one pass
+    of ``reward_columns``."""
     from reward_core.forward import reward_columns, reward_forward
-    from reward_core.objectives import objectives_of
 
-    if objectives_of(model) is None:
+    if len(output_names(model)) == 1:
         return reward_forward(model, architecture, input_ids, attention_mask, token_type_ids, **kwargs)
     columns = reward_columns(model, architecture, input_ids, attention_mask, token_type_ids, **kwargs)
     return columns[:, 0], columns[:, 1:]
@@ -179,8 +184,11 @@ def _export_fused_encoder(model: Any, example: tuple, names: list[str], path: Pa
         opt_level=0,  # the fusions only; onnxruntime applies its own graph optimisations at load
     )
     fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
-    if fused.get("Attention", 0) < config.num_hidden_layers:
-        raise RuntimeError(f"onnxruntime fused attention in {fused.get('Attention', 0)} of {config.num_hidden_layers} layers")
+    # an ensemble's member blocks attend from [CLS] alone, which no fusion pattern matches: only the shared blocks fuse
+    ensemble = getattr(model, "reward_ensemble", None)
+    expected = config.num_hidden_layers - (ensemble.top_layers if ensemble is not None else 0)
+    if fused.get("Attention", 0) < expected:
+        raise RuntimeError(f"onnxruntime fused attention in {fused.get('Attention', 0)} of {expected} layers")
     optimized.save_model_to_file(str(path), use_external_data_format=big)
     return fused
 
@@ -314,6 +322,12 @@ def export_onnx(
         # column 0 the combined reward, then each head
         summary["max_abs_difference_per_column"] = dict(
             zip(["reward", *spec.objectives.names], (float(d) for d in per_column))
+        )
+    if spec.ensemble is not None:
+        summary["ensemble"] = spec.ensemble.to_json()
+        # column 0 the members' mean, then each member
+        summary["max_abs_difference_per_column"] = dict(
+            zip(["reward", *(f"member_{m}" for m in range(spec.member_count))], (float(d) for d in per_column))
         )
     if not int8 and max_difference > FP32_TOLERANCE:
         raise ExportError(

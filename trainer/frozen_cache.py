@@ -58,7 +58,11 @@ class FrozenPrefixCache:
                 f"--cache-frozen needs an encoder with embeddings and encoder.layer (BERT's family); "
                 f"{type(model).__name__} has not; leave it off"
             )
-        if not 0 < trained_blocks < len(blocks):
+        from reward_core.ensemble import ensemble_of
+
+        # an ensemble's members own their blocks, so every block of the model itself may be frozen
+        self.ensemble = ensemble_of(model) is not None
+        if not (0 if self.ensemble else 1) <= trained_blocks < len(blocks):
             raise TrainingConfigError(
                 f"--cache-frozen needs frozen blocks below the trained ones: --top-layers {trained_blocks} of {len(blocks)}"
             )
@@ -139,6 +143,8 @@ class FrozenPrefixCache:
         from reward_core.forward import reward_heads
 
         hidden = self.hidden_for(input_ids, attention_mask, token_type_ids)
+        if self.ensemble:  # the members run on the shared part's output
+            return reward_heads(self.model, architecture, None, attention_mask, token_type_ids, inputs_embeds=hidden)
         with self._blocks(self.blocks[self.split:], pass_through=True):
             return reward_heads(self.model, architecture, None, attention_mask, token_type_ids, inputs_embeds=hidden)
 

@@ -49,6 +49,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from reward_core.ensemble import ENSEMBLE_FILE, Ensemble, EnsembleError, attach_ensemble, members_state
 from reward_core.forward import pad_token_id
 from reward_core.objectives import GATE_FILE, GATE_PREFIX, attach_objectives, combine_heads, gate_state, without_gate
 
@@ -56,7 +57,7 @@ from .config_flags import add_config_subcommand
 from .data import DataError, DataSpec, PreferenceRecord, load_preferences, parse_data_spec
 from .reward_config import DEFAULT_BASE_MODEL, RewardTrainingConfig, TrainingConfigError, config_from_args
 from .reward_data import file_report, length_balance_weights, parse_eval_spec
-from .scoring import evaluate_pairs, length_sorted_chunks, score_conversations, score_encoded
+from .scoring import ensemble_diversity, evaluate_pairs, length_sorted_chunks, score_conversations, score_encoded
 from .surgery import apply_train_mode, make_reward_module, set_objective_heads, under
 from .utils import disable_dropout, progress_bar, replace_dir, resolve_device
 
@@ -73,7 +74,7 @@ MODEL_FILES = (
     "reward_model.json", "config.json", "model.safetensors", "model.safetensors.index.json",
     "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "added_tokens.json",
-    "chat_template.jinja", "tokenizer.model", "generation_config.json",
+    "chat_template.jinja", "tokenizer.model", "generation_config.json", ENSEMBLE_FILE,
 )
 
 
@@ -365,6 +366,7 @@ class _Trainer:
         self.objectives = self._resolve_objectives(specs)
         self.pair_weights, balance = length_balance_weights(self.train_records, c.length_balance)
         self.use_weights = c.length_balance > 0
+        self.member_weights = self._member_weights()
         self.data_report["length_balance"] = {"strength": c.length_balance, "sources": balance}
         self.say(f"[bold]data[/bold]: {len(self.train_records)} training records\n{train.report}")
         for name, records in self.eval_sets:
@@ -375,6 +377,26 @@ class _Trainer:
                     f"length balance {source}: longer-better {r['longer_better_fraction']:.1%} of pairs -> "
                     f"{r['weighted_longer_better_fraction']:.1%} of the weight"
                 )
+
+    def _member_weights(self):
+        """--ensemble: [records, K] how often each member sees each record (float32): an online
+        bootstrap, Poisson(1) per record and member from the member's own seed, or all ones.
+        None without an ensemble."""
+        import numpy as np
+
+        c = self.config
+        if not c.ensemble:
+            return None
+        if self.objectives is not None:
+            raise TrainingConfigError("--ensemble and objectives do not go together yet: train one or the other")
+        n = len(self.train_records)
+        if c.ensemble_sample == "all":
+            return np.ones((n, c.ensemble), dtype=np.float32)
+        columns = [np.random.default_rng([c.seed, 7919, m]).poisson(1.0, size=n) for m in range(c.ensemble)]
+        weights = np.stack(columns, axis=1).astype(np.float32)
+        self.say(f"[bold]ensemble[/bold]: {c.ensemble} members, each on its own bootstrap sample "
+                 f"(a member sees {float((weights > 0).mean()):.1%} of the records)")
+        return weights
 
     def _resolve_objectives(self, specs: list[DataSpec]):
         """The model's objectives (None: one head): --objectives, else those the --data files name."""
@@ -478,10 +500,14 @@ class _Trainer:
             # parses that markup back into the pair.
             tokenizer.chat_template = ENCODER_CHAT_TEMPLATE
             use_chat_template = False
+        self.ensemble = Ensemble(
+            members=c.ensemble, top_layers=c.top_layers, aggregate=c.ensemble_aggregate,
+            uncertainty_penalty=c.ensemble_uncertainty_penalty,
+        ) if c.ensemble else None
         self.spec = RewardModelSpec(
             architecture=base_spec.architecture, max_length=max_length, use_chat_template=use_chat_template,
             read_reward_at=base_spec.read_reward_at, base_model=base_ref if c.train_mode in ("top", "lora") else None,
-            objectives=self.objectives,
+            objectives=self.objectives, ensemble=self.ensemble,
         )
         self.tokenizer = tokenizer
         self.pad_id = pad_token_id(tokenizer)
@@ -489,6 +515,8 @@ class _Trainer:
         self.model, self.peft_model, self.saved_prefixes = apply_train_mode(model, c, self.spec.architecture, base_ref)
         if self.objectives is not None:
             attach_objectives(self.model, self.objectives)  # after the train mode: the gate always trains
+        if self.ensemble is not None:
+            self._attach_members()
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         n_train = sum(p.numel() for _, p in self.trainable)
         n_total = sum(p.numel() for p in self.model.parameters())
@@ -497,6 +525,30 @@ class _Trainer:
             f"[bold]model[/bold]: {type(self.model).__name__} from {base_ref} ({self.spec.architecture}, max_length "
             f"{max_length}), train_mode={c.train_mode}: {n_train:,} of {n_total:,} parameters trainable"
         )
+
+    def _attach_members(self) -> None:
+        """--ensemble: K members, each a copy of the base's top blocks and pooler with a head from
+        its own seed; they alone train. The HF model's own head is saved (untrained) so the
+        directory loads over its base like any top-mode model."""
+        import torch
+
+        from .surgery import head_module_names
+
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.saved_prefixes = head_module_names(self.model)  # before the members join the model's children
+        try:
+            attach_ensemble(self.model, self.ensemble)
+        except EnsembleError as exc:
+            raise TrainingConfigError(f"--ensemble: {exc}") from exc
+        std = getattr(self.model.config, "initializer_range", 0.02)
+        for m, member in enumerate(self.model.reward_members.members):
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000 + m)
+            with torch.no_grad():
+                member.classifier.weight.copy_(torch.randn(member.classifier.weight.shape, generator=generator) * std)
+                member.classifier.bias.zero_()
+            for p in member.parameters():
+                p.requires_grad_(True)
 
     def _fill_frozen_cache(self) -> None:
         """--cache-frozen: the frozen blocks' output for every distinct training input, computed
@@ -595,6 +647,9 @@ class _Trainer:
             gate = gate_state(self.model)
             if gate:
                 save_file({k: v.to("cpu", copy=True) for k, v in gate.items()}, str(tmp / GATE_FILE), metadata={"format": "pt"})
+            members = members_state(self.model)
+            if members:
+                save_file({k: v.to("cpu", copy=True) for k, v in members.items()}, str(tmp / ENSEMBLE_FILE), metadata={"format": "pt"})
             if mode == "full":
                 with without_gate(self.model):
                     self.model.save_pretrained(tmp)
@@ -758,6 +813,9 @@ class _Trainer:
             "p": as_t(p, torch.float32) if not all(math.isnan(x) for x in p) else None,
             "weight": as_t(weight, torch.float32) if self.use_weights else None,
             "objective": as_t(objective, torch.long) if self.objectives is not None else None,
+            # [pairs, K]: how much each member weighs each pair (its bootstrap count of the record)
+            "member_weight": as_t(self.member_weights[np.asarray(indices)][np.asarray(group)], torch.float32)
+            if self.member_weights is not None else None,
         }
     # ---- training step
 
@@ -777,7 +835,17 @@ class _Trainer:
         c = self.config
         heads, features = outputs
         heads = heads.float()
-        if self.objectives is None:
+        if self.ensemble is not None:
+            # each member on its own bootstrap sample; members are independent, so their losses add
+            loss = heads.new_zeros(())
+            for m in range(heads.shape[1]):
+                member_delta = pair_deltas(heads[:, m], batch["better"], batch["worse"])
+                weight = batch["member_weight"][:, m]
+                if batch["weight"] is not None:
+                    weight = weight * batch["weight"]
+                loss = loss + grouped_mean(pair_losses(member_delta, batch["margin"], batch["p"]), batch["group"], batch["n_groups"], weight)
+            delta = pair_deltas(heads.mean(dim=-1), batch["better"], batch["worse"])
+        elif self.objectives is None:
             rewards = heads[:, 0]
             delta = pair_deltas(rewards, batch["better"], batch["worse"])
             losses = pair_losses(delta, batch["margin"], batch["p"])
@@ -896,6 +964,8 @@ class _Trainer:
             results[name] = evaluate_pairs(records, [c[:, 0] for c in per_record])
             for k, objective in enumerate(self.spec.objective_names):  # each head on this set, for learning curves
                 results[name].setdefault("heads", {})[objective] = evaluate_pairs(records, [c[:, 1 + k] for c in per_record])["accuracy"]
+            if self.ensemble is not None:
+                results[name]["ensemble"] = ensemble_diversity(records, per_record)
             self.log_event({"type": "eval", "step": step, "eval_set": name, **results[name]})
         if results:
             lines = [f"[bold]eval @ step {step}[/bold]"]

@@ -56,6 +56,20 @@ class RewardTrainingConfig:
         "combine=gate: add this times the cross-entropy between the gate's weights and each pair's "
         "objective, so the gate also learns which objective a prompt is about (its source says), not "
         "only what helps the pairs through the combined reward. 0: the combined reward alone, as ArmoRM."))
+    ensemble: int = field(default=0, metadata=flag_help(
+        "Train K reward models (members) over one shared backbone instead of one: top mode only; each "
+        "member owns a copy of the top --top-layers blocks (0: none), the pooler and a head seeded apart, "
+        "and learns from its own bootstrap sample of the records; the frozen part runs once per item. "
+        "0: one model.", metavar="K"))
+    ensemble_sample: str = field(default="bootstrap", metadata=flag_help(
+        "--ensemble: bootstrap (each member weighs each record by its own Poisson(1) draw) or all "
+        "(every member sees every record once; members then differ only by their heads' seeds).",
+        choices=("bootstrap", "all")))
+    ensemble_aggregate: str = field(default="mean", metadata=flag_help(
+        "--ensemble: the rule the service applies by default: mean, min (worst case) or mean_minus_var "
+        "(mean - --ensemble-uncertainty-penalty x the members' variance).", choices=("mean", "min", "mean_minus_var")))
+    ensemble_uncertainty_penalty: float = field(default=1.0, metadata=flag_help(
+        "--ensemble: lambda of the mean_minus_var rule (recorded as the served default)."))
     cache_frozen: bool = field(default=False, metadata=flag_help(
         "top mode, encoders: compute the frozen lower blocks' output once per distinct input and reuse it "
         "every epoch (kept in memory as float16), so a step runs only the trained blocks."))
@@ -171,6 +185,15 @@ class RewardTrainingConfig:
             raise TrainingConfigError("gate_routing_weight must be >= 0")
         if self.gate_routing_weight and self.combine != "gate":
             raise TrainingConfigError("--gate-routing-weight is for --combine gate")
+        if self.ensemble < 0:
+            raise TrainingConfigError("ensemble must be >= 0 (0: one model)")
+        if self.ensemble and self.train_mode != "top":
+            raise TrainingConfigError(
+                "--ensemble shares the frozen part of the backbone between members: use --train-mode top "
+                "(members own the top --top-layers blocks)"
+            )
+        if not self.ensemble_uncertainty_penalty >= 0:
+            raise TrainingConfigError("ensemble_uncertainty_penalty must be >= 0")
         if self.cache_frozen and self.train_mode != "top":
             raise TrainingConfigError("--cache-frozen is for --train-mode top (only then are the lower blocks frozen)")
         if self.max_length is not None and self.max_length < 8:

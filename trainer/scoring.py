@@ -37,7 +37,7 @@ def score_encoded(model, spec, encoded, pad_id, batch_size, device, *, columns: 
 
     if device is None:
         device = next(model.parameters()).device
-    width = 1 + len(spec.objective_names)
+    width = 1 + spec.extra_columns
     out = np.zeros((len(encoded), width), dtype=np.float32)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     was_training = model.training
@@ -120,3 +120,29 @@ def evaluate_pairs(records: Sequence[PreferenceRecord], rewards_per_record: Sequ
             }
         result["per_category"] = per_category
     return result
+
+
+def ensemble_diversity(records: Sequence[PreferenceRecord], columns_per_record: Sequence[Any]) -> dict[str, Any]:
+    """How an ensemble's members differ on a set: each member's pair accuracy, the mean over member
+    pairs of how often two members order a pair alike (pairwise agreement), and the mean Pearson
+    correlation of two members' rewards over the set's responses. ``columns_per_record``: per
+    record [responses, 1 + K] (the mean, then each member)."""
+    import numpy as np
+
+    columns = np.concatenate([np.asarray(c, dtype=np.float64) for c in columns_per_record])[:, 1:]
+    k = columns.shape[1]
+    deltas, at = [], 0
+    for record, cols in zip(records, columns_per_record):
+        deltas.extend(columns[at + b] - columns[at + w] for b, w in record.pairs())
+        at += len(cols)
+    signs = np.sign(np.asarray(deltas).reshape(-1, k))
+    member_accuracy = [float(((signs[:, m] > 0) + 0.5 * (signs[:, m] == 0)).mean()) for m in range(k)]
+    if k < 2 or len(signs) == 0:
+        return {"members": k, "member_accuracy": member_accuracy, "pairwise_agreement": 1.0, "reward_correlation": 1.0}
+    upper = np.triu_indices(k, 1)
+    agreement = [float((signs[:, i] == signs[:, j]).mean()) for i, j in zip(*upper)]
+    correlation = np.corrcoef(columns.T)[upper]
+    return {
+        "members": k, "member_accuracy": member_accuracy,
+        "pairwise_agreement": float(np.mean(agreement)), "reward_correlation": float(np.nanmean(correlation)),
+    }
