@@ -3,7 +3,8 @@
 Each input line is ``{"prompt", "response"}`` or ``{"messages"}``, optionally with extra keys
 (an "id", metadata) that are kept in the output but not sent. Each output line is the input
 object plus ``"score"``, in input order; with ``--objectives`` (a model with several reward
-heads) also ``"objectives"``: each head's reward by name.
+heads) also ``"objectives"``: each head's reward by name; with ``--uncertainty`` (an ensemble)
+``"ensemble_mean"`` and ``"ensemble_std"``, with ``--members`` ``"members"``: each member's reward.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ import argparse
 import contextlib
 import gzip
 import json
+import math
 import os
 import sys
+import typing
 from typing import Any, Sequence, TextIO
 
 import httpx
 from pydantic import ValidationError
 
 from .client import DEFAULT_URL, RewardClient, RewardServiceError
-from .protocol import MessagesItem, PromptResponseItem, as_item
+from .protocol import AggregateRule, MessagesItem, PromptResponseItem, as_item
 
 ITEM_KEYS_PROMPT_RESPONSE = ("prompt", "response")
 ITEM_KEYS_MESSAGES = ("messages",)
 MAX_REPORTED_BAD_LINES = 20
+AGGREGATE_RULES = typing.get_args(AggregateRule)
 
 
 def add_score_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,12 +56,37 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
         "--objectives", action="store_true",
         help='a model with several reward heads: also write each head\'s reward ("objectives": {name: reward})',
     )
+    parser.add_argument(
+        "--aggregate", default=None, choices=AGGREGATE_RULES,
+        help="an ensemble model: how its members' rewards become the score (default: what the service serves)",
+    )
+    parser.add_argument(
+        "--uncertainty-penalty", type=_penalty, default=None, metavar="X",
+        help="an ensemble model, with --aggregate mean_minus_var: the λ of mean - λ·var (default: the served one)",
+    )
+    parser.add_argument(
+        "--uncertainty", action="store_true",
+        help='an ensemble model: also write the members\' mean and standard deviation ("ensemble_mean", "ensemble_std")',
+    )
+    parser.add_argument(
+        "--members", action="store_true", help='an ensemble model: also write each member\'s reward ("members": [...])'
+    )
     parser.add_argument("--chunk-size", type=_positive_int, default=64, help="items per request (default %(default)s)")
     parser.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default %(default)s)")
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (env REWARD_API_KEY)")
     parser.set_defaults(func=run_score)
     return parser
+
+
+def _penalty(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -171,6 +200,7 @@ def run_score(args: argparse.Namespace, *, transport: httpx.BaseTransport | None
 
     scores: list[float] = []
     per_objective: dict[str, list[float]] | None = None
+    response = None
     model_name = "no model (empty input)"
     if items:
         api_key = getattr(args, "api_key", None) or os.environ.get("REWARD_API_KEY")
@@ -187,6 +217,8 @@ def run_score(args: argparse.Namespace, *, transport: httpx.BaseTransport | None
                 response = client.score(
                     items, model=args.model, normalize=args.normalize,
                     objective=getattr(args, "objective", None), return_objectives=getattr(args, "objectives", False),
+                    aggregate=getattr(args, "aggregate", None), uncertainty_penalty=getattr(args, "uncertainty_penalty", None),
+                    return_uncertainty=getattr(args, "uncertainty", False), return_members=getattr(args, "members", False),
                     progress=lambda done, total: bar.update(task, completed=done),
                 )
         except (RewardServiceError, ValueError) as exc:  # ValueError: a bad --objective, refused before sending
@@ -202,6 +234,11 @@ def run_score(args: argparse.Namespace, *, transport: httpx.BaseTransport | None
     if per_objective is not None:
         for i, row in enumerate(scored):
             row["objectives"] = {name: values[i] for name, values in per_objective.items()}
+    for field in ("ensemble_mean", "ensemble_std", "members"):  # an ensemble's, when asked
+        values = getattr(response, field, None)
+        if values is not None:
+            for row, value in zip(scored, values):
+                row[field] = value
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
     try:
         if args.output == "-":

@@ -149,6 +149,14 @@ def error_from_response(response: httpx.Response) -> RewardServiceError:
     return cls(status, detail.type, detail.message, detail.request_id or header_request_id)
 
 
+def _ensemble_fields(
+    aggregate: str | None, uncertainty_penalty: float | None, return_uncertainty: bool, return_members: bool
+) -> dict[str, Any]:
+    """The ensemble fields (protocol 1.2) of a score or compare request."""
+    return {"aggregate": aggregate, "uncertainty_penalty": uncertainty_penalty,
+            "return_uncertainty": return_uncertainty, "return_members": return_members}
+
+
 def _chunks(seq: Sequence, size: int) -> list[Sequence]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
@@ -173,8 +181,16 @@ def _merge(responses: list[ResponseT]) -> ResponseT:
         objectives = None
         if first.objectives is not None:
             objectives = {name: [x for r in responses for x in (r.objectives or {}).get(name, [])] for name in first.objectives}
+
+        def joined(field: str) -> list | None:  # a per-item list of the answers, None when not asked for
+            if getattr(first, field) is None:
+                return None
+            return [x for r in responses for x in (getattr(r, field) or [])]
+
         return ScoreResponse(
-            model=first.model, scores=[s for r in responses for s in r.scores], objectives=objectives, usage=usage
+            model=first.model, scores=[s for r in responses for s in r.scores], objectives=objectives,
+            ensemble_mean=joined("ensemble_mean"), ensemble_std=joined("ensemble_std"), members=joined("members"),
+            usage=usage,
         )
     return CompareResponse(model=first.model, results=[x for r in responses for x in r.results], usage=usage)
 
@@ -266,7 +282,8 @@ class _ClientCore:
         return max(1, self.chunk_size // 2)
 
     def _text_bodies(
-        self, texts: Sequence[str], prompts: Sequence[str] | None, model: str | None, objective: str | None = None
+        self, texts: Sequence[str], prompts: Sequence[str] | None, model: str | None, objective: str | None = None,
+        ensemble: Mapping[str, Any] | None = None,
     ) -> list[dict]:
         texts = list(texts)
         if prompts is not None and len(prompts) != len(texts):
@@ -275,7 +292,8 @@ class _ClientCore:
         for start in range(0, len(texts), self.chunk_size):
             chunk_prompts = list(prompts[start : start + self.chunk_size]) if prompts is not None else None
             request = GetRewardRequest(
-                query=texts[start : start + self.chunk_size], prompts=chunk_prompts, model=model, objective=objective
+                query=texts[start : start + self.chunk_size], prompts=chunk_prompts, model=model, objective=objective,
+                **(ensemble or {}),
             )
             bodies.append(self._body(request))
         return bodies
@@ -285,32 +303,41 @@ class _ClientCore:
         return request.model_dump(mode="json", exclude_none=True)
 
     def _score_bodies(
-        self, items: Iterable[ItemLike], model: str | None, normalize: bool, objective: str | None, return_objectives: bool
+        self, items: Iterable[ItemLike], model: str | None, normalize: bool, objective: str | None, return_objectives: bool,
+        ensemble: Mapping[str, Any],
     ) -> tuple[list[dict], list[int]]:
         chunks = _chunks(self._items(items), self.chunk_size)
         bodies = [
             self._scoring_body(ScoreRequest(
-                model=model, items=list(c), normalize=normalize, objective=objective, return_objectives=return_objectives
+                model=model, items=list(c), normalize=normalize, objective=objective, return_objectives=return_objectives,
+                **ensemble,
             ))
             for c in chunks
         ]
         return bodies, [len(c) for c in chunks]
 
     def _compare_bodies(
-        self, pairs: Iterable[PairLike], model: str | None, objective: str | None, return_objectives: bool
+        self, pairs: Iterable[PairLike], model: str | None, objective: str | None, return_objectives: bool,
+        ensemble: Mapping[str, Any],
     ) -> tuple[list[dict], list[int]]:
         chunks = _chunks(self._pairs(pairs), self._pairs_per_chunk())
         bodies = [
-            self._scoring_body(CompareRequest(model=model, pairs=list(c), objective=objective, return_objectives=return_objectives))
+            self._scoring_body(CompareRequest(
+                model=model, pairs=list(c), objective=objective, return_objectives=return_objectives, **ensemble
+            ))
             for c in chunks
         ]
         return bodies, [len(c) for c in chunks]
 
+    # Flags of a newer protocol revision, sent only when true: a service older than that revision
+    # refuses fields it does not know (return_objectives: 1.1; return_uncertainty, return_members: 1.2).
+    _FLAGS_SENT_WHEN_TRUE = ("return_objectives", "return_uncertainty", "return_members")
+
     def _scoring_body(self, request: ScoreRequest | CompareRequest) -> dict:
-        body = self._body(request)
-        if not request.return_objectives:
-            # Not sent unless asked: a service older than protocol 1.1 refuses fields it does not know.
-            del body["return_objectives"]
+        body = self._body(request)  # None fields (objective, aggregate, uncertainty_penalty) are left out there
+        for flag in self._FLAGS_SENT_WHEN_TRUE:
+            if not body[flag]:
+                del body[flag]
         return body
 
     @staticmethod
@@ -437,14 +464,27 @@ class RewardClient(_ClientCore):
         *,
         objective: str | None = None,
         return_objectives: bool = False,
+        aggregate: str | None = None,
+        uncertainty_penalty: float | None = None,
+        return_uncertainty: bool = False,
+        return_members: bool = False,
         progress: ProgressCallback | None = None,
     ) -> ScoreResponse:
         """One reward per item, in item order. Items are protocol items or dicts.
 
         For a model with several reward heads: ``objective`` scores with that head instead of
         their combination; ``return_objectives`` also returns each head's rewards
-        (``response.objectives``, by name)."""
-        bodies, sizes = self._score_bodies(items, model, normalize, objective, return_objectives)
+        (``response.objectives``, by name).
+
+        For an ensemble: ``aggregate`` ("mean", "min", "mean_minus_var") and
+        ``uncertainty_penalty`` (the λ of mean - λ·var) choose how its members' rewards become
+        the reward (the served default otherwise); ``return_uncertainty`` also returns their
+        mean and standard deviation per item (``ensemble_mean``, ``ensemble_std``),
+        ``return_members`` each member's reward (``members[i][m]``)."""
+        bodies, sizes = self._score_bodies(
+            items, model, normalize, objective, return_objectives,
+            _ensemble_fields(aggregate, uncertainty_penalty, return_uncertainty, return_members),
+        )
         return self._send_chunks(f"/{API_VERSION}/score", bodies, sizes, ScoreResponse, progress)
 
     def compare(
@@ -454,23 +494,35 @@ class RewardClient(_ClientCore):
         *,
         objective: str | None = None,
         return_objectives: bool = False,
+        aggregate: str | None = None,
+        uncertainty_penalty: float | None = None,
+        return_uncertainty: bool = False,
+        return_members: bool = False,
         progress: ProgressCallback | None = None,
     ) -> CompareResponse:
         """Rewards of both responses of each pair and P(a better than b), in pair order;
-        ``objective`` / ``return_objectives`` as for :meth:`score` (each result's ``objectives``)."""
-        bodies, sizes = self._compare_bodies(pairs, model, objective, return_objectives)
+        ``objective`` / ``return_objectives`` as for :meth:`score` (each result's ``objectives``);
+        the ensemble keywords too (``return_uncertainty`` adds each result's ``member_agreement``
+        and the members' mean and spread for a and b; ``return_members`` ``members_a``/``_b``)."""
+        bodies, sizes = self._compare_bodies(
+            pairs, model, objective, return_objectives,
+            _ensemble_fields(aggregate, uncertainty_penalty, return_uncertainty, return_members),
+        )
         return self._send_chunks(f"/{API_VERSION}/compare", bodies, sizes, CompareResponse, progress)
 
     def score_texts(
         self, texts: Sequence[str], prompts: Sequence[str] | None = None, model: str | None = None,
-        *, objective: str | None = None,
+        *, objective: str | None = None, aggregate: str | None = None, uncertainty_penalty: float | None = None,
     ) -> list[float]:
         """Rewards of already-formatted texts (prompt + response, chat template applied), via
         ``/get_reward``; ``prompts[i]``, when a prefix of ``texts[i]``, marks its prompt part;
-        ``objective``: a head's rewards instead of the combination."""
+        ``objective``: a head's rewards instead of the combination; ``aggregate`` /
+        ``uncertainty_penalty``: an ensemble's rule instead of the served default."""
         if not texts:
             return []
-        bodies = self._text_bodies(texts, prompts, model, objective)
+        bodies = self._text_bodies(
+            texts, prompts, model, objective, {"aggregate": aggregate, "uncertainty_penalty": uncertainty_penalty}
+        )
         sizes = [len(b["query"]) for b in bodies]
         return self._send_chunks("/get_reward", bodies, sizes, GetRewardResponse, None).rewards
 
@@ -642,10 +694,17 @@ class AsyncRewardClient(_ClientCore):
         *,
         objective: str | None = None,
         return_objectives: bool = False,
+        aggregate: str | None = None,
+        uncertainty_penalty: float | None = None,
+        return_uncertainty: bool = False,
+        return_members: bool = False,
         progress: ProgressCallback | None = None,
     ) -> ScoreResponse:
         """One reward per item, in item order (see RewardClient.score)."""
-        bodies, sizes = self._score_bodies(items, model, normalize, objective, return_objectives)
+        bodies, sizes = self._score_bodies(
+            items, model, normalize, objective, return_objectives,
+            _ensemble_fields(aggregate, uncertainty_penalty, return_uncertainty, return_members),
+        )
         return await self._send_chunks(f"/{API_VERSION}/score", bodies, sizes, ScoreResponse, progress)
 
     async def compare(
@@ -655,23 +714,33 @@ class AsyncRewardClient(_ClientCore):
         *,
         objective: str | None = None,
         return_objectives: bool = False,
+        aggregate: str | None = None,
+        uncertainty_penalty: float | None = None,
+        return_uncertainty: bool = False,
+        return_members: bool = False,
         progress: ProgressCallback | None = None,
     ) -> CompareResponse:
         """Rewards of both responses of each pair and P(a better than b), in pair order (see
         RewardClient.compare)."""
-        bodies, sizes = self._compare_bodies(pairs, model, objective, return_objectives)
+        bodies, sizes = self._compare_bodies(
+            pairs, model, objective, return_objectives,
+            _ensemble_fields(aggregate, uncertainty_penalty, return_uncertainty, return_members),
+        )
         return await self._send_chunks(f"/{API_VERSION}/compare", bodies, sizes, CompareResponse, progress)
 
     async def score_texts(
         self, texts: Sequence[str], prompts: Sequence[str] | None = None, model: str | None = None,
-        *, objective: str | None = None,
+        *, objective: str | None = None, aggregate: str | None = None, uncertainty_penalty: float | None = None,
     ) -> list[float]:
         """Rewards of already-formatted texts (prompt + response, chat template applied), via
         ``/get_reward``; ``prompts[i]``, when a prefix of ``texts[i]``, marks its prompt part;
-        ``objective``: a head's rewards instead of the combination."""
+        ``objective``: a head's rewards instead of the combination; ``aggregate`` /
+        ``uncertainty_penalty``: an ensemble's rule instead of the served default."""
         if not texts:
             return []
-        bodies = self._text_bodies(texts, prompts, model, objective)
+        bodies = self._text_bodies(
+            texts, prompts, model, objective, {"aggregate": aggregate, "uncertainty_penalty": uncertainty_penalty}
+        )
         sizes = [len(b["query"]) for b in bodies]
         return (await self._send_chunks("/get_reward", bodies, sizes, GetRewardResponse, None)).rewards
 

@@ -15,7 +15,9 @@ Each takes one service URL or a list of replicas' URLs (spread and failed over b
 For a model with several reward heads, ``objective=`` makes a function return that head's reward
 instead of the combination; TRL logs each function under its name (``reward_<objective>`` by
 default then), and sums them with its ``reward_weights``, so one function per objective is how
-to train on heads with weights of your own.
+to train on heads with weights of your own. For an ensemble, ``aggregate=`` ("mean", "min",
+"mean_minus_var") and ``uncertainty_penalty=`` (the λ of mean - λ·var) choose how its members'
+rewards become the reward instead of the served default (logged as ``reward_<aggregate>``).
 Like the rest of ``client``, this module imports neither torch, TRL nor the service.
 """
 
@@ -67,10 +69,11 @@ def completions_to_items(prompts: Sequence[Any], completions: Sequence[Any]) -> 
     return items
 
 
-def _name(name: str | None, objective: str | None) -> str:
+def _name(name: str | None, objective: str | None, aggregate: str | None = None) -> str:
     if name is not None:
         return name
-    return f"reward_{objective}" if objective is not None else "reward_model"
+    chosen = objective if objective is not None else aggregate
+    return f"reward_{chosen}" if chosen is not None else "reward_model"
 
 
 def _failed(n: int, exc: Exception, on_error: OnError) -> list[float | None]:
@@ -86,6 +89,8 @@ def trl_reward_func(
     model: str | None = None,
     normalize: bool = False,
     objective: str | None = None,
+    aggregate: str | None = None,
+    uncertainty_penalty: float | None = None,
     on_error: OnError = "raise",
     name: str | None = None,
     client: RewardClient | None = None,
@@ -95,23 +100,27 @@ def trl_reward_func(
 
     ``objective``: for a model with several reward heads, that head's reward instead of their
     combination (the service refuses a name the model does not have, naming its heads).
-    ``name``: what TRL logs it under; ``reward_model``, or ``reward_<objective>`` with an objective.
+    ``aggregate`` / ``uncertainty_penalty``: for an ensemble, the rule (and λ) its members'
+    rewards aggregate by instead of the served default.
+    ``name``: what TRL logs it under; ``reward_model``, or ``reward_<objective>`` with an objective
+    (``reward_<aggregate>`` with a rule).
     ``on_error="none"`` returns ``None`` for every completion when the service fails after the
     client's retries (TRL then ignores them) instead of raising. Extra keyword arguments go to
     :class:`RewardClient` (timeout, max_retries, chunk_size...).
     """
     rm = client or RewardClient(url, **client_options)
+    ensemble = {"aggregate": aggregate, "uncertainty_penalty": uncertainty_penalty}
 
     def reward_func(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
         items = completions_to_items(prompts, completions)
         if not items:
             return []
         try:
-            return list(rm.score(items, model=model, normalize=normalize, objective=objective).scores)
+            return list(rm.score(items, model=model, normalize=normalize, objective=objective, **ensemble).scores)
         except RewardServiceError as exc:
             return _failed(len(items), exc, on_error)
 
-    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective)
+    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective, aggregate)
     reward_func.client = rm  # type: ignore[attr-defined]  # so a caller can close it
     return reward_func
 
@@ -122,16 +131,19 @@ def trl_async_reward_func(
     model: str | None = None,
     normalize: bool = False,
     objective: str | None = None,
+    aggregate: str | None = None,
+    uncertainty_penalty: float | None = None,
     on_error: OnError = "raise",
     name: str | None = None,
     **client_options: Any,
 ) -> Callable[..., Awaitable[list[float | None]]]:
     """The ``async def`` flavour: TRL awaits it concurrently with its other async reward functions
-    (``objective`` and ``name`` as for :func:`trl_reward_func`).
+    (``objective``, ``aggregate``, ``uncertainty_penalty`` and ``name`` as for :func:`trl_reward_func`).
 
     TRL runs async reward functions on an event loop of its own, so each call opens its client
     on the loop it runs on (an httpx async client cannot move between loops).
     """
+    ensemble = {"aggregate": aggregate, "uncertainty_penalty": uncertainty_penalty}
 
     async def reward_func(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
         items = completions_to_items(prompts, completions)
@@ -139,26 +151,29 @@ def trl_async_reward_func(
             return []
         try:
             async with AsyncRewardClient(url, **client_options) as rm:
-                return list((await rm.score(items, model=model, normalize=normalize, objective=objective)).scores)
+                return list((await rm.score(items, model=model, normalize=normalize, objective=objective, **ensemble)).scores)
         except RewardServiceError as exc:
             return _failed(len(items), exc, on_error)
 
-    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective)
+    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective, aggregate)
     return reward_func
 
 
 def text_reward_fn(
     url: str | Sequence[str] = DEFAULT_URL, *, model: str | None = None, objective: str | None = None,
+    aggregate: str | None = None, uncertainty_penalty: float | None = None,
     client: RewardClient | None = None, **client_options: Any
 ) -> Callable[..., list[float]]:
     """``reward_fn(texts, prompts=None) -> list[float]`` for trainers that pass already-formatted
     texts (prompt + response, chat template applied): scored as ``/get_reward`` scores them
-    (``objective``: a head's reward instead of the combination)."""
+    (``objective``: a head's reward instead of the combination; ``aggregate`` /
+    ``uncertainty_penalty``: an ensemble's rule instead of the served default)."""
     rm = client or RewardClient(url, **client_options)
 
     def reward_fn(texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
         return rm.score_texts(
-            list(texts), prompts=list(prompts) if prompts is not None else None, model=model, objective=objective
+            list(texts), prompts=list(prompts) if prompts is not None else None, model=model, objective=objective,
+            aggregate=aggregate, uncertainty_penalty=uncertainty_penalty,
         )
 
     reward_fn.client = rm  # type: ignore[attr-defined]

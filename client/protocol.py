@@ -23,6 +23,15 @@ than ignoring it. Revisions:
   ``return_objectives`` on ``/v1/score`` and ``/v1/compare``, ``objectives`` in their answers,
   ``objectives`` and ``combine`` on the model card, per-objective ``extra_logs`` and ``objective``
   on ``/get_reward``.
+- ``1.2``: reward-model ensembles (K members over one backbone; ``reward_core/ensemble.py``):
+  ``aggregate`` (``mean``, ``min``, ``mean_minus_var``) and ``uncertainty_penalty`` (the λ of
+  ``mean - λ·var``) on ``/v1/score``, ``/v1/compare`` and ``/get_reward`` choose how the members'
+  rewards become the reward (the served default otherwise); ``return_uncertainty`` adds the
+  members' mean and standard deviation (``ensemble_mean``, ``ensemble_std``; on ``/v1/compare``
+  also ``member_agreement``, the share of members that rank ``a`` above ``b``) and
+  ``return_members`` each member's reward (``members``); ``ensemble`` on the model card (K,
+  top_layers, the served aggregate and penalty); ``reward_mean`` and ``reward_std`` in
+  ``/get_reward``'s ``extra_logs``. Models that are not ensembles answer exactly as in 1.1.
 
 Other frameworks' wire shapes, served beside ``/v1`` so their trainers work unchanged (last
 section of this module):
@@ -56,7 +65,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 API_VERSION = "v1"
-API_REVISION = "1.1"  # see the module docstring: what each revision of /v1 added
+API_REVISION = "1.2"  # see the module docstring: what each revision of /v1 added
 
 # The largest integer the store keeps (a signed 64-bit column): ids, task ids and cursors.
 MAX_ID = 2**63 - 1
@@ -87,6 +96,24 @@ Role = Literal["system", "user", "assistant", "tool"]
 # The name of a reward head, as a request gives it (the model's names are at most 32 characters;
 # a longer one names no head, and is refused before it is echoed into an error message).
 ObjectiveName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_check_text)]
+
+
+# How an ensemble's members' rewards become the one reward (reward_core.ensemble.AGGREGATES; a
+# test keeps the two lists equal, the client imports nothing of reward_core).
+AggregateRule = Literal["mean", "min", "mean_minus_var"]
+
+# The λ of ``mean - λ·var``: a JSON number (not a string or a boolean), finite, at least 0.
+UncertaintyPenalty = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+
+AGGREGATE_DESCRIPTION = (
+    "An ensemble model: how its members' rewards become the reward: 'mean', 'min' (the worst case over members) or "
+    "'mean_minus_var' (mean - uncertainty_penalty * the members' population variance); the served default (on "
+    "GET /v1/models) when omitted. (1.2)"
+)
+PENALTY_DESCRIPTION = (
+    "An ensemble model, with the rule 'mean_minus_var' (sent or served by default): the λ of mean - λ·var, a finite "
+    "number >= 0; the served default when omitted. (1.2)"
+)
 
 
 class _Strict(BaseModel):
@@ -186,7 +213,8 @@ class ScoreRequest(_Strict):
     normalize: bool = Field(
         default=False,
         description="Return (reward - mean) / std using the statistics the model was trained with. Those are the "
-        "statistics of the model's reward (the combination, for a model with objectives): not with `objective`.",
+        "statistics of the model's reward (the combination, for a model with objectives; the members' mean, for an "
+        "ensemble): not with `objective`, nor with an ensemble aggregated by a rule other than 'mean'.",
     )
     objective: ObjectiveName | None = Field(
         default=None,
@@ -196,6 +224,16 @@ class ScoreRequest(_Strict):
     return_objectives: bool = Field(
         default=False,
         description="A model with several reward heads: also return each objective's raw reward (`objectives`). (1.1)",
+    )
+    aggregate: AggregateRule | None = Field(default=None, description=AGGREGATE_DESCRIPTION)
+    uncertainty_penalty: UncertaintyPenalty | None = Field(default=None, description=PENALTY_DESCRIPTION)
+    return_uncertainty: bool = Field(
+        default=False,
+        description="An ensemble model: also return the members' mean and population standard deviation per item "
+        "(`ensemble_mean`, `ensemble_std`). (1.2)",
+    )
+    return_members: bool = Field(
+        default=False, description="An ensemble model: also return each member's reward per item (`members`). (1.2)"
     )
 
 
@@ -209,12 +247,28 @@ class ScoreResponse(BaseModel):
     model: str = Field(description="The model that scored, as name@version.")
     scores: list[float] = Field(
         description="One reward per item, in item order: the model's reward (for a model with objectives, their "
-        "combination, or the head named by `objective`)."
+        "combination, or the head named by `objective`; for an ensemble, its members' rewards aggregated by "
+        "`aggregate` or the served default)."
     )
     objectives: dict[str, list[float]] | None = Field(
         default=None,
         description="With return_objectives: each objective's raw reward (one per item, in item order), by "
         "objective name; never normalized. Omitted otherwise. (1.1)",
+    )
+    ensemble_mean: list[float] | None = Field(
+        default=None,
+        description="With return_uncertainty: the ensemble members' mean reward per item, in item order; never "
+        "normalized. Omitted otherwise. (1.2)",
+    )
+    ensemble_std: list[float] | None = Field(
+        default=None,
+        description="With return_uncertainty: the population standard deviation of the members' rewards per item "
+        "(how much they disagree), in item order. Omitted otherwise. (1.2)",
+    )
+    members: list[list[float]] | None = Field(
+        default=None,
+        description="With return_members: each member's raw reward per item (`members[i][m]`: item i, member m). "
+        "Omitted otherwise. (1.2)",
     )
     usage: Usage
 
@@ -243,6 +297,17 @@ class CompareRequest(_Strict):
         default=False,
         description="A model with several reward heads: also compare by each objective (`objectives` of each result). (1.1)",
     )
+    aggregate: AggregateRule | None = Field(default=None, description=AGGREGATE_DESCRIPTION)
+    uncertainty_penalty: UncertaintyPenalty | None = Field(default=None, description=PENALTY_DESCRIPTION)
+    return_uncertainty: bool = Field(
+        default=False,
+        description="An ensemble model: also return, per pair, the share of members that rank a above b "
+        "(`member_agreement`) and each response's members' mean and standard deviation. (1.2)",
+    )
+    return_members: bool = Field(
+        default=False, description="An ensemble model: also return each member's reward of a and of b (`members_a`, "
+        "`members_b`). (1.2)",
+    )
 
 
 class ObjectiveComparison(BaseModel):
@@ -262,6 +327,17 @@ class CompareResult(BaseModel):
         description="With return_objectives: the pair compared by each objective's head, by objective name. "
         "Omitted otherwise. (1.1)",
     )
+    member_agreement: float | None = Field(
+        default=None,
+        description="With return_uncertainty: the share of the ensemble's members whose reward ranks a above b (a "
+        "tie counts half); 1 or 0 when they all agree, near 0.5 when they are split. Omitted otherwise. (1.2)",
+    )
+    ensemble_mean_a: float | None = Field(default=None, description="With return_uncertainty: the members' mean reward of a. (1.2)")
+    ensemble_std_a: float | None = Field(default=None, description="With return_uncertainty: the members' standard deviation for a. (1.2)")
+    ensemble_mean_b: float | None = Field(default=None, description="With return_uncertainty: the members' mean reward of b. (1.2)")
+    ensemble_std_b: float | None = Field(default=None, description="With return_uncertainty: the members' standard deviation for b. (1.2)")
+    members_a: list[float] | None = Field(default=None, description="With return_members: each member's reward of a. (1.2)")
+    members_b: list[float] | None = Field(default=None, description="With return_members: each member's reward of b. (1.2)")
 
 
 class CompareResponse(BaseModel):
@@ -279,6 +355,19 @@ class CombineRule(BaseModel):
     )
     weights: list[float] | None = Field(
         default=None, description="The rule 'weights': one weight per objective, in `objectives` order."
+    )
+
+
+class EnsembleCard(BaseModel):
+    """An ensemble model's members and the rule it aggregates them by unless a request chooses one."""
+
+    members: int = Field(description="K: how many members (reward models over one shared backbone).")
+    top_layers: int = Field(description="How many of the backbone's top blocks each member owns.")
+    aggregate: AggregateRule = Field(
+        description="The served default rule: from reward_model.json, or `reward serve --ensemble-aggregate`."
+    )
+    uncertainty_penalty: float = Field(
+        description="The served default λ of mean_minus_var: from reward_model.json, or `reward serve --uncertainty-penalty`."
     )
 
 
@@ -300,6 +389,11 @@ class ModelCard(BaseModel):
     )
     combine: CombineRule | None = Field(
         default=None, description="How the heads combine into the reward; omitted for a single-head model. (1.1)"
+    )
+    ensemble: EnsembleCard | None = Field(
+        default=None,
+        description="An ensemble model: its members and served aggregation (what `aggregate` and "
+        "`uncertainty_penalty` default to). Omitted for a model that is not an ensemble. (1.2)",
     )
 
 
@@ -372,6 +466,12 @@ class GetRewardRequest(_Lenient):
         description="Our extension (1.1): for a model with several reward heads, `rewards` are this objective's "
         "instead of their combination.",
     )
+    aggregate: AggregateRule | None = Field(
+        default=None, description="Our extension (1.2), as on /v1/score: " + AGGREGATE_DESCRIPTION
+    )
+    uncertainty_penalty: UncertaintyPenalty | None = Field(
+        default=None, description="Our extension (1.2), as on /v1/score: " + PENALTY_DESCRIPTION
+    )
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "GetRewardRequest":
@@ -388,8 +488,9 @@ class GetRewardResponse(BaseModel):
     extra_logs: dict[str, list[float]] = Field(
         default_factory=dict,
         description="Per-query values OpenRLHF logs: tokens read (`reward_model_tokens`), whether the input was "
-        "truncated (`reward_model_truncated`) and, for a model with several reward heads, each objective's raw "
-        "reward (`objective_<name>`, 1.1).",
+        "truncated (`reward_model_truncated`), for a model with several reward heads each objective's raw "
+        "reward (`objective_<name>`, 1.1), and for an ensemble the members' mean and standard deviation "
+        "(`reward_mean`, `reward_std`, 1.2).",
     )
 
 

@@ -31,8 +31,12 @@ on verl's Hydra command line) or environment variables seen by verl's reward wor
 ``reward_model`` / ``REWARD_MODEL`` (a served model name; the default model otherwise),
 ``reward_api_key`` / ``REWARD_API_KEY`` (when the service has API keys on), ``prompt_key``,
 ``normalize``, ``reward_objective`` / ``REWARD_OBJECTIVE`` (a model with several reward heads:
-that head's reward instead of their combination). Other keywords verl passes (``reward_router_address``,
-``reward_model_tokenizer``...) are ignored.
+that head's reward instead of their combination), ``reward_aggregate`` / ``REWARD_AGGREGATE`` and
+``reward_uncertainty_penalty`` / ``REWARD_UNCERTAINTY_PENALTY`` (an ensemble: the rule ``mean``,
+``min`` or ``mean_minus_var`` and its λ, instead of the served default), ``reward_return_uncertainty``
+(an ensemble: each score comes back as ``{"score", "reward_mean", "reward_std"}``, a dict verl's
+reward managers take, logging the keys beside ``score`` as reward_extra_info). Other keywords
+verl passes (``reward_router_address``, ``reward_model_tokenizer``...) are ignored.
 
 Like the rest of ``client``, this imports neither torch, verl nor the service; its imports are
 absolute so verl can load it by file path.
@@ -78,9 +82,40 @@ def _objective(kwargs: dict) -> str | None:
     return kwargs.get("reward_objective") or os.environ.get("REWARD_OBJECTIVE") or None
 
 
+def _uncertainty_penalty(kwargs: dict) -> float | None:
+    value = kwargs.get("reward_uncertainty_penalty")
+    if value is None:
+        value = os.environ.get("REWARD_UNCERTAINTY_PENALTY") or None
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"reward_uncertainty_penalty (or REWARD_UNCERTAINTY_PENALTY) must be a number >= 0, the λ of mean - λ·var; "
+            f"got {value!r}"
+        ) from None
+
+
 def _score_options(kwargs: dict) -> dict[str, Any]:
     """The keywords of ``client.score`` from verl's reward_kwargs (and the environment)."""
-    return {"model": _model(kwargs), "normalize": bool(kwargs.get("normalize", False)), "objective": _objective(kwargs)}
+    return {
+        "model": _model(kwargs), "normalize": bool(kwargs.get("normalize", False)), "objective": _objective(kwargs),
+        "aggregate": kwargs.get("reward_aggregate") or os.environ.get("REWARD_AGGREGATE") or None,
+        "uncertainty_penalty": _uncertainty_penalty(kwargs),
+        "return_uncertainty": bool(kwargs.get("reward_return_uncertainty", False)),
+    }
+
+
+def _scores(response: Any) -> list[Any]:
+    """Each item's score as verl takes it: the reward, or with return_uncertainty a dict whose
+    ``score`` is the reward and whose other keys verl logs (reward_extra_info)."""
+    if response.ensemble_mean is None:
+        return [float(s) for s in response.scores]
+    return [
+        {"score": float(s), "reward_mean": float(m), "reward_std": float(d)}
+        for s, m, d in zip(response.scores, response.ensemble_mean, response.ensemble_std)
+    ]
 
 
 def _prompt_of(extra_info: Any, prompt_key: str | None) -> Any:
@@ -126,22 +161,25 @@ def _async_client(key: tuple[tuple[str, ...], str | None]) -> AsyncRewardClient:
         return client
 
 
-def compute_score(data_source: Any = None, solution_str: str = "", ground_truth: Any = None, extra_info: Any = None, **kwargs: Any) -> float:
-    """verl's ``compute_score`` signature: the reward of one response, from the service."""
+def compute_score(
+    data_source: Any = None, solution_str: str = "", ground_truth: Any = None, extra_info: Any = None, **kwargs: Any
+) -> float | dict[str, float]:
+    """verl's ``compute_score`` signature: the reward of one response, from the service (a dict
+    with ``reward_return_uncertainty``)."""
     item = verl_item(solution_str, extra_info, kwargs.get("prompt_key"))
     response = _client(_options(kwargs)).score([item], **_score_options(kwargs))
-    return float(response.scores[0])
+    return _scores(response)[0]
 
 
 async def compute_score_async(
     data_source: Any = None, solution_str: str = "", ground_truth: Any = None, extra_info: Any = None, **kwargs: Any
-) -> float:
+) -> float | dict[str, float]:
     """The ``async def`` flavour, awaited by verl's reward loop (many samples concurrently; the
     service batches them)."""
     item = verl_item(solution_str, extra_info, kwargs.get("prompt_key"))
     client = _async_client(_options(kwargs))
     response = await client.score([item], **_score_options(kwargs))
-    return float(response.scores[0])
+    return _scores(response)[0]
 
 
 def compute_score_batch(
@@ -150,9 +188,9 @@ def compute_score_batch(
     ground_truths: Sequence[Any] = (),
     extra_infos: Sequence[Any] | None = None,
     **kwargs: Any,
-) -> list[float]:
-    """verl's ``batch`` reward manager signature: one reward per response, in one request (the
-    client splits large batches into chunks)."""
+) -> list[float] | list[dict[str, float]]:
+    """verl's ``batch`` reward manager signature: one reward per response (or dict, with
+    ``reward_return_uncertainty``), in one request (the client splits large batches into chunks)."""
     infos = list(extra_infos) if extra_infos is not None else [None] * len(solution_strs)
     if len(infos) != len(solution_strs):
         raise ValueError(f"{len(solution_strs)} responses but {len(infos)} extra_infos")
@@ -160,4 +198,4 @@ def compute_score_batch(
     if not items:
         return []
     response = _client(_options(kwargs)).score(items, **_score_options(kwargs))
-    return [float(s) for s in response.scores]
+    return _scores(response)

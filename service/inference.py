@@ -6,9 +6,12 @@ BatcherStopped, ForwardFailed) and the deadline into APIErrors. Routes only tran
 none batches, tokenises or touches tensors itself.
 
 What comes back is :class:`Rewards`: every item's whole row (the reward, then each objective
-head's for a model with several), from which a route takes the column it was asked for
-(``objective``) and, when asked, every head's (``return_objectives``). ``check_objective``
-refuses a head the model does not have before any work is done.
+head's for a model with several, or each member's for an ensemble), from which a route takes the
+column it was asked for (``objective``) and, when asked, every head's (``return_objectives``).
+An ensemble's reward is its members' rewards aggregated per request (``aggregate``,
+``uncertainty_penalty``; the served default otherwise), after the batcher and its cache, which
+keep whole rows. ``check_objective`` and ``check_ensemble`` refuse what the model cannot give
+before any work is done.
 
 Fairness: a request of at most ``SMALL_REQUEST_CHARS`` characters is tokenised in a lane of
 its own, so a few huge requests cannot make a one-item request wait for their tokenisation; a
@@ -31,7 +34,10 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel
 
+import numpy as np
+
 from client.protocol import Usage
+from reward_core.ensemble import Ensemble, aggregate_rewards, member_mean_std
 from reward_core.formatting import Conversation, encode_conversations, encode_texts
 
 from .batcher import BatcherStopped, ForwardFailed, QueueFull, RewardRow
@@ -90,23 +96,53 @@ def long_fields(value: Any, limit: int, path: str = "") -> list[tuple[str, int]]
 
 
 @dataclass(frozen=True)
+class Aggregation:
+    """How one request turns an ensemble's members' rewards into its reward: a rule of
+    ``reward_core.ensemble.AGGREGATES`` and the λ of ``mean_minus_var``."""
+
+    rule: str
+    uncertainty_penalty: float
+
+    @classmethod
+    def served(cls, ensemble: Ensemble) -> "Aggregation":
+        return cls(ensemble.aggregate, ensemble.uncertainty_penalty)
+
+
+@dataclass(frozen=True)
 class Rewards:
     """The rewards of a request's items, in item order: ``rows[i]`` is item i's reward, then (for
-    a model with objectives) each head's, in ``objectives`` order."""
+    a model with objectives) each head's, in ``objectives`` order, or (for an ensemble) each
+    member's."""
 
     rows: list[RewardRow]
     objectives: tuple[str, ...] = ()
+    # The served ensemble (members, default rule) of the model that scored; None if it is not one.
+    ensemble: Ensemble | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def column(self, objective: str | None = None) -> list[float]:
+    def column(self, objective: str | None = None, aggregation: Aggregation | None = None) -> list[float]:
         """One reward per item: the model's reward (the combination), or the head ``objective``
-        (checked by ``Inference.check_objective`` beforehand)."""
+        (checked by ``Inference.check_objective`` beforehand). For an ensemble, its members'
+        rewards aggregated by ``aggregation``, or by the served default: every route, even one
+        that cannot choose a rule, serves what the operator set."""
+        if self.ensemble is not None:
+            aggregation = aggregation or Aggregation.served(self.ensemble)
+            return aggregate_rewards(self.member_rewards(), aggregation.rule, aggregation.uncertainty_penalty).tolist()
         if objective is None:
             return [row[0] for row in self.rows]
         index = 1 + self.objectives.index(objective)
         return [row[index] for row in self.rows]
+
+    def member_rewards(self) -> np.ndarray:
+        """An ensemble's members' rewards, [items, K] (the backend's columns after the first)."""
+        return np.asarray([row[1:] for row in self.rows], dtype=np.float64).reshape(len(self.rows), -1)
+
+    def uncertainty(self) -> tuple[list[float], list[float]]:
+        """An ensemble's members' mean and population standard deviation per item."""
+        mean, std = member_mean_std(self.member_rewards())
+        return mean.tolist(), std.tolist()
 
     def by_objective(self) -> dict[str, list[float]]:
         """Each head's rewards by objective name (empty for a single-head model)."""
@@ -153,6 +189,13 @@ class Inference:
             return
         names = model.spec.objective_names
         asked = f"objective {objective[:64]!r}" if objective is not None else "return_objectives"
+        if model.ensemble is not None:
+            raise APIError(
+                422, "no_objectives",
+                f"model {model.name!r} is an ensemble of {model.ensemble.members} members, not a model with several "
+                f"objectives, so {asked} does not apply; leave it out (`aggregate` chooses how the members' rewards "
+                "combine, `return_members` returns each member's). GET /v1/models describes each model",
+            )
         if not names:
             raise APIError(
                 422, "no_objectives",
@@ -165,6 +208,47 @@ class Inference:
                 f"model {model.name!r} has no objective {objective[:64]!r}; its objectives are "
                 f"{', '.join(names)} (or leave objective out for their combination)",
             )
+
+    @staticmethod
+    def check_ensemble(
+        model: ServedModel, aggregate: str | None = None, uncertainty_penalty: float | None = None, *,
+        return_uncertainty: bool = False, return_members: bool = False, normalize: bool = False,
+    ) -> Aggregation | None:
+        """How this request aggregates the model's members (the served default for what it does not
+        say), or None for a model that is not an ensemble; a 422 before any work for what cannot
+        apply. The protocol has already refused an unknown rule and a λ that is not a finite number
+        >= 0 (client/protocol.py)."""
+        ensemble = model.ensemble
+        if ensemble is None:
+            asked = [name for name, value in (
+                ("aggregate", aggregate is not None), ("uncertainty_penalty", uncertainty_penalty is not None),
+                ("return_uncertainty", return_uncertainty), ("return_members", return_members),
+            ) if value]
+            if asked:
+                what = "several objectives" if model.spec.objective_names else "one reward model"
+                raise APIError(
+                    422, "not_an_ensemble",
+                    f"model {model.name!r} is not an ensemble (it has {what}), so {', '.join(asked)} "
+                    f"{'does' if len(asked) == 1 else 'do'} not apply; leave {'it' if len(asked) == 1 else 'them'} out "
+                    "(its reward is `scores`). GET /v1/models shows which models are ensembles (`ensemble`)",
+                )
+            return None
+        rule = aggregate or ensemble.aggregate
+        whose = "sent" if aggregate is not None else f"model {model.name!r}'s served default"
+        if uncertainty_penalty is not None and rule != "mean_minus_var":
+            raise APIError(
+                422, "penalty_without_mean_minus_var",
+                f"uncertainty_penalty is the λ of the rule mean_minus_var (mean - λ·var), but this request aggregates "
+                f"by {rule!r} ({whose}); send aggregate=\"mean_minus_var\" with it, or leave uncertainty_penalty out",
+            )
+        if normalize and rule != "mean":
+            raise APIError(
+                422, "normalize_with_aggregate",
+                f"normalize uses model {model.name!r}'s reward_mean/reward_std, the statistics of its members' mean, "
+                f"not of the rule {rule!r} ({whose}); send aggregate=\"mean\" with normalize, or normalize=false",
+            )
+        penalty = uncertainty_penalty if uncertainty_penalty is not None else ensemble.uncertainty_penalty
+        return Aggregation(rule, penalty)
 
     def admit(self, body: BaseModel, n_items: int, what: str) -> None:
         """What every scoring route, ours and the compatible ones, checks before any work: the
@@ -275,4 +359,4 @@ class Inference:
             self.metrics.truncated_items.labels(model.name).inc(truncated)
         http.state.tokens = sum(len(e) for e in encoded)
         rows = await model.batcher.score_rows(encoded)  # widths checked at warm-up (ServedModel.warm_up)
-        return Rewards(rows, model.spec.objective_names), encoded
+        return Rewards(rows, model.spec.objective_names, model.ensemble), encoded

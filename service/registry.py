@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from concurrent.futures import Executor
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from reward_core.backends import Backend, OnnxBackend, TorchBackend
+from reward_core.ensemble import Ensemble
 from reward_core.formatting import encode_conversations
 from reward_core.forward import pad_batch, pad_token_id
 from reward_core.loading import open_model_dir
@@ -46,6 +48,9 @@ class ServedModel:
     backend: Backend
     batcher: TokenBudgetBatcher | None = None
     label: str = "LABEL_0"  # the head's one class name (config.id2label[0]), as vLLM reports it
+    # An ensemble's members and the rule (and λ) a request gets when it names none: the spec's,
+    # with `reward serve --ensemble-aggregate / --uncertainty-penalty` laid over it. None otherwise.
+    ensemble: Ensemble | None = None
     # Requests between picking this model and getting their scores; a reload retires the
     # model only when none is left, so no accepted request fails or hangs.
     _users: int = field(default=0, repr=False)
@@ -57,18 +62,25 @@ class ServedModel:
 
     def warm_up(self) -> None:
         """One real forward, so the first request does not pay for lazy initialisation; it also
-        checks that the backend answers one column per head the spec names (the reward, then
-        each objective's), so no request meets a backend that cannot give them."""
+        checks that the backend answers one column per head or member the spec names (the reward,
+        then each objective's or each ensemble member's), so no request meets a backend that
+        cannot give them."""
         encoded = encode_conversations([([{"role": "user", "content": "Hello"}], "Hi!")], self.tokenizer, self.spec)
         answer = self.backend.score_batch(pad_batch(encoded, self.pad_token_id))
         width = 1 if answer.ndim == 1 else answer.shape[1]
-        names = self.spec.objective_names
-        if width != 1 + len(names):
-            raise ModelDirError(
-                f"model {self.name!r}: its {self.backend.name} backend returns {width} reward column(s) but "
-                f"reward_model.json names {len(names)} objective(s) ({', '.join(names) or 'none'}); "
-                "re-export or fix its objectives"
-            )
+        if width == 1 + self.spec.extra_columns:
+            return
+        if self.spec.ensemble is not None:
+            names = f"an ensemble of {self.spec.member_count} members"
+            fix = "re-export it or fix its ensemble block"
+        else:
+            names = self.spec.objective_names
+            names = f"{len(names)} objective(s) ({', '.join(names) or 'none'})"
+            fix = "re-export or fix its objectives"
+        raise ModelDirError(
+            f"model {self.name!r}: its {self.backend.name} backend returns {width} reward column(s) but "
+            f"reward_model.json names {names}; {fix}"
+        )
 
     @contextlib.contextmanager
     def in_use(self):
@@ -103,7 +115,21 @@ def load_model(name: str, path: Path, settings: ServiceSettings) -> ServedModel:
     log.info("loaded model %s from %s (%s, max_length=%d)", name, path, files.spec.architecture, files.spec.max_length)
     return ServedModel(
         name=name, path=files.path.resolve(), spec=files.spec, tokenizer=files.tokenizer, backend=backend, label=files.label,
+        ensemble=served_ensemble(files.spec.ensemble, settings),
     )
+
+
+def served_ensemble(ensemble: Ensemble | None, settings: ServiceSettings) -> Ensemble | None:
+    """The ensemble as served: its reward_model.json block with the serve settings' rule and λ
+    laid over it (the settings were checked when read: a known rule, a finite λ >= 0)."""
+    if ensemble is None:
+        return None
+    overrides = {}
+    if settings.ensemble_aggregate is not None:
+        overrides["aggregate"] = settings.ensemble_aggregate
+    if settings.uncertainty_penalty is not None:
+        overrides["uncertainty_penalty"] = settings.uncertainty_penalty
+    return dataclasses.replace(ensemble, **overrides)
 
 
 def _backend_for(path: Path, spec: RewardModelSpec, settings: ServiceSettings) -> Backend:
@@ -118,7 +144,16 @@ def _backend_for(path: Path, spec: RewardModelSpec, settings: ServiceSettings) -
 
 
 def load_models(settings: ServiceSettings) -> list[ServedModel]:
-    return [load_model(name, path, settings) for name, path in settings.model_paths()]
+    models = [load_model(name, path, settings) for name, path in settings.model_paths()]
+    if (settings.ensemble_aggregate is not None or settings.uncertainty_penalty is not None) and not any(
+        m.ensemble is not None for m in models
+    ):
+        # Not refused: a reload may bring an ensemble in, and gets the setting then.
+        log.warning(
+            "--ensemble-aggregate / --uncertainty-penalty apply to ensemble models, and none of the served models "
+            "(%s) is one", ", ".join(m.name for m in models),
+        )
+    return models
 
 
 def attach_batchers(

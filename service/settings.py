@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from reward_core.ensemble import AGGREGATES
+
 # Batch shape per device. On CPU a bigger batch is not faster per token: the model already
 # keeps the cores busy on one row of a few hundred tokens, and padding and attention's
 # L x L score tensors (which outgrow the caches) only add work. Measured in process on the
@@ -61,6 +63,15 @@ class ServiceSettings(BaseSettings):
     score_cache_size: int = Field(
         0, ge=0, description="Rewards kept in an LRU cache keyed by model version and encoded input, so repeated "
         "items skip the model (0: off).",
+    )
+    # Ensembles (reward_core/ensemble.py): the rule a request gets when it names none.
+    ensemble_aggregate: Literal[AGGREGATES] | None = Field(  # type: ignore[valid-type]
+        None, description=f"How an ensemble model's members' rewards become the reward unless a request says: "
+        f"{', '.join(AGGREGATES)} (default: each model's reward_model.json, else mean). Applies to every ensemble served.",
+    )
+    uncertainty_penalty: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="The λ of mean_minus_var (mean - λ·var of the members' rewards) "
+        "unless a request says (default: each ensemble's reward_model.json, else 1.0).",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped in a model directory.")
     allow_pickle: bool = Field(False, description="Load pickle (.bin) weights; safetensors only otherwise.")

@@ -165,6 +165,38 @@ def test_objective_fields_are_sent_only_when_used_and_heads_merge_across_chunks(
     assert result.objectives == {"truthfulness": [-float(i) for i in range(5)]}
 
 
+def test_ensemble_fields_are_sent_only_when_used_and_merge_across_chunks():
+    # A service older than 1.2 refuses fields it does not know: a call that does not use them must not send them.
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append({k: v for k, v in body.items() if k not in ("items", "pairs", "query")})
+        if request.url.path == "/get_reward":
+            return httpx.Response(200, json={"rewards": [1.0] * len(body["query"]), "scores": [1.0] * len(body["query"])})
+        answer = score_body(request)
+        if body.get("return_uncertainty"):
+            answer["ensemble_mean"] = [s + 1 for s in answer["scores"]]
+            answer["ensemble_std"] = [0.5 for _ in answer["scores"]]
+        if body.get("return_members"):
+            answer["members"] = [[s, -s] for s in answer["scores"]]
+        return httpx.Response(200, json=answer)
+
+    with RewardClient(BASE_URL, chunk_size=2, transport=httpx.MockTransport(handler)) as rm:
+        rm.score([item(1)])
+        result = rm.score([item(i) for i in range(5)], aggregate="mean_minus_var", uncertainty_penalty=0.5,
+                          return_uncertainty=True, return_members=True)
+        rm.score_texts(["text"], aggregate="min")
+        with pytest.raises(ValueError, match="mean_minus_var"):  # refused before sending
+            rm.score([item(1)], aggregate="max")
+    assert sent[0] == {"normalize": False}
+    assert sent[1:4] == [{"normalize": False, "aggregate": "mean_minus_var", "uncertainty_penalty": 0.5,
+                          "return_uncertainty": True, "return_members": True}] * 3
+    assert sent[4] == {"aggregate": "min"} and len(sent) == 5
+    assert result.ensemble_mean == [float(i) + 1 for i in range(5)] and result.ensemble_std == [0.5] * 5
+    assert result.members == [[float(i), -float(i)] for i in range(5)]
+
+
 def test_invalid_item_is_reported_by_index_before_sending():
     def handler(request: httpx.Request) -> httpx.Response:  # pragma: no cover - must not be called
         raise AssertionError("nothing should be sent")

@@ -72,6 +72,10 @@ ITEM = st.one_of(body({"prompt": PROMPT, "response": TEXT}), body({"messages": s
 MODEL = {"model": maybe(st.one_of(TEXT, st.sampled_from(["bert", "~nosuchuser", "/" + "d" * 300])))}
 # Protocol 1.1: a reward head by name (the served model has one head: always refused, never a 5xx).
 OBJECTIVES = {"objective": maybe(st.one_of(TEXT, st.sampled_from(["truthfulness", "x" * 65]))), "return_objectives": st.booleans()}
+# Protocol 1.2: an ensemble's rule and λ (the served model is not an ensemble: always refused, never a 5xx).
+ENSEMBLE = {"aggregate": maybe(st.one_of(st.sampled_from(["mean", "min", "mean_minus_var"]), TEXT)),
+            "uncertainty_penalty": maybe(st.one_of(FLOAT, INT, st.booleans(), TEXT))}
+ENSEMBLE_FLAGS = {"return_uncertainty": st.booleans(), "return_members": st.booleans()}
 VLLM = {**MODEL, "truncate_prompt_tokens": maybe(INT), "priority": INT, "add_special_tokens": st.booleans(),
         "use_activation": maybe(st.booleans()), "user": maybe(TEXT), "request_id": maybe(TEXT)}
 RESPONSES = mostly(st.lists(TEXT, min_size=2, max_size=4), st.lists(TEXT, max_size=17))
@@ -83,10 +87,12 @@ COMPARISON = body(
 TASK = body({"prompt": PROMPT, "responses": RESPONSES}, {"category": maybe(TEXT), "source": maybe(TEXT)})
 
 POSTS = {
-    "/v1/score": body({"items": st.lists(ITEM, max_size=3)}, {**MODEL, **OBJECTIVES, "normalize": st.booleans()}),
-    "/v1/compare": body({"pairs": st.lists(body({"prompt": PROMPT, "a": TEXT, "b": TEXT}), max_size=3)}, {**MODEL, **OBJECTIVES}),
+    "/v1/score": body({"items": st.lists(ITEM, max_size=3)},
+                      {**MODEL, **OBJECTIVES, **ENSEMBLE, **ENSEMBLE_FLAGS, "normalize": st.booleans()}),
+    "/v1/compare": body({"pairs": st.lists(body({"prompt": PROMPT, "a": TEXT, "b": TEXT}), max_size=3)},
+                        {**MODEL, **OBJECTIVES, **ENSEMBLE, **ENSEMBLE_FLAGS}),
     "/get_reward": body({"query": st.lists(TEXT, max_size=3)},
-                        {**MODEL, "prompts": maybe(st.lists(TEXT, max_size=3)), "objective": OBJECTIVES["objective"]}),
+                        {**MODEL, "prompts": maybe(st.lists(TEXT, max_size=3)), "objective": OBJECTIVES["objective"], **ENSEMBLE}),
     "/classify": body({"input": st.one_of(TEXT, st.lists(TEXT, max_size=3))}, VLLM),
     "/pooling": body({"input": st.one_of(TEXT, st.lists(TEXT, max_size=3))}, {**VLLM, "encoding_format": TEXT}),
     "/v1/comparisons": COMPARISON,

@@ -18,6 +18,12 @@ logs every key there each step) and takes our extension ``objective`` to make ``
 head's. ``/classify`` and ``/pooling`` answer with the combined reward as their one class: vLLM
 would return every output of a multi-output classifier (softmaxed, in ``/classify``), and verl
 reads ``probs[-1]``, which would then silently be the last head's reward instead of the model's.
+
+An ensemble serves its members' rewards aggregated by the served default rule on every route
+here (``reward serve --ensemble-aggregate``, else its reward_model.json): verl's and slime's
+bodies have no place to choose one. ``/get_reward`` takes our extensions ``aggregate`` and
+``uncertainty_penalty`` as ``/v1/score`` does, and logs the members' mean and standard deviation
+per query in ``extra_logs`` (``reward_mean``, ``reward_std``).
 """
 
 from __future__ import annotations
@@ -56,10 +62,11 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     model = inference.pick_model(body.model)
     inference.admit(body, len(body.query), "queries")
     inference.check_objective(model, body.objective)
+    aggregation = inference.check_ensemble(model, body.aggregate, body.uncertainty_penalty)
     if not body.query:
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
     rewards, encoded = await inference.score_texts(request, model, body.query, prompt_prefixes=body.prompts)
-    scores = rewards.column(body.objective)
+    scores = rewards.column(body.objective, aggregation)
     extra_logs = {
         "reward_model_tokens": [float(len(e)) for e in encoded],
         "reward_model_truncated": [float(e.truncated) for e in encoded],
@@ -68,6 +75,9 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     # keys above, whatever a head is called.
     if rewards.objectives:
         extra_logs.update({f"objective_{name}": values for name, values in rewards.by_objective().items()})
+    # An ensemble's spread per query: OpenRLHF logs it beside the reward it trains on.
+    if rewards.ensemble is not None:
+        extra_logs["reward_mean"], extra_logs["reward_std"] = rewards.uncertainty()
     return GetRewardResponse(rewards=scores, scores=scores, extra_logs=extra_logs)
 
 
@@ -87,7 +97,8 @@ async def _score_vllm_texts(body, request: Request):
             request, model, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
         )
         tokens = sum(len(e) for e in encoded)
-    scores = rewards.column()  # the model's reward: for a model with objectives, their combination
+    # the model's reward: for a model with objectives their combination, for an ensemble its served aggregate
+    scores = rewards.column()
     # vLLM echoes the model name it was asked for; ours when none was given.
     name = body.model or model.display_name
     return model, name, scores, VLLMUsage(prompt_tokens=tokens, total_tokens=tokens)

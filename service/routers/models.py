@@ -13,7 +13,7 @@ import hmac
 
 from fastapi import APIRouter, Request
 
-from client.protocol import CombineRule, ModelCard, ModelList, ReloadRequest, ReloadResponse
+from client.protocol import CombineRule, EnsembleCard, ModelCard, ModelList, ReloadRequest, ReloadResponse
 
 from ..errors import RELOAD_ERRORS, APIError
 from ..registry import ModelRegistry, ReloadFailed, ServedModel, UnknownModel
@@ -31,10 +31,14 @@ def _card(m: ServedModel, is_default: bool) -> ModelCard:
         combine=CombineRule(
             rule=objectives.combine, weights=list(objectives.weights) if objectives.weights is not None else None
         ) if objectives is not None else None,
+        ensemble=EnsembleCard(
+            members=m.ensemble.members, top_layers=m.ensemble.top_layers, aggregate=m.ensemble.aggregate,
+            uncertainty_penalty=m.ensemble.uncertainty_penalty,
+        ) if m.ensemble is not None else None,
     )
 
 
-# Fields a single-head model's card does not have are omitted, so its card reads as before (1.0).
+# Fields a single model's card does not have (objectives, ensemble) are omitted, so its card reads as before (1.0).
 @router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
 async def list_models(request: Request) -> ModelList:
     registry: ModelRegistry = request.app.state.registry
