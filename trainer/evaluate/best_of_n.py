@@ -194,7 +194,7 @@ def run_best_of_n(config: EvalConfig) -> int:
     index = np.array([[pool.add(p, s) for s in row] for p, row in zip(prompts, samples)], dtype=np.int64)
 
     try:
-        scores, timing, _ = score_through_service(config, targets, pool, resolve=False)
+        scores, timing, _, _ = score_through_service(config, targets, pool, resolve=False)
     except RewardServiceError as exc:
         return fail(service_error_message(exc), EXIT_SERVICE)
 
