@@ -201,35 +201,43 @@ def paired_forwards(models: dict, items: list[dict], max_batch_tokens: int, max_
     return result
 
 
+def measure_variants(sources: dict[str, Path], args: argparse.Namespace, items: list[dict], workdir: Path) -> tuple[dict, dict]:
+    """On each of ``args.backends``, the variants' forwards in turns (:func:`paired_forwards`),
+    the first variant the one the others are compared with; the ONNX backends' variants are
+    exported first. Returns (forwards per backend, each export's summary)."""
+    limits: dict[str, dict] = {}
+    exports: dict[str, dict] = {}
+    for backend_name in args.backends:
+        backend, export = VARIANT_BACKENDS[backend_name]
+        served = {}
+        for variant, source in sources.items():
+            if export is None:
+                served[variant] = source
+            else:
+                from trainer.export import export_onnx
+
+                out = workdir / f"{variant}-{export}"
+                summary = export_onnx(source, out, int8=export == "onnx-int8")
+                exports[f"{backend_name}/{variant}"] = {
+                    k: summary[k] for k in ("exporter", "max_abs_difference_vs_torch", "onnx_bytes", "seconds")
+                }
+                served[variant] = out
+        models = {variant: load_bench_model(path, backend) for variant, path in served.items()}
+        limits[backend_name] = paired_forwards(models, items, args.max_batch_tokens, args.max_padding, args.repeats)
+        print(json.dumps({backend_name: limits[backend_name]}), file=sys.stderr)
+        del models
+    return limits, exports
+
+
 def objectives_main(args: argparse.Namespace, model_dir: Path, items: list[dict]) -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
-    limits: dict[str, dict] = {}
-    exports: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
         sources = {"single": model_dir}
         for combine in args.combine:
             sources[f"{len(N_OBJECTIVES)}_heads_{combine}"] = objectives_variant(model_dir, workdir / f"src-{combine}", combine)
-        for backend_name in args.backends:
-            backend, export = VARIANT_BACKENDS[backend_name]
-            served = {}
-            for variant, source in sources.items():
-                if export is None:
-                    served[variant] = source
-                else:
-                    from trainer.export import export_onnx
-
-                    out = workdir / f"{variant}-{export}"
-                    summary = export_onnx(source, out, int8=export == "onnx-int8")
-                    exports[f"{backend_name}/{variant}"] = {
-                        k: summary[k] for k in ("exporter", "max_abs_difference_vs_torch", "onnx_bytes", "seconds")
-                    }
-                    served[variant] = out
-            models = {variant: load_bench_model(path, backend) for variant, path in served.items()}
-            limits[backend_name] = paired_forwards(models, items, args.max_batch_tokens, args.max_padding, args.repeats)
-            print(json.dumps({backend_name: limits[backend_name]}), file=sys.stderr)
-            del models
+        limits, exports = measure_variants(sources, args, items, workdir)
     report = {
         "benchmark": "backends-objectives", "model": str(model_dir), "items": len(items),
         "data": str(DEV.relative_to(REPO_ROOT.parent)), "max_batch_tokens": args.max_batch_tokens,
