@@ -316,3 +316,54 @@ def test_what_cannot_work_is_refused_saying_what_to_do(server, tmp_path, args, s
     assert run.returncode != 0 and says in run.stderr, run.stderr
     if says == "not an ensemble":
         assert "--ensemble K" in run.stderr and "--random" in run.stderr
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # five tiny trainings and two servers, each a process of its own
+def test_the_experiment_runs_end_to_end_on_a_tiny_model(tmp_path):
+    from test_train_rm import write_task
+
+    base = tiny_models.build_tiny_bert(tmp_path / "base")
+    train = write_task(tmp_path / "train.jsonl", 96, seed=0)
+    dev = {"fruit": write_task(tmp_path / "dev.jsonl", 40, seed=1), "more": write_task(tmp_path / "more.jsonl", 24, seed=2)}
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "scripts/active_labelling_experiment.py", "--out-dir", str(out), "--data", str(train),
+         *[a for name, path in dev.items() for a in ("--dev-data", f"{name}={path}")],
+         "--seed-size", "24", "--pool-size", "48", "--picks", "8", "--seeds", "2", "--ensemble", "3",
+         "--base-model", str(base), "--max-length", "48", "--num-epochs", "1", "--batch-size", "8",
+         "--learning-rate", "3e-3", "--bootstrap", "200", "--", "--num-threads", "1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=880, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result == json.loads((out / "result.json").read_text())
+    assert run.stderr.strip().splitlines()[-1] == result["summary"] == (out / "summary.txt").read_text().strip()
+    assert result["summary"].startswith("all (")
+
+    # the seed set and the pool are other rows; each picker's rows come from the pool with their own labels
+    seed_rows, pool_rows = read_jsonl(out / "data" / "seed.jsonl"), read_jsonl(out / "data" / "pool.jsonl")
+    assert len(seed_rows) == 24 and len(pool_rows) == 48
+    assert not {json.dumps(r["prompt"]) for r in seed_rows} & {json.dumps(r["prompt"]) for r in pool_rows}
+    picked = {name: read_jsonl(out / "data" / f"{name}.jsonl") for name in ("uncertain-0", "uncertain-1", "random-0", "random-1")}
+    assert all(len(rows) == 8 and all(r in pool_rows for r in rows) for rows in picked.values())
+    assert picked["uncertain-0"] == picked["uncertain-1"] and picked["random-0"] != picked["random-1"]
+    # the top eight by disagreement are at least as disputed, on average, as any other eight
+    stats = result["picks"]
+    assert stats["uncertain"]["order"] >= max(stats["pool"]["order"], *(r["order"] for r in stats["random"]))
+
+    for name in ("seed", "uncertain-0", "uncertain-1", "random-0", "random-1"):
+        assert json.loads((out / "models" / name / "reward_model.json").read_text())["ensemble"]["members"] == 3
+    assert set(result["dev"]) == {"fruit", "more", "all"}
+    pairs = {name: sum(3 if "ranking" in r else 1 for r in read_jsonl(path)) for name, path in dev.items()}  # 3-way: 3 pairs
+    pairs["all"] = sum(pairs.values())
+    for name, section in result["dev"].items():
+        assert section["n_pairs"] == pairs[name]
+        for picker in ("uncertain", "random", "uncertain_minus_random"):
+            block = section[picker]
+            assert len(block["per_seed"]) == 2 and block["ci95"][0] <= block["mean"] <= block["ci95"][1]
+            assert block["mean"] == pytest.approx(np.mean(block["per_seed"]))
+        assert section["uncertain_minus_random"]["mean"] == pytest.approx(section["uncertain"]["mean"] - section["random"]["mean"])
