@@ -146,7 +146,9 @@ def single(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(planted, single, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    args = [f"--model=ens={planted}", f"--model=single={single}", "--store", f"sqlite:///{root}/comparisons.db"]
+    one = tiny_models.build_tiny_ensemble_bert(root / "one", members=1)
+    args = [f"--model=ens={planted}", f"--model=single={single}", f"--model=one={one}",
+            "--store", f"sqlite:///{root}/comparisons.db"]
     with running_server(args, root / "server.log") as s:
         yield s
 
@@ -307,6 +309,7 @@ def test_random_picks_are_seeded_and_need_no_ensemble(server, tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["--model", "single"], "not an ensemble"),
+    (["--model", "one"], "an ensemble of one member"),
     (["--model", "ens", "--dry-run"], "give --out"),
     (["--model", "nope"], "not served"),
 ])
@@ -314,7 +317,7 @@ def test_what_cannot_work_is_refused_saying_what_to_do(server, tmp_path, args, s
     pool = write_pool(tmp_path)
     run = queue_uncertain("--url", server.url, "--pool", str(pool[0]), *args)
     assert run.returncode != 0 and says in run.stderr, run.stderr
-    if says == "not an ensemble":
+    if "ensemble" in says:
         assert "--ensemble K" in run.stderr and "--random" in run.stderr
 
 

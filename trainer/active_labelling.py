@@ -24,13 +24,13 @@ Disagreement of one row, over its K(K-1)/2 pairs of responses (so rows of any K 
   agree on the order but not on the size of the margin, which a label does not settle, and it is
   in reward units, so it depends on the model's scale.
 
-``order`` takes few values (with M members, a pair's is a multiple of 2/M), so rows tie; ties
-go to the row with the larger ``margin_std``, then to the earlier row. ``margin_std`` rows that
-tie go by ``order``, then by position.
+``order`` takes few values (with M members and no exact ties, a pair's is one of floor(M/2) + 1),
+so rows tie; ties go to the row with the larger ``margin_std``, then to the earlier row.
+``margin_std`` rows that tie go by ``order``, then by position.
 
-A model that is not an ensemble is refused: one model's reward says nothing about what it does
-not know (``|r_a - r_b|`` near 0 is a close call, not doubt). ``--random`` works with any model
-and scores nothing.
+A model that is not an ensemble (or an ensemble of one) is refused: one model's reward says
+nothing about what it does not know (``|r_a - r_b|`` near 0 is a close call, not doubt).
+``--random`` works with any model and scores nothing.
 
 Tasks show the responses in a seeded random order: every preference file lists the better
 response first, and a labeller should not see the answer in the position.
@@ -240,11 +240,12 @@ def queue_uncertain(config: QueueUncertainConfig, *, progress: Callable[[int, in
     with RewardClient(config.url, api_key=api_key, chunk_size=config.chunk_size, max_concurrency=config.concurrency,
                       timeout=config.timeout) as client:
         card = served_card(client.models(), config.model, config.url)
-        if card.ensemble is None and not config.random:
+        if not config.random and (card.ensemble is None or card.ensemble.members < 2):
+            what = "is not an ensemble" if card.ensemble is None else "is an ensemble of one member"
             raise QueueError(
-                f"model {card.name!r} at {config.url} is not an ensemble, and the members' disagreement is what picks "
-                "the uncertain rows: serve a model trained with `reward train-rm --ensemble K`, or pick at random "
-                "with --random"
+                f"model {card.name!r} at {config.url} {what}, and the members' disagreement is what picks the "
+                "uncertain rows: serve a model trained with `reward train-rm --ensemble K` (K >= 2), or pick at "
+                "random with --random"
             )
         scores: list[dict[str, float]] | None = None
         if config.random:
@@ -332,7 +333,7 @@ def run_queue_uncertain(args: argparse.Namespace) -> int:
 
     config = config_from_namespace(QueueUncertainConfig, args)
     try:
-        with progress_bar() as bar:
+        with progress_bar(enabled=not config.random) as bar:  # --random scores nothing
             task = bar.add_task("scoring the pool", total=None)
             summary = queue_uncertain(config, progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (QueueError, DataError) as exc:
