@@ -22,6 +22,7 @@ _SUBCOMMANDS = {
     "ppo": ("trainer.ppo", "add_ppo_parser", "RLHF: PPO on a policy from `reward sft`, rewards from a running `reward serve`"),
     "export-comparisons": ("trainer.loop", "add_export_parser", "write stored comparisons as rankings JSONL for train-rm"),
     "loop": ("trainer.loop", "add_loop_parser", "retrain on stored comparisons, evaluate against the served model, deploy if not worse"),
+    "queue-uncertain": ("trainer.active_labelling", "add_queue_uncertain_parser", "queue for labelling the candidates the served ensemble's members disagree on most"),
     "export-onnx": ("trainer.export", "add_export_onnx_parser", "export a reward-model directory to ONNX (optionally int8) for --backend onnx"),
     "export-warm": ("trainer.warm", "add_export_warm_parser", "average an ensemble's members into one single reward model (WARM)"),
 }

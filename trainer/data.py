@@ -31,6 +31,10 @@ rollouts): rows ``{"prompt", "response"}`` (``reward eval best-of-n``'s ``sample
 ``{"messages"}`` ending with the assistant's answer, ``{"samples": [...]}`` of those (``reward
 ppo``'s ``metrics.jsonl``), or any preference row above (each of its responses).
 
+A candidate pool (rows waiting for people's judgement, e.g. PPO samples) is read by
+:func:`load_candidates`: ``{"prompt", "responses"}`` rows without a ranking, or rows of any
+format above (their judgement kept beside them).
+
 Optional extra keys on any row: ``category`` (string), ``p_chosen`` (AlpacaEval:
 probability that the chosen / best-ranked response is better; ``p_first`` is
 accepted too), ``margin`` (number).
@@ -77,6 +81,9 @@ __all__ = [
     "item_row_format",
     "parse_item_row",
     "load_items",
+    "Candidates",
+    "parse_candidates_row",
+    "load_candidates",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -609,28 +616,117 @@ def load_file(
     """
     path = Path(path)
     source = name if name is not None else str(path)
+
+    def parse(row: Any, line: int) -> tuple[PreferenceRecord, str]:
+        return parse_row(row, source=source, line=line), detect_format(row)
+
+    records, report = _read_rows(path, source, parse, max_rows, max_bad_fraction, max_bad_rows)
+    return LoadResult(records=records, report=LoadReport(files=[report]))
+
+
+def _read_rows(
+    path: Path, source: str, parse: Any, max_rows: int | None, max_bad_fraction: float | None, max_bad_rows: int | None,
+) -> tuple[list[Any], FileReport]:
+    """``parse(row, line) -> (item, format name)`` over a file's rows, every malformed row in the
+    report, and the load refused by :func:`_check_bad_rows`'s policy."""
     report = FileReport(source=source, path=str(path))
-    records: list[PreferenceRecord] = []
+    items: list[Any] = []
     rows = _iter_rows(path)
     for line, row, error in rows:
-        if max_rows is not None and len(records) >= max_rows:
+        if max_rows is not None and len(items) >= max_rows:
             rows.close()  # stop reading: the file is closed now, not at garbage collection
             break
         report.rows_read += 1
         if error is None:
             try:
-                record = parse_row(row, source=source, line=line)
+                item, fmt = parse(row, line)
             except MalformedRowError as e:
                 error = str(e)
         if error is not None:
             report.add_problem(line, error)
             continue
-        fmt = detect_format(row)
         report.formats[fmt] = report.formats.get(fmt, 0) + 1
-        records.append(record)
-    report.rows_loaded = report.records_used = len(records)
+        items.append(item)
+    report.rows_loaded = report.records_used = len(items)
     _check_bad_rows(report, max_bad_fraction, max_bad_rows)
-    return LoadResult(records=records, report=LoadReport(files=[report]))
+    return items, report
+
+
+# --------------------------------------------------------------------------- candidate pools
+
+#: The format name a pool row without a judgement is counted under in a :class:`FileReport`.
+CANDIDATES_FORMAT = "candidates"
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A prompt and K >= 2 candidate responses waiting for a judgement: one row of a candidate
+    pool (a PPO rollout's samples, say) that people may be asked to rank.
+
+    ``ranking`` is the row's own judgement (best first) when it came from a preference file, None
+    for a row that has none; ``source`` and ``line`` say where it came from, as for a record."""
+
+    prompt: list[dict]
+    responses: list[str]
+    ranking: list[int] | None = None
+    category: str | None = None
+    source: str = ""
+    line: int = 0
+
+    def __post_init__(self) -> None:
+        _check_prompt(self.prompt)
+        _check_responses(self.responses)
+        if self.ranking is not None:
+            _check_ranking(self.ranking, len(self.responses))
+        if self.category is not None and not isinstance(self.category, str):
+            raise MalformedRowError(f"category must be a string, got {type(self.category).__name__}")
+
+    def as_record(self) -> PreferenceRecord:
+        """The row as a preference record, for a row that carries its judgement."""
+        if self.ranking is None:
+            raise ValueError(f"{self.source}:{self.line} has no judgement (no ranking) to train on")
+        return PreferenceRecord(prompt=self.prompt, responses=self.responses, ranking=self.ranking,
+                                category=self.category, source=self.source, line=self.line)
+
+
+def parse_candidates_row(row: Any, *, source: str = "", line: int = 0) -> Candidates:
+    """One pool row: ``{"prompt", "responses"}`` (a string or messages, K >= 2 strings; optional
+    ``category``) without a judgement, or any row :func:`parse_row` reads, its judgement kept."""
+    if isinstance(row, dict) and "responses" in row and "ranking" not in row:
+        if "prompt" not in row:
+            raise MalformedRowError("a candidates row needs 'prompt' beside 'responses'")
+        try:
+            prompt = parse_prompt(row["prompt"])
+        except PromptError as e:
+            raise MalformedRowError(str(e)) from None
+        responses = row["responses"]
+        if not isinstance(responses, list):
+            raise MalformedRowError("responses must be a list of strings")
+        _, _, category = _extras(row)
+        return Candidates(prompt=prompt, responses=list(responses), category=category, source=source, line=line)
+    record = parse_row(row, source=source, line=line)
+    return Candidates(prompt=record.prompt, responses=record.responses, ranking=record.ranking,
+                      category=record.category, source=source, line=line)
+
+
+def load_candidates(
+    path: str | Path,
+    *,
+    max_rows: int | None = None,
+    max_bad_fraction: float | None = DEFAULT_MAX_BAD_FRACTION,
+    name: str | None = None,
+) -> tuple[list[Candidates], FileReport]:
+    """A candidate pool file (any suffix :func:`load_file` reads): rows of
+    :func:`parse_candidates_row`, malformed ones counted and refused past ``max_bad_fraction``
+    as :func:`load_file` does."""
+    path = Path(path)
+    source = name if name is not None else str(path)
+
+    def parse(row: Any, line: int) -> tuple[Candidates, str]:
+        candidates = parse_candidates_row(row, source=source, line=line)
+        return candidates, CANDIDATES_FORMAT if candidates.ranking is None else detect_format(row)
+
+    return _read_rows(path, source, parse, max_rows, max_bad_fraction, None)
 
 
 # --------------------------------------------------------------------------- specs and mixing
