@@ -261,7 +261,7 @@ def run_loop(args: argparse.Namespace) -> int:
     try:
         with candidate_server(out, out / "candidate-serve.log", args.serve_timeout) as candidate_url:
             targets[1].url = candidate_url
-            scores, timing, heads = score_through_service(eval_config, targets, pool, resolve=True)
+            scores, timing, heads, _ = score_through_service(eval_config, targets, pool, resolve=True)
     except RuntimeError as exc:
         return _fail(str(exc), EXIT_SERVICE)
     except RewardServiceError as exc:

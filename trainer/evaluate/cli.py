@@ -13,6 +13,8 @@ Two modes::
     # best-of-N of a policy (samples generated in-process with transformers), scored by the service
     reward eval best-of-n --policy path/to/causal-lm --data prompts.jsonl --n 16 \\
         --model proxy --gold-model gold --report out/
+    # an ensemble proxy read by several rules, from the same samples
+    reward eval best-of-n ... --proxy-rules member:0,mean,min,mean_minus_var --uncertainty-penalty 1
 
 ``--data [NAME=]PATH[::MAX_ROWS][:objective=NAME]`` is repeatable and takes every format
 ``trainer/data.py`` reads; without ``NAME=`` a dataset is named after its folder and file stem
@@ -63,6 +65,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _comma_list(text: str) -> list[str]:
+    """``a,b,c`` as a list, blanks dropped; run_best_of_n says which names are not rules."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _add_service_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """Flags shared by both modes. On the best-of-n subparser they default to SUPPRESS so values
     given before ``best-of-n`` are not overwritten by the subparser's defaults."""
@@ -104,7 +111,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "For each prompt, sample N responses from a causal LM (in-process, transformers generate) and score them "
             "with the service; report the exact expected best-of-n reward for n = 1, 2, 4, ..., N with the analytic "
-            "KL log n - (n-1)/n, and with --gold-model/--gold-url the gold reward of the proxy's pick."
+            "KL log n - (n-1)/n, and with --gold-model/--gold-url the gold reward of the proxy's pick. An ensemble proxy "
+            "is scored under several rules from the same samples with --proxy-rules."
         ),
     )
     _add_service_flags(bon, suppress=True)
@@ -125,6 +133,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     _flag(bon, "--trust-remote-code", "trust_remote_code", action="store_true")
     _flag(bon, "--gold-model", "gold_model", metavar="NAME")
     _flag(bon, "--gold-url", "gold_url", metavar="URL")
+    _flag(bon, "--proxy-rules", "proxy_rules", type=_comma_list, metavar="RULE[,RULE...]")
+    _flag(bon, "--uncertainty-penalty", "uncertainty_penalty", type=float, metavar="LAMBDA")
     bon.set_defaults(func=run_eval, eval_mode="best-of-n")
     return parser
 
@@ -155,7 +165,7 @@ def run_preference_eval(config: EvalConfig) -> int:
     print(f"reward eval: {len(pool)} unique responses to score with {len(targets)} model(s)", file=sys.stderr)
 
     try:
-        scores, timing, heads = score_through_service(config, targets, pool, resolve=True)
+        scores, timing, heads, _ = score_through_service(config, targets, pool, resolve=True)
     except RewardServiceError as exc:
         return fail(service_error_message(exc), EXIT_SERVICE)
 

@@ -66,6 +66,12 @@ class EvalConfig:
         "gold reward model served by the proxy's service (or --gold-url's)"))
     gold_url: str | None = field(default=None, metadata=_help(
         "service of the gold reward model (its default model unless --gold-model)"))
+    proxy_rules: list[str] | None = field(default=None, metadata=_help(
+        "the proxy is an ensemble: a best-of-n curve for each of these rules from the same samples, comma-separated: "
+        "mean, min, mean_minus_var, member:M (member M alone); scored once with each member's reward, each rule "
+        "derived from the members with the service's formula"))
+    uncertainty_penalty: float | None = field(default=None, metadata=_help(
+        "with mean_minus_var in --proxy-rules: its lambda (default: the proxy's served one)"))
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "EvalConfig":

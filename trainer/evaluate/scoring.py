@@ -21,10 +21,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Target:
-    """One served reward model: a URL and a model name (None: the service's default)."""
+    """One served reward model: a URL and a model name (None: the service's default);
+    ``members``: also ask an ensemble for each member's reward (``return_members``)."""
 
     url: str
     model: str | None
+    members: bool = False
     label: str = ""
     served_model: str = ""
     card: dict[str, Any] = field(default_factory=dict)
@@ -98,12 +100,15 @@ def card_objectives(card: dict[str, Any]) -> list[str]:
 
 async def score_items(client: Any, target: Target, items: list[dict], normalize: bool, progress: Callable[[int, int], None]):
     """THE scoring call of ``reward eval``: every item with one target, through the client.
-    Returns (rewards, {objective: rewards}); the heads' rewards come from the same requests
-    (``return_objectives``) when the target's card lists objectives, else the dict is empty."""
+    Returns (rewards, {objective: rewards}, members); the heads' rewards come from the same
+    requests (``return_objectives``) when the target's card lists objectives, else the dict is
+    empty; ``members`` is each member's reward [items, K] when the target asks for them, else None."""
     from client import RewardServiceError
 
     objectives = card_objectives(target.card)
-    kwargs = {"return_objectives": True} if objectives else {}
+    kwargs: dict[str, Any] = {"return_objectives": True} if objectives else {}
+    if target.members:
+        kwargs["return_members"] = True
     response = await client.score(items, model=target.model, normalize=normalize, progress=progress, **kwargs)
 
     def column(values: Any, what: str) -> np.ndarray:
@@ -115,26 +120,34 @@ async def score_items(client: Any, target: Target, items: list[dict], normalize:
     scores = column(response.scores, "scores")
     by_objective = getattr(response, "objectives", None) or {}
     heads = {name: column(by_objective.get(name), f"'{name}' rewards") for name in objectives}
-    return scores, heads
+    members = None
+    if target.members:
+        members = column(response.members, "members' rewards")
+        if members.ndim != 2:
+            raise RewardServiceError(None, "invalid_response", f"{target.url} returned members' rewards of uneven length")
+    return scores, heads, members
 
 
 async def score_pool(
     clients: dict[str, Any], targets: list[Target], items: list[dict], normalize: bool, progress: Any
-) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """Score every pool item with every target, chunks in flight concurrently. Returns scores per
-    label, per-label timing, and per label of a model with objectives, each head's scores."""
-    scores, timing, heads = {}, {}, {}
+    label, per-label timing, per label of a model with objectives each head's scores, and per
+    label of a target that asks for them each member's scores [items, K]."""
+    scores, timing, heads, members = {}, {}, {}, {}
     for t in targets:
         task = progress.add_task(f"scoring {t.label}", total=len(items))
         started = time.perf_counter()
-        scores[t.label], per_head = await score_items(
+        scores[t.label], per_head, per_member = await score_items(
             clients[t.url], t, items, normalize, lambda done, total, task=task: progress.update(task, completed=done)
         )
         seconds = time.perf_counter() - started
         if per_head:
             heads[t.label] = per_head
+        if per_member is not None:
+            members[t.label] = per_member
         timing[t.label] = {"items": len(items), "seconds": seconds, "items_per_second": len(items) / seconds if seconds else None}
-    return scores, timing, heads
+    return scores, timing, heads, members
 
 
 async def with_clients(urls: Iterable[str], config: EvalConfig, body: Callable[[dict[str, Any]], Any]):
@@ -151,7 +164,7 @@ async def with_clients(urls: Iterable[str], config: EvalConfig, body: Callable[[
 def score_through_service(config: EvalConfig, targets: list[Target], pool: ItemPool, *, resolve: bool):
     """Score every item of ``pool`` with every target, chunked and concurrent, with a progress bar;
     ``resolve`` first checks each target is served (resolve_targets) and records its card (so a
-    model with objectives gets its heads scored too). Returns (scores, timing, heads), as
+    model with objectives gets its heads scored too). Returns (scores, timing, heads, members), as
     :func:`score_pool`."""
 
     async def body(clients):
