@@ -19,8 +19,10 @@ serves both (proxy, gold). Then:
 3. the numbers and plots into REPORT_DIR: summary.json, README.md, overoptimisation.png,
    best_of_n.csv, ppo_curves.csv, the best-of-N report and each PPO run's metrics.jsonl.
 
-A PPO run that finished (its policy/ exists) is not run again, and one that was stopped resumes
-from its checkpoint, so the same command picks up where a stopped experiment left off.
+The SFT policy, the best-of-N report and each PPO run that finished (its policy/ exists) are
+kept and not made again, and a PPO run that was stopped resumes from its checkpoint, so the same
+command picks up where a stopped experiment left off (delete OUT_DIR/best-of-n, or a run's folder,
+to redo it with other sizes).
 
 Sizes and paths from the environment: DATA (../shared/data), RULES
 (member:0,mean,min,mean_minus_var), UNCERTAINTY_PENALTY (1.0: the lambda of mean_minus_var),
@@ -38,7 +40,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -70,12 +71,12 @@ def starting_policy(out: Path, data: Path, device: str) -> Path:
     """SFT when given; else the PPO demo's tiny GPT-2, SFT'd on HH-harmless demonstrations."""
     if env("SFT", ""):
         return Path(env("SFT", "")).resolve()
-    demos = f"{data / 'hh-harmless' / 'train.jsonl.gz'}:1:{env('DEMOS', '2000')}"
-    records = load_preferences([demos]).records
-    texts = [m["content"] for r in records for m in r.prompt] + [r.best for r in records]
-    init = tiny_policy(out / "policy-init", texts)
     sft = out / "sft"
     if not (sft / "config.json").is_file():
+        demos = f"{data / 'hh-harmless' / 'train.jsonl.gz'}:1:{env('DEMOS', '2000')}"
+        records = load_preferences([demos]).records
+        texts = [m["content"] for r in records for m in r.prompt] + [r.best for r in records]
+        init = tiny_policy(out / "policy-init", texts)
         reward("sft", "--model", str(init), "--data", demos, "--output-dir", str(sft), "--max-length", "256",
                "--batch-size", "16", "--learning-rate", "1e-3", "--max-steps", env("SFT_STEPS", "600"), "--device", device)
     return sft
@@ -97,6 +98,9 @@ def prompt_files(out: Path, data: Path) -> tuple[Path, Path]:
 
 def run_best_of_n(url: str, policy: Path, held_out: Path, rules: list[str], out: Path, device: str) -> dict:
     report = out / "best-of-n"
+    if (report / "report.json").is_file():
+        print(f"+ {report} done before; not run again (delete it to sample again)", flush=True)
+        return json.loads((report / "report.json").read_text())
     reward("eval", "best-of-n", "--url", url, "--model", "proxy", "--gold-model", "gold", "--policy", str(policy),
            "--prompts", str(held_out), "--max-prompts", env("BON_PROMPTS", "200"), "--n", env("BON_N", "64"),
            "--max-new-tokens", env("MAX_NEW_TOKENS", "32"), "--max-prompt-length", MAX_PROMPT_LENGTH,
@@ -274,8 +278,9 @@ def markdown(summary: dict) -> str:
         "# Ensembles against over-optimisation\n",
         f"Proxy: an ensemble of {summary['members']} members (`{summary['proxy']}`), read by each rule; gold: "
         f"`{summary['gold']}`, held out (never optimised). Made by `scripts/overoptimisation.py` "
-        f"(sizes: {', '.join(f'{k} {v}' for k, v in summary['sizes'].items())}; PPO seeds {', '.join(summary['seeds'])}; "
-        f"λ of mean_minus_var {summary['uncertainty_penalty']}).\n",
+        f"(sizes: {', '.join(f'{k} {v}' for k, v in summary['sizes'].items())}; PPO seeds {', '.join(summary['seeds'])}"
+        + (f"; λ of mean_minus_var {summary['uncertainty_penalty']}" if summary["uncertainty_penalty"] is not None else "")
+        + ").\n",
         "![gold and proxy against KL per rule](overoptimisation.png)\n",
         f"## Best-of-N ({summary['best_of_n']['n_prompts']} prompts, N = {summary['best_of_n']['n_samples']})\n",
         "| rule | gold, n=1 | gold peak (KL) | gold at N ± SE (KL) | proxy gain at N | gold fell while proxy rose |",
