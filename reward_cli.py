@@ -23,6 +23,7 @@ _SUBCOMMANDS = {
     "export-comparisons": ("trainer.loop", "add_export_parser", "write stored comparisons as rankings JSONL for train-rm"),
     "loop": ("trainer.loop", "add_loop_parser", "retrain on stored comparisons, evaluate against the served model, deploy if not worse"),
     "export-onnx": ("trainer.export", "add_export_onnx_parser", "export a reward-model directory to ONNX (optionally int8) for --backend onnx"),
+    "export-warm": ("trainer.warm", "add_export_warm_parser", "average an ensemble's members into one single reward model (WARM)"),
 }
 
 

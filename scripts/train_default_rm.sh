@@ -27,14 +27,14 @@ DATA=${DATA:-../shared/data}
 OUT_DIR=${1:-runs/default-rm}
 exec "${REWARD:-reward}" train-rm \
   --train-mode top --top-layers 1 --cache-frozen --max-length 512 \
-  --data "$DATA/alpacaeval/train.jsonl.gz:0.3:objective=helpfulness" \
-  --data "$DATA/hh-harmless/train.jsonl.gz:2:objective=harmlessness" \
-  --data "$DATA/truthfulqa/train.jsonl.gz:2:objective=truthfulness" \
-  --combine gate --length-balance 0.25 \
+  --data "$DATA/alpacaeval/train.jsonl.gz:0.6:objective=helpfulness" \
+  --data "$DATA/hh-harmless/train.jsonl.gz:4:objective=harmlessness" \
+  --data "$DATA/truthfulqa/train.jsonl.gz:4:objective=truthfulness" \
+  --combine gate --gate-routing-weight 1 --length-balance 0.25 \
   --eval-data "alpacaeval/dev=$DATA/alpacaeval/dev.jsonl.gz::600" \
   --eval-data "alpacaeval/dev-balanced=$DATA/alpacaeval/dev-balanced.jsonl.gz::400" \
   --eval-data "hh-harmless/dev=$DATA/hh-harmless/dev.jsonl.gz" \
   --eval-data "truthfulqa/dev=$DATA/truthfulqa/dev.jsonl.gz" \
-  --num-epochs 2 --per-device-batch-size 32 --learning-rate 1e-4 --lr-scheduler cosine --warmup-ratio 0.05 \
+  --num-epochs 1 --per-device-batch-size 32 --learning-rate 1e-4 --lr-scheduler cosine --warmup-ratio 0.05 \
   --eval-steps 0 --save-steps 200 --seed 42 \
   --output-dir "$OUT_DIR" "${@:2}"

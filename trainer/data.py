@@ -26,6 +26,11 @@ Formats, detected per row from the keys present (see :func:`detect_format`):
     strings) and ``ranking`` (best-first permutation of ``range(K)``).  This is
     also what :func:`write_rankings_jsonl` writes.
 
+Responses to score on their own, without a preference (:func:`load_items`, e.g. a policy's
+rollouts): rows ``{"prompt", "response"}`` (``reward eval best-of-n``'s ``samples.jsonl``),
+``{"messages"}`` ending with the assistant's answer, ``{"samples": [...]}`` of those (``reward
+ppo``'s ``metrics.jsonl``), or any preference row above (each of its responses).
+
 Optional extra keys on any row: ``category`` (string), ``p_chosen`` (AlpacaEval:
 probability that the chosen / best-ranked response is better; ``p_first`` is
 accepted too), ``margin`` (number).
@@ -67,6 +72,11 @@ __all__ = [
     "load_file",
     "load_preferences",
     "write_rankings_jsonl",
+    "ResponseItem",
+    "ItemLoadResult",
+    "item_row_format",
+    "parse_item_row",
+    "load_items",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -756,6 +766,128 @@ def load_preferences(
         records.extend(weighted)
         report.files.append(file_report)
     return LoadResult(records=records, report=report)
+
+
+# --------------------------------------------------------------------------- responses without a preference
+
+
+@dataclass(frozen=True)
+class ResponseItem:
+    """One response to its prompt, to be scored on its own (no preference between responses)."""
+
+    prompt: list[dict]
+    response: str
+
+
+@dataclass
+class ItemLoadResult:
+    items: list[ResponseItem]
+    report: FileReport
+
+
+def _response_item(prompt: Any, response: Any) -> ResponseItem:
+    # An empty response is kept: a policy that stops at once wrote it, and PPO scored it.
+    if not isinstance(response, str):
+        raise MalformedRowError(f"response must be a string, got {type(response).__name__}")
+    try:
+        messages = parse_prompt(prompt)
+    except PromptError as e:
+        raise MalformedRowError(str(e)) from None
+    if not messages:
+        raise MalformedRowError("prompt has no messages")
+    return ResponseItem(messages, response)
+
+
+def _messages_item(value: Any) -> ResponseItem:
+    if not isinstance(value, list) or len(value) < 2:
+        raise MalformedRowError("messages must be a list of at least a prompt turn and the assistant's answer")
+    try:
+        messages = [parse_message(m, f"message {i}") for i, m in enumerate(value)]
+    except PromptError as e:
+        raise MalformedRowError(str(e)) from None
+    if messages[-1]["role"] != "assistant":
+        raise MalformedRowError(f"messages must end with the assistant's answer, not a {messages[-1]['role']!r} turn")
+    return _response_item(messages[:-1], messages[-1]["content"])
+
+
+def item_row_format(row: dict) -> str:
+    """How a row of responses to score alone is written: ``samples``, ``prompt_response``,
+    ``messages``, or a preference format (:func:`detect_format`; ``unknown`` when none)."""
+    if "samples" in row:
+        return "samples"
+    if "response" in row:
+        return "prompt_response"
+    fmt = detect_format(row)
+    return "messages" if fmt == "unknown" and "messages" in row else fmt
+
+
+def parse_item_row(row: Any, *, source: str = "", line: int = 0) -> list[ResponseItem]:
+    """The responses of one row, each with its prompt: ``{"prompt", "response"}``,
+    ``{"messages"}`` (the last one the assistant's answer), ``{"samples": [rows of those]}``
+    (``reward ppo``'s metrics.jsonl), or a preference row of any format (each of its responses).
+    Raises :class:`MalformedRowError` with the reason."""
+    if not isinstance(row, dict):
+        raise MalformedRowError(f"row must be a JSON object, got {type(row).__name__}")
+    form = item_row_format(row)
+    if form == "samples":
+        samples = row["samples"]
+        if not isinstance(samples, list) or not samples:
+            raise MalformedRowError("samples must be a non-empty list of {prompt, response} objects")
+        items = []
+        for i, sample in enumerate(samples):
+            try:
+                items += parse_item_row(sample, source=source, line=line)
+            except MalformedRowError as e:
+                raise MalformedRowError(f"sample {i}: {e}") from None
+        return items
+    if form == "prompt_response":
+        if "prompt" not in row:
+            raise MalformedRowError("a row with 'response' needs its 'prompt' (a string or a list of messages)")
+        return [_response_item(row["prompt"], row["response"])]
+    if form == "messages":
+        return [_messages_item(row["messages"])]
+    if form == "unknown":
+        raise MalformedRowError(
+            f"{_unknown_reason(row)}; a response to score alone is {{'prompt', 'response'}}, {{'messages'}} ending "
+            "with the assistant's answer, or {'samples': [...]} of those"
+        )
+    record = parse_row(row, source=source, line=line)
+    return [ResponseItem(record.prompt, r) for r in record.responses]
+
+
+def load_items(
+    path: str | Path,
+    *,
+    max_rows: int | None = None,
+    max_bad_fraction: float | None = DEFAULT_MAX_BAD_FRACTION,
+    name: str | None = None,
+) -> ItemLoadResult:
+    """Load the responses of one file (rows of :func:`parse_item_row`'s forms) in file order,
+    ``max_rows`` rows at most. Malformed rows are counted and judged as :func:`load_file` does."""
+    path = Path(path)
+    report = FileReport(source=name if name is not None else str(path), path=str(path))
+    items: list[ResponseItem] = []
+    rows = _iter_rows(path)
+    for line, row, error in rows:
+        if max_rows is not None and report.rows_loaded >= max_rows:
+            rows.close()
+            break
+        report.rows_read += 1
+        if error is None:
+            try:
+                found = parse_item_row(row, source=report.source, line=line)
+            except MalformedRowError as e:
+                error = str(e)
+        if error is not None:
+            report.add_problem(line, error)
+            continue
+        form = item_row_format(row)
+        report.formats[form] = report.formats.get(form, 0) + 1
+        report.rows_loaded += 1
+        items += found
+    report.records_used = len(items)
+    _check_bad_rows(report, max_bad_fraction, None)
+    return ItemLoadResult(items=items, report=report)
 
 
 def write_rankings_jsonl(records: Iterable[PreferenceRecord], path: str | Path) -> int:

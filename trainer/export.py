@@ -40,8 +40,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FP32_TOLERANCE = 1e-3
-# Items of different shapes for the tracing example and the torch-vs-onnx check.
-_SAMPLE_CONVERSATIONS = [
+# Items of different shapes for the tracing example and the torch-vs-onnx check (export-warm's
+# check scores them too).
+SAMPLE_CONVERSATIONS = [
     ([{"role": "user", "content": "What is the capital of France?"}], "Paris."),
     ([{"role": "user", "content": "Write a short poem about the sea."}],
      "The sea is wide and deep and blue, and it is calling me and you, over sand and stone and shell."),
@@ -220,7 +221,7 @@ def export_onnx(
     spec, tokenizer, pad_id = files.spec, files.tokenizer, pad_token_id(files.tokenizer)
     torch_backend = TorchBackend(model_dir, spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model = torch_backend.model
-    encoded = encode_conversations(_SAMPLE_CONVERSATIONS, tokenizer, spec)
+    encoded = encode_conversations(SAMPLE_CONVERSATIONS, tokenizer, spec)
     batch = pad_batch(encoded, pad_id)
     with_types = spec.architecture == "encoder" and batch.token_type_ids is not None
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])

@@ -261,13 +261,14 @@ def run_loop(args: argparse.Namespace) -> int:
     try:
         with candidate_server(out, out / "candidate-serve.log", args.serve_timeout) as candidate_url:
             targets[1].url = candidate_url
-            scores, timing, heads, _ = score_through_service(eval_config, targets, pool, resolve=True)
+            scores, timing, heads, ensembles = score_through_service(eval_config, targets, pool, resolve=True)
     except RuntimeError as exc:
         return _fail(str(exc), EXIT_SERVICE)
     except RewardServiceError as exc:
         return _fail(service_error_message(exc), EXIT_SERVICE)
     report_config = eval_config.preference_report_config(datasets)
-    report = build_preference_report(datasets, scores, [t.describe() for t in targets], report_config, timing, heads)
+    report = build_preference_report(datasets, scores, [t.describe() for t in targets], report_config, timing, heads,
+                                     ensembles)
     served_label, candidate_label = targets[0].label, targets[1].label
     (out / "eval").mkdir(parents=True, exist_ok=True)
     write_report(report, out / "eval")

@@ -7,14 +7,17 @@ With ``--proxy-rules`` the proxy is an ensemble picked by several rules from the
 (``return_members``), and each rule's reward is derived here from the members with
 :func:`reward_core.ensemble.rule_rewards`, the function the service aggregates with: one
 scoring pass instead of one per rule, every rule ranks exactly the same samples, and ``member:M``
-(which the service has no rule for) comes from the same answer. The report checks the
-derivation against the service on every sample: the served default rule, computed here from the
-members, against the reward the service returned with them (``by_rule_check``).
+(which the service has no rule for) comes from the same answer: the members are those of the
+proxy's :class:`.uncertainty.EnsembleScores`, which :func:`.scoring.score_items` returns for every
+ensemble target. The report checks the derivation against the service on every sample: the served
+default rule, computed here from the members, against the reward the service returned with them
+(``by_rule_check``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import sys
@@ -35,7 +38,7 @@ from .datasets import ItemPool
 from .metrics import best_of_n_curve
 from .report import EXIT_INPUT, EXIT_SERVICE, SCHEMA_VERSION, fail, finish_report, utc_now
 from .scoring import (
-    Target, make_targets, resolve_targets, score_through_service, service_error_message, with_clients,
+    Target, card_ensemble, make_targets, resolve_targets, score_through_service, service_error_message, with_clients,
 )
 
 
@@ -236,7 +239,7 @@ def run_best_of_n(config: EvalConfig) -> int:
         asyncio.run(with_clients([t.url for t in targets], config, check))
     except RewardServiceError as exc:
         return fail(service_error_message(exc), EXIT_SERVICE)
-    ensemble = proxy.card.get("ensemble")
+    ensemble = card_ensemble(proxy.card)
     if rules:
         if not ensemble:
             return fail(f"--proxy-rules needs an ensemble proxy; {proxy.served_model} at {proxy.url} is a single model "
@@ -270,7 +273,10 @@ def run_best_of_n(config: EvalConfig) -> int:
     index = np.array([[pool.add(p, s) for s in row] for p, row in zip(prompts, samples)], dtype=np.int64)
 
     try:
-        scores, timing, _, members = score_through_service(config, targets, pool, resolve=False)
+        # --uncertainty-penalty here is the λ of mean_minus_var in --proxy-rules, applied below to
+        # the members, not sent: the proxy's reward stays the served default rule's
+        scores, timing, _, ensembles = score_through_service(
+            dataclasses.replace(config, uncertainty_penalty=None), targets, pool, resolve=False)
     except RewardServiceError as exc:
         return fail(service_error_message(exc), EXIT_SERVICE)
 
@@ -278,10 +284,9 @@ def run_best_of_n(config: EvalConfig) -> int:
     gold_scores = scores[gold.label][index] if gold else None
     by_rule, check, member_scores = None, None, None
     if rules:
-        member_scores = members[proxy.label][index]  # [prompts, N, K]
-        if member_scores.shape[-1] != ensemble["members"]:
-            return fail(f"{proxy.url} returned {member_scores.shape[-1]} members' rewards per item for an ensemble of "
-                        f"{ensemble['members']}", EXIT_SERVICE)
+        # the proxy's card (resolved above) has `ensemble`, so its members came with its rewards
+        # (score_items checks there are as many per item as the card says)
+        member_scores = ensembles[proxy.label].members[index]  # [prompts, N, K]
         by_rule = proxy_rule_curves(rules, member_scores, penalty, gold_scores)
         served = RewardRule(aggregate=ensemble["aggregate"])
         difference = float(np.abs(rule_rewards(member_scores, served, ensemble["uncertainty_penalty"]) - proxy_scores).max())

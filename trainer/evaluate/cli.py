@@ -16,6 +16,12 @@ Two modes::
     # an ensemble proxy read by several rules, from the same samples
     reward eval best-of-n ... --proxy-rules member:0,mean,min,mean_minus_var --uncertainty-penalty 1
 
+An ensemble (its model card has ``ensemble``) is scored with each member's reward and the
+members' spread from the same requests, and the report gains an Uncertainty section
+(``uncertainty.py``): does the spread pick out the pairs it gets wrong, accuracy per quantile of
+it, and, with ``--ood [NAME=]PATH[::MAX_ROWS]`` (repeatable), its spread on other inputs against
+the dev sets'. ``--aggregate`` / ``--uncertainty-penalty`` evaluate it under a rule.
+
 ``--data [NAME=]PATH[::MAX_ROWS][:objective=NAME]`` is repeatable and takes every format
 ``trainer/data.py`` reads; without ``NAME=`` a dataset is named after its folder and file stem
 (``alpacaeval/dev``). ``:objective=`` says which objective it measures (else its folder's default,
@@ -39,12 +45,14 @@ import dataclasses
 import sys
 from typing import Any, Sequence
 
+from reward_core.ensemble import AGGREGATES, EnsembleError, check_aggregate
+
 from ..data import DataError
 from .best_of_n import run_best_of_n
 from .config import EvalConfig
-from .datasets import ItemPool, build_preference_report, load_datasets
+from .datasets import ItemPool, build_preference_report, load_datasets, load_item_sets
 from .report import EXIT_INPUT, EXIT_SERVICE, fail, finish_report
-from .scoring import make_targets, score_through_service, service_error_message
+from .scoring import EnsembleFlagError, make_targets, score_through_service, service_error_message
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
@@ -68,6 +76,15 @@ def _positive_int(text: str) -> int:
 def _comma_list(text: str) -> list[str]:
     """``a,b,c`` as a list, blanks dropped; run_best_of_n says which names are not rules."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _penalty(text: str) -> float:
+    try:
+        value = float(text)
+        check_aggregate("mean_minus_var", value)
+    except (ValueError, EnsembleError) as exc:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}") from exc
+    return value
 
 
 def _add_service_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -96,13 +113,18 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
             "Evaluate reward models through the running service (HTTP, our client). Default mode: preference "
             "accuracy (Wilson 95% CI, per category), length-controlled accuracy and reward/length correlation, "
             "calibration (ECE, Brier, reliability diagram), reward distributions; several --url/--model compare side "
-            "by side (paired bootstrap). `reward eval best-of-n -h`: the best-of-N curve of a policy."
+            "by side (paired bootstrap); an ensemble also gets its uncertainty judged (AUROC for its wrong pairs, "
+            "accuracy per quantile, --ood inputs). `reward eval best-of-n -h`: the best-of-N curve of a policy."
         ),
     )
     _add_service_flags(parser, suppress=False)
     _flag(parser, "--data", "data", action="append", metavar="[NAME=]PATH[::MAX_ROWS][:objective=NAME]")
     _flag(parser, "--bootstrap", "bootstrap", type=_positive_int)
     _flag(parser, "--max-bad-fraction", "max_bad_fraction", type=float)
+    _flag(parser, "--aggregate", "aggregate", choices=AGGREGATES)
+    _flag(parser, "--uncertainty-penalty", "uncertainty_penalty", type=_penalty, metavar="LAMBDA")
+    _flag(parser, "--ood", "ood", action="append", metavar="[NAME=]PATH[::MAX_ROWS]")
+    _flag(parser, "--uncertainty-bins", "uncertainty_bins", type=_positive_int)
     parser.set_defaults(func=run_eval, eval_mode="preference")
 
     modes = parser.add_subparsers(dest="eval_mode", metavar="MODE")
@@ -134,7 +156,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     _flag(bon, "--gold-model", "gold_model", metavar="NAME")
     _flag(bon, "--gold-url", "gold_url", metavar="URL")
     _flag(bon, "--proxy-rules", "proxy_rules", type=_comma_list, metavar="RULE[,RULE...]")
-    _flag(bon, "--uncertainty-penalty", "uncertainty_penalty", type=float, metavar="LAMBDA")
+    # the preference mode's dest (an ensemble's λ): suppressed so a λ given before ``best-of-n`` is kept;
+    # a float here, checked by run_best_of_n with the rules (exit 2 naming the fix)
+    _flag(bon, "--uncertainty-penalty", "uncertainty_penalty", suppress=True, type=float, metavar="LAMBDA")
     bon.set_defaults(func=run_eval, eval_mode="best-of-n")
     return parser
 
@@ -160,17 +184,26 @@ def run_preference_eval(config: EvalConfig) -> int:
         datasets = load_datasets(config.data, pool, config.max_bad_fraction)
     except DataError as exc:
         return fail(f"{exc}; nothing to evaluate", EXIT_INPUT)
+    try:
+        item_sets = load_item_sets(config.ood or [], pool, config.max_bad_fraction)
+    except DataError as exc:
+        return fail(str(exc), EXIT_INPUT)
     for d in datasets:
         print(f"reward eval: {d.name}: {len(d.records)} records, {d.n_pairs} pairs", file=sys.stderr)
+    for i in item_sets:
+        print(f"reward eval: {i.name} (--ood): {i.items.size} responses", file=sys.stderr)
     print(f"reward eval: {len(pool)} unique responses to score with {len(targets)} model(s)", file=sys.stderr)
 
     try:
-        scores, timing, heads, _ = score_through_service(config, targets, pool, resolve=True)
+        scores, timing, heads, ensembles = score_through_service(config, targets, pool, resolve=True)
+    except EnsembleFlagError as exc:
+        return fail(str(exc), EXIT_INPUT)
     except RewardServiceError as exc:
         return fail(service_error_message(exc), EXIT_SERVICE)
 
     report_config = config.preference_report_config(datasets)
-    report = build_preference_report(datasets, scores, [t.describe() for t in targets], report_config, timing, heads)
+    report = build_preference_report(datasets, scores, [t.describe() for t in targets], report_config, timing, heads,
+                                     ensembles, item_sets, config.uncertainty_bins)
     return finish_report(report, config, scores=scores, datasets=datasets)
 
 

@@ -44,6 +44,19 @@ class EvalConfig:
     bootstrap: int = field(default=2000, metadata=_help("paired bootstrap resamples (default 2000)"))
     max_bad_fraction: float = field(default=0.01, metadata=_help(
         "abort when more than this fraction of a file's rows are malformed (default 0.01)"))
+    # an ensemble (its model card has `ensemble`): the rule, the uncertainty report's inputs
+    aggregate: str | None = field(default=None, metadata=_help(
+        "an ensemble: aggregate its members' rewards by this rule instead of the served default "
+        "(mean, min, mean_minus_var); refused for a model that is not an ensemble"))
+    uncertainty_penalty: float | None = field(default=None, metadata=_help(
+        "an ensemble aggregated by mean_minus_var: the λ of mean - λ·var (default: the served one); in best-of-n, "
+        "the λ of mean_minus_var in --proxy-rules (default: the proxy's served one)"))
+    ood: list[str] | None = field(default=None, metadata=_help(
+        "responses unlike the dev sets, to compare an ensemble's spread on them with the dev sets' (repeatable): "
+        "preference data (each response), or JSONL of {prompt, response}, {messages} or reward ppo's metrics.jsonl "
+        "(its samples); default name <folder>/<stem>"))
+    uncertainty_bins: int = field(default=5, metadata=_help(
+        "an ensemble: quantile bins of pair uncertainty for accuracy per bin (default 5)"))
     eval_mode: str = "preference"
     # best-of-n mode
     policy: str | None = field(default=None, metadata=_help("Hugging Face causal-LM directory"))
@@ -70,8 +83,6 @@ class EvalConfig:
         "the proxy is an ensemble: a best-of-n curve for each of these rules from the same samples, comma-separated: "
         "mean, min, mean_minus_var, member:M (member M alone); scored once with each member's reward, each rule "
         "derived from the members with the service's formula"))
-    uncertainty_penalty: float | None = field(default=None, metadata=_help(
-        "with mean_minus_var in --proxy-rules: its lambda (default: the proxy's served one)"))
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "EvalConfig":
@@ -88,4 +99,7 @@ class EvalConfig:
             "calibration_bins": CALIBRATION_BINS, "normalize": self.normalize, "chunk_size": self.chunk_size,
             "concurrency": self.concurrency,
             "datasets": [{"name": d.name, "path": d.path} for d in datasets],
+            # only when given: a report without them keeps the keys it always had
+            **{key: value for key, value in (("aggregate", self.aggregate), ("uncertainty_penalty", self.uncertainty_penalty),
+                                             ("ood", self.ood)) if value is not None},
         }

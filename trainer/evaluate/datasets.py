@@ -7,6 +7,9 @@ categories named like an objective (:data:`CATEGORY_OBJECTIVES`, e.g. ``sanity/d
 ``truthful``/``harmless``/``helpful``) is a section of its own. For a model with several heads
 (objectives) the report gives each head's accuracy beside the combination's on every set and
 section, the matching head highlighted.
+
+Responses to score on their own (``--ood``: inputs unlike the dev sets, for an ensemble's
+uncertainty) are :class:`ItemSet` objects over the same pool, so they are scored in the same pass.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from reward_core.objectives import OBJECTIVE_NAME
 
-from ..data import DataError, PreferenceRecord, load_file
+from ..data import DataError, PreferenceRecord, load_file, load_items
 from .metrics import (
     accuracy_block,
     agreement_rate,
@@ -39,6 +42,7 @@ from .metrics import (
     spearman,
 )
 from .report import SCHEMA_VERSION, utc_now
+from .uncertainty import EnsembleScores, uncertainty_report
 
 NO_CATEGORY = "(none)"
 
@@ -178,6 +182,42 @@ def load_datasets(specs: Sequence[str], pool: ItemPool, max_bad_fraction: float 
     return datasets
 
 
+@dataclass
+class ItemSet:
+    """Responses scored on their own (an ``--ood`` file): the pool index of each, in file order."""
+
+    name: str
+    path: str
+    load: dict[str, int]
+    items: np.ndarray
+
+
+def load_item_sets(specs: Sequence[str], pool: ItemPool, max_bad_fraction: float | None) -> list[ItemSet]:
+    """Load every ``--ood [NAME=]PATH[::MAX_ROWS]`` into ``pool`` (``trainer.data.load_items``:
+    preference rows give each response; prompt/response rows, PPO rollouts). DataError names the
+    set and what is wrong."""
+    from ..reward_data import parse_eval_spec
+
+    sets: list[ItemSet] = []
+    for text in specs:
+        spec = parse_eval_spec(text)
+        if any(s.name == spec.name for s in sets):
+            raise DataError(f"two --ood sets are named {spec.name!r}; name them with --ood NAME=PATH")
+        try:
+            result = load_items(spec.path, max_rows=spec.max_rows, max_bad_fraction=max_bad_fraction, name=spec.name)
+        except DataError as exc:
+            raise DataError(f"--ood {spec.name}: {exc}") from exc
+        if not result.items:
+            raise DataError(f"--ood {spec.name} ({spec.path}) has no responses to score")
+        report = result.report
+        sets.append(ItemSet(
+            name=spec.name, path=str(spec.path),
+            load={"rows_read": report.rows_read, "rows_loaded": report.rows_loaded, "malformed": report.malformed},
+            items=np.asarray([pool.add(i.prompt, i.response) for i in result.items], np.int64),
+        ))
+    return sets
+
+
 def dataset_seed(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
 
@@ -288,9 +328,14 @@ def build_preference_report(
     config: dict[str, Any],
     scoring: dict[str, Any],
     heads: dict[str, dict[str, np.ndarray]] | None = None,
+    ensembles: dict[str, EnsembleScores] | None = None,
+    item_sets: Sequence[ItemSet] = (),
+    uncertainty_bins: int = 5,
 ) -> dict[str, Any]:
     """Every metric of every model on every dataset. ``heads``: for the models with objectives,
-    label -> objective -> scores (pool-indexed), from the same requests as ``scores``."""
+    label -> objective -> scores (pool-indexed), from the same requests as ``scores``;
+    ``ensembles``: for the ensembles, label -> their members' rewards and spread, from the same
+    requests too, which add the ``uncertainty`` block (with ``item_sets``, the ``--ood`` sets)."""
     heads = heads or {}
     labels = [m["label"] for m in models]
     seed, n_boot = config["seed"], config["bootstrap"]
@@ -319,6 +364,8 @@ def build_preference_report(
             "names": names, "combine": combine,
             "sections": [row for d in datasets for row in objective_sections(d, report["datasets"][d.name], label, names)],
         }
+    if ensembles:  # a report of models that are not ensembles has no uncertainty key at all
+        report["uncertainty"] = uncertainty_report(datasets, item_sets, scores, ensembles, seed, n_boot, uncertainty_bins)
     for label in labels:
         per = [report["datasets"][d.name]["models"][label] for d in datasets]
         n = sum(p["n_pairs"] for p in per)

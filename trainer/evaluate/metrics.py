@@ -21,6 +21,14 @@ Definitions
   95% paired bootstrap percentile interval (``--bootstrap`` resamples of the pairs, seeded);
   agreement = fraction of pairs where both models pick the same winner (a tie is a pick of its
   own: it agrees only with a tie).
+* Uncertainty (an ensemble): AUROC of a score for telling positives (pairs the reward gets wrong;
+  out-of-distribution items) from negatives, by the rank formula (Mann-Whitney U):
+  (sum of the positives' mid-ranks - P(P+1)/2) / (P N), so a tied score counts half; 1 when every
+  positive scores above every negative, 0.5 for a score that tells nothing, undefined (nan) without
+  both classes. Its 95% interval: percentile bootstrap that resamples positives and negatives
+  each within their class (so every resample has both), seeded. Accuracy per quantile bin: the
+  pairs sorted by the score (stable), cut into bins of equal size (the first bins one larger when
+  they do not divide), each an accuracy block.
 * Best-of-N: for each prompt, N samples; for n = 1, 2, 4, ..., N the expected reward of the best
   of n draws without replacement from the N, computed exactly: with proxy scores sorted
   ascending s_(1) <= ... <= s_(N), E[max] = sum_i C(i-1, n-1) / C(N, n) * s_(i). The gold reward
@@ -247,6 +255,80 @@ def distribution_summary(values: Sequence[float]) -> dict[str, Any]:
         "q05": float(q[0]), "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "q95": float(q[4]),
         "max": float(v.max()),
     }
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool], weights: Any = None) -> Any:
+    """Area under the ROC curve of ``scores`` for telling ``positive`` items from the others, by
+    the rank formula with mid-ranks (ties count half); nan without both classes.
+
+    ``weights`` [resamples, items] counts each item per resample (a bootstrap) and gives one AUROC
+    per row. Written per group of tied scores, which is the rank formula with counts: U = sum over
+    groups g of pos_g * (neg below g + neg_g / 2), AUROC = U / (P N)."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(positive, bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError(f"scores {s.shape} and positive {y.shape} must be one value per item")
+    w = np.ones((1, s.size)) if weights is None else np.atleast_2d(np.asarray(weights, np.float64))
+    if s.size == 0:
+        out = np.full(w.shape[0], math.nan)
+    else:
+        order = np.argsort(s, kind="mergesort")
+        ordered = s[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        w = w[:, order]
+        pos = np.add.reduceat(w * y[order], starts, axis=1)
+        neg = np.add.reduceat(w * ~y[order], starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg
+        u = (pos * (below + 0.5 * neg)).sum(axis=1)
+        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), math.nan)
+    return float(out[0]) if weights is None else out
+
+
+def auroc_interval(
+    scores: Sequence[float], positive: Sequence[bool], n_boot: int = 2000, seed: Any = 0, confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """AUROC with a percentile interval from ``n_boot`` bootstrap resamples, positives and
+    negatives each resampled within their class (seeded: the same ``seed`` and class sizes give
+    the same resamples, so scores of the same items are compared on the same draws)."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(positive, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    block = {"auroc": auroc(s, y), "ci_low": math.nan, "ci_high": math.nan, "n_positive": n_pos, "n_negative": n_neg}
+    if n_pos == 0 or n_neg == 0:
+        return block
+    rng = np.random.default_rng(seed)
+    pos_index, neg_index = np.flatnonzero(y), np.flatnonzero(~y)
+    boots = np.empty(n_boot, dtype=np.float64)
+    per_chunk = max(1, 4_000_000 // s.size)  # bound memory: at most ~4M weights at a time
+    for start in range(0, n_boot, per_chunk):
+        k = min(per_chunk, n_boot - start)
+        weights = np.zeros((k, s.size))
+        weights[:, pos_index] = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=k)
+        weights[:, neg_index] = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=k)
+        boots[start : start + k] = auroc(s, y, weights)
+    alpha = 1 - confidence
+    block["ci_low"], block["ci_high"] = (float(q) for q in np.quantile(boots, [alpha / 2, 1 - alpha / 2]))
+    return block
+
+
+def accuracy_by_quantile(
+    uncertainty: Sequence[float], chosen: Sequence[float], rejected: Sequence[float], n_bins: int
+) -> list[dict[str, Any]]:
+    """Pairs sorted by ``uncertainty`` (stable) and cut into ``n_bins`` bins of equal size (fewer
+    when there are fewer pairs), lowest first: each bin's range of uncertainty and accuracy block."""
+    u = np.asarray(uncertainty, np.float64)
+    chosen, rejected = np.asarray(chosen, np.float64), np.asarray(rejected, np.float64)
+    order = np.argsort(u, kind="mergesort")
+    bins = []
+    for b, index in enumerate(np.array_split(order, min(n_bins, u.size))):
+        bins.append({"bin": b + 1, "uncertainty_low": float(u[index].min()), "uncertainty_high": float(u[index].max()),
+                     **accuracy_block(chosen[index], rejected[index])})
+    return bins
 
 
 # --------------------------------------------------------------------------- best-of-N

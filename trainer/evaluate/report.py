@@ -54,6 +54,22 @@ kind "preference" adds::
         {dataset, category (null: the whole set), objective (or null), n_pairs,
          combined {accuracy, ci_low, ci_high, n_pairs, n_ties}, heads {OBJECTIVE: {...}},
          matching_head (the head named by objective, or null), longer_wins {...}, shorter_wins {...}}]}}
+    uncertainty: {LABEL: {...}}   # only when an evaluated model is an ensemble (uncertainty.py); per ensemble:
+        members K, aggregate (the rule the reward used: --aggregate or the served default),
+        uncertainty_penalty (its λ; null unless mean_minus_var), pair_scores [member_diff_std,
+        mean_item_std, member_disagreement], binned_by "member_diff_std", n_bins, bootstrap,
+        datasets: {NAME: SECTION}, overall: SECTION (every set's pairs; item_std over their
+        unique responses, the in-distribution items),
+        ood: {NAME: {path, load {rows_read, rows_loaded, malformed}, n_items (unique, not dev
+              items), n_shared_with_dev, item_std STATS, auroc {auroc, ci_low, ci_high,
+              n_positive (its items), n_negative (the dev items)}}}   # {} without --ood
+        SECTION = {n_pairs, n_wrong, n_ties (left out of the AUROC), accuracy {accuracy, ci_low,
+                   ci_high, n_pairs, n_ties},
+                   pair_error_auroc: {SCORE: {auroc, ci_low, ci_high, n_positive (wrong pairs),
+                                              n_negative (right pairs)}},
+                   bins: [{bin (1: least uncertain), uncertainty_low, uncertainty_high, accuracy,
+                           ci_low, ci_high, n_pairs, n_ties}],
+                   item_std STATS (the members' std of each unique response)}
 
 kind "best_of_n" adds::
 
@@ -219,6 +235,9 @@ def _render_preference(report: dict[str, Any]) -> str:
     for label, objectives in report.get("objectives", {}).items():
         out.append(_render_objectives(label, objectives))
 
+    for label, uncertainty in report.get("uncertainty", {}).items():
+        out.append(_render_uncertainty(label, uncertainty, cfg))
+
     for name, d in report["datasets"].items():
         out.append(f"\n## {name}\n\n")
         out.append(
@@ -331,6 +350,59 @@ def _render_objectives(label: str, objectives: dict[str, Any]) -> str:
         rows.append([section, measures, r["n_pairs"], _acc_ci(r["combined"]), *heads,
                      _pct(r["longer_wins"]["accuracy"]), _pct(r["shorter_wins"]["accuracy"])])
     out.append(_table(["set", "measures", "pairs", "combination", *names, "longer wins", "shorter wins"], rows))
+    return "".join(out)
+
+
+_PAIR_SCORE_TITLES = {"member_diff_std": "std of differences", "mean_item_std": "mean item std",
+                      "member_disagreement": "disagreement"}
+
+
+def _auroc_ci(block: dict[str, Any]) -> str:
+    return f"{_num(block['auroc'])} [{_num(block['ci_low'])}, {_num(block['ci_high'])}]"
+
+
+def _render_uncertainty(label: str, u: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """The Uncertainty section of one ensemble: the AUROC of each pair score for its wrong pairs
+    per set and overall, accuracy per quantile bin of pair uncertainty, and --ood sets."""
+    rule = u["aggregate"] + (f" (λ = {u['uncertainty_penalty']:g})" if u["uncertainty_penalty"] is not None else "")
+    scores = u["pair_scores"]
+    out = [
+        f"\n## Uncertainty: {label}\n\n",
+        f"`{label}` is an ensemble of {u['members']} members; its reward here aggregates them by **{rule}**. Does the "
+        "members' disagreement pick out the pairs that reward gets wrong (the rejected answer above the chosen one)? "
+        "AUROC 1: every wrong pair is more uncertain than every right one; 0.5: no better than chance. Pair "
+        "uncertainty: *std of differences*, the members' standard deviation of r_chosen - r_rejected; *mean item "
+        "std*, the mean of the two answers' `ensemble_std`; *disagreement*, 1 - |2a - 1| with a the share of members "
+        "that rank the chosen answer higher. Exact ties of the reward are left out of the AUROC and count half in "
+        f"the accuracies. Brackets: 95% bootstrap interval ({u['bootstrap']} resamples of the wrong and the right "
+        f"pairs, seed {cfg['seed']}). Item std: the members' standard deviation of each unique response.\n\n",
+    ]
+    sections = [*u["datasets"].items(), ("all sets", u["overall"])] if len(u["datasets"]) > 1 else list(u["datasets"].items())
+    out.append(_table(
+        ["set", "pairs", "wrong", "accuracy", *(f"AUROC {_PAIR_SCORE_TITLES.get(s, s)}" for s in scores),
+         "item std mean", "item std median"],
+        [[name, x["n_pairs"], x["n_wrong"], _acc_ci(x["accuracy"]), *(_auroc_ci(x["pair_error_auroc"][s]) for s in scores),
+          _num(x["item_std"]["mean"]), _num(x["item_std"]["median"])] for name, x in sections],
+    ))
+    out.append(
+        f"\n### Accuracy per quantile of pair uncertainty: {label}\n\nPairs sorted by "
+        f"{_PAIR_SCORE_TITLES.get(u['binned_by'], u['binned_by'])} and cut into {u['n_bins']} bins of equal size, "
+        "1 the least uncertain.\n\n"
+    )
+    rows = [[name, b["bin"], f"{_num(b['uncertainty_low'])} to {_num(b['uncertainty_high'])}", b["n_pairs"], _acc_ci(b)]
+            for name, x in sections for b in x["bins"]]
+    out.append(_table(["set", "bin", "pair uncertainty", "pairs", "accuracy [95% CI]"], rows))
+    if u["ood"]:
+        dev = u["overall"]["item_std"]
+        out.append(
+            f"\n### Out of distribution: {label}\n\nThe members' standard deviation on responses unlike the dev sets "
+            "(`--ood`) against the dev sets' responses. AUROC: of that std for telling the set's responses from the dev "
+            "sets' (1: every one has a larger spread). Responses that are also in a dev set are left out of the set.\n\n"
+        )
+        rows = [["dev sets (in distribution)", dev["n"], _num(dev["mean"]), _num(dev["median"]), _num(dev["q95"]), ""]]
+        rows += [[name, o["n_items"], _num(o["item_std"]["mean"]), _num(o["item_std"]["median"]), _num(o["item_std"]["q95"]),
+                  _auroc_ci(o["auroc"])] for name, o in u["ood"].items()]
+        out.append(_table(["responses", "n", "item std mean", "median", "q95", "AUROC vs dev [95% CI]"], rows))
     return "".join(out)
 
 

@@ -1,6 +1,8 @@
 """Scoring through the running service with our client (:class:`client.AsyncRewardClient`), never
 the model in-process: the served models to score with (:class:`Target`), each service checked and
-its model card recorded, every unique item scored once per model in concurrent chunks."""
+its model card recorded, every unique item scored once per model in concurrent chunks. A model
+with objectives gets each head's rewards from the same requests; an ensemble each member's reward
+and the members' spread (:class:`.uncertainty.EnsembleScores`)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 
 from ..utils import progress_bar
 from .datasets import ItemPool
+from .uncertainty import EnsembleScores
 
 if TYPE_CHECKING:
     from .config import EvalConfig
@@ -21,12 +24,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class Target:
-    """One served reward model: a URL and a model name (None: the service's default);
-    ``members``: also ask an ensemble for each member's reward (``return_members``)."""
+    """One served reward model: a URL and a model name (None: the service's default)."""
 
     url: str
     model: str | None
-    members: bool = False
     label: str = ""
     served_model: str = ""
     card: dict[str, Any] = field(default_factory=dict)
@@ -98,17 +99,71 @@ def card_objectives(card: dict[str, Any]) -> list[str]:
     return list(card.get("objectives") or [])
 
 
-async def score_items(client: Any, target: Target, items: list[dict], normalize: bool, progress: Callable[[int, int], None]):
+def card_ensemble(card: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``ensemble`` block of a model card (members, served aggregate and penalty), or None."""
+    return card.get("ensemble") or None
+
+
+def rule_in_effect(ensemble: dict[str, Any], aggregate: str | None, uncertainty_penalty: float | None) -> tuple[str, float | None]:
+    """The rule and λ an ensemble's reward is aggregated by: those asked for, else the served
+    default (λ None unless the rule is mean_minus_var)."""
+    rule = aggregate or ensemble["aggregate"]
+    if rule != "mean_minus_var":
+        return rule, None
+    return rule, float(uncertainty_penalty if uncertainty_penalty is not None else ensemble["uncertainty_penalty"])
+
+
+class EnsembleFlagError(ValueError):
+    """--aggregate, --uncertainty-penalty or --ood given for models they cannot apply to."""
+
+
+def check_ensemble_flags(targets: Sequence[Target], config: EvalConfig) -> None:
+    """Refuse, before any scoring, what the service would refuse on every request (and --ood with
+    no ensemble to measure), naming the fix. Needs the targets' cards (:func:`resolve_targets`)."""
+    asked = [f for f, v in (("--aggregate", config.aggregate), ("--uncertainty-penalty", config.uncertainty_penalty)) if v is not None]
+    for t in targets:
+        ensemble = card_ensemble(t.card)
+        where = f"{t.label} ({t.served_model} at {t.url})"
+        if ensemble is None:
+            if asked:
+                raise EnsembleFlagError(
+                    f"{' and '.join(asked)} choose how an ensemble's members' rewards become its reward, and {where} is not an "
+                    "ensemble (its /v1/models card has no 'ensemble'): leave them out, or evaluate an ensemble")
+            continue
+        rule = config.aggregate or ensemble["aggregate"]
+        if config.uncertainty_penalty is not None and rule != "mean_minus_var":
+            given = "--aggregate" if config.aggregate else "its served default"
+            raise EnsembleFlagError(
+                f"--uncertainty-penalty is the λ of mean_minus_var, and {where} would aggregate by {rule!r} ({given}): "
+                "add --aggregate mean_minus_var, or leave --uncertainty-penalty out")
+        if config.normalize and rule != "mean":
+            raise EnsembleFlagError(
+                f"--normalize uses the reward mean/std of the members' mean, and {where} would aggregate by {rule!r}: "
+                "add --aggregate mean, or leave --normalize out")
+    if config.ood and not any(card_ensemble(t.card) for t in targets):
+        labels = ", ".join(t.label for t in targets)
+        raise EnsembleFlagError(
+            f"--ood compares an ensemble's spread of member rewards on other inputs with the dev sets', and no model "
+            f"evaluated ({labels}) is an ensemble (no 'ensemble' on its /v1/models card): leave --ood out, or evaluate an ensemble")
+
+
+async def score_items(
+    client: Any, target: Target, items: list[dict], normalize: bool, progress: Callable[[int, int], None],
+    aggregate: str | None = None, uncertainty_penalty: float | None = None,
+):
     """THE scoring call of ``reward eval``: every item with one target, through the client.
-    Returns (rewards, {objective: rewards}, members); the heads' rewards come from the same
-    requests (``return_objectives``) when the target's card lists objectives, else the dict is
-    empty; ``members`` is each member's reward [items, K] when the target asks for them, else None."""
+    Returns (rewards, {objective: rewards}, EnsembleScores | None); the heads' rewards come from the
+    same requests (``return_objectives``) when the target's card lists objectives, else the dict
+    is empty; for an ensemble (its card has ``ensemble``) the members' rewards and spread come from
+    them too (``return_members``, ``return_uncertainty``), its reward aggregated by ``aggregate``
+    and ``uncertainty_penalty`` when given (else the served default)."""
     from client import RewardServiceError
 
     objectives = card_objectives(target.card)
+    ensemble = card_ensemble(target.card)
     kwargs: dict[str, Any] = {"return_objectives": True} if objectives else {}
-    if target.members:
-        kwargs["return_members"] = True
+    if ensemble:
+        kwargs.update(return_members=True, return_uncertainty=True, aggregate=aggregate, uncertainty_penalty=uncertainty_penalty)
     response = await client.score(items, model=target.model, normalize=normalize, progress=progress, **kwargs)
 
     def column(values: Any, what: str) -> np.ndarray:
@@ -121,33 +176,39 @@ async def score_items(client: Any, target: Target, items: list[dict], normalize:
     by_objective = getattr(response, "objectives", None) or {}
     heads = {name: column(by_objective.get(name), f"'{name}' rewards") for name in objectives}
     members = None
-    if target.members:
-        members = column(response.members, "members' rewards")
-        if members.ndim != 2:
-            raise RewardServiceError(None, "invalid_response", f"{target.url} returned members' rewards of uneven length")
+    if ensemble:
+        rows = column(response.members, "rows of member rewards")
+        if rows.ndim != 2 or rows.shape[1] != ensemble["members"]:
+            raise RewardServiceError(None, "invalid_response", f"{target.url} returned member rewards of shape "
+                                     f"{rows.shape} for {len(items)} items of an ensemble of {ensemble['members']}")
+        members = EnsembleScores(rows, column(response.ensemble_std, "ensemble_std values"),
+                                 *rule_in_effect(ensemble, aggregate, uncertainty_penalty))
     return scores, heads, members
 
 
 async def score_pool(
-    clients: dict[str, Any], targets: list[Target], items: list[dict], normalize: bool, progress: Any
-) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    clients: dict[str, Any], targets: list[Target], items: list[dict], normalize: bool, progress: Any,
+    aggregate: str | None = None, uncertainty_penalty: float | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, EnsembleScores]]:
     """Score every pool item with every target, chunks in flight concurrently. Returns scores per
     label, per-label timing, per label of a model with objectives each head's scores, and per
-    label of a target that asks for them each member's scores [items, K]."""
-    scores, timing, heads, members = {}, {}, {}, {}
+    label of an ensemble its members' rewards and spread (``aggregate`` and
+    ``uncertainty_penalty`` go to the ensembles)."""
+    scores, timing, heads, ensembles = {}, {}, {}, {}
     for t in targets:
         task = progress.add_task(f"scoring {t.label}", total=len(items))
         started = time.perf_counter()
-        scores[t.label], per_head, per_member = await score_items(
-            clients[t.url], t, items, normalize, lambda done, total, task=task: progress.update(task, completed=done)
+        scores[t.label], per_head, members = await score_items(
+            clients[t.url], t, items, normalize, lambda done, total, task=task: progress.update(task, completed=done),
+            aggregate, uncertainty_penalty,
         )
         seconds = time.perf_counter() - started
         if per_head:
             heads[t.label] = per_head
-        if per_member is not None:
-            members[t.label] = per_member
+        if members is not None:
+            ensembles[t.label] = members
         timing[t.label] = {"items": len(items), "seconds": seconds, "items_per_second": len(items) / seconds if seconds else None}
-    return scores, timing, heads, members
+    return scores, timing, heads, ensembles
 
 
 async def with_clients(urls: Iterable[str], config: EvalConfig, body: Callable[[dict[str, Any]], Any]):
@@ -164,14 +225,17 @@ async def with_clients(urls: Iterable[str], config: EvalConfig, body: Callable[[
 def score_through_service(config: EvalConfig, targets: list[Target], pool: ItemPool, *, resolve: bool):
     """Score every item of ``pool`` with every target, chunked and concurrent, with a progress bar;
     ``resolve`` first checks each target is served (resolve_targets) and records its card (so a
-    model with objectives gets its heads scored too). Returns (scores, timing, heads, members), as
-    :func:`score_pool`."""
+    model with objectives gets its heads scored too, an ensemble its members), then refuses
+    ensemble flags that cannot apply (EnsembleFlagError). Returns (scores, timing, heads,
+    ensembles), as :func:`score_pool`."""
 
     async def body(clients):
         if resolve:
             await resolve_targets(clients, targets)
+            check_ensemble_flags(targets, config)
         with progress_bar() as progress:
-            return await score_pool(clients, targets, pool.items, config.normalize, progress)
+            return await score_pool(clients, targets, pool.items, config.normalize, progress,
+                                    config.aggregate, config.uncertainty_penalty)
 
     return asyncio.run(with_clients([t.url for t in targets], config, body))
 
