@@ -182,6 +182,21 @@ def test_bad_proxy_rules_are_refused_before_any_sampling(world, server, tmp_path
     assert "sampling" not in err and "Traceback" not in err
 
 
+def test_the_preference_modes_flags_given_before_best_of_n(world, server, capsys):
+    """`reward eval --aggregate R best-of-n` is refused (the proxy's curve is its served rule's; the
+    rules are --proxy-rules), and a λ given before `best-of-n` reaches the rules' check (the two
+    modes share the flag's dest; the subparser does not reset it)."""
+    from trainer.evaluate.cli import main as eval_main
+
+    common = ["--url", server.url, "--model", "proxy", "--policy", str(world["policy"]), "--prompts", str(world["prompts"])]
+    code = eval_main(["eval", "--aggregate", "min", "best-of-n", *common, "--proxy-rules", "min"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--aggregate is for the preference mode" in err and "sampling" not in err, err
+    code = eval_main(["eval", "--uncertainty-penalty", "1", "best-of-n", *common, "--proxy-rules", "min"])
+    err = capsys.readouterr().err
+    assert code == 2 and "which --proxy-rules (min) does not name" in err and "sampling" not in err, err
+
+
 # --------------------------------------------------------------------------- PPO under a rule
 
 

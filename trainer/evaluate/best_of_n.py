@@ -216,6 +216,9 @@ def run_best_of_n(config: EvalConfig) -> int:
         rules = parse_proxy_rules(config)
     except EnsembleError as exc:
         return fail(str(exc), EXIT_INPUT)
+    if config.aggregate is not None:  # `reward eval --aggregate R best-of-n`: the preference mode's flag
+        return fail("--aggregate is for the preference mode: best-of-n draws the proxy's curve under its served rule; "
+                    "for a curve under each rule give --proxy-rules (e.g. --proxy-rules mean,min,mean_minus_var)", EXIT_INPUT)
     proxy = make_targets(urls, models)[0]
     proxy.members = bool(rules)
     gold = None
@@ -274,7 +277,8 @@ def run_best_of_n(config: EvalConfig) -> int:
 
     try:
         # --uncertainty-penalty here is the λ of mean_minus_var in --proxy-rules, applied below to
-        # the members, not sent: the proxy's reward stays the served default rule's
+        # the members, not sent: the proxy's reward stays the served default rule's (--aggregate
+        # was refused above)
         scores, timing, _, ensembles = score_through_service(
             dataclasses.replace(config, uncertainty_penalty=None), targets, pool, resolve=False)
     except RewardServiceError as exc:
