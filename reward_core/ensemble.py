@@ -23,6 +23,10 @@ Aggregation rules (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Over
 * ``mean_minus_var``: uncertainty-weighted, ``mean - uncertainty_penalty * var`` (the members'
   population variance).
 
+Callers (``reward eval best-of-n --proxy-rules``, ``reward ppo --reward-aggregate``) also name
+``member:M``, member M's reward alone, read from the members the service returns
+(:class:`RewardRule`, :func:`rule_rewards`).
+
 A directory without the field is a single model, read exactly as before. ``reward export-warm``
 (``trainer/warm.py``) averages the members' weights into such a single model
 (:func:`averaged_members_state`).
@@ -116,6 +120,54 @@ def aggregate_rewards(members: Any, rule: str = "mean", uncertainty_penalty: flo
     if rule == "mean":
         return mean
     return mean - uncertainty_penalty * members.var(axis=-1)
+
+
+MEMBER_RULE = "member:"
+
+
+@dataclass(frozen=True)
+class RewardRule:
+    """How a caller turns an ensemble's members' rewards into its reward: one of AGGREGATES (the
+    service's rules), or ``member:M``, member M's reward alone (the single proxy an over-
+    optimisation experiment compares the ensemble's rules with; a caller reads it from the
+    members the service returns, as the service has no such rule)."""
+
+    aggregate: str | None = None
+    member: int | None = None
+
+    def __str__(self) -> str:
+        return f"{MEMBER_RULE}{self.member}" if self.member is not None else str(self.aggregate)
+
+    def check_members(self, members: int) -> None:
+        """Refuse a member index the ensemble does not have."""
+        if self.member is not None and self.member >= members:
+            raise EnsembleError(f"rule {self} names member {self.member}, but the ensemble has {members} "
+                                f"(member:0 to member:{members - 1})")
+
+
+def parse_reward_rule(text: str) -> RewardRule:
+    """``mean``, ``min``, ``mean_minus_var`` or ``member:M`` (M >= 0), else an EnsembleError saying what is allowed."""
+    text = text.strip()
+    if text in AGGREGATES:
+        return RewardRule(aggregate=text)
+    if text.startswith(MEMBER_RULE):
+        index = text[len(MEMBER_RULE):]
+        if index.isdigit():
+            return RewardRule(member=int(index))
+    raise EnsembleError(f"unknown reward rule {text!r}: give one of {', '.join(AGGREGATES)} or member:M "
+                        f"(member M's reward alone, M from 0)")
+
+
+def rule_rewards(members: Any, rule: RewardRule, uncertainty_penalty: float = 1.0) -> Any:
+    """One reward per item [batch] from the members' rewards [batch, K] by ``rule``: the
+    service's formula (:func:`aggregate_rewards`), or member M's column."""
+    import numpy as np
+
+    members = np.asarray(members, dtype=np.float64)
+    if rule.member is not None:
+        rule.check_members(members.shape[-1])
+        return members[..., rule.member]
+    return aggregate_rewards(members, rule.aggregate, uncertainty_penalty)
 
 
 def member_agreement(members_a: Any, members_b: Any) -> Any:

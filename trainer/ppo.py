@@ -16,7 +16,10 @@ Every PPO detail is named here, in the order one step runs it (Ziegler et al. 20
    then wait for k. Batch k+1 is thus sampled by the policy before update k; PPO's ratio is taken
    against the behaviour log-probs recorded at sampling time, so this one-step lag is importance
    weighted (and clipped) rather than ignored. ``rm_wait_fraction`` in the log is the share of a
-   step spent waiting on the service.
+   step spent waiting on the service. An ensemble RM's reward follows ``reward_aggregate`` (a
+   rule the service applies, or ``member:M``, one member alone); the log records the rule and
+   the members' spread per batch (``ensemble_std``). ``gold_reward_model`` scores the same
+   responses for the log only (``gold_score``).
 3. **Reward** (:func:`shape_scores`, :func:`kl_penalized_rewards`): RM score minus the mean RM
    score of SFT samples measured before training (``shift_reward_to_reference``, so the reference
    earns 0 on average), minus ``missing_eos_penalty`` for a response that never ended, optionally
@@ -68,6 +71,7 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from client import AsyncRewardClient, RewardServiceError, ServiceUnavailable, served_card
+from reward_core.ensemble import EnsembleError, RewardRule, check_aggregate, parse_reward_rule
 from reward_core.formatting import render_policy_prompt
 from reward_core.forward import pad_token_id
 
@@ -107,6 +111,17 @@ class PPOConfig:
     # -- reward service
     reward_url: str = field(default="http://127.0.0.1:8000", metadata=flag_help("URL of `reward serve`."))
     reward_model: str | None = field(default=None, metadata=flag_help("Served model to score with (default: the service's default)."))
+    reward_aggregate: str | None = field(default=None, metadata=flag_help(
+        "An ensemble RM: the rule of the reward asked for: mean, min (worst case over members), mean_minus_var "
+        "(mean - reward_uncertainty_penalty x the members' variance) or member:M (member M's reward alone, read from "
+        "the members the service returns). Default: the served default rule."))
+    reward_uncertainty_penalty: float | None = field(default=None, metadata=flag_help(
+        "With --reward-aggregate mean_minus_var: its lambda (default: the served one)."))
+    gold_reward_model: str | None = field(default=None, metadata=flag_help(
+        "A held-out judge: every rollout is also scored by this served model, for the log only (gold_score); PPO "
+        "never optimises it, so a proxy score that rises while gold_score falls is over-optimisation."))
+    gold_reward_url: str | None = field(default=None, metadata=flag_help(
+        "Service of --gold-reward-model (default: --reward-url)."))
     reward_timeout: float = field(default=120.0, metadata=flag_help("Seconds per scoring request."))
     reward_max_retries: int = field(default=12, metadata=flag_help(
         "Retries of a scoring request on connection errors / 429 / 503 (a service restart)."))
@@ -199,6 +214,22 @@ class PPOConfig:
             raise PPOConfigError("kl_coef must be >= 0")
         if self.shift_reward_to_reference and self.reward_shift_batches < 1:
             raise PPOConfigError("reward_shift_batches must be >= 1")
+        if self.gold_reward_url is not None and self.gold_reward_model is None:
+            raise PPOConfigError("--gold-reward-url is where --gold-reward-model is served; give the model too")
+        self.reward_rule()
+
+    def reward_rule(self) -> RewardRule | None:
+        """The rule of --reward-aggregate (None: the served default), refused with what to fix."""
+        try:
+            rule = parse_reward_rule(self.reward_aggregate) if self.reward_aggregate is not None else None
+            if self.reward_uncertainty_penalty is not None:
+                if rule is None or rule.aggregate != "mean_minus_var":
+                    raise EnsembleError("--reward-uncertainty-penalty is the lambda of mean_minus_var; give it with "
+                                        "--reward-aggregate mean_minus_var, or leave it out")
+                check_aggregate("mean_minus_var", self.reward_uncertainty_penalty)
+        except EnsembleError as exc:
+            raise PPOConfigError(f"--reward-aggregate: {exc}") from None
+        return rule
 
 
 # =========================================================================== the PPO math
@@ -397,13 +428,36 @@ def response_logprobs(logits, response_ids, prompt_length: int, temperature: flo
 # =========================================================================== scoring over HTTP
 
 
+@dataclass
+class Scored:
+    """The rewards of one rollout as the service gave them: ``rewards`` (the rule's), and when the
+    RM is an ensemble its members' mean and standard deviation per response; ``gold`` the
+    held-out judge's scores when one is set."""
+
+    rewards: list[float]
+    ensemble_mean: list[float] | None = None
+    ensemble_std: list[float] | None = None
+    gold: list[float] | None = None
+
+
 class RewardScorer:
     """An ``AsyncRewardClient`` on its own event-loop thread, so the trainer's thread can run torch
-    while requests are in flight: :meth:`submit` returns a future of the scores."""
+    while requests are in flight: :meth:`submit` returns a future of the scores.
 
-    def __init__(self, url: str, model: str | None, client_options: dict[str, Any]) -> None:
+    ``rule`` (an ensemble's): an aggregate is sent as the request's ``aggregate`` (with
+    ``uncertainty_penalty``); ``member:M`` asks for each member's reward (``return_members``) and
+    takes column M. For an ensemble every request also asks for the members' mean and spread
+    (``return_uncertainty``). ``gold_model`` (at ``gold_url``) scores the same responses for the log."""
+
+    def __init__(self, url: str, model: str | None, client_options: dict[str, Any], *, rule: RewardRule | None = None,
+                 uncertainty_penalty: float | None = None, gold_model: str | None = None, gold_url: str | None = None) -> None:
         self.url = url
         self.model = model
+        self.rule = rule
+        self.uncertainty_penalty = uncertainty_penalty
+        self.gold_model = gold_model
+        self.gold_url = gold_url or url
+        self.ensemble = None  # the served model's EnsembleCard, known after check()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="reward-scorer", daemon=True)
         self._thread.start()
@@ -412,35 +466,88 @@ class RewardScorer:
         async def make():
             return AsyncRewardClient(url, **client_options)
 
+        async def make_gold():
+            return AsyncRewardClient(self.gold_url, **client_options) if gold_model and self.gold_url != url else None
+
         self.client = self._call(make())
+        self.gold_client = self._call(make_gold())
 
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def check(self, max_retries: int) -> str:
         """``name@version`` of the model that will score; RewardServiceError when the service cannot
-        be reached (after ``max_retries``) or does not serve the model."""
-        async def check():
+        be reached (after ``max_retries``) or does not serve the model (or the gold one), and
+        PPOConfigError when ``rule`` cannot apply to it (not an ensemble; no such member)."""
+        async def card_of(url: str, model: str | None):
             options = {**self._client_options, "max_retries": max_retries}
-            async with AsyncRewardClient(self.url, **options) as probe:
+            async with AsyncRewardClient(url, **options) as probe:
                 listing = await probe.models()
-            card = served_card(listing, self.model, self.url)
-            return f"{card.name}@{card.version}"
+            return served_card(listing, model, url)
 
-        return self._call(check())
+        card = self._call(card_of(self.url, self.model))
+        served = f"{card.name}@{card.version}"
+        self.ensemble = card.ensemble
+        if self.rule is not None:
+            if card.ensemble is None:
+                raise PPOConfigError(f"--reward-aggregate {self.rule}: {served} at {self.url} is not an ensemble (its "
+                                     "model card has no 'ensemble'); leave --reward-aggregate out")
+            try:
+                self.rule.check_members(card.ensemble.members)
+            except EnsembleError as exc:
+                raise PPOConfigError(f"--reward-aggregate: {exc}") from None
+        if self.gold_model is not None:
+            self._call(card_of(self.gold_url, self.gold_model))
+        return served
+
+    def describe_rule(self) -> dict[str, Any]:
+        """The rule the rewards follow, as the log records it: ``reward_rule`` (a rule, or "single
+        model") and ``reward_uncertainty_penalty`` (the lambda, for mean_minus_var only)."""
+        if self.ensemble is None:
+            return {"reward_rule": "single model", "reward_uncertainty_penalty": None}
+        rule = str(self.rule) if self.rule is not None else self.ensemble.aggregate
+        penalty = None
+        if rule == "mean_minus_var":
+            penalty = self.uncertainty_penalty if self.uncertainty_penalty is not None else self.ensemble.uncertainty_penalty
+        return {"reward_rule": rule, "reward_uncertainty_penalty": penalty}
+
+    def _request(self) -> dict[str, Any]:
+        """The ensemble fields of a score request."""
+        if self.ensemble is None:
+            return {}
+        if self.rule is not None and self.rule.member is not None:
+            return {"return_members": True, "return_uncertainty": True}
+        fields: dict[str, Any] = {"return_uncertainty": True}
+        if self.rule is not None:
+            fields["aggregate"] = self.rule.aggregate
+            fields["uncertainty_penalty"] = self.uncertainty_penalty
+        return fields
 
     def submit(self, items: list[dict]) -> Future:
+        """A future of the rollout's :class:`Scored`."""
         async def score():
-            response = await self.client.score(items, model=self.model)
-            if len(response.scores) != len(items):
-                raise RewardServiceError(None, "invalid_response", f"{len(response.scores)} scores for {len(items)} items")
-            return list(response.scores)
+            fields = self._request()
+            requests = [self.client.score(items, model=self.model, **fields)]
+            if self.gold_model is not None:
+                requests.append((self.gold_client or self.client).score(items, model=self.gold_model))
+            response, *gold = await asyncio.gather(*requests)
+            for answer in (response, *gold):
+                if len(answer.scores) != len(items):
+                    raise RewardServiceError(None, "invalid_response", f"{len(answer.scores)} scores for {len(items)} items")
+            rewards = list(response.scores)
+            if fields.get("return_members"):
+                if response.members is None or len(response.members) != len(items):
+                    raise RewardServiceError(None, "invalid_response", f"no members' rewards for {self.rule}")
+                rewards = [row[self.rule.member] for row in response.members]
+            return Scored(rewards, response.ensemble_mean, response.ensemble_std, list(gold[0].scores) if gold else None)
 
         return asyncio.run_coroutine_threadsafe(score(), self._loop)
 
     def close(self) -> None:
         try:
             self._call(self.client.aclose())
+            if self.gold_client is not None:
+                self._call(self.gold_client.aclose())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
@@ -474,6 +581,15 @@ class Rollout:
         return {k: (v.cpu() if hasattr(v, "cpu") else v) for k, v in asdict(self).items()}
 
 
+def batch_means(scored: Scored) -> dict[str, float]:
+    """What the log records of a rollout's scores beyond the reward: the batch means of the
+    ensemble's members' mean (``ensemble_mean``) and spread (``ensemble_std``, which rises as the
+    policy drifts where the members disagree) and of the gold judge's score (``gold_score``), each
+    when there is one."""
+    values = {"ensemble_mean": scored.ensemble_mean, "ensemble_std": scored.ensemble_std, "gold_score": scored.gold}
+    return {key: float(sum(v) / len(v)) for key, v in values.items() if v}
+
+
 @dataclass
 class PPOResult:
     output_dir: Path
@@ -497,9 +613,14 @@ class PPOTrainer:
         self.scorer = RewardScorer(config.reward_url, config.reward_model, dict(
             timeout=config.reward_timeout, max_retries=config.reward_max_retries,
             backoff=config.reward_backoff, backoff_max=config.reward_backoff_max,
-        ))
+        ), rule=config.reward_rule(), uncertainty_penalty=config.reward_uncertainty_penalty,
+            gold_model=config.gold_reward_model, gold_url=config.gold_reward_url)
         try:
             self.served_model = self.scorer.check(config.startup_max_retries)
+            self.rule_log = self.scorer.describe_rule()
+            log.info("scoring with %s at %s, rule %s%s", self.served_model, config.reward_url, self.rule_log["reward_rule"],
+                     "" if self.rule_log["reward_uncertainty_penalty"] is None
+                     else f" (lambda {self.rule_log['reward_uncertainty_penalty']:g})")
             self._build_models()
         except BaseException:
             self.scorer.close()
@@ -678,7 +799,7 @@ class PPOTrainer:
         scores: list[float] = []
         for _ in range(self.config.reward_shift_batches):
             rollout = self.generate_rollout(0)
-            scores += self.scorer.submit(rollout.items()).result()
+            scores += self.scorer.submit(rollout.items()).result().rewards
         return sum(scores) / len(scores)
 
     def run(self) -> PPOResult:
@@ -705,13 +826,14 @@ class PPOTrainer:
                     if config.overlap_scoring and step < config.total_steps:
                         self.pending = self.generate_rollout(step + 1)  # while rollout `step` is being scored
                     wait_started = time.perf_counter()
-                    raw_scores = scores_future.result()
+                    scored = scores_future.result()
                     waited = time.perf_counter() - wait_started
                     assert rollout.index == step, "a rollout must feed exactly the update it was generated for"
-                    stats = self.update(rollout, raw_scores)
+                    stats = self.update(rollout, scored.rewards)
                     self.step = step
                     step_seconds = time.perf_counter() - step_started
-                    entry = {"step": step, **stats, "rm_wait_s": waited, "rm_wait_fraction": waited / step_seconds,
+                    entry = {"step": step, **stats, **self.rule_log, **batch_means(scored),
+                             "rm_wait_s": waited, "rm_wait_fraction": waited / step_seconds,
                              "generate_s": wait_started - step_started, "step_s": step_seconds,
                              "samples": [{"prompt": p[-1]["content"], "response": t}
                                          for p, t in zip(rollout.prompts[: config.log_samples], rollout.texts)]}

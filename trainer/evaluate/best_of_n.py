@@ -1,10 +1,23 @@
 """``reward eval best-of-n``: N samples per prompt from a causal LM (in-process, transformers
 ``generate``), scored by the service; the exact best-of-n curve (:func:`.metrics.best_of_n_curve`)
-with the proxy and, given one, the gold reward model."""
+with the proxy and, given one, the gold reward model.
+
+With ``--proxy-rules`` the proxy is an ensemble picked by several rules from the same samples
+(:func:`proxy_rule_curves`). The samples are scored once, with each member's reward
+(``return_members``), and each rule's reward is derived here from the members with
+:func:`reward_core.ensemble.rule_rewards`, the function the service aggregates with: one
+scoring pass instead of one per rule, every rule ranks exactly the same samples, and ``member:M``
+(which the service has no rule for) comes from the same answer: the members are those of the
+proxy's :class:`.uncertainty.EnsembleScores`, which :func:`.scoring.score_items` returns for every
+ensemble target. The report checks the derivation against the service on every sample: the served
+default rule, computed here from the members, against the reward the service returned with them
+(``by_rule_check``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import sys
@@ -13,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from reward_core.ensemble import EnsembleError, RewardRule, check_aggregate, parse_reward_rule, rule_rewards
 from reward_core.formatting import parse_prompt, render_policy_prompt
 from reward_core.forward import pad_token_id
 
@@ -24,7 +38,7 @@ from .datasets import ItemPool
 from .metrics import best_of_n_curve
 from .report import EXIT_INPUT, EXIT_SERVICE, SCHEMA_VERSION, fail, finish_report, utc_now
 from .scoring import (
-    Target, make_targets, resolve_targets, score_through_service, service_error_message, with_clients,
+    Target, card_ensemble, make_targets, resolve_targets, score_through_service, service_error_message, with_clients,
 )
 
 
@@ -143,13 +157,70 @@ def generate_samples(
     return out
 
 
+# Largest |served reward - the served default rule computed here from the members| that still
+# counts as the same formula: the members travel as JSON floats of float32 rewards.
+RULE_CHECK_TOLERANCE = 1e-4
+
+
+def parse_proxy_rules(config: EvalConfig) -> list[RewardRule]:
+    """The rules of ``--proxy-rules`` (each once, in order), refused with what to fix: an unknown
+    rule, ``--uncertainty-penalty`` without mean_minus_var or not a finite number >= 0, and
+    ``--normalize`` (the reward statistics are the members' mean's, not any rule's)."""
+    if not config.proxy_rules:
+        if config.uncertainty_penalty is not None:
+            raise EnsembleError("--uncertainty-penalty is the lambda of mean_minus_var in --proxy-rules; give "
+                                "--proxy-rules with mean_minus_var, or leave it out")
+        return []
+    rules = list(dict.fromkeys(parse_reward_rule(text) for text in config.proxy_rules))
+    if config.uncertainty_penalty is not None:
+        if not any(r.aggregate == "mean_minus_var" for r in rules):
+            raise EnsembleError(f"--uncertainty-penalty is the lambda of mean_minus_var, which --proxy-rules "
+                                f"({', '.join(map(str, rules))}) does not name; add it, or leave the penalty out")
+        check_aggregate("mean_minus_var", config.uncertainty_penalty)
+    if config.normalize:
+        raise EnsembleError("--normalize is not for --proxy-rules: the model's reward statistics are those of its "
+                            "members' mean, not of each rule; leave --normalize out")
+    return rules
+
+
+def proxy_rule_curves(
+    rules: Sequence[RewardRule], members: np.ndarray, uncertainty_penalty: float, gold_scores: np.ndarray | None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Per rule, the best-of-n curve of the proxy picked by that rule. ``members``: each member's
+    reward [prompts, N, K]. Each row: n, kl, the rule's proxy reward, the gold reward of its pick
+    and the members' standard deviation at its pick (how much they disagree about what the rule
+    picks), each a mean over prompts with its standard error."""
+    spread = members.std(axis=-1)
+    curves = {}
+    for rule in rules:
+        scores = rule_rewards(members, rule, uncertainty_penalty)
+        curve = best_of_n_curve(scores, gold_scores)
+        at_pick = best_of_n_curve(scores, spread)
+        curves[str(rule)] = [
+            {"n": n, "kl": curve["kl"][i], "proxy_reward": curve["proxy"][i], "proxy_reward_sem": curve["proxy_sem"][i],
+             "gold_reward": curve["gold"][i] if gold_scores is not None else None,
+             "gold_reward_sem": curve["gold_sem"][i] if gold_scores is not None else None,
+             "ensemble_std": at_pick["gold"][i], "ensemble_std_sem": at_pick["gold_sem"][i]}
+            for i, n in enumerate(curve["n"])
+        ]
+    return curves
+
+
 def run_best_of_n(config: EvalConfig) -> int:
     from client import RewardServiceError
 
     urls, models = list(config.urls or []), list(config.models or [])
     if len(urls) > 1 or len(models) > 1:
         return fail("best-of-n takes one proxy reward model (one --url, one --model); the gold one is --gold-model/--gold-url", EXIT_INPUT)
+    try:
+        rules = parse_proxy_rules(config)
+    except EnsembleError as exc:
+        return fail(str(exc), EXIT_INPUT)
+    if config.aggregate is not None:  # `reward eval --aggregate R best-of-n`: the preference mode's flag
+        return fail("--aggregate is for the preference mode: best-of-n draws the proxy's curve under its served rule; "
+                    "for a curve under each rule give --proxy-rules (e.g. --proxy-rules mean,min,mean_minus_var)", EXIT_INPUT)
     proxy = make_targets(urls, models)[0]
+    proxy.members = bool(rules)
     gold = None
     if config.gold_model or config.gold_url:
         gold = Target(config.gold_url or proxy.url, config.gold_model)
@@ -171,6 +242,17 @@ def run_best_of_n(config: EvalConfig) -> int:
         asyncio.run(with_clients([t.url for t in targets], config, check))
     except RewardServiceError as exc:
         return fail(service_error_message(exc), EXIT_SERVICE)
+    ensemble = card_ensemble(proxy.card)
+    if rules:
+        if not ensemble:
+            return fail(f"--proxy-rules needs an ensemble proxy; {proxy.served_model} at {proxy.url} is a single model "
+                        "(its model card has no 'ensemble')", EXIT_INPUT)
+        try:
+            for rule in rules:
+                rule.check_members(ensemble["members"])
+        except EnsembleError as exc:
+            return fail(f"--proxy-rules: {exc}", EXIT_INPUT)
+    penalty = config.uncertainty_penalty if config.uncertainty_penalty is not None else (ensemble or {}).get("uncertainty_penalty")
 
     N = config.n_samples
     print(f"reward eval: best-of-{N}: {len(prompts)} prompts from {source}, policy {policy}", file=sys.stderr)
@@ -194,12 +276,30 @@ def run_best_of_n(config: EvalConfig) -> int:
     index = np.array([[pool.add(p, s) for s in row] for p, row in zip(prompts, samples)], dtype=np.int64)
 
     try:
-        scores, timing, _, _ = score_through_service(config, targets, pool, resolve=False)
+        # --uncertainty-penalty here is the λ of mean_minus_var in --proxy-rules, applied below to
+        # the members, not sent: the proxy's reward stays the served default rule's (--aggregate
+        # was refused above)
+        scores, timing, _, ensembles = score_through_service(
+            dataclasses.replace(config, uncertainty_penalty=None), targets, pool, resolve=False)
     except RewardServiceError as exc:
         return fail(service_error_message(exc), EXIT_SERVICE)
 
     proxy_scores = scores[proxy.label][index]
     gold_scores = scores[gold.label][index] if gold else None
+    by_rule, check, member_scores = None, None, None
+    if rules:
+        # the proxy's card (resolved above) has `ensemble`, so its members came with its rewards
+        # (score_items checks there are as many per item as the card says)
+        member_scores = ensembles[proxy.label].members[index]  # [prompts, N, K]
+        by_rule = proxy_rule_curves(rules, member_scores, penalty, gold_scores)
+        served = RewardRule(aggregate=ensemble["aggregate"])
+        difference = float(np.abs(rule_rewards(member_scores, served, ensemble["uncertainty_penalty"]) - proxy_scores).max())
+        check = {"served_rule": str(served), "served_uncertainty_penalty": ensemble["uncertainty_penalty"],
+                 "max_abs_diff": difference, "tolerance": RULE_CHECK_TOLERANCE, "ok": difference <= RULE_CHECK_TOLERANCE}
+        if not check["ok"]:
+            print(f"reward eval: warning: the served default rule {served} computed from the members differs from the "
+                  f"service's reward by up to {difference:.2g}: the rules derived here may not be the service's",
+                  file=sys.stderr)
     curve = best_of_n_curve(proxy_scores, gold_scores)
     rows = [
         {"n": n, "kl": curve["kl"][i], "proxy_reward": curve["proxy"][i], "proxy_reward_sem": curve["proxy_sem"][i],
@@ -217,6 +317,10 @@ def run_best_of_n(config: EvalConfig) -> int:
             "policy": str(policy), "n_prompts": len(prompts), "n_samples": N, "prompts_source": source,
             "generation": {**generation, "prompts_truncated": len(truncated)}, "proxy": proxy.label, "gold": gold.label if gold else None,
             "curve": rows, "samples_file": "samples.jsonl" if config.report else None,
+            "proxy_rules": [str(r) for r in rules] or None,
+            "members": ensemble["members"] if rules else None,
+            "uncertainty_penalty": penalty if any(r.aggregate == "mean_minus_var" for r in rules) else None,
+            "by_rule": by_rule, "by_rule_check": check,
         },
     }
     if config.report:
@@ -228,5 +332,7 @@ def run_best_of_n(config: EvalConfig) -> int:
                     line = {"prompt_index": p, "sample_index": s, "prompt": messages, "response": text,
                             "proxy_score": float(proxy_scores[p, s]),
                             "gold_score": float(gold_scores[p, s]) if gold_scores is not None else None}
+                    if member_scores is not None:
+                        line["proxy_members"] = member_scores[p, s].tolist()
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return finish_report(report, config)

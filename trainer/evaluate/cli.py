@@ -13,6 +13,8 @@ Two modes::
     # best-of-N of a policy (samples generated in-process with transformers), scored by the service
     reward eval best-of-n --policy path/to/causal-lm --data prompts.jsonl --n 16 \\
         --model proxy --gold-model gold --report out/
+    # an ensemble proxy read by several rules, from the same samples
+    reward eval best-of-n ... --proxy-rules member:0,mean,min,mean_minus_var --uncertainty-penalty 1
 
 An ensemble (its model card has ``ensemble``) is scored with each member's reward and the
 members' spread from the same requests, and the report gains an Uncertainty section
@@ -71,6 +73,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _comma_list(text: str) -> list[str]:
+    """``a,b,c`` as a list, blanks dropped; run_best_of_n says which names are not rules."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _penalty(text: str) -> float:
     try:
         value = float(text)
@@ -126,7 +133,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "For each prompt, sample N responses from a causal LM (in-process, transformers generate) and score them "
             "with the service; report the exact expected best-of-n reward for n = 1, 2, 4, ..., N with the analytic "
-            "KL log n - (n-1)/n, and with --gold-model/--gold-url the gold reward of the proxy's pick."
+            "KL log n - (n-1)/n, and with --gold-model/--gold-url the gold reward of the proxy's pick. An ensemble proxy "
+            "is scored under several rules from the same samples with --proxy-rules."
         ),
     )
     _add_service_flags(bon, suppress=True)
@@ -147,6 +155,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     _flag(bon, "--trust-remote-code", "trust_remote_code", action="store_true")
     _flag(bon, "--gold-model", "gold_model", metavar="NAME")
     _flag(bon, "--gold-url", "gold_url", metavar="URL")
+    _flag(bon, "--proxy-rules", "proxy_rules", type=_comma_list, metavar="RULE[,RULE...]")
+    # the preference mode's dest (an ensemble's λ): suppressed so a λ given before ``best-of-n`` is kept;
+    # a float here, checked by run_best_of_n with the rules (exit 2 naming the fix)
+    _flag(bon, "--uncertainty-penalty", "uncertainty_penalty", suppress=True, type=float, metavar="LAMBDA")
     bon.set_defaults(func=run_eval, eval_mode="best-of-n")
     return parser
 

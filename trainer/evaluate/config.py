@@ -49,7 +49,8 @@ class EvalConfig:
         "an ensemble: aggregate its members' rewards by this rule instead of the served default "
         "(mean, min, mean_minus_var); refused for a model that is not an ensemble"))
     uncertainty_penalty: float | None = field(default=None, metadata=_help(
-        "an ensemble aggregated by mean_minus_var: the λ of mean - λ·var (default: the served one)"))
+        "an ensemble aggregated by mean_minus_var: the λ of mean - λ·var (default: the served one); in best-of-n, "
+        "the λ of mean_minus_var in --proxy-rules (default: the proxy's served one)"))
     ood: list[str] | None = field(default=None, metadata=_help(
         "responses unlike the dev sets, to compare an ensemble's spread on them with the dev sets' (repeatable): "
         "preference data (each response), or JSONL of {prompt, response}, {messages} or reward ppo's metrics.jsonl "
@@ -78,6 +79,10 @@ class EvalConfig:
         "gold reward model served by the proxy's service (or --gold-url's)"))
     gold_url: str | None = field(default=None, metadata=_help(
         "service of the gold reward model (its default model unless --gold-model)"))
+    proxy_rules: list[str] | None = field(default=None, metadata=_help(
+        "the proxy is an ensemble: a best-of-n curve for each of these rules from the same samples, comma-separated: "
+        "mean, min, mean_minus_var, member:M (member M alone); scored once with each member's reward, each rule "
+        "derived from the members with the service's formula"))
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "EvalConfig":

@@ -78,7 +78,15 @@ kind "best_of_n" adds::
                 prompts_truncated (how many prompts kept only their most recent tokens), seed}, proxy LABEL, gold LABEL | null,
                 curve: [{n, kl, proxy_reward, proxy_reward_sem, gold_reward, gold_reward_sem}],
                 samples_file "samples.jsonl" (one line per sample: prompt_index, sample_index,
-                prompt, response, proxy_score, gold_score)}
+                prompt, response, proxy_score, gold_score; with --proxy-rules also proxy_members
+                [each member's reward]),
+                proxy_rules [RULE, ...] | null (--proxy-rules: mean, min, mean_minus_var, member:M),
+                members K | null, uncertainty_penalty (the lambda of mean_minus_var) | null,
+                by_rule {RULE: [{n, kl, proxy_reward, proxy_reward_sem, gold_reward, gold_reward_sem,
+                         ensemble_std, ensemble_std_sem}]} | null   # the proxy picked by each rule
+                by_rule_check {served_rule, served_uncertainty_penalty, max_abs_diff, tolerance, ok} | null
+                    # the served default rule computed from the members against the service's reward}
+    plots: best_of_n_rules (with --proxy-rules) beside best_of_n
 """
 
 from __future__ import annotations
@@ -430,11 +438,38 @@ def _render_best_of_n(report: dict[str, Any]) -> str:
             row.append(f"{_num(r['gold_reward'])} ± {_num(r['gold_reward_sem'])}")
         rows.append(row)
     out.append(_table(header, rows))
+    if b.get("by_rule"):
+        out.append(_render_rules(b))
     if b.get("samples_file"):
         out.append(f"\nSamples and their scores: `{b['samples_file']}`.\n")
     plots = report.get("plots", {})
     if plots:
         out.append("\n" + "".join(f"![{kind}]({file})\n" for kind, file in plots.items()))
+    return "".join(out)
+
+
+def _render_rules(b: dict[str, Any]) -> str:
+    """The --proxy-rules tables: per n, each rule's proxy reward, the gold reward of its pick and
+    the members' spread at its pick."""
+    rules = list(b["by_rule"])
+    penalty = f" (λ = {_num(b['uncertainty_penalty'])})" if b.get("uncertainty_penalty") is not None else ""
+    check = b.get("by_rule_check") or {}
+    out = [
+        f"\n## The proxy under each rule\n\nThe proxy is an ensemble of {b['members']} members; each rule picks from "
+        f"the same samples{penalty}. The samples were scored once with each member's reward and each rule derived from "
+        "the members with the service's formula (`member:M`: member M alone). Check: the served default rule "
+        f"`{check.get('served_rule')}` computed that way differs from the service's reward by at most "
+        f"{_num(check.get('max_abs_diff'), 7)} ({'ok' if check.get('ok') else 'NOT the same formula'}).\n\n"
+    ]
+    sections = [("Gold reward of each rule's pick", "gold_reward"), ("Proxy reward under each rule", "proxy_reward"),
+                ("Members' standard deviation at each rule's pick", "ensemble_std")]
+    for title, key in sections:
+        if key == "gold_reward" and not b["gold"]:
+            continue
+        rows = [[r["n"], _num(r["kl"], 4)] + [f"{_num(b['by_rule'][rule][i][key])} ± {_num(b['by_rule'][rule][i][key + '_sem'])}"
+                                             for rule in rules]
+                for i, r in enumerate(b["by_rule"][rules[0]])]
+        out.append(f"{title} (mean over prompts ± standard error):\n\n" + _table(["n", "KL (nats)"] + rules, rows) + "\n")
     return "".join(out)
 
 
@@ -463,7 +498,10 @@ def write_plots(report: dict[str, Any], out: Path, scores: dict[str, np.ndarray]
     if plt is None:
         return {}
     if report["kind"] == "best_of_n":
-        return {"best_of_n": _plot_best_of_n(plt, report, out)}
+        plots = {"best_of_n": _plot_best_of_n(plt, report, out)}
+        if report["best_of_n"].get("by_rule"):
+            plots["best_of_n_rules"] = _plot_best_of_n_rules(plt, report, out)
+        return plots
     plots: dict[str, Any] = {}
     by_name = {d.name: d for d in (datasets or [])}
     for name, d in report["datasets"].items():
@@ -540,3 +578,25 @@ def _plot_best_of_n(plt, report: dict[str, Any], out: Path) -> str:
     ax.set_title(f"Best-of-N (N={b['n_samples']}, {b['n_prompts']} prompts)")
     ax.legend(fontsize=8)
     return _save(plt, fig, out / "best-of-n.png")
+
+
+def _plot_best_of_n_rules(plt, report: dict[str, Any], out: Path) -> str:
+    """Per rule against the analytic KL: the proxy's gain over n = 1 (each rule on its own scale),
+    the gold reward of the rule's pick (one scale for all: over-optimisation is where it turns
+    down), and the members' spread at the pick. Bars: ± standard error."""
+    b = report["best_of_n"]
+    panels = [("proxy_reward", "proxy reward under the rule, minus n=1", True)]
+    if b["gold"]:
+        panels.append(("gold_reward", f"gold reward ({b['gold']}) of the rule's pick", False))
+    panels.append(("ensemble_std", "members' std at the rule's pick", False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (key, ylabel, relative) in zip(axes[0], panels):
+        for rule, curve in b["by_rule"].items():
+            base = curve[0][key] if relative else 0.0
+            ax.errorbar([r["kl"] for r in curve], [r[key] - base for r in curve],
+                        yerr=[r[f"{key}_sem"] or 0.0 for r in curve], marker="o", capsize=3, label=rule)
+        ax.set_xlabel("KL(best-of-n || policy) = log n - (n-1)/n  [nats]")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Best-of-N by proxy rule (N={b['n_samples']}, {b['n_prompts']} prompts, ensemble of {b['members']})")
+    return _save(plt, fig, out / "best-of-n-rules.png")

@@ -1,0 +1,359 @@
+"""Ensembles against over-optimisation (issue 20), measured with the gold-vs-proxy harness: the
+proxy reward is an ensemble's, read by each rule (one member alone, the mean, the worst case, the
+uncertainty-weighted mean); a held-out gold RM judges what each rule's optimisation bought.
+
+    python scripts/overoptimisation.py PROXY_ENSEMBLE_DIR GOLD_DIR [OUT_DIR]
+    (or: bash scripts/overoptimisation.sh ...)
+
+PROXY_ENSEMBLE_DIR is an ensemble model directory (`reward train-rm --ensemble K`); GOLD_DIR any
+model directory `reward serve` loads, which neither best-of-N nor PPO optimises. One service
+serves both (proxy, gold). Then:
+
+1. best-of-N from the starting policy on held-out prompts, every rule from the same samples
+   (`reward eval best-of-n --proxy-rules`): gold and proxy against the analytic KL
+   log n - (n-1)/n for n = 1, 2, 4, ..., BON_N;
+2. PPO from the same policy for every rule and seed (`reward ppo --reward-aggregate RULE
+   --gold-reward-model gold`): each rollout's proxy score, gold score and members' spread
+   against its measured KL. The KL penalty is fixed and small, so the policy keeps drifting
+   until the single proxy is gamed (the gold score falls while the proxy's rises);
+3. the numbers and plots into REPORT_DIR: summary.json, README.md, overoptimisation.png,
+   best_of_n.csv, ppo_curves.csv, the best-of-N report and each PPO run's metrics.jsonl.
+
+The SFT policy, the best-of-N report and each PPO run that finished (its policy/ exists) are
+kept and not made again, and a PPO run that was stopped resumes from its checkpoint, so the same
+command picks up where a stopped experiment left off (delete OUT_DIR/best-of-n, or a run's folder,
+to redo it with other sizes).
+
+Sizes and paths from the environment: DATA (../shared/data), RULES
+(member:0,mean,min,mean_minus_var), UNCERTAINTY_PENALTY (1.0: the lambda of mean_minus_var),
+SEEDS (1,2,3: PPO seeds), BON_N (64), BON_PROMPTS (200, of HH-harmless dev), PPO_STEPS (200),
+ROLLOUT (64), MAX_NEW_TOKENS (32), KL_COEF (0.005, fixed), PPO_LR (5e-5), WINDOW (10: PPO steps
+averaged into one point of a curve), SFT (the starting policy: a causal-LM directory, e.g. the
+PPO demo's runs/ppo-demo/sft; else a tiny GPT-2 is SFT'd as the demo does, SFT_STEPS (600) and
+DEMOS (2000)), PROMPTS (PPO's prompt file; default HH-harmless train), HELD_OUT (best-of-N's
+prompt file; default HH-harmless dev), REPORT_DIR (reports/overoptimisation), DEVICE (auto),
+THREADS (torch threads of PPO; default torch's choice).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(SCRIPTS))
+
+from ppo_demo import MAX_PROMPT_LENGTH, env, free_port, reward, tiny_policy  # noqa: E402
+from trainer.data import load_preferences  # noqa: E402
+from trainer.loop import wait_until_ready  # noqa: E402
+
+
+def rule_slug(rule: str) -> str:
+    return rule.replace(":", "-")
+
+
+def sem(values: list[float]) -> float | None:
+    """Standard error of the mean; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def starting_policy(out: Path, data: Path, device: str) -> Path:
+    """SFT when given; else the PPO demo's tiny GPT-2, SFT'd on HH-harmless demonstrations."""
+    if env("SFT", ""):
+        return Path(env("SFT", "")).resolve()
+    sft = out / "sft"
+    if not (sft / "config.json").is_file():
+        demos = f"{data / 'hh-harmless' / 'train.jsonl.gz'}:1:{env('DEMOS', '2000')}"
+        records = load_preferences([demos]).records
+        texts = [m["content"] for r in records for m in r.prompt] + [r.best for r in records]
+        init = tiny_policy(out / "policy-init", texts)
+        reward("sft", "--model", str(init), "--data", demos, "--output-dir", str(sft), "--max-length", "256",
+               "--batch-size", "16", "--learning-rate", "1e-3", "--max-steps", env("SFT_STEPS", "600"), "--device", device)
+    return sft
+
+
+def prompt_files(out: Path, data: Path) -> tuple[Path, Path]:
+    """PPO's prompts (HH-harmless train) and best-of-N's held-out ones (HH-harmless dev), unless given."""
+    files = []
+    for variable, split in (("PROMPTS", "train"), ("HELD_OUT", "dev")):
+        if env(variable, ""):
+            files.append(Path(env(variable, "")).resolve())
+            continue
+        path = out / f"{split}_prompts.jsonl"
+        records = load_preferences([str(data / "hh-harmless" / f"{split}.jsonl.gz")]).records
+        path.write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in records))
+        files.append(path)
+    return files[0], files[1]
+
+
+def run_best_of_n(url: str, policy: Path, held_out: Path, rules: list[str], out: Path, device: str) -> dict:
+    report = out / "best-of-n"
+    if (report / "report.json").is_file():
+        print(f"+ {report} done before; not run again (delete it to sample again)", flush=True)
+        return json.loads((report / "report.json").read_text())
+    reward("eval", "best-of-n", "--url", url, "--model", "proxy", "--gold-model", "gold", "--policy", str(policy),
+           "--prompts", str(held_out), "--max-prompts", env("BON_PROMPTS", "200"), "--n", env("BON_N", "64"),
+           "--max-new-tokens", env("MAX_NEW_TOKENS", "32"), "--max-prompt-length", MAX_PROMPT_LENGTH,
+           "--proxy-rules", ",".join(rules), *penalty_flag(rules, "--uncertainty-penalty"),
+           "--device", device, "--report", str(report))
+    return json.loads((report / "report.json").read_text())
+
+
+def penalty_flag(rules: list[str], flag: str) -> list[str]:
+    return [flag, env("UNCERTAINTY_PENALTY", "1.0")] if "mean_minus_var" in rules else []
+
+
+def run_ppo(url: str, policy: Path, prompts: Path, rule: str, seed: str, run_dir: Path, device: str) -> None:
+    if (run_dir / "policy" / "config.json").is_file():
+        print(f"+ {run_dir} finished before; not run again", flush=True)
+        return
+    rollout = env("ROLLOUT", "64")
+    # A fixed, small beta (no adaptive controller holding the KL at a target): the policy keeps
+    # drifting from the reference, far enough for a single proxy to be gamed. The PPO demo's
+    # adaptive 6-nat target showed no over-optimisation yet.
+    threads = ["--num-threads", env("THREADS", "")] if env("THREADS", "") else []
+    reward("ppo", "--policy", str(policy), "--prompts", str(prompts), "--output-dir", str(run_dir),
+           "--reward-url", url, "--reward-model", "proxy", "--reward-aggregate", rule,
+           *penalty_flag([rule], "--reward-uncertainty-penalty"), "--gold-reward-model", "gold",
+           "--total-steps", env("PPO_STEPS", "200"), "--rollout-batch-size", rollout,
+           "--minibatch-size", str(min(16, int(rollout))), "--max-new-tokens", env("MAX_NEW_TOKENS", "32"),
+           "--learning-rate", env("PPO_LR", "5e-5"), "--no-adaptive-kl", "--kl-coef", env("KL_COEF", "0.005"),
+           "--max-prompt-length", MAX_PROMPT_LENGTH, "--save-steps", "20", "--seed", seed, "--device", device,
+           "--no-progress", *threads)
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+def ppo_windows(rows: list[dict], window: int) -> list[dict]:
+    """One run's log in windows of ``window`` steps: the means of KL, proxy score (the run's own
+    rule), gold score and the members' spread."""
+    out = []
+    for start in range(0, len(rows) - window + 1, window):
+        part = rows[start:start + window]
+        point = {"steps": [part[0]["step"], part[-1]["step"]]}
+        for key in ("kl", "score", "gold_score", "ensemble_std"):
+            values = [r[key] for r in part if r.get(key) is not None]
+            point[key] = sum(values) / len(values) if values else None
+        out.append(point)
+    return out
+
+
+def across_seeds(runs: dict[str, list[dict]]) -> list[dict]:
+    """Window i of every seed (as far as all seeds got): the mean over seeds and its standard error."""
+    length = min(len(points) for points in runs.values())
+    curve = []
+    for i in range(length):
+        points = [runs[seed][i] for seed in runs]
+        row = {"steps": points[0]["steps"], "seeds": len(points)}
+        for key in ("kl", "score", "gold_score", "ensemble_std"):
+            values = [p[key] for p in points if p[key] is not None]
+            row[key] = sum(values) / len(values) if values else None
+            row[f"{key}_sem"] = sem(values)
+        curve.append(row)
+    return curve
+
+
+def peak_and_end(points: list[dict], gold: str, proxy: str, kl: str) -> dict:
+    """Where the gold reward peaked and where it ended, with the proxy and KL there, and whether
+    that is over-optimisation: the proxy rose past its value at the gold peak while the gold fell
+    by more than twice the end point's standard error (conservative for best-of-N, whose points
+    share their prompts; with one PPO seed there is no error, and any fall counts)."""
+    if not points or points[0].get(gold) is None:
+        return {}
+    peak = max(range(len(points)), key=lambda i: points[i][gold])
+    end = points[-1]
+    drop = points[peak][gold] - end[gold]
+    error = end.get(f"{gold}_sem") or 0.0
+    return {
+        "gold_start": points[0][gold], "gold_peak": points[peak][gold], "kl_at_gold_peak": points[peak][kl],
+        "proxy_at_gold_peak": points[peak][proxy], "gold_end": end[gold], "gold_end_sem": end.get(f"{gold}_sem"),
+        "kl_end": end[kl], "proxy_end": end[proxy], "gold_drop_from_peak": drop,
+        "gold_fell_while_proxy_rose": bool(drop > 2 * error and drop > 0 and end[proxy] > points[peak][proxy]),
+    }
+
+
+def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon: dict) -> dict:
+    window = int(env("WINDOW", "10"))
+    b = bon["best_of_n"]
+    summary: dict = {
+        "proxy": b["proxy"], "gold": b["gold"], "members": b["members"], "rules": rules,
+        "uncertainty_penalty": b["uncertainty_penalty"], "seeds": seeds, "window_steps": window,
+        "sizes": {name: env(name, default) for name, default in (
+            ("BON_N", "64"), ("BON_PROMPTS", "200"), ("PPO_STEPS", "200"), ("ROLLOUT", "64"), ("MAX_NEW_TOKENS", "32"),
+            ("KL_COEF", "0.005"), ("PPO_LR", "5e-5"))},
+        "best_of_n": {"n_prompts": b["n_prompts"], "n_samples": b["n_samples"], "by_rule_check": b["by_rule_check"],
+                      "curves": b["by_rule"],
+                      "summary": {rule: peak_and_end(curve, "gold_reward", "proxy_reward", "kl") for rule, curve in b["by_rule"].items()}},
+        "ppo": {"curves": {}, "summary": {}},
+    }
+    bon_dir = report_dir / "best-of-n"
+    shutil.rmtree(bon_dir, ignore_errors=True)
+    bon_dir.mkdir(parents=True)
+    for name in ("report.json", "report.md", "best-of-n.png", "best-of-n-rules.png"):
+        if (out / "best-of-n" / name).is_file():
+            shutil.copy(out / "best-of-n" / name, bon_dir / name)
+    with open(report_dir / "best_of_n.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rule", "n", "kl", "proxy_reward", "proxy_reward_sem", "gold_reward", "gold_reward_sem",
+                         "ensemble_std", "ensemble_std_sem"])
+        for rule, curve in b["by_rule"].items():
+            for r in curve:
+                writer.writerow([rule, r["n"], r["kl"], r["proxy_reward"], r["proxy_reward_sem"], r["gold_reward"],
+                                 r["gold_reward_sem"], r["ensemble_std"], r["ensemble_std_sem"]])
+
+    ppo_rows = []
+    for rule in rules:
+        runs = {}
+        for seed in seeds:
+            metrics = out / "ppo" / rule_slug(rule) / f"seed{seed}" / "metrics.jsonl"
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            kept = report_dir / "ppo" / rule_slug(rule) / f"seed{seed}"
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy(metrics, kept / "metrics.jsonl")
+            runs[seed] = ppo_windows(rows, window)
+            ppo_rows += [[rule, seed, *p["steps"], p["kl"], p["score"], p["gold_score"], p["ensemble_std"]] for p in runs[seed]]
+        curve = across_seeds(runs)
+        summary["ppo"]["curves"][rule] = curve
+        summary["ppo"]["summary"][rule] = peak_and_end(curve, "gold_score", "score", "kl")
+    with open(report_dir / "ppo_curves.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rule", "seed", "first_step", "last_step", "kl", "proxy_score", "gold_score", "ensemble_std"])
+        writer.writerows(ppo_rows)
+    return summary
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def plot(summary: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    bon = summary["best_of_n"]["curves"]
+    ppo = summary["ppo"]["curves"]
+    panels = [
+        (axes[0], bon, "kl", ("proxy_reward", "gold_reward", "ensemble_std"), "best-of-N", "KL = log n - (n-1)/n [nats]"),
+        (axes[1], ppo, "kl", ("score", "gold_score", "ensemble_std"), "PPO", "measured KL(policy || SFT) [nats]"),
+    ]
+    titles = ("proxy reward under the rule, minus the start", "gold reward", "members' std")
+    for row, curves, kl, keys, name, xlabel in panels:
+        for ax, key, title in zip(row, keys, titles):
+            for rule, curve in curves.items():
+                points = [p for p in curve if p[key] is not None]
+                if not points:
+                    continue
+                base = points[0][key] if key in ("proxy_reward", "score") else 0.0
+                ax.errorbar([p[kl] for p in points], [p[key] - base for p in points],
+                            yerr=[p[f"{key}_sem"] or 0.0 for p in points], marker="o", markersize=3, capsize=2, label=rule)
+            ax.set_title(f"{name}: {title}")
+            ax.set_xlabel(xlabel)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"Proxy: ensemble of {summary['members']} ({summary['proxy']}), gold: {summary['gold']}; "
+                 f"bars: ± standard error (best-of-N over prompts, PPO over seeds: {len(summary['seeds'])})")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "# Ensembles against over-optimisation\n",
+        f"Proxy: an ensemble of {summary['members']} members (`{summary['proxy']}`), read by each rule; gold: "
+        f"`{summary['gold']}`, held out (never optimised). Made by `scripts/overoptimisation.py` "
+        f"(sizes: {', '.join(f'{k} {v}' for k, v in summary['sizes'].items())}; PPO seeds {', '.join(summary['seeds'])}"
+        + (f"; λ of mean_minus_var {summary['uncertainty_penalty']}" if summary["uncertainty_penalty"] is not None else "")
+        + ").\n",
+        "![gold and proxy against KL per rule](overoptimisation.png)\n",
+        f"## Best-of-N ({summary['best_of_n']['n_prompts']} prompts, N = {summary['best_of_n']['n_samples']})\n",
+        "| rule | gold, n=1 | gold peak (KL) | gold at N ± SE (KL) | proxy gain at N | gold fell while proxy rose |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rule, s in summary["best_of_n"]["summary"].items():
+        if s:
+            lines.append(f"| {rule} | {fmt(s['gold_start'])} | {fmt(s['gold_peak'])} ({fmt(s['kl_at_gold_peak'], 2)}) | "
+                         f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | "
+                         f"{fmt(s['proxy_end'] - summary['best_of_n']['curves'][rule][0]['proxy_reward'])} | "
+                         f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'} |")
+    lines += [
+        "",
+        f"## PPO (windows of {summary['window_steps']} steps, mean over seeds)\n",
+        "| rule | gold, first window | gold peak (KL) | gold at end ± SE (KL) | proxy gain, first to last window | members' std, first → last | gold fell while proxy rose |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rule, s in summary["ppo"]["summary"].items():
+        curve = summary["ppo"]["curves"][rule]
+        if s:
+            lines.append(f"| {rule} | {fmt(s['gold_start'])} | {fmt(s['gold_peak'])} ({fmt(s['kl_at_gold_peak'], 2)}) | "
+                         f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | "
+                         f"{fmt(s['proxy_end'] - curve[0]['score'])} | {fmt(curve[0]['ensemble_std'])} → {fmt(curve[-1]['ensemble_std'])} | "
+                         f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'} |")
+    lines += [
+        "",
+        "Gold fell while proxy rose: the proxy (the rule's own reward) ended above its value at the gold peak while "
+        "the gold fell from its peak by more than twice the end point's standard error.\n",
+        "Numbers: `summary.json` (every curve), `best_of_n.csv`, `ppo_curves.csv` (each seed's windows), "
+        "`best-of-n/` (the best-of-N report), `ppo/RULE/seedS/metrics.jsonl` (each PPO run's log).\n",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) < 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    proxy_dir, gold_dir = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+    out = Path(sys.argv[3] if len(sys.argv) > 3 else "runs/overoptimisation").resolve()
+    report_dir = Path(env("REPORT_DIR", str(REPO / "reports" / "overoptimisation"))).resolve()
+    data = Path(env("DATA", str(REPO.parent / "shared" / "data")))
+    device = env("DEVICE", "auto")
+    rules = [r.strip() for r in env("RULES", "member:0,mean,min,mean_minus_var").split(",") if r.strip()]
+    seeds = [s.strip() for s in env("SEEDS", "1,2,3").split(",") if s.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    policy = starting_policy(out, data, device)
+    prompts, held_out = prompt_files(out, data)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(out / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "reward_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                               "--model", f"proxy={proxy_dir}", "--model", f"gold={gold_dir}"],
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_ready(url, server, 300, out / "server.log")
+        bon = run_best_of_n(url, policy, held_out, rules, out, device)
+        for rule in rules:
+            for seed in seeds:
+                run_ppo(url, policy, prompts, rule, seed, out / "ppo" / rule_slug(rule) / f"seed{seed}", device)
+    finally:
+        server.terminate()
+        server.wait()
+        log.close()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    summary = collect(out, report_dir, rules, seeds, bon)
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, report_dir / "overoptimisation.png")
+    (report_dir / "README.md").write_text(markdown(summary))
+    print(f"report: {report_dir / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
