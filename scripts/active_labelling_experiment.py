@@ -278,7 +278,7 @@ def run(args: argparse.Namespace, train_rm: list[str]) -> dict[str, Any]:
     datasets = load_datasets(args.dev_data, items, max_bad_fraction=0.01)
     with serving(models, logs / "serve-eval.log", args.serve_timeout) as url:
         targets = [Target(url, name) for name in models]
-        scored, _, _ = score_through_service(EvalConfig(chunk_size=32, concurrency=4, timeout=600), targets, items, resolve=True)
+        scored, _, _, _ = score_through_service(EvalConfig(chunk_size=32, concurrency=4, timeout=600), targets, items, resolve=True)
     timing["evaluate_s"] = time.perf_counter() - mark
     timing["total_s"] = time.perf_counter() - started
 
