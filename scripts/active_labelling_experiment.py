@@ -30,16 +30,14 @@ one-line summary on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -52,7 +50,7 @@ from trainer.evaluate.config import EvalConfig  # noqa: E402
 from trainer.evaluate.datasets import ItemPool, load_datasets  # noqa: E402
 from trainer.evaluate.metrics import pair_outcomes  # noqa: E402
 from trainer.evaluate.scoring import Target, score_through_service  # noqa: E402
-from trainer.loop import wait_until_ready  # noqa: E402
+from trainer.loop import local_server  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 SEED_MODEL = "seed"
@@ -144,34 +142,6 @@ def train(name: str, data: list[Path], seed: int, args: argparse.Namespace, trai
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(models: dict[str, Path], log_path: Path, timeout: float) -> Iterator[str]:
-    """``reward serve`` of ``models`` (name -> directory) on a free loopback port; its URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "reward_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               *[f"--model={name}={path}" for name, path in models.items()]]
-    env = {**os.environ, "REWARD_SHUTDOWN_DRAIN_S": "0", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_ready(url, process, timeout, log_path)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 # --------------------------------------------------------------------------- picking
 
 
@@ -248,7 +218,7 @@ def run(args: argparse.Namespace, train_rm: list[str]) -> dict[str, Any]:
     timing["seed_model_s"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    with serving({SEED_MODEL: models[SEED_MODEL]}, logs / "serve-seed.log", args.serve_timeout) as url:
+    with local_server({SEED_MODEL: models[SEED_MODEL]}, logs / "serve-seed.log", args.serve_timeout) as url:
         with RewardClient(url, timeout=600, chunk_size=32, max_concurrency=4) as client:
             members = score_members(client, pool, SEED_MODEL)
     scores = [disagreements(m) for m in members]
@@ -276,7 +246,7 @@ def run(args: argparse.Namespace, train_rm: list[str]) -> dict[str, Any]:
     mark = time.perf_counter()
     items = ItemPool()
     datasets = load_datasets(args.dev_data, items, max_bad_fraction=0.01)
-    with serving(models, logs / "serve-eval.log", args.serve_timeout) as url:
+    with local_server(models, logs / "serve-eval.log", args.serve_timeout) as url:
         targets = [Target(url, name) for name in models]
         scored, _, _, _ = score_through_service(EvalConfig(chunk_size=32, concurrency=4, timeout=600), targets, items, resolve=True)
     timing["evaluate_s"] = time.perf_counter() - mark

@@ -149,11 +149,12 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float, log_pa
 
 
 @contextlib.contextmanager
-def candidate_server(model_dir: Path, log_path: Path, timeout: float) -> Iterator[str]:
-    """``reward serve`` of the candidate alone on a free loopback port, stopped afterwards."""
+def local_server(models: dict[str, Path], log_path: Path, timeout: float) -> Iterator[str]:
+    """``reward serve`` of ``models`` (name -> directory) on a free loopback port, stopped
+    afterwards; yields its URL."""
     port = _free_port()
     command = [sys.executable, "-m", "reward_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--model", f"{CANDIDATE}={model_dir}"]
+               *[f"--model={name}={path}" for name, path in models.items()]]
     # Its own settings only: the operator's REWARD_* (keys, store, models) are for the real service.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REWARD_") or k in ("REWARD_DEVICE", "REWARD_DTYPE")}
     env.update(REWARD_SHUTDOWN_DRAIN_S="0", TOKENIZERS_PARALLELISM="false")
@@ -170,6 +171,11 @@ def candidate_server(model_dir: Path, log_path: Path, timeout: float) -> Iterato
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def candidate_server(model_dir: Path, log_path: Path, timeout: float):
+    """``reward serve`` of the candidate alone (see :func:`local_server`)."""
+    return local_server({CANDIDATE: model_dir}, log_path, timeout)
 
 
 def _admin_headers(args: argparse.Namespace) -> dict[str, str]:
