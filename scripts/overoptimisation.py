@@ -31,8 +31,11 @@ ROLLOUT (64), MAX_NEW_TOKENS (32), KL_COEF (0.005, fixed), PPO_LR (5e-5), WINDOW
 averaged into one point of a curve), SFT (the starting policy: a causal-LM directory, e.g. the
 PPO demo's runs/ppo-demo/sft; else a tiny GPT-2 is SFT'd as the demo does, SFT_STEPS (600) and
 DEMOS (2000)), PROMPTS (PPO's prompt file; default HH-harmless train), HELD_OUT (best-of-N's
-prompt file; default HH-harmless dev), REPORT_DIR (reports/overoptimisation), DEVICE (auto),
-THREADS (torch threads of PPO; default torch's choice).
+prompt file; default HH-harmless dev), REPORT_DIR (reports/overoptimisation), DEVICE (auto: the
+policy's), SERVE_DEVICE (cpu: the reward service's; cuda on a GPU machine), THREADS (torch threads of
+PPO; default torch's choice), PARALLEL (1: PPO runs at a time; on a GPU several share it) and
+DEADLINE_S (none: wall-clock seconds for all PPO runs; runs still going then are stopped and reported
+as far as they got, each cut run marked in summary.json, so a fixed time budget yields a report).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -113,23 +117,66 @@ def penalty_flag(rules: list[str], flag: str) -> list[str]:
     return [flag, env("UNCERTAINTY_PENALTY", "1.0")] if "mean_minus_var" in rules else []
 
 
-def run_ppo(url: str, policy: Path, prompts: Path, rule: str, seed: str, run_dir: Path, device: str) -> None:
-    if (run_dir / "policy" / "config.json").is_file():
-        print(f"+ {run_dir} finished before; not run again", flush=True)
-        return
+def ppo_command(url: str, policy: Path, prompts: Path, rule: str, seed: str, run_dir: Path, device: str) -> list[str]:
     rollout = env("ROLLOUT", "64")
     # A fixed, small beta (no adaptive controller holding the KL at a target): the policy keeps
     # drifting from the reference, far enough for a single proxy to be gamed. The PPO demo's
     # adaptive 6-nat target showed no over-optimisation yet.
     threads = ["--num-threads", env("THREADS", "")] if env("THREADS", "") else []
-    reward("ppo", "--policy", str(policy), "--prompts", str(prompts), "--output-dir", str(run_dir),
-           "--reward-url", url, "--reward-model", "proxy", "--reward-aggregate", rule,
-           *penalty_flag([rule], "--reward-uncertainty-penalty"), "--gold-reward-model", "gold",
-           "--total-steps", env("PPO_STEPS", "200"), "--rollout-batch-size", rollout,
-           "--minibatch-size", str(min(16, int(rollout))), "--max-new-tokens", env("MAX_NEW_TOKENS", "32"),
-           "--learning-rate", env("PPO_LR", "5e-5"), "--no-adaptive-kl", "--kl-coef", env("KL_COEF", "0.005"),
-           "--max-prompt-length", MAX_PROMPT_LENGTH, "--save-steps", "20", "--seed", seed, "--device", device,
-           "--no-progress", *threads)
+    return [sys.executable, "-m", "reward_cli", "ppo", "--policy", str(policy), "--prompts", str(prompts), "--output-dir", str(run_dir),
+            "--reward-url", url, "--reward-model", "proxy", "--reward-aggregate", rule,
+            *penalty_flag([rule], "--reward-uncertainty-penalty"), "--gold-reward-model", "gold",
+            "--total-steps", env("PPO_STEPS", "200"), "--rollout-batch-size", rollout,
+            "--minibatch-size", str(min(16, int(rollout))), "--max-new-tokens", env("MAX_NEW_TOKENS", "32"),
+            "--learning-rate", env("PPO_LR", "5e-5"), "--no-adaptive-kl", "--kl-coef", env("KL_COEF", "0.005"),
+            "--max-prompt-length", MAX_PROMPT_LENGTH, "--save-steps", "20", "--seed", seed, "--device", device,
+            "--no-progress", *threads]
+
+
+def run_all_ppo(url: str, policy: Path, prompts: Path, rules: list[str], seeds: list[str], out: Path, device: str) -> dict[str, str]:
+    """Every (rule, seed) PPO run, PARALLEL at a time, until done or DEADLINE_S; returns the runs
+    stopped at the deadline ("rule/seed" -> the step their log reached is in their metrics)."""
+    pending = []
+    for rule in rules:
+        for seed in seeds:
+            run_dir = out / "ppo" / rule_slug(rule) / f"seed{seed}"
+            if (run_dir / "policy" / "config.json").is_file():
+                print(f"+ {run_dir} finished before; not run again", flush=True)
+            else:
+                pending.append((rule, seed, run_dir))
+    parallel = max(1, int(env("PARALLEL", "1")))
+    deadline = time.monotonic() + float(env("DEADLINE_S", "inf"))
+    running: list[tuple[str, str, subprocess.Popen]] = []
+    cut: dict[str, str] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < parallel and time.monotonic() < deadline:
+                rule, seed, run_dir = pending.pop(0)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                args = ppo_command(url, policy, prompts, rule, seed, run_dir, device)
+                print("+", " ".join(args), flush=True)
+                log = open(run_dir / "ppo.log", "wb")
+                running.append((rule, seed, subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)))
+                log.close()
+            for item in list(running):
+                rule, seed, process = item
+                if process.poll() is not None:
+                    running.remove(item)
+                    if process.returncode != 0:
+                        raise RuntimeError(f"PPO {rule} seed {seed} failed (exit {process.returncode}); see its ppo.log")
+            if time.monotonic() >= deadline:
+                for rule, seed, process in running:
+                    process.terminate()
+                    process.wait()
+                    cut[f"{rule}/{seed}"] = "stopped at DEADLINE_S"
+                for rule, seed, _ in pending:
+                    cut[f"{rule}/{seed}"] = "not started before DEADLINE_S"
+                running, pending = [], []
+            time.sleep(1.0)
+    finally:
+        for _, _, process in running:
+            process.terminate()
+    return cut
 
 
 # --------------------------------------------------------------------------- collecting
@@ -183,7 +230,7 @@ def peak_and_end(points: list[dict], gold: str, proxy: str, kl: str) -> dict:
     }
 
 
-def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon: dict) -> dict:
+def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon: dict, cut: dict[str, str] | None = None) -> dict:
     window = int(env("WINDOW", "10"))
     b = bon["best_of_n"]
     summary: dict = {
@@ -195,7 +242,7 @@ def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon
         "best_of_n": {"n_prompts": b["n_prompts"], "n_samples": b["n_samples"], "by_rule_check": b["by_rule_check"],
                       "curves": b["by_rule"],
                       "summary": {rule: peak_and_end(curve, "gold_reward", "proxy_reward", "kl") for rule, curve in b["by_rule"].items()}},
-        "ppo": {"curves": {}, "summary": {}},
+        "ppo": {"curves": {}, "summary": {}, "cut": cut or {}},
     }
     bon_dir = report_dir / "best-of-n"
     shutil.rmtree(bon_dir, ignore_errors=True)
@@ -217,12 +264,16 @@ def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon
         runs = {}
         for seed in seeds:
             metrics = out / "ppo" / rule_slug(rule) / f"seed{seed}" / "metrics.jsonl"
+            if not metrics.is_file():
+                continue  # never started before the deadline (summary.json's ppo.cut says so)
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             kept = report_dir / "ppo" / rule_slug(rule) / f"seed{seed}"
             kept.mkdir(parents=True, exist_ok=True)
             shutil.copy(metrics, kept / "metrics.jsonl")
             runs[seed] = ppo_windows(rows, window)
             ppo_rows += [[rule, seed, *p["steps"], p["kl"], p["score"], p["gold_score"], p["ensemble_std"]] for p in runs[seed]]
+        if not runs:
+            continue
         curve = across_seeds(runs)
         summary["ppo"]["curves"][rule] = curve
         summary["ppo"]["summary"][rule] = peak_and_end(curve, "gold_score", "score", "kl")
@@ -305,6 +356,9 @@ def markdown(summary: dict) -> str:
                          f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | "
                          f"{fmt(s['proxy_end'] - curve[0]['score'])} | {fmt(curve[0]['ensemble_std'])} → {fmt(curve[-1]['ensemble_std'])} | "
                          f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'} |")
+    if summary["ppo"].get("cut"):
+        lines += ["", "Runs cut by the time budget (DEADLINE_S), reported as far as they got: "
+                  + "; ".join(f"{run} ({why})" for run, why in summary["ppo"]["cut"].items()) + "."]
     lines += [
         "",
         "Gold fell while proxy rose: the proxy (the rule's own reward) ended above its value at the gold peak while "
@@ -334,20 +388,19 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = open(out / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "reward_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                               "--model", f"proxy={proxy_dir}", "--model", f"gold={gold_dir}"],
+                               "--model", f"proxy={proxy_dir}", "--model", f"gold={gold_dir}",
+                               "--device", env("SERVE_DEVICE", "cpu")],
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_ready(url, server, 300, out / "server.log")
         bon = run_best_of_n(url, policy, held_out, rules, out, device)
-        for rule in rules:
-            for seed in seeds:
-                run_ppo(url, policy, prompts, rule, seed, out / "ppo" / rule_slug(rule) / f"seed{seed}", device)
+        cut = run_all_ppo(url, policy, prompts, rules, seeds, out, device)
     finally:
         server.terminate()
         server.wait()
         log.close()
     report_dir.mkdir(parents=True, exist_ok=True)
-    summary = collect(out, report_dir, rules, seeds, bon)
+    summary = collect(out, report_dir, rules, seeds, bon, cut)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, report_dir / "overoptimisation.png")
     (report_dir / "README.md").write_text(markdown(summary))

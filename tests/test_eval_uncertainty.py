@@ -13,6 +13,7 @@ A model that is not an ensemble gets the report it always had.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -123,9 +124,11 @@ def test_a_report_from_planted_members_has_the_auroc_and_bins_they_were_planted_
                                      {"ens": ensemble}, uncertainty_bins=4)
     section = report["uncertainty"]["ens"]["datasets"]["planted"]
     assert (section["n_pairs"], section["n_wrong"], section["n_ties"]) == (12, 3, 0)
-    for name in ("member_diff_std", "mean_item_std", "member_disagreement"):
+    for name in ("member_diff_std", "mean_item_std", "member_disagreement", "spread_over_margin"):
         assert section["pair_error_auroc"][name]["auroc"] == 1.0, name
         assert (section["pair_error_auroc"][name]["n_positive"], section["pair_error_auroc"][name]["n_negative"]) == (3, 9)
+    # the wrong pairs here have the larger margins (4/3 against 1): the reward alone cannot find them
+    assert section["pair_error_auroc"]["small_margin"]["auroc"] == 0.0
     assert [b["accuracy"] for b in section["bins"]] == [1.0, 1.0, 1.0, 0.0]
     assert report["uncertainty"]["ens"]["overall"]["pair_error_auroc"] == section["pair_error_auroc"]
     markdown = render_markdown(report)
@@ -239,10 +242,14 @@ def by_hand(url: str, path: Path, reward=lambda m: m.mean(axis=1)) -> dict:
     chosen, rejected = members[0::2], members[1::2]
     r_chosen, r_rejected = reward(chosen), reward(rejected)
     right = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(r_chosen, r_rejected)]
-    scores = {"member_diff_std": [], "mean_item_std": [], "member_disagreement": []}
-    for c, r in zip(chosen, rejected):
+    scores = {"member_diff_std": [], "mean_item_std": [], "member_disagreement": [], "spread_over_margin": [],
+              "small_margin": []}
+    for c, r, served_c, served_r in zip(chosen, rejected, r_chosen, r_rejected):
         diff = c - r
-        scores["member_diff_std"].append(float(np.sqrt(np.mean((diff - diff.mean()) ** 2))))
+        spread = float(np.sqrt(np.mean((diff - diff.mean()) ** 2)))
+        scores["member_diff_std"].append(spread)
+        scores["spread_over_margin"].append(0.0 if spread == 0 else spread / abs(diff.mean()) if diff.mean() != 0 else math.inf)
+        scores["small_margin"].append(-abs(served_c - served_r))
         scores["mean_item_std"].append((float(c.std()) + float(r.std())) / 2)
         agreement = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(c, r)) / K
         scores["member_disagreement"].append(1 - abs(2 * agreement - 1))

@@ -323,7 +323,7 @@ def test_the_overoptimisation_script_runs_end_to_end_at_a_tiny_size(world, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SFT": str(world["policy"]),
            "PROMPTS": str(world["prompts"]), "HELD_OUT": str(world["prompts"]), "REPORT_DIR": str(report),
            "SEEDS": "1", "BON_N": "4", "BON_PROMPTS": "2", "PPO_STEPS": "2", "ROLLOUT": "8", "MAX_NEW_TOKENS": "6",
-           "WINDOW": "1", "THREADS": "1", "DEVICE": "cpu"}
+           "WINDOW": "1", "THREADS": "1", "DEVICE": "cpu", "PARALLEL": "2"}
     done = subprocess.run([sys.executable, "scripts/overoptimisation.py", str(world["proxy"]), str(world["gold"]),
                            str(tmp_path / "runs")], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -341,3 +341,22 @@ def test_the_overoptimisation_script_runs_end_to_end_at_a_tiny_size(world, tmp_p
         assert len((report / name).read_text().splitlines()) > 1
     readme = (report / "README.md").read_text()
     assert "## Best-of-N" in readme and "## PPO" in readme and "| member:0 |" in readme
+
+
+def test_a_time_budget_stops_the_ppo_runs_still_going_and_names_them(tmp_path, monkeypatch):
+    """On a GPU the runs share the device PARALLEL at a time; DEADLINE_S stops what is still
+    running (and what never started), so a fixed time budget still yields a report."""
+    script = overoptimisation_script()
+    started = []
+
+    def slow_run(url, policy, prompts, rule, seed, run_dir, device):
+        started.append((rule, seed))
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    monkeypatch.setattr(script, "ppo_command", slow_run)
+    monkeypatch.setenv("PARALLEL", "2")
+    monkeypatch.setenv("DEADLINE_S", "2")
+    cut = script.run_all_ppo("http://unused", tmp_path, tmp_path, ["mean", "min"], ["1", "2"], tmp_path, "cpu")
+    assert started == [("mean", "1"), ("mean", "2")]  # two at a time, in order
+    assert cut == {"mean/1": "stopped at DEADLINE_S", "mean/2": "stopped at DEADLINE_S",
+                   "min/1": "not started before DEADLINE_S", "min/2": "not started before DEADLINE_S"}

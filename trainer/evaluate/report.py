@@ -354,7 +354,8 @@ def _render_objectives(label: str, objectives: dict[str, Any]) -> str:
 
 
 _PAIR_SCORE_TITLES = {"member_diff_std": "std of differences", "mean_item_std": "mean item std",
-                      "member_disagreement": "disagreement"}
+                      "member_disagreement": "disagreement", "spread_over_margin": "spread / margin",
+                      "small_margin": "small margin (no ensemble)"}
 
 
 def _auroc_ci(block: dict[str, Any]) -> str:

@@ -16,7 +16,14 @@ Per-pair uncertainty scores (:data:`PAIR_SCORES`):
 * ``mean_item_std``: the mean of the two answers' ``ensemble_std`` (what a caller of
   ``/v1/score`` sees per item), which also counts disagreement the pair's difference cancels;
 * ``member_disagreement``: ``1 - |2a - 1|`` with ``a`` the share of members that rank the chosen
-  answer higher (a tie half): 0 when all members agree, 1 when they are split evenly.
+  answer higher (a tie half): 0 when all members agree, 1 when they are split evenly;
+* ``spread_over_margin``: ``member_diff_std / |mean of the members' differences|``, the members'
+  spread measured in units of the margin they agree on (infinite when that margin is 0). The raw
+  std grows with the margin (members that put two answers far apart also differ more in how far),
+  so it can rank confident pairs as uncertain; this ratio cannot. Under a normal approximation the
+  chance that a member ranks the pair the other way, Phi(-1/ratio), orders pairs the same way.
+* ``small_margin``: ``-|r_chosen - r_rejected|`` of the served reward, which needs no ensemble: the
+  baseline the ensemble's scores have to beat to show they add anything beyond the reward itself.
 
 The math is in ``metrics.py`` (``auroc``, ``auroc_interval``, ``accuracy_by_quantile``); this
 module builds the report's ``uncertainty`` block from it.
@@ -34,7 +41,7 @@ from reward_core.ensemble import member_agreement
 
 from .metrics import accuracy_block, accuracy_by_quantile, auroc_interval, distribution_summary, pair_outcomes
 
-PAIR_SCORES = ("member_diff_std", "mean_item_std", "member_disagreement")
+PAIR_SCORES = ("member_diff_std", "mean_item_std", "member_disagreement", "spread_over_margin", "small_margin")
 BINNED_BY = PAIR_SCORES[0]
 
 
@@ -54,14 +61,25 @@ def _seed(seed: int, *names: str) -> list[int]:
     return [seed, *(zlib.crc32(n.encode("utf-8")) for n in names)]
 
 
-def pair_uncertainty(ensemble: EnsembleScores, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, np.ndarray]:
-    """Each of :data:`PAIR_SCORES` per pair (``chosen``/``rejected``: pool indices)."""
+def pair_uncertainty(
+    ensemble: EnsembleScores, chosen: np.ndarray, rejected: np.ndarray, served: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Each of :data:`PAIR_SCORES` per pair (``chosen``/``rejected``: pool indices; ``served``: the
+    served reward per pool item)."""
     members_chosen, members_rejected = ensemble.members[chosen], ensemble.members[rejected]
     agreement = member_agreement(members_chosen, members_rejected)
+    differences = members_chosen - members_rejected
+    spread = differences.std(axis=1)
+    margin = np.abs(differences.mean(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # 0/0 (members identical and level) is no spread at all; x/0 with x > 0 is the most uncertain
+        spread_over_margin = np.where(spread == 0, 0.0, spread / margin)
     return {
-        "member_diff_std": (members_chosen - members_rejected).std(axis=1),
+        "member_diff_std": spread,
         "mean_item_std": (ensemble.item_std[chosen] + ensemble.item_std[rejected]) / 2,
         "member_disagreement": 1 - np.abs(2 * agreement - 1),
+        "spread_over_margin": spread_over_margin,
+        "small_margin": -np.abs(served[chosen] - served[rejected]),
     }
 
 
@@ -76,7 +94,7 @@ def uncertainty_section(
     outcome = pair_outcomes(served_chosen, served_rejected)
     decided = outcome != 0.5
     wrong = outcome == 0.0
-    uncertainty = pair_uncertainty(ensemble, chosen, rejected)
+    uncertainty = pair_uncertainty(ensemble, chosen, rejected, scores)
     return {
         "n_pairs": int(outcome.size), "n_wrong": int(wrong.sum()), "n_ties": int((~decided).sum()),
         "accuracy": accuracy_block(served_chosen, served_rejected),
