@@ -26,16 +26,19 @@ to redo it with other sizes).
 
 Sizes and paths from the environment: DATA (../shared/data), RULES
 (member:0,mean,min,mean_minus_var), UNCERTAINTY_PENALTY (1.0: the lambda of mean_minus_var),
-SEEDS (1,2,3: PPO seeds), BON_N (64), BON_PROMPTS (200, of HH-harmless dev), PPO_STEPS (200),
+SEEDS (1,2,3: PPO seeds), BON_N (64), BON_PROMPTS (200, of HH-harmless dev), BON_BATCH (16:
+sequences per generate call; 64 on a GPU), PPO_STEPS (200),
 ROLLOUT (64), MAX_NEW_TOKENS (32), KL_COEF (0.005, fixed), PPO_LR (5e-5), WINDOW (10: PPO steps
 averaged into one point of a curve), SFT (the starting policy: a causal-LM directory, e.g. the
 PPO demo's runs/ppo-demo/sft; else a tiny GPT-2 is SFT'd as the demo does, SFT_STEPS (600) and
 DEMOS (2000)), PROMPTS (PPO's prompt file; default HH-harmless train), HELD_OUT (best-of-N's
 prompt file; default HH-harmless dev), REPORT_DIR (reports/overoptimisation), DEVICE (auto: the
 policy's), SERVE_DEVICE (cpu: the reward service's; cuda on a GPU machine), THREADS (torch threads of
-PPO; default torch's choice), PARALLEL (1: PPO runs at a time; on a GPU several share it) and
-DEADLINE_S (none: wall-clock seconds for all PPO runs; runs still going then are stopped and reported
-as far as they got, each cut run marked in summary.json, so a fixed time budget yields a report).
+PPO; default torch's choice), PARALLEL (1: PPO runs at a time; on a GPU several share it, and
+best-of-N runs beside them), DEADLINE_S (none: wall-clock seconds for all PPO runs; runs still
+going then are stopped and reported as far as they got, each cut run marked in summary.json, so a
+fixed time budget yields a report) and RUN_NOTE (a sentence for the report on how the run was
+made: the machine, anything unusual).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -109,7 +113,7 @@ def run_best_of_n(url: str, policy: Path, held_out: Path, rules: list[str], out:
            "--prompts", str(held_out), "--max-prompts", env("BON_PROMPTS", "200"), "--n", env("BON_N", "64"),
            "--max-new-tokens", env("MAX_NEW_TOKENS", "32"), "--max-prompt-length", MAX_PROMPT_LENGTH,
            "--proxy-rules", ",".join(rules), *penalty_flag(rules, "--uncertainty-penalty"),
-           "--device", device, "--report", str(report))
+           "--batch-size", env("BON_BATCH", "16"), "--device", device, "--report", str(report))
     return json.loads((report / "report.json").read_text())
 
 
@@ -239,6 +243,9 @@ def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon
         "sizes": {name: env(name, default) for name, default in (
             ("BON_N", "64"), ("BON_PROMPTS", "200"), ("PPO_STEPS", "200"), ("ROLLOUT", "64"), ("MAX_NEW_TOKENS", "32"),
             ("KL_COEF", "0.005"), ("PPO_LR", "5e-5"))},
+        "run": {"device": env("DEVICE", "auto"), "serve_device": env("SERVE_DEVICE", "cpu"),
+                "parallel": int(env("PARALLEL", "1")), "deadline_s": env("DEADLINE_S", "") or None,
+                "note": env("RUN_NOTE", "") or None},
         "best_of_n": {"n_prompts": b["n_prompts"], "n_samples": b["n_samples"], "by_rule_check": b["by_rule_check"],
                       "curves": b["by_rule"],
                       "summary": {rule: peak_and_end(curve, "gold_reward", "proxy_reward", "kl") for rule, curve in b["by_rule"].items()}},
@@ -324,6 +331,13 @@ def fmt(x, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def run_line(run: dict) -> str:
+    """Where and how the run was made (devices, PPO runs at a time, the time budget) and RUN_NOTE."""
+    line = (f"policy on {run['device']}, reward service on {run['serve_device']}, {run['parallel']} PPO run(s) at a time"
+            + (f", PPO stopped after {run['deadline_s']} s" if run.get("deadline_s") else ""))
+    return line + (f". {run['note']}" if run.get("note") else ".")
+
+
 def markdown(summary: dict) -> str:
     lines = [
         "# Ensembles against over-optimisation\n",
@@ -332,6 +346,7 @@ def markdown(summary: dict) -> str:
         f"(sizes: {', '.join(f'{k} {v}' for k, v in summary['sizes'].items())}; PPO seeds {', '.join(summary['seeds'])}"
         + (f"; λ of mean_minus_var {summary['uncertainty_penalty']}" if summary["uncertainty_penalty"] is not None else "")
         + ").\n",
+        *([f"Run: {run_line(summary['run'])}\n"] if summary.get("run") else []),
         "![gold and proxy against KL per rule](overoptimisation.png)\n",
         f"## Best-of-N ({summary['best_of_n']['n_prompts']} prompts, N = {summary['best_of_n']['n_samples']})\n",
         "| rule | gold, n=1 | gold peak (KL) | gold at N ± SE (KL) | proxy gain at N | gold fell while proxy rose |",
@@ -393,8 +408,14 @@ def main() -> int:
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_ready(url, server, 300, out / "server.log")
-        bon = run_best_of_n(url, policy, held_out, rules, out, device)
-        cut = run_all_ppo(url, policy, prompts, rules, seeds, out, device)
+        if int(env("PARALLEL", "1")) > 1:  # best-of-N beside the PPO runs: on a GPU it is one more user of it
+            with ThreadPoolExecutor(1) as pool:
+                best_of_n = pool.submit(run_best_of_n, url, policy, held_out, rules, out, device)
+                cut = run_all_ppo(url, policy, prompts, rules, seeds, out, device)
+                bon = best_of_n.result()
+        else:
+            bon = run_best_of_n(url, policy, held_out, rules, out, device)
+            cut = run_all_ppo(url, policy, prompts, rules, seeds, out, device)
     finally:
         server.terminate()
         server.wait()
