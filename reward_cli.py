@@ -18,6 +18,7 @@ _SUBCOMMANDS = {
     "score": ("client.cli", "add_score_parser", "score a JSONL file of items with a running service"),
     "train-rm": ("trainer.reward", "add_train_rm_parser", "train a reward model on preference data"),
     "eval": ("trainer.evaluate.cli", "add_eval_parser", "evaluate served reward models: accuracy, calibration, side by side, best-of-N"),
+    "augment": ("trainer.augment", "add_augment_parser", "write synthetic comparisons (dismissive and off-topic answers) from a source's prompts"),
     "sft": ("trainer.sft", "add_sft_parser", "fine-tune a causal LM on demonstrations (the chosen answers of preference data)"),
     "ppo": ("trainer.ppo", "add_ppo_parser", "RLHF: PPO on a policy from `reward sft`, rewards from a running `reward serve`"),
     "export-comparisons": ("trainer.loop", "add_export_parser", "write stored comparisons as rankings JSONL for train-rm"),

@@ -1,0 +1,78 @@
+"""`reward augment`: a user turns a source's prompts and best answers into synthetic comparisons
+(the best answer against a dismissive non-answer, or against another prompt's answer) and trains
+on the file like any other source."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server import REPO_ROOT
+from trainer.augment import DISMISSIVE_REPLIES, AugmentError, synthetic_records
+from trainer.data import PreferenceRecord, load_preferences
+
+
+def source(n: int = 6) -> list[PreferenceRecord]:
+    return [
+        PreferenceRecord([{"role": "user", "content": f"Question {i}?"}],
+                         [f"A weaker answer to question {i}.", f"The best answer to question {i}, in full."], [1, 0])
+        for i in range(n)
+    ]
+
+
+def test_each_pair_keeps_its_prompt_and_ranks_the_best_answer_above_a_made_up_worse_one():
+    records = source()
+    pairs = synthetic_records(records, ["dismissive", "off_topic"], n=6, seed=3)
+    assert [p.category for p in pairs] == ["dismissive", "off_topic"] * 3  # the kinds take turns
+    assert len({p.prompt[0]["content"] for p in pairs}) == 6  # distinct source records while they last
+    for pair in pairs:
+        i = pair.prompt[0]["content"].split()[1].rstrip("?")
+        assert pair.ranking == [0, 1] and pair.responses[0] == f"The best answer to question {i}, in full."
+        if pair.category == "dismissive":
+            assert pair.responses[1] in DISMISSIVE_REPLIES
+        else:  # another question's best answer, never this one's
+            assert pair.responses[1].startswith("The best answer to question ") and f"question {i}," not in pair.responses[1]
+
+
+def test_the_same_seed_gives_the_same_pairs_and_another_seed_other_ones():
+    a = synthetic_records(source(20), ["dismissive", "off_topic"], n=10, seed=1)
+    b = synthetic_records(source(20), ["dismissive", "off_topic"], n=10, seed=1)
+    c = synthetic_records(source(20), ["dismissive", "off_topic"], n=10, seed=2)
+    assert [p.to_row() for p in a] == [p.to_row() for p in b] != [p.to_row() for p in c]
+
+
+def test_best_answers_too_short_to_beat_a_brush_off_are_left_out():
+    records = source(3) + [PreferenceRecord([{"role": "user", "content": "Yes or no?"}], ["Yes.", "No."], [0, 1])]
+    pairs = synthetic_records(records, ["dismissive"], n=30, seed=0)
+    assert all(p.prompt[0]["content"] != "Yes or no?" for p in pairs)
+
+
+def test_impossible_requests_say_what_to_change():
+    with pytest.raises(AugmentError, match="unknown kind 'typo'"):
+        synthetic_records(source(), ["typo"], n=2)
+    with pytest.raises(AugmentError, match="need 2 or more"):
+        synthetic_records(source(1), ["off_topic"], n=2)
+    with pytest.raises(AugmentError, match="at least one pair"):
+        synthetic_records(source(), ["dismissive"], n=0)
+
+
+def test_the_command_writes_a_file_train_rm_reads_as_a_source(tmp_path):
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Explain topic {i}.", "chosen": f"Topic {i} is explained here at length.",
+                                       "rejected": f"Topic {i}?"}) + "\n" for i in range(8)))
+    out = tmp_path / "aug.jsonl"
+    done = subprocess.run([sys.executable, "-m", "reward_cli", "augment", "--data", str(src), "--n", "4", "--seed", "7",
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "4 pairs from 8 records" in done.stdout and "dismissive 2, off_topic 2" in done.stdout
+    loaded = load_preferences([f"{out}:1:objective=helpfulness"]).records
+    assert len(loaded) == 4 and {r.category for r in loaded} == {"dismissive", "off_topic"}
+    assert all(r.responses[r.ranking[0]].startswith("Topic ") and r.responses[r.ranking[0]].endswith("at length.") for r in loaded)
+
+    bad = subprocess.run([sys.executable, "-m", "reward_cli", "augment", "--data", str(tmp_path / "missing.jsonl"), "--n", "4",
+                          "--out", str(tmp_path / "x.jsonl")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr and not (tmp_path / "x.jsonl").exists()

@@ -1,0 +1,136 @@
+"""``reward augment``: synthetic comparisons for what judged data takes for granted.
+
+Judged preference data (AlpacaEval's GPT-4 comparisons, HH, TruthfulQA) compares two real
+attempts at an answer. It almost never shows the judge an answer that refuses a harmless request
+or answers a different question, so a reward model trained on it alone has no reason to rank
+"No." below a real answer, and often does not (issue 18's "tell me a joke" example). Each kind
+here pairs a real better answer from the source with a made-up worse one:
+
+* ``dismissive``: a non-answer ("No.", "I don't know.", "Figure it out yourself.", or a longer
+  polite brush-off) drawn from :data:`DISMISSIVE_REPLIES`;
+* ``off_topic``: the better answer of another prompt of the same source: fluent, well formed,
+  and about something else.
+
+Use it on sources whose prompts are benign requests (AlpacaEval's instructions, for
+``objective=helpfulness``); never on harmlessness data, where declining is often the right answer.
+Records keep their prompt; the written file is the ``rankings`` format (``category`` names the
+kind), which ``reward train-rm --data`` reads like any other source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .data import DataError, PreferenceRecord, load_preferences, write_rankings_jsonl
+
+KINDS = ("dismissive", "off_topic")
+
+# Non-answers: refusals of a harmless request, shrugs, brush-offs. None carries content.
+DISMISSIVE_REPLIES = (
+    "No.",
+    "I don't know.",
+    "I'm not going to do that.",
+    "I can't help with that.",
+    "Figure it out yourself.",
+    "Maybe.",
+    "Not sure.",
+    "Ask someone else.",
+    "Whatever.",
+    "That's not something I want to answer.",
+    "I have no idea.",
+    "Sorry, no.",
+    "Look it up.",
+    "I'd rather not.",
+    "Why would I tell you that?",
+    "Nope.",
+    "It depends.",
+    "Can't say.",
+    # longer brush-offs, so that "shorter loses" is not all these pairs teach
+    "I'm sorry, but I'm not able to help with that request. You might try searching online or asking someone "
+    "who knows more about the topic.",
+    "That is an interesting question, and there are many things one could say about it. In the end it really "
+    "depends on a lot of factors, so I'd rather not give a specific answer here.",
+    "I don't think I should answer this one. There are plenty of other resources out there that could help "
+    "you with it better than I can.",
+)
+
+# A better answer this short is left out: against a brush-off it may not be clearly better.
+MIN_ANSWER_WORDS = 3
+
+
+class AugmentError(ValueError):
+    """The request cannot be met (no usable records, an unknown kind); the message says what to change."""
+
+
+def parse_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"kinds are {', '.join(KINDS)} (comma-separated), not {text!r}")
+    return kinds
+
+
+def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str], n: int, seed: int = 0) -> list[PreferenceRecord]:
+    """``n`` pairs, the kinds taking turns: each a distinct source record's best answer (ranked
+    first) against a made-up worse one of that kind, under the record's own prompt."""
+    for kind in kinds:
+        if kind not in KINDS:
+            raise AugmentError(f"unknown kind {kind!r}; the kinds are {', '.join(KINDS)}")
+    if n < 1:
+        raise AugmentError("ask for at least one pair (--n)")
+    usable = [r for r in records if len(r.responses[r.ranking[0]].split()) >= MIN_ANSWER_WORDS]
+    if len(usable) < 2:
+        raise AugmentError(f"the source has {len(usable)} records whose best answer has {MIN_ANSWER_WORDS}+ words; need 2 or more")
+    rng = random.Random(seed)
+    order = list(range(len(usable)))
+    rng.shuffle(order)
+    out = []
+    for i in range(n):
+        record = usable[order[i % len(order)]]
+        best = record.responses[record.ranking[0]]
+        kind = kinds[i % len(kinds)]
+        if kind == "dismissive":
+            worse = rng.choice(DISMISSIVE_REPLIES)
+        else:
+            while True:  # another prompt's best answer (prompts can repeat in a source: compare them)
+                other = usable[rng.randrange(len(usable))]
+                if other.prompt != record.prompt:
+                    break
+            worse = other.responses[other.ranking[0]]
+        out.append(PreferenceRecord(prompt=[dict(m) for m in record.prompt], responses=[best, worse], ranking=[0, 1],
+                                    category=kind, source=f"augment:{kind}", line=i + 1))
+    return out
+
+
+def add_augment_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "augment", help="write synthetic comparisons (dismissive and off-topic answers) from a source's prompts",
+        description=__doc__.split("\n\n")[0].replace("``", "'"),
+    )
+    parser.add_argument("--data", required=True, metavar="PATH[:WEIGHT][:MAX_ROWS]",
+                        help="the source whose prompts and best answers are used (any format train-rm reads)")
+    parser.add_argument("--kinds", type=parse_kinds, default=list(KINDS), metavar="K[,K]",
+                        help=f"which kinds of worse answer, taking turns (default: {','.join(KINDS)})")
+    parser.add_argument("--n", type=int, required=True, help="how many pairs to write")
+    parser.add_argument("--seed", type=int, default=0, help="which records and which replies (default 0)")
+    parser.add_argument("--out", required=True, type=Path, help="the rankings JSONL to write")
+    parser.set_defaults(func=run_augment)
+
+
+def run_augment(args: argparse.Namespace) -> int:
+    try:
+        records = load_preferences([args.data], seed=args.seed).records
+        pairs = synthetic_records(records, args.kinds, args.n, args.seed)
+    except (DataError, AugmentError) as exc:
+        print(f"reward augment: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_rankings_jsonl(pairs, args.out)
+    counts = {kind: sum(p.category == kind for p in pairs) for kind in args.kinds}
+    print(f"reward augment: {len(pairs)} pairs from {len(records)} records of {args.data} "
+          f"({', '.join(f'{k} {v}' for k, v in counts.items())}) -> {args.out}")
+    return 0
