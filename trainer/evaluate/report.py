@@ -374,7 +374,9 @@ def _render_uncertainty(label: str, u: dict[str, Any], cfg: dict[str, Any]) -> s
         "AUROC 1: every wrong pair is more uncertain than every right one; 0.5: no better than chance. Pair "
         "uncertainty: *std of differences*, the members' standard deviation of r_chosen - r_rejected; *mean item "
         "std*, the mean of the two answers' `ensemble_std`; *disagreement*, 1 - |2a - 1| with a the share of members "
-        "that rank the chosen answer higher. Exact ties of the reward are left out of the AUROC and count half in "
+        "that rank the chosen answer higher; *spread / margin*, the std of differences over the members' mean "
+        "difference (scale-free); *small margin (no ensemble)*, -|r_chosen - r_rejected| of the reward itself, the "
+        "baseline a score of the members has to beat. Exact ties of the reward are left out of the AUROC and count half in "
         f"the accuracies. Brackets: 95% bootstrap interval ({u['bootstrap']} resamples of the wrong and the right "
         f"pairs, seed {cfg['seed']}). Item std: the members' standard deviation of each unique response.\n\n",
     ]
