@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Before anything imports torch (its OpenMP runtime reads this once, when it loads), here and in
+# every process the tests start (servers, CLIs, torchrun): OpenMP threads that wait sleep instead
+# of spinning. Spinning threads are what make a 2-thread torch op on a busy 2-core machine (other
+# tests, other workers, a server beside its client) take 10x as long as on 1 thread.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
