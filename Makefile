@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
+# `make test` runs the suite in TEST_WORKERS processes (pytest-xdist), a whole test file per
+# worker at a time so a file's module fixtures (a served model, a trained one) are built once.
+# Much of the suite waits on servers and CLIs starting up, so 2 workers pay even on 2 cores.
+# TEST_WORKERS=0: one process, as plain `pytest` runs.
+TEST_WORKERS ?= 2
 
 .PHONY: serve test install bench clean
 
@@ -25,7 +30,7 @@ serve: $(STAMP)
 	$(VENV)/bin/reward serve $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/bench_serving.py $(ARGS)

@@ -81,6 +81,22 @@ def running_server(
 
 
 @contextlib.contextmanager
+def running_servers(*specs: tuple[list[str], Path]) -> Iterator[list[ServerProcess]]:
+    """Several servers, each ``(args, log_path)`` as :func:`running_server` takes them, started
+    together so their start-ups overlap; yielded once all are ready, stopped together."""
+    servers: list[ServerProcess] = []
+    try:
+        for args, log_path in specs:
+            servers.append(ServerProcess(args, log_path))
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@contextlib.contextmanager
 def in_process_server(app, settings) -> Iterator[str]:
     """Serve ``app`` with the service's own server class in a background thread; yields its URL."""
     from service.server import server_for

@@ -25,10 +25,25 @@ def served_dir(model_dirs, tmp_path):
     return target
 
 
+def reloadable_server(served_dir, model_dirs, log_path):
+    args = [f"--model=rm={served_dir}", f"--model=bert={model_dirs['bert']}", "--max-wait-ms", "5"]
+    return running_server(args, log_path, env={"REWARD_RELOAD_TOKEN": TOKEN})
+
+
 @pytest.fixture
 def server(served_dir, model_dirs, tmp_path):
-    args = [f"--model=rm={served_dir}", f"--model=bert={model_dirs['bert']}", "--max-wait-ms", "5"]
-    with running_server(args, tmp_path / "server.log", env={"REWARD_RELOAD_TOKEN": TOKEN}) as s:
+    """A server of its own: the test swaps the weights it serves."""
+    with reloadable_server(served_dir, model_dirs, tmp_path / "server.log") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def unchanged_server(model_dirs, tmp_path_factory):
+    """One server for the tests whose reloads are refused, so what it serves never changes."""
+    root = tmp_path_factory.mktemp("unchanged")
+    served_dir = root / "llama"
+    shutil.copytree(model_dirs["llama"], served_dir)
+    with reloadable_server(served_dir, model_dirs, root / "server.log") as s:
         yield s
 
 
@@ -64,7 +79,8 @@ def test_new_weights_go_live_and_requests_during_the_swap_all_succeed(server, se
         assert answer.scores == pytest.approx(before, abs=1e-4) or answer.scores == pytest.approx(after, abs=1e-4)
 
 
-def test_a_directory_that_cannot_load_leaves_the_old_model_serving(server, tmp_path):
+def test_a_directory_that_cannot_load_leaves_the_old_model_serving(unchanged_server, tmp_path):
+    server = unchanged_server
     before = scores(server)
 
     answer = httpx.post(f"{server.url}/v1/models/rm/reload", json={"path": str(tmp_path / "nowhere")}, headers=AUTH, timeout=60)
@@ -74,7 +90,8 @@ def test_a_directory_that_cannot_load_leaves_the_old_model_serving(server, tmp_p
     assert scores(server) == pytest.approx(before, abs=1e-6)
 
 
-def test_reload_needs_the_token(server):
+def test_reload_needs_the_token(unchanged_server):
+    server = unchanged_server
     wrong = httpx.post(f"{server.url}/v1/models/rm/reload", headers={"Authorization": "Bearer guess"})
     missing = httpx.post(f"{server.url}/v1/models/nope/reload", headers=AUTH)
 

@@ -12,7 +12,7 @@ import pytest
 
 from client import AsyncRewardClient, RewardClient
 from client.integrations import trl_reward_func
-from server import free_port, running_server
+from server import free_port, running_servers
 
 ITEMS = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(40)]
 
@@ -21,7 +21,7 @@ ITEMS = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range
 def replicas(model_dirs, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     args = [f"--model=bert={model_dirs['bert']}", "--max-wait-ms", "2"]
-    with running_server(args, logs / "a.log") as a, running_server(args, logs / "b.log") as b:
+    with running_servers((args, logs / "a.log"), (args, logs / "b.log")) as (a, b):
         yield a, b
 
 

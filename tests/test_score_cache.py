@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from client import RewardClient
-from server import running_server
+from server import running_servers
 from reward_core.formatting import EncodedInput
 from service.score_cache import ScoreCache
 
@@ -30,8 +30,7 @@ def counter(url: str, name: str) -> float:
 def servers(model_dirs, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     model = f"--model=bert={model_dirs['bert']}"
-    with running_server([model, "--score-cache-size", "64"], logs / "cached.log") as cached, \
-            running_server([model], logs / "plain.log") as plain:
+    with running_servers(([model, "--score-cache-size", "64"], logs / "cached.log"), ([model], logs / "plain.log")) as (cached, plain):
         yield cached, plain
 
 
