@@ -58,9 +58,9 @@ REPO = SCRIPTS.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(SCRIPTS))
 
-from ppo_demo import MAX_PROMPT_LENGTH, env, free_port, reward, tiny_policy  # noqa: E402
+from ppo_demo import MAX_PROMPT_LENGTH, env, reward, tiny_policy  # noqa: E402
 from trainer.data import load_preferences  # noqa: E402
-from trainer.loop import wait_until_ready  # noqa: E402
+from trainer.loop import local_server  # noqa: E402
 
 
 def rule_slug(rule: str) -> str:
@@ -399,15 +399,8 @@ def main() -> int:
     policy = starting_policy(out, data, device)
     prompts, held_out = prompt_files(out, data)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(out / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "reward_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                               "--model", f"proxy={proxy_dir}", "--model", f"gold={gold_dir}",
-                               "--device", env("SERVE_DEVICE", "cpu")],
-                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until_ready(url, server, 300, out / "server.log")
+    with local_server({"proxy": proxy_dir, "gold": gold_dir}, out / "server.log", 300,
+                      ["--device", env("SERVE_DEVICE", "cpu")]) as url:
         if int(env("PARALLEL", "1")) > 1:  # best-of-N beside the PPO runs: on a GPU it is one more user of it
             with ThreadPoolExecutor(1) as pool:
                 best_of_n = pool.submit(run_best_of_n, url, policy, held_out, rules, out, device)
@@ -416,10 +409,6 @@ def main() -> int:
         else:
             bon = run_best_of_n(url, policy, held_out, rules, out, device)
             cut = run_all_ppo(url, policy, prompts, rules, seeds, out, device)
-    finally:
-        server.terminate()
-        server.wait()
-        log.close()
     report_dir.mkdir(parents=True, exist_ok=True)
     summary = collect(out, report_dir, rules, seeds, bon, cut)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

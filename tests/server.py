@@ -72,22 +72,26 @@ def running_server(
     args: list[str], log_path: Path, env: dict[str, str] | None = None, entry: list[str] | None = None,
     port: int | None = None,
 ) -> Iterator[ServerProcess]:
-    server = ServerProcess(args, log_path, env, entry, port)
-    try:
-        server.wait_ready()
+    with _serving(lambda: [ServerProcess(args, log_path, env, entry, port)]) as (server,):
         yield server
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
 def running_servers(*specs: tuple[list[str], Path]) -> Iterator[list[ServerProcess]]:
     """Several servers, each ``(args, log_path)`` as :func:`running_server` takes them, started
     together so their start-ups overlap; yielded once all are ready, stopped together."""
+    with _serving(lambda: (ServerProcess(args, log_path) for args, log_path in specs)) as servers:
+        yield servers
+
+
+@contextlib.contextmanager
+def _serving(start) -> Iterator[list[ServerProcess]]:
+    """Start the servers ``start()`` yields (one after another, without waiting), wait until every
+    one is ready, and stop all that started, also when a later one fails to start."""
     servers: list[ServerProcess] = []
     try:
-        for args, log_path in specs:
-            servers.append(ServerProcess(args, log_path))
+        for server in start():
+            servers.append(server)
         for server in servers:
             server.wait_ready()
         yield servers

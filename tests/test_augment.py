@@ -58,6 +58,10 @@ def test_impossible_requests_say_what_to_change():
         synthetic_records(source(1), ["off_topic"], n=2)
     with pytest.raises(AugmentError, match="at least one pair"):
         synthetic_records(source(), ["dismissive"], n=0)
+    same_prompt = [PreferenceRecord([{"role": "user", "content": "One question?"}], [f"A full answer number {i}.", "Meh."], [0, 1])
+                   for i in range(3)]
+    with pytest.raises(AugmentError, match="two different prompts"):  # rather than search for another prompt forever
+        synthetic_records(same_prompt, ["off_topic"], n=2)
 
 
 def test_the_command_writes_a_file_train_rm_reads_as_a_source(tmp_path):

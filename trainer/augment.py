@@ -85,6 +85,8 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
     usable = [r for r in records if len(r.responses[r.ranking[0]].split()) >= MIN_ANSWER_WORDS]
     if len(usable) < 2:
         raise AugmentError(f"the source has {len(usable)} records whose best answer has {MIN_ANSWER_WORDS}+ words; need 2 or more")
+    if "off_topic" in kinds and all(r.prompt == usable[0].prompt for r in usable):
+        raise AugmentError("off_topic needs records under at least two different prompts; the source has one")
     rng = random.Random(seed)
     order = list(range(len(usable)))
     rng.shuffle(order)

@@ -30,7 +30,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .config_flags import add_config_flags
 from .data import DataError
@@ -149,12 +149,14 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float, log_pa
 
 
 @contextlib.contextmanager
-def local_server(models: dict[str, Path], log_path: Path, timeout: float) -> Iterator[str]:
-    """``reward serve`` of ``models`` (name -> directory) on a free loopback port, stopped
-    afterwards; yields its URL."""
+def local_server(
+    models: dict[str, Path], log_path: Path, timeout: float, extra_args: Sequence[str] = (),
+) -> Iterator[str]:
+    """``reward serve`` of ``models`` (name -> directory) on a free loopback port, with
+    ``extra_args`` (e.g. ``--device cuda``), stopped afterwards; yields its URL."""
     port = _free_port()
     command = [sys.executable, "-m", "reward_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               *[f"--model={name}={path}" for name, path in models.items()]]
+               *[f"--model={name}={path}" for name, path in models.items()], *extra_args]
     # Its own settings only: the operator's REWARD_* (keys, store, models) are for the real service.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REWARD_") or k in ("REWARD_DEVICE", "REWARD_DTYPE")}
     env.update(REWARD_SHUTDOWN_DRAIN_S="0", TOKENIZERS_PARALLELISM="false")
