@@ -201,23 +201,23 @@ def _backbone_parts(model: Any) -> tuple[Any, Any, Any]:
     return base, blocks, classifier
 
 
-def _additive_mask(attention_mask: Any, dtype: Any) -> Any:
+def additive_mask(attention_mask: Any, dtype: Any) -> Any:
     import torch
 
     mask = attention_mask[:, None, None, :].to(dtype)
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
-def bert_block(block: Any, hidden: Any, additive_mask: Any, first_row_only: bool = False) -> Any:
-    """One BERT block (inference; no dropout) on ``hidden`` [batch, L, D]; with ``first_row_only``
-    the output of the first token's row alone ([batch, 1, D]): keys and values still come from
-    every token, attention and the feed-forward run for that row only."""
+def bert_block(block: Any, hidden: Any, additive_mask: Any, query_rows: int | None = None) -> Any:
+    """One BERT block (no dropout) on ``hidden`` [batch, L, D]; with ``query_rows`` the output of
+    the first ``query_rows`` tokens' rows alone ([batch, query_rows, D]): keys and values still
+    come from every token, attention and the feed-forward run for those rows only."""
     import torch.nn.functional as F
 
     attention = block.attention.self
     heads, head_size = attention.num_attention_heads, attention.attention_head_size
     batch, length, _ = hidden.shape
-    queries_in = hidden[:, :1] if first_row_only else hidden
+    queries_in = hidden if query_rows is None else hidden[:, :query_rows]
     rows = queries_in.shape[1]
     q = attention.query(queries_in).view(batch, rows, heads, head_size).transpose(1, 2)
     k = attention.key(hidden).view(batch, length, heads, head_size).transpose(1, 2)
@@ -280,13 +280,13 @@ def _make_members_module(model: Any, ensemble: Ensemble) -> Any:
 
         def forward(self, shared_hidden: Any, attention_mask: Any) -> Any:
             """The members' rewards [batch, K] from the shared part's output [batch, L, D]."""
-            mask = _additive_mask(attention_mask, shared_hidden.dtype)
+            mask = additive_mask(attention_mask, shared_hidden.dtype)
             rewards = []
             for member in self.members:
                 hidden = shared_hidden
                 n = len(member.layers)
                 for j, block in enumerate(member.layers):
-                    hidden = bert_block(block, hidden, mask, first_row_only=j == n - 1)
+                    hidden = bert_block(block, hidden, mask, query_rows=1 if j == n - 1 else None)
                 rewards.append(member.classifier(member.pooler(hidden))[:, 0])
             return torch.stack(rewards, dim=-1)
 

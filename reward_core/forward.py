@@ -192,4 +192,4 @@ def reward_heads(
     if not gated:
         return model(**kwargs).logits, None
     out = model(**kwargs, output_hidden_states=True)
-    return out.logits, prompt_mean(out.hidden_states[-1], attention_mask, token_type_ids)
+    return out.logits, prompt_mean(out.hidden_states[objectives.gate_layer], attention_mask, token_type_ids)

@@ -7,13 +7,18 @@ of ``names``, so the backbone runs once per item whatever the number of heads. T
 
 * ``"weights"``: a fixed weighted sum of the heads (``weights``, one per objective);
 * ``"gate"``: a weighted sum whose weights depend on the prompt, as ArmoRM does: a linear gate
-  over the mean of the last hidden states of the prompt's tokens, softmaxed over the objectives.
+  over the mean of the hidden states of the prompt's tokens, softmaxed over the objectives.
   Its tensors are ``reward_gate.weight`` / ``reward_gate.bias`` in the directory's safetensors.
   The gate needs to see where the prompt ends without seeing the response, so it is for encoders
   that mark segments (``token_type_ids``); a decoder combines with fixed weights.
+  ``gate_layer`` says which hidden states it reads, counted as Python indexes the model's
+  ``hidden_states``: -1 (the default) the last block's output, -2 the one below it. Below the
+  last block, the last block is read at [CLS] alone, which is what lets the trainer run that
+  block for [CLS] only (trainer/frozen_cache.py).
 
 ```json
 "objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate"}
+"objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate", "gate_layer": -2}
 "objectives": {"names": ["helpfulness", "harmlessness"], "combine": "weights", "weights": [0.5, 0.5]}
 ```
 
@@ -50,6 +55,7 @@ class Objectives:
     names: tuple[str, ...]
     combine: str = "gate"
     weights: tuple[float, ...] | None = None
+    gate_layer: int = -1  # which hidden states the gate reads (an index of the model's hidden_states)
 
     def __post_init__(self) -> None:
         names = tuple(self.names)
@@ -80,6 +86,13 @@ class Objectives:
             object.__setattr__(self, "weights", tuple(float(w) for w in weights))
         elif self.weights is not None:
             raise ObjectivesError("objectives.weights is for combine='weights'; a gate learns its weights")
+        if isinstance(self.gate_layer, bool) or not isinstance(self.gate_layer, int) or self.gate_layer >= 0:
+            raise ObjectivesError(
+                f"objectives.gate_layer must be a negative integer (-1: the last block's output, -2: the one below), "
+                f"not {self.gate_layer!r}"
+            )
+        if self.gate_layer != -1 and not self.gated:
+            raise ObjectivesError("objectives.gate_layer is for combine='gate'")
 
     @property
     def gated(self) -> bool:
@@ -95,6 +108,8 @@ class Objectives:
         data: dict[str, Any] = {"names": list(self.names), "combine": self.combine}
         if self.weights is not None:
             data["weights"] = list(self.weights)
+        if self.gate_layer != -1:  # files without it read as before
+            data["gate_layer"] = self.gate_layer
         return data
 
     @classmethod
@@ -103,13 +118,14 @@ class Objectives:
             return raw
         if not isinstance(raw, dict):
             raise ObjectivesError('objectives must be an object such as {"names": [...], "combine": "gate"}')
-        unknown = set(raw) - {"names", "combine", "weights"}
+        unknown = set(raw) - {"names", "combine", "weights", "gate_layer"}
         if unknown:
-            raise ObjectivesError(f"objectives has unknown keys {sorted(unknown)} (known: names, combine, weights)")
+            raise ObjectivesError(f"objectives has unknown keys {sorted(unknown)} (known: names, combine, weights, gate_layer)")
         names = raw.get("names")
         if not isinstance(names, list):
             raise ObjectivesError("objectives.names must be a list of objective names")
-        return cls(names=tuple(names), combine=raw.get("combine", "gate"), weights=raw.get("weights"))
+        return cls(names=tuple(names), combine=raw.get("combine", "gate"), weights=raw.get("weights"),
+                   gate_layer=raw.get("gate_layer", -1))
 
 
 def prompt_mean(hidden: Any, attention_mask: Any, token_type_ids: Any) -> Any:
@@ -156,6 +172,12 @@ def attach_objectives(model: Any, objectives: Objectives) -> Any:
     if n_labels != len(objectives.names):
         raise ObjectivesError(
             f"the model has {n_labels} outputs but objectives names {len(objectives.names)}: {list(objectives.names)}"
+        )
+    n_blocks = getattr(model.config, "num_hidden_layers", None)
+    if isinstance(n_blocks, int) and -objectives.gate_layer > n_blocks + 1:
+        raise ObjectivesError(
+            f"objectives.gate_layer {objectives.gate_layer}: the model has {n_blocks + 1} hidden states "
+            f"(embeddings and {n_blocks} blocks), so use -1 to -{n_blocks + 1}"
         )
     model.reward_objectives = objectives
     if objectives.gated and getattr(model, GATE_PREFIX, None) is None:

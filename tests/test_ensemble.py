@@ -82,7 +82,7 @@ def test_a_members_last_block_computes_the_first_row_only_and_matches_the_full_b
         additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
         block = model.bert.encoder.layer[0]
         full = bert_block(block, hidden, additive)
-        first = bert_block(block, hidden, additive, first_row_only=True)
+        first = bert_block(block, hidden, additive, query_rows=1)
         reference = model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states[1]
     valid = mask.bool()
     torch.testing.assert_close(full[valid], reference[valid], atol=1e-5, rtol=1e-5)

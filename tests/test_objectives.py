@@ -34,9 +34,9 @@ def _inputs(files):
     return [torch.from_numpy(a) if a is not None else None for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)], batch
 
 
-@pytest.mark.parametrize("combine", ["gate", "weights"])
-def test_each_head_matches_a_direct_forward_and_the_combination_follows_its_rule(tmp_path, combine):
-    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m", combine=combine)
+@pytest.mark.parametrize("combine,gate_layer", [("gate", -1), ("gate", -2), ("weights", -1)])
+def test_each_head_matches_a_direct_forward_and_the_combination_follows_its_rule(tmp_path, combine, gate_layer):
+    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m", combine=combine, gate_layer=gate_layer)
     files = open_model_dir(path)
     assert files.spec.objective_names == tiny_models.OBJECTIVES
     model = load_sequence_classifier(path, files.spec).eval()
@@ -44,11 +44,11 @@ def test_each_head_matches_a_direct_forward_and_the_combination_follows_its_rule
     with torch.no_grad():
         columns = reward_columns(model, "encoder", ids, mask, types)
         # direct: the backbone, the pooler, then each head's row of the classifier
-        out = model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        out = model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
         heads = model.classifier(out.pooler_output)
-        if combine == "gate":
+        if combine == "gate":  # the mean over the prompt's tokens of the hidden states the gate reads
             prompt = (mask * (types == 0)).unsqueeze(-1).float()
-            features = (out.last_hidden_state * prompt).sum(1) / prompt.sum(1)
+            features = (out.hidden_states[gate_layer] * prompt).sum(1) / prompt.sum(1)
             weights = torch.softmax(model.reward_gate(features), dim=-1)
             assert torch.allclose(weights.sum(-1), torch.ones(len(CONVERSATIONS)))
         else:
@@ -124,3 +124,17 @@ def test_objectives_validate_their_rule():
         Objectives(("a", "b"), "gate", (1.0, 0.0))
     with pytest.raises(ObjectivesError, match="combine"):
         Objectives(("a",), "max")
+    # which hidden states the gate reads: written only when not the last block's, so older files read as before
+    assert Objectives(("a", "b"), "gate").to_json() == {"names": ["a", "b"], "combine": "gate"}
+    assert Objectives.from_json({"names": ["a", "b"], "combine": "gate", "gate_layer": -2}).gate_layer == -2
+    for bad in (0, 1, "-2", True):
+        with pytest.raises(ObjectivesError, match="negative integer"):
+            Objectives(("a", "b"), "gate", gate_layer=bad)
+    with pytest.raises(ObjectivesError, match="for combine='gate'"):
+        Objectives(("a", "b"), "weights", gate_layer=-2)
+
+
+def test_a_gate_layer_the_model_does_not_have_is_refused_with_the_range(tmp_path):
+    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m", gate_layer=-4)  # 2 blocks: hidden states -1 to -3
+    with pytest.raises(ModelDirError, match="use -1 to -3"):
+        load_sequence_classifier(path, open_model_dir(path).spec)

@@ -157,12 +157,15 @@ def test_a_pair_moves_only_its_own_objectives_head(tiny_base, objective_sets, tm
     assert trainer.model.reward_gate.weight.grad.abs().sum() > 0  # the gate learns from every pair
 
 
-def test_the_frozen_cache_gives_the_models_own_forward(tmp_path, objective_sets):
+@pytest.mark.parametrize("top_layers,gate_layer", [(2, -1), (2, -2), (1, -2)])
+def test_the_frozen_cache_gives_the_models_own_forward(tmp_path, objective_sets, top_layers, gate_layer):
     """On the real MiniLM backbone: the trained blocks run on the cached output of the frozen
-    ones and give the heads of the plain forward."""
-    trainer = _Trainer(config_for(tiny_models.minilm_path(), objective_sets, tmp_path / "rm", top_layers=2, cache_frozen=True,
-                                  max_length=64), _Dist.from_env())
+    ones, the top block only where it is read ([CLS], and the prompt when the gate reads the top
+    block's output), and give the heads, gate features and gradients of the plain forward."""
+    trainer = _Trainer(config_for(tiny_models.minilm_path(), objective_sets, tmp_path / "rm", top_layers=top_layers,
+                                  cache_frozen=True, max_length=64, gate_layer=gate_layer), _Dist.from_env())
     trainer.setup()
+    assert trainer.frozen_cache.read_positions_only
     from trainer.scoring import length_sorted_chunks
 
     records = trainer.train_records[:12]
@@ -170,12 +173,47 @@ def test_the_frozen_cache_gives_the_models_own_forward(tmp_path, objective_sets)
     chunks, _ = length_sorted_chunks(encoded, trainer.pad_id, 512, "cpu")
     from reward_core.forward import reward_heads
 
-    with torch.no_grad():
-        for chunk in chunks:
-            plain, plain_features = reward_heads(trainer.model, "encoder", *chunk)
-            cached, cached_features = trainer.frozen_cache.heads("encoder", *chunk)
-            assert torch.allclose(plain, cached, atol=5e-3)
-            assert torch.allclose(plain_features, cached_features, atol=5e-3)
+    params = [p for n, p in trainer.trainable if not n.startswith("reward_gate.")]  # the gate is not in reward_heads
+
+    def gradients(forward):
+        for p in params:
+            p.grad = None
+        heads, features = forward()
+        (heads.sum() + features.square().sum()).backward()
+        return heads.detach(), features.detach(), [p.grad.clone() for p in params]
+
+    for chunk in chunks:
+        plain, plain_features, plain_grads = gradients(lambda: reward_heads(trainer.model, "encoder", *chunk))
+        cached, cached_features, cached_grads = gradients(lambda: trainer.frozen_cache.heads("encoder", *chunk))
+        assert torch.allclose(plain, cached, atol=5e-3)
+        assert torch.allclose(plain_features, cached_features, atol=5e-3)
+        scale = max(float(g.abs().max()) for g in plain_grads)  # (some are zero in exact arithmetic, e.g. the key bias's)
+        for a, b in zip(plain_grads, cached_grads):
+            assert torch.allclose(a, b, atol=5e-3 * scale)
+
+
+def test_a_gate_below_the_cached_blocks_is_refused_with_the_fix(tmp_path, objective_sets):
+    trainer = _Trainer(config_for(tiny_models.minilm_path(), objective_sets, tmp_path / "rm", top_layers=1,
+                                  cache_frozen=True, max_length=32, gate_layer=-3), _Dist.from_env())
+    with pytest.raises(TrainingConfigError, match="use --gate-layer -2 or above"):
+        trainer.setup()
+
+
+def test_a_gate_on_a_lower_block_and_float16_tensors_train_and_serve_as_trained(tiny_base, objective_sets, tmp_path):
+    """--gate-layer -2 --save-dtype float16: the directory says where the gate reads, its trained
+    tensors are float16, and the model loaded from it (float16 laid over the base) has learned
+    every objective through the gate."""
+    out = tmp_path / "rm"
+    train_reward_model(config_for(tiny_base, objective_sets, out, top_layers=1, cache_frozen=True, gate_layer=-2,
+                                           save_dtype="float16", gate_routing_weight=1.0))
+    meta = json.loads((out / "reward_model.json").read_text())
+    assert meta["objectives"]["gate_layer"] == -2
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float16}
+    accuracy = head_accuracies(out, objective_sets)
+    for objective in RULES:
+        assert accuracy[objective]["reward"] >= 0.9, accuracy
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

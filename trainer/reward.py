@@ -51,7 +51,9 @@ from typing import Any, Iterator, Sequence
 
 from reward_core.ensemble import ENSEMBLE_FILE, Ensemble, EnsembleError, attach_ensemble, members_state
 from reward_core.forward import pad_token_id
-from reward_core.objectives import GATE_FILE, GATE_PREFIX, attach_objectives, combine_heads, gate_state, without_gate
+from reward_core.objectives import (
+    GATE_FILE, GATE_PREFIX, ObjectivesError, attach_objectives, combine_heads, gate_state, without_gate,
+)
 
 from .config_flags import add_config_subcommand
 from .data import DataError, DataSpec, PreferenceRecord, load_preferences, parse_data_spec
@@ -400,7 +402,7 @@ class _Trainer:
 
     def _resolve_objectives(self, specs: list[DataSpec]):
         """The model's objectives (None: one head): --objectives, else those the --data files name."""
-        from reward_core.objectives import DEFAULT_OBJECTIVES, Objectives, ObjectivesError
+        from reward_core.objectives import DEFAULT_OBJECTIVES, Objectives
 
         c = self.config
         named = [s.objective for s in specs if s.objective is not None]
@@ -420,7 +422,7 @@ class _Trainer:
             raise TrainingConfigError(f"--data names objectives {unknown} that --objectives ({', '.join(names)}) lacks")
         try:
             weights = tuple(c.combine_weights) if c.combine_weights is not None else None
-            objectives = Objectives(names=tuple(names), combine=c.combine, weights=weights)
+            objectives = Objectives(names=tuple(names), combine=c.combine, weights=weights, gate_layer=c.gate_layer)
         except ObjectivesError as exc:
             raise TrainingConfigError(str(exc)) from exc
         counts = {n: sum(1 for r in self.train_records if r.objective == n) for n in names}
@@ -514,7 +516,10 @@ class _Trainer:
         # the HF model (LoRA layers injected in place), PEFT's wrapper (lora), the saved modules (top)
         self.model, self.peft_model, self.saved_prefixes = apply_train_mode(model, c, self.spec.architecture, base_ref)
         if self.objectives is not None:
-            attach_objectives(self.model, self.objectives)  # after the train mode: the gate always trains
+            try:
+                attach_objectives(self.model, self.objectives)  # after the train mode: the gate always trains
+            except ObjectivesError as exc:
+                raise TrainingConfigError(f"--gate-layer: {exc}") from exc
         if self.ensemble is not None:
             self._attach_members()
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -640,6 +645,7 @@ class _Trainer:
         """Write the service-loadable directory atomically: tmp dir, then rename over ``target``."""
         from dataclasses import replace
 
+        import torch
         from safetensors.torch import save_file
 
         with replace_dir(target) as tmp:
@@ -654,8 +660,9 @@ class _Trainer:
                 with without_gate(self.model):
                     self.model.save_pretrained(tmp)
             elif mode == "top":
+                dtype = getattr(torch, self.config.save_dtype)
                 state = {
-                    k: v.detach().to("cpu", copy=True).contiguous()
+                    k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=True).contiguous()
                     for k, v in self.model.state_dict().items() if under(k, self.saved_prefixes)
                 }
                 save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

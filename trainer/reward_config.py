@@ -56,6 +56,10 @@ class RewardTrainingConfig:
         "combine=gate: add this times the cross-entropy between the gate's weights and each pair's "
         "objective, so the gate also learns which objective a prompt is about (its source says), not "
         "only what helps the pairs through the combined reward. 0: the combined reward alone, as ArmoRM."))
+    gate_layer: int = field(default=-1, metadata=flag_help(
+        "combine=gate: which hidden states the gate reads, indexed as the model's hidden_states (-1: the "
+        "last block's output; -2: the one below). Below -1 the top block is read at [CLS] alone, so with "
+        "--cache-frozen a step runs that block for [CLS] only (far cheaper at long inputs)."))
     ensemble: int = field(default=0, metadata=flag_help(
         "Train K reward models (members) over one shared backbone instead of one: top mode only; each "
         "member owns a copy of the top --top-layers blocks (0: none), the pooler and a head seeded apart, "
@@ -70,6 +74,9 @@ class RewardTrainingConfig:
         "(mean - --ensemble-uncertainty-penalty x the members' variance).", choices=("mean", "min", "mean_minus_var")))
     ensemble_uncertainty_penalty: float = field(default=1.0, metadata=flag_help(
         "--ensemble: lambda of the mean_minus_var rule (recorded as the served default)."))
+    save_dtype: str = field(default="float32", metadata=flag_help(
+        "top mode: the dtype the trained tensors are written in (float16 halves the directory; they are "
+        "laid over the base in its own dtype when loaded).", choices=("float32", "float16")))
     cache_frozen: bool = field(default=False, metadata=flag_help(
         "top mode, encoders: compute the frozen lower blocks' output once per distinct input and reuse it "
         "every epoch (kept in memory as float16), so a step runs only the trained blocks."))
@@ -185,6 +192,12 @@ class RewardTrainingConfig:
             raise TrainingConfigError("gate_routing_weight must be >= 0")
         if self.gate_routing_weight and self.combine != "gate":
             raise TrainingConfigError("--gate-routing-weight is for --combine gate")
+        if self.gate_layer != -1 and self.combine != "gate":
+            raise TrainingConfigError("--gate-layer is for --combine gate")
+        if self.save_dtype not in ("float32", "float16"):
+            raise TrainingConfigError("save_dtype must be float32 or float16")
+        if self.save_dtype != "float32" and self.train_mode != "top":
+            raise TrainingConfigError("--save-dtype is for --train-mode top (a partial state dict over the base)")
         if self.ensemble < 0:
             raise TrainingConfigError("ensemble must be >= 0 (0: one model)")
         if self.ensemble and self.train_mode != "top":
