@@ -26,6 +26,12 @@ measures them against each other on each backend as ``--objectives`` does. Speed
 on training: random perturbations cost what trained members do. The issue's target: K=5 at
 >= 0.8x the single model's items/s.
 
+``--read-positions``: instead, what running the top block only where it is read saves the torch
+backend (reward_core.forward.bert_top_heads: [CLS], and the prompt's tokens when the gate reads
+the top block): the model's forwards with it and with the whole top block
+(``read_positions_only=False``, what the ONNX export traces), in turns batch by batch, on the same
+batches.
+
 Prints one JSON object and a one-line summary; ``--out`` also writes the JSON (commit it under
 bench/results/; it carries the machine, SIMD flags included, and the load average around the run).
 
@@ -33,6 +39,7 @@ bench/results/; it carries the machine, SIMD flags included, and the load averag
     python bench/bench_backends.py --objectives --combine gate weights --items 128 --repeats 2 \
         --out bench/results/objectives-cpu.json
     python bench/bench_backends.py --ensemble 5 --items 128 --repeats 2 --out bench/results/ensemble-cpu.json
+    python bench/bench_backends.py --read-positions --items 256 --repeats 2 --out bench/results/read-positions-cpu.json
 """
 
 from __future__ import annotations
@@ -81,10 +88,14 @@ def main() -> None:
                         help="with --ensemble: the top blocks each member owns (default: 1)")
     parser.add_argument("--backends", nargs="+", choices=list(VARIANT_BACKENDS), default=list(VARIANT_BACKENDS),
                         help="with --objectives or --ensemble: the backends to measure on")
+    parser.add_argument("--read-positions", action="store_true",
+                        help="measure the torch backend with the top block at its read positions against the whole block")
     parser.add_argument("--note", default=None, help="recorded in the JSON (e.g. what else ran on the machine)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    if args.read_positions and (args.objectives or args.ensemble):
+        parser.error("--read-positions measures --model (default: the shipped default RM) alone")
     if args.ensemble and (args.objectives or args.model):
         parser.error("--ensemble builds its own models from MiniLM: it takes neither --objectives nor --model")
     if args.ensemble and (min(args.ensemble) < 1 or args.top_layers < 0):
@@ -95,6 +106,8 @@ def main() -> None:
     model_dir = args.model or default_model_dir()
     if args.objectives:
         return objectives_main(args, model_dir, items)
+    if args.read_positions:
+        return read_positions_main(args, model_dir, items)
     limits = {}
     with tempfile.TemporaryDirectory() as workdir:
         fp32 = served_directory(model_dir, "onnx", None, Path(workdir))
@@ -277,6 +290,38 @@ def objectives_main(args: argparse.Namespace, model_dir: Path, items: list[dict]
         f"{backend} single {variants['single']['forward_items_per_s']:.1f}, " + ", ".join(
             f"{v} {r['forward_items_per_s']:.1f} ({r['ratio_to_single']:.3f}x)" for v, r in variants.items() if v != "single")
         for backend, variants in limits.items()))
+
+
+# --read-positions ----------------------------------------------------------------------------
+
+def read_positions_main(args: argparse.Namespace, model_dir: Path, items: list[dict]) -> None:
+    import functools
+
+    from reward_core.forward import reward_columns, top_block_read_sparsely
+    from reward_core.loading import open_model_dir
+
+    load_before = os.getloadavg()
+    models = {"whole_top_block": load_bench_model(model_dir, "torch"), "read_positions_only": load_bench_model(model_dir, "torch")}
+    models["whole_top_block"].backend._forward = functools.partial(reward_columns, read_positions_only=False)
+    if not top_block_read_sparsely(models["read_positions_only"].backend.model):
+        raise SystemExit(f"{model_dir} is not a BERT sequence classifier; its top block always runs whole")
+    objectives = open_model_dir(model_dir).spec.objectives
+    forwards = paired_forwards(models, items, args.max_batch_tokens, args.max_padding, args.repeats)
+    report = {
+        "benchmark": "backends-read-positions", "model": str(model_dir), "items": len(items),
+        "data": str(DEV.relative_to(REPO_ROOT.parent)), "max_batch_tokens": args.max_batch_tokens,
+        "max_padding": args.max_padding, "repeats": args.repeats,
+        "gate_layer": objectives.gate_layer if objectives is not None and objectives.gated else None,
+        "machine": machine(), "load_average_before": load_before, "load_average_after": os.getloadavg(), "note": args.note,
+        "method": "the torch backend's forwards (score_batch) on the same length-sorted token-budget batches, taken in "
+                  "turns batch by batch; whole_top_block: reward_columns(read_positions_only=False); "
+                  "ratio_to_single: read_positions_only's items/s over whole_top_block's",
+        "forwards": forwards,
+    }
+    emit(report, args.out)
+    fast, whole = forwards["read_positions_only"], forwards["whole_top_block"]
+    print(f"torch backend, forwards in process: whole top block {whole['forward_items_per_s']:.1f} items/s, "
+          f"top block at its read positions {fast['forward_items_per_s']:.1f} ({fast['ratio_to_single']:.3f}x)")
 
 
 # --ensemble ----------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ def _member(blocks: list[Any], pooler: Any, classifier: Any) -> Any:
     return member
 
 
-class _SharedBackbone:
+class SharedBackbone:
     """The embeddings and the lower blocks of a model, called through the base model's own forward
     (masks, positions and token types as the model handles them) with its block list cut. Not an
     nn.Module of its own: its parameters are the model's, saved once."""
@@ -292,7 +292,7 @@ def _make_members_module(model: Any, ensemble: Ensemble) -> Any:
 
     module = EnsembleMembers()
     module.to(next(model.parameters()).dtype)
-    return module, _SharedBackbone(base, n_blocks - ensemble.top_layers)
+    return module, SharedBackbone(base, n_blocks - ensemble.top_layers)
 
 
 def attach_ensemble(model: Any, ensemble: Ensemble) -> Any:

@@ -102,7 +102,7 @@ def pad_columns(batch: Batch, multiple: int) -> Batch:
 
 def reward_forward(
     model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
-    *, positions_from_mask: bool | None = None,
+    *, positions_from_mask: bool | None = None, read_positions_only: bool = True,
 ):
     """One reward per right-padded row: THE forward of a reward model, shared by the service
     (``TorchBackend.score_batch``) and the trainer, so both read the same position.
@@ -111,13 +111,14 @@ def reward_forward(
     gives each head's beside it.
     """
     return reward_columns(
-        model, architecture, input_ids, attention_mask, token_type_ids, positions_from_mask=positions_from_mask
+        model, architecture, input_ids, attention_mask, token_type_ids, positions_from_mask=positions_from_mask,
+        read_positions_only=read_positions_only,
     )[:, 0]
 
 
 def reward_columns(
     model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
-    *, positions_from_mask: bool | None = None,
+    *, positions_from_mask: bool | None = None, read_positions_only: bool = True,
 ):
     """[batch, 1 + H]: the reward, then each objective head's (H = 0 for a single-head model), from
     one backbone pass (:func:`reward_heads`). Several objectives combine by
@@ -129,7 +130,8 @@ def reward_columns(
     from .objectives import GATE_PREFIX, combine_heads, objectives_of
 
     heads, features = reward_heads(
-        model, architecture, input_ids, attention_mask, token_type_ids, positions_from_mask=positions_from_mask
+        model, architecture, input_ids, attention_mask, token_type_ids, positions_from_mask=positions_from_mask,
+        read_positions_only=read_positions_only,
     )
     objectives = objectives_of(model)
     if objectives is None:
@@ -141,7 +143,7 @@ def reward_columns(
 
 def reward_heads(
     model: Any, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
-    *, positions_from_mask: bool | None = None, inputs_embeds: Any = None,
+    *, positions_from_mask: bool | None = None, inputs_embeds: Any = None, read_positions_only: bool = True,
 ):
     """(heads [batch, H], prompt features [batch, hidden] or None): every head's reward from one
     backbone pass, and what a gate reads (only computed for a gated model).
@@ -162,6 +164,10 @@ def reward_heads(
     ``inputs_embeds`` (encoders) replaces ``input_ids``: the trainer feeds the cached output of
     frozen lower blocks this way (trainer/frozen_cache.py). For an ensemble the heads are its
     members, [batch, K], and ``inputs_embeds`` is the shared part's output.
+
+    ``read_positions_only``: a BERT sequence classifier runs its top block only at the positions
+    read after it (:func:`bert_top_heads`), which gives the full block's rewards at a fraction of
+    its cost; the ONNX export turns it off, so the graph keeps the blocks onnxruntime fuses.
     """
     from .ensemble import ensemble_of, ensemble_rewards
     from .objectives import GATE_PREFIX, objectives_of, prompt_mean
@@ -189,7 +195,74 @@ def reward_heads(
         kwargs["input_ids"] = input_ids
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
+    gate_layer = objectives.gate_layer if gated else None
+    if read_positions_only and inputs_embeds is None and gate_layer in (None, -1, -2) and top_block_read_sparsely(model):
+        lower = lower_blocks(model)(**kwargs)  # every block but the top one, through the model's own code
+        return bert_top_heads(model, list(model.base_model.encoder.layer)[-1:], lower, attention_mask, token_type_ids)
     if not gated:
         return model(**kwargs).logits, None
     out = model(**kwargs, output_hidden_states=True)
     return out.logits, prompt_mean(out.hidden_states[objectives.gate_layer], attention_mask, token_type_ids)
+
+
+def top_block_read_sparsely(model: Any) -> bool:
+    """Whether ``model`` is BERT's sequence classifier, whose top block is read only at [CLS] (the
+    pooler) and, for a gate, at the prompt's tokens, and which :func:`bert_top_heads` computes
+    exactly: BERT blocks, absolute positions, and no dropout at work."""
+    import torch.nn as nn
+
+    base = getattr(model, "base_model", None)
+    blocks = getattr(getattr(base, "encoder", None), "layer", None)
+    if type(model).__name__ != "BertForSequenceClassification" or getattr(base, "pooler", None) is None or not blocks:
+        return False
+    if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return False  # training with dropout goes through the model's own forward
+    position_type = getattr(model.config, "position_embedding_type", "absolute")
+    return position_type in (None, "absolute") and all(hasattr(getattr(b, "attention", None), "self") for b in blocks)
+
+
+def lower_blocks(model: Any) -> Any:
+    """The model's embeddings and every block but the top one, called through the base model's
+    own forward (masks, positions and token types as the model handles them); made once per model."""
+    from .ensemble import SharedBackbone
+
+    lower = model.__dict__.get("_reward_lower_blocks")
+    if lower is None:
+        lower = SharedBackbone(model.base_model, len(model.base_model.encoder.layer) - 1)
+        model.__dict__["_reward_lower_blocks"] = lower
+    return lower
+
+
+def bert_top_heads(model: Any, blocks: list[Any], hidden: Any, attention_mask: Any, token_type_ids: Any):
+    """(heads, prompt features or None) of a BERT sequence classifier from the hidden states below
+    ``blocks`` (its top blocks): every one of them but the last in full, the last only at the
+    positions read after it. Keys and values still cover every token, so the numbers are the
+    full blocks'. The positions: [CLS] for the pooler; the prompt segment too when a gate reads
+    the top block's output (``gate_layer`` -1); a gate reading lower takes its features on the way."""
+    from .ensemble import additive_mask, bert_block
+    from .objectives import GATE_PREFIX, objectives_of, prompt_mean
+
+    objectives = objectives_of(model)
+    gated = objectives is not None and objectives.gated and getattr(model, GATE_PREFIX, None) is not None
+    gate_layer = objectives.gate_layer if gated else None
+    query_rows = 1
+    if gate_layer == -1:  # up to the last prompt token of any row ([CLS] prompt [SEP] starts a right-padded row)
+        query_rows = hidden.shape[1]
+        if token_type_ids is not None:
+            import torch
+
+            prompt = attention_mask.bool() & (token_type_ids == 0)
+            positions = torch.arange(1, prompt.shape[1] + 1, device=prompt.device)
+            query_rows = max(1, int((positions * prompt).max()))
+    mask = additive_mask(attention_mask, hidden.dtype)
+    states = [hidden]  # the hidden states from ``hidden`` up, as the model's hidden_states end
+    for block in blocks[:-1]:
+        states.append(bert_block(block, states[-1], mask))
+    top = bert_block(blocks[-1], states[-1], mask, query_rows)
+    logits = model.classifier(model.dropout(model.base_model.pooler(top)))
+    if not gated:
+        return logits, None
+    if gate_layer == -1:
+        types = None if token_type_ids is None else token_type_ids[:, :query_rows]
+        return logits, prompt_mean(top, attention_mask[:, :query_rows], types)
+    return logits, prompt_mean(states[gate_layer + 1], attention_mask, token_type_ids)

@@ -43,6 +43,9 @@ def test_each_head_matches_a_direct_forward_and_the_combination_follows_its_rule
     (ids, mask, types), _ = _inputs(files)
     with torch.no_grad():
         columns = reward_columns(model, "encoder", ids, mask, types)
+    # the top block ran only at the positions read after it ([CLS]; the prompt when the gate reads it)
+    assert "_reward_lower_blocks" in model.__dict__
+    with torch.no_grad():
         # direct: the backbone, the pooler, then each head's row of the classifier
         out = model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
         heads = model.classifier(out.pooler_output)
@@ -94,6 +97,7 @@ def test_a_single_head_checkpoint_scores_as_before(model_dirs):
     (ids, mask, types), batch = _inputs(files)
     scores = backend.score_batch(batch)
     assert scores.shape == (len(CONVERSATIONS),)
+    assert "_reward_lower_blocks" in backend.model.__dict__  # the top block ran for [CLS] alone
     with torch.no_grad():
         direct = backend.model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits[:, 0].numpy()
     np.testing.assert_allclose(scores, direct, atol=1e-6)

@@ -112,6 +112,7 @@ def _graph_outputs(model: Any, architecture: str, input_ids, attention_mask, tok
     of ``reward_columns``."""
     from reward_core.forward import reward_columns, reward_forward
 
+    kwargs["read_positions_only"] = False  # the top block in full: the graph onnxruntime's BERT fusion matches
     if len(output_names(model)) == 1:
         return reward_forward(model, architecture, input_ids, attention_mask, token_type_ids, **kwargs)
     columns = reward_columns(model, architecture, input_ids, attention_mask, token_type_ids, **kwargs)

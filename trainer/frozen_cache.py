@@ -10,7 +10,7 @@ list cut to the trained ones, so masks, pooler, heads and gate go through the mo
 (:func:`reward_core.forward.reward_heads`). :meth:`FrozenPrefixCache.check` compares the two
 paths with the plain forward before training starts.
 
-The last trained block runs only where its output is read (:func:`bert_trained_blocks`): a BERT
+The last trained block runs only where its output is read (:func:`reward_core.forward.bert_top_heads`): a BERT
 sequence classifier reads the top block at [CLS] (the pooler) and, for a gate, at the prompt's
 tokens; every other position of that block is computed and thrown away. Its queries are cut to
 the prompt segment, while keys and values still cover the whole input, so the heads and the gate
@@ -77,6 +77,7 @@ class FrozenPrefixCache:
         self.blocks = list(blocks)
         self.split = len(self.blocks) - trained_blocks
         self.rows: dict[bytes, Any] = {}
+        from reward_core.forward import top_block_read_sparsely
         from reward_core.objectives import objectives_of
 
         objectives = objectives_of(model)
@@ -88,7 +89,7 @@ class FrozenPrefixCache:
                 f"(--top-layers {trained_blocks}); use --gate-layer -{trained_blocks + 1} or above, or more --top-layers"
             )
         # the top block at the read positions only (BERT sequence classifiers; see the module docstring)
-        self.read_positions_only = read_positions_only and not self.ensemble and _bert_classifier(model)
+        self.read_positions_only = read_positions_only and not self.ensemble and top_block_read_sparsely(model)
 
     @contextlib.contextmanager
     def _blocks(self, which: list[Any], pass_through: bool) -> Iterator[None]:
@@ -159,13 +160,13 @@ class FrozenPrefixCache:
 
     def heads(self, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any):
         """(heads, prompt features) of a chunk through the trained blocks only."""
-        from reward_core.forward import reward_heads
+        from reward_core.forward import bert_top_heads, reward_heads
 
         hidden = self.hidden_for(input_ids, attention_mask, token_type_ids)
         if self.ensemble:  # the members run on the shared part's output
             return reward_heads(self.model, architecture, None, attention_mask, token_type_ids, inputs_embeds=hidden)
         if self.read_positions_only:
-            return bert_trained_blocks(self.model, self.blocks[self.split:], hidden, attention_mask, token_type_ids)
+            return bert_top_heads(self.model, self.blocks[self.split:], hidden, attention_mask, token_type_ids)
         with self._blocks(self.blocks[self.split:], pass_through=True):
             return reward_heads(self.model, architecture, None, attention_mask, token_type_ids, inputs_embeds=hidden)
 
@@ -177,7 +178,7 @@ class FrozenPrefixCache:
         from reward_core.forward import reward_heads
 
         with torch.no_grad():
-            plain, _ = reward_heads(self.model, architecture, *chunk)
+            plain, _ = reward_heads(self.model, architecture, *chunk, read_positions_only=False)
             cached, _ = self.heads(architecture, *chunk)
         diff = float((plain - cached).abs().max())
         if diff > atol:
@@ -187,47 +188,3 @@ class FrozenPrefixCache:
             )
         return diff
 
-
-def _bert_classifier(model: Any) -> bool:
-    """Whether ``model`` is BERT's sequence classifier with no active dropout: the layout
-    :func:`bert_trained_blocks` computes (BERT blocks, the [CLS] pooler, the classifier)."""
-    import torch.nn as nn
-
-    base = getattr(model, "base_model", None)
-    blocks = getattr(getattr(base, "encoder", None), "layer", None)
-    if type(model).__name__ != "BertForSequenceClassification" or getattr(base, "pooler", None) is None or not blocks:
-        return False
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        return False  # training with dropout (--no-disable-dropout) goes through the model's own forward
-    position_type = getattr(model.config, "position_embedding_type", "absolute")
-    return position_type in (None, "absolute") and all(hasattr(getattr(b, "attention", None), "self") for b in blocks)
-
-
-def bert_trained_blocks(model: Any, blocks: Sequence[Any], hidden: Any, attention_mask: Any, token_type_ids: Any):
-    """(heads, prompt features or None) of a BERT sequence classifier from the output of its
-    frozen blocks: every trained block but the last in full, the last one only at the positions
-    read after it: [CLS] for the pooler, and the prompt segment too when a gate reads the last
-    block's output (``gate_layer`` -1; a gate reading lower takes its features on the way up)."""
-    from reward_core.ensemble import additive_mask, bert_block
-    from reward_core.objectives import GATE_PREFIX, objectives_of, prompt_mean
-
-    objectives = objectives_of(model)
-    gated = objectives is not None and objectives.gated and getattr(model, GATE_PREFIX, None) is not None
-    gate_layer = objectives.gate_layer if gated else None
-    query_rows = 1
-    if gate_layer == -1:  # the prompt segment ([CLS] prompt [SEP]) starts every row
-        query_rows = hidden.shape[1]
-        if token_type_ids is not None:
-            query_rows = int((attention_mask * (token_type_ids == 0).to(attention_mask.dtype)).sum(dim=1).max())
-    mask = additive_mask(attention_mask, hidden.dtype)
-    states = [hidden]  # the hidden states from the cached one up, as the model's hidden_states end
-    for block in blocks[:-1]:
-        states.append(bert_block(block, states[-1], mask))
-    top = bert_block(blocks[-1], states[-1], mask, query_rows)
-    logits = model.classifier(model.dropout(model.base_model.pooler(top)))
-    if not gated:
-        return logits, None
-    if gate_layer == -1:
-        types = None if token_type_ids is None else token_type_ids[:, :query_rows]
-        return logits, prompt_mean(top, attention_mask[:, :query_rows], types)
-    return logits, prompt_mean(states[gate_layer + 1], attention_mask, token_type_ids)
