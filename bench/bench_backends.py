@@ -55,19 +55,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_serving import (  # noqa: E402
-    DEV, REPO_ROOT, default_model_dir, in_process_limit, load_bench_model, load_items, machine,
+    DEV, REPO_ROOT, default_model_dir, emit, in_process_limit, load_bench_model, load_items, machine,
     served_directory,
 )
 from service.settings import CPU_BATCH_TOKENS, CPU_MAX_PADDING  # noqa: E402
-
-
-def emit(report: dict, out: Path | None) -> None:
-    """Print the report as JSON and, with --out, write it there too."""
-    text = json.dumps(report, indent=2)
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
 
 
 def main() -> None:

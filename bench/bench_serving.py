@@ -56,6 +56,15 @@ def load_items(n: int) -> list[dict]:
     return items
 
 
+def emit(report: dict, out: Path | None) -> None:
+    """Print the report as JSON and, with --out, write it there too."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def machine() -> dict:
     import onnxruntime
     import torch

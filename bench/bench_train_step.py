@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import random
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serving import DEV, machine  # noqa: E402
+from bench_serving import DEV, emit, machine  # noqa: E402
 
 DATA = DEV.parents[1]  # ../shared/data
 # the default recipe's sources and their shares of its records (scripts/train_default_rm.sh)
@@ -144,11 +143,7 @@ def main() -> None:
                   "steps_timed": args.steps, "objectives": 3, "combine": "gate"},
         "configs": runs,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     print("train step, s per 32 records (whole top block -> read positions only): " + "; ".join(
         f"top {r['top_layers']} gate {r['gate_layer']}: {r['seconds_per_step']['whole_block']:.2f} -> "
         f"{r['seconds_per_step']['read_positions_only']:.2f} ({r['speedup']:.1f}x)" for r in runs
