@@ -39,10 +39,12 @@ def exports(tmp_path_factory):
         "gate": tiny_models.build_tiny_objectives_bert(root / "gate", combine="gate"),
         "weights": tiny_models.build_tiny_objectives_bert(root / "weights", combine="weights"),
         "single": tiny_models.build_tiny_bert(root / "single"),
+        # a gate reading the block below the top one (objectives.gate_layer -2)
+        "gatelow": tiny_models.build_tiny_objectives_bert(root / "gatelow", combine="gate", gate_layer=-2),
     }
     dirs, summaries = {}, {}
     for name, source in sources.items():
-        for int8 in (False, True):
+        for int8 in (False, True) if name != "gatelow" else (False,):
             key = f"{name}-{'int8' if int8 else 'fp32'}"
             dirs[key] = root / key
             summaries[key] = export_onnx(source, dirs[key], int8=int8)
@@ -62,15 +64,15 @@ def backends(sources, dirs, key):
     return TorchBackend(source, open_model_dir(source).spec), OnnxBackend(dirs[key], exported.spec), exported
 
 
-@pytest.mark.parametrize("combine", ["gate", "weights"])
-def test_fp32_export_gives_every_column_torch_gives(exports, combine):
+@pytest.mark.parametrize("variant", ["gate", "gatelow", "weights"])
+def test_fp32_export_gives_every_column_torch_gives(exports, variant):
     sources, dirs, summaries = exports
-    key = f"{combine}-fp32"
+    key = f"{variant}-fp32"
     torch_backend, onnx_backend, exported = backends(sources, dirs, key)
     # the export keeps the objectives, and its own check covered every column
-    assert exported.spec.objectives == open_model_dir(sources[combine]).spec.objectives
+    assert exported.spec.objectives == open_model_dir(sources[variant]).spec.objectives
     summary = summaries[key]
-    assert summary["objectives"]["combine"] == combine
+    assert summary["objectives"]["combine"] == ("weights" if variant == "weights" else "gate")
     assert list(summary["max_abs_difference_per_column"]) == ["reward", *tiny_models.OBJECTIVES]
     assert summary["max_abs_difference_vs_torch"] <= FP32_COLUMNS_TOLERANCE
     # the graph: reward [batch] and objectives [batch, 3]
