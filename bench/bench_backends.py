@@ -9,7 +9,8 @@ batch (docs/serving.md, Performance).
 
 ``--objectives``: instead, the cost of rewards per objective. From the same model directory it
 builds a 3-head variant with the same backbone (the model's head as the first objective, two
-seeded random heads, and a seeded random gate for ``--combine gate``; ``weights`` combines them
+seeded random heads, and a seeded random gate for ``--combine gate``, or ``gate_low`` for a gate
+reading the block below the top one, objectives.gate_layer -2; ``weights`` combines them
 by fixed weights, with no gate), and measures it against the single-head model on each backend
 (torch, and the ONNX fp32 and int8 exports of both): their forwards on the same batches, taken in
 turns batch by batch, so that a load that comes and goes on the machine falls on all of them
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many passes per backend")
     parser.add_argument("--objectives", action="store_true",
                         help="measure a 3-head variant of --model against the model itself on each backend")
-    parser.add_argument("--combine", nargs="+", choices=["gate", "weights"], default=["gate"],
+    parser.add_argument("--combine", nargs="+", choices=["gate", "gate_low", "weights"], default=["gate"],
                         help="with --objectives: the 3-head variants to build (default: gate)")
     parser.add_argument("--ensemble", type=int, nargs="+", default=None, metavar="K",
                         help="measure ensembles of K members over MiniLM (built on the spot) against the single model "
@@ -156,7 +157,8 @@ def objectives_variant(model_dir: Path, out: Path, combine: str, seed: int = 0) 
             head.bias[0] = old.bias[0]
     setattr(model, name, head)
     model.num_labels = model.config.num_labels = len(N_OBJECTIVES)
-    objectives = Objectives(N_OBJECTIVES, combine, (0.5, 0.3, 0.2) if combine == "weights" else None)
+    objectives = Objectives(N_OBJECTIVES, "weights" if combine == "weights" else "gate",
+                            (0.5, 0.3, 0.2) if combine == "weights" else None, gate_layer=-2 if combine == "gate_low" else -1)
     attach_objectives(model, objectives)
     if objectives.gated:
         with torch.no_grad():
@@ -268,7 +270,7 @@ def objectives_main(args: argparse.Namespace, model_dir: Path, items: list[dict]
         "data": str(DEV.relative_to(REPO_ROOT.parent)), "max_batch_tokens": args.max_batch_tokens,
         "max_padding": args.max_padding, "repeats": args.repeats, "objectives": list(N_OBJECTIVES),
         "variants": "single: the model; N_heads_<combine>: its backbone and head + 2 seeded random heads "
-                    "(+ a seeded random gate for gate), a full checkpoint",
+                    "(+ a seeded random gate for gate and gate_low, the latter reading the block below the top one), a full checkpoint",
         "target": "3 heads >= 0.95x the single head's items/s", "machine": machine(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "note": args.note,
         "method": "the variants' forwards (score_batch) on the same length-sorted token-budget batches, taken in turns "

@@ -142,3 +142,14 @@ def test_a_gate_layer_the_model_does_not_have_is_refused_with_the_range(tmp_path
     path = tiny_models.build_tiny_objectives_bert(tmp_path / "m", gate_layer=-4)  # 2 blocks: hidden states -1 to -3
     with pytest.raises(ModelDirError, match="use -1 to -3"):
         load_sequence_classifier(path, open_model_dir(path).spec)
+
+
+def test_the_top_block_runs_whole_where_reading_it_sparsely_would_change_the_numbers(tmp_path):
+    """Dropout at work (a model training with it) would draw other masks in a block cut to its
+    read positions, so such a model goes through HF's own forward; in eval mode it is cut."""
+    from reward_core.forward import top_block_read_sparsely
+
+    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m")
+    model = load_sequence_classifier(path, open_model_dir(path).spec)
+    assert top_block_read_sparsely(model.eval())
+    assert not top_block_read_sparsely(model.train())  # BertConfig's default dropout is 0.1
