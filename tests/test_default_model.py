@@ -37,8 +37,11 @@ def test_the_default_model_ships_small_and_with_its_provenance():
     assert set(readme_accuracies()) == {
         "alpacaeval/dev", "alpacaeval/dev-balanced", "hh-harmless/dev", "truthfulqa/dev", "sanity/dev",
     }
-    # one head per objective, combined by a gate whose weights ship beside the block
-    assert spec["objectives"] == {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate"}
+    # one head per objective, combined by a gate (its weights ship beside the blocks) that reads
+    # the block below the top one
+    assert spec["objectives"] == {
+        "names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate", "gate_layer": -2,
+    }
     assert (DEFAULT_RM / "reward_gate.safetensors").is_file()
 
 

@@ -1,0 +1,73 @@
+"""How often a fixed non-answer ("No.", "I don't know.", ...) out-scores a data set's chosen
+answer, through a running service: what a policy could collapse to under PPO against the model.
+
+    python scripts/non_answer_probe.py --url http://127.0.0.1:8000 [--url URL2 ...] [--n 200]
+
+For each set (AlpacaEval dev, HH-harmless dev, TruthfulQA dev by default) it takes ``--n``
+seeded prompts, scores each with its chosen answer and with every non-answer, and prints per
+served model one JSON line: per set and non-answer, the percentage of prompts where the
+non-answer's reward is higher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client import RewardClient  # noqa: E402
+from trainer.data import parse_row  # noqa: E402
+
+NON_ANSWERS = ["No.", "I don't know.", "I have no comment.", "OK."]
+SETS = ["alpacaeval/dev", "hh-harmless/dev", "truthfulqa/dev"]
+
+
+def prompts_and_chosen(path: Path, n: int, seed: int) -> list[tuple[list[dict], str]]:
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    random.Random(seed).shuffle(rows)
+    out = []
+    for row in rows[:n]:
+        record = parse_row(row)
+        out.append((record.prompt, record.responses[record.ranking[0]]))
+    return out
+
+
+def probe(url: str, data_root: Path, n: int, seed: int) -> dict:
+    result = {}
+    with RewardClient(url) as rm:
+        for name in SETS:
+            pairs = prompts_and_chosen(data_root / f"{name}.jsonl.gz", n, seed)
+            items = []
+            for prompt, chosen in pairs:
+                for response in [chosen, *NON_ANSWERS]:
+                    items.append({"messages": prompt + [{"role": "assistant", "content": response}]})
+            scores = rm.score(items).scores
+            k = 1 + len(NON_ANSWERS)
+            wins = dict.fromkeys(NON_ANSWERS, 0)
+            for j in range(len(pairs)):
+                row = scores[j * k:(j + 1) * k]
+                for i, answer in enumerate(NON_ANSWERS):
+                    wins[answer] += row[1 + i] > row[0]
+            result[name] = {answer: round(100 * w / len(pairs), 1) for answer, w in wins.items()} | {"prompts": len(pairs)}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", action="append", required=True)
+    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for url in args.url:
+        print(json.dumps({"url": url, "non_answer_beats_chosen_percent": probe(url, args.data_root, args.n, args.seed)}))
+
+
+if __name__ == "__main__":
+    main()
