@@ -57,6 +57,7 @@ from pydantic import (
     Discriminator,
     Field,
     StrictBool,
+    StrictInt,
     StringConstraints,
     Tag,
     field_validator,
@@ -542,11 +543,11 @@ class _VLLMPoolingBase(_Lenient):
     add_special_tokens: StrictBool = Field(
         default=True, description="Add the tokenizer's special tokens (BOS...), as vLLM does by default."
     )
-    truncate_prompt_tokens: int | None = Field(
+    truncate_prompt_tokens: StrictInt | None = Field(
         default=None, ge=1, description="Keep at most this many tokens (cut from the start), within the model's max length."
     )
     user: Text | None = None
-    priority: int = 0
+    priority: StrictInt = 0  # strict, as every number a request sends: true or "3" is not an integer
     request_id: Text | None = None
 
     @model_validator(mode="after")
@@ -711,15 +712,15 @@ class ComparisonRequest(_StoredText):
 
     prompt: Prompt = Field(description="The prompt: plain text or chat messages.")
     responses: list[Text] = Field(description=f"The K candidate responses (2 <= K <= {MAX_COMPARISON_RESPONSES}), none empty.")
-    ranking: list[int] | None = Field(
+    ranking: list[StrictInt] | None = Field(
         default=None, description="Indices into responses, best first: a permutation of 0..K-1."
     )
-    choice: int | None = Field(default=None, description="Pairwise (K = 2): the index (0 or 1) of the better response.")
+    choice: StrictInt | None = Field(default=None, description="Pairwise (K = 2): the index (0 or 1) of the better response.")
     labeller: Text = Field(min_length=1, max_length=200, description="Who judged (an id the operator knows).")
     category: Text | None = Field(default=None, max_length=200, description="E.g. helpfulness, harmlessness.")
     tags: list[Text] = Field(default_factory=list, max_length=MAX_TAGS, description="Free labels for filtering.")
     reason: Text | None = Field(default=None, max_length=10_000, description="The labeller's free-text reason.")
-    task_id: int | None = Field(
+    task_id: StrictInt | None = Field(
         default=None, ge=1, le=MAX_ID, description="The label task this answers (from /v1/label/tasks/next)."
     )
 

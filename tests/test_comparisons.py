@@ -124,6 +124,7 @@ def test_a_retried_post_is_stored_once_and_a_reused_key_with_other_content_is_re
     ({"prompt": ""}, 422, "prompt is empty"),
     ({"labeller": " "}, 422, "labeller is blank"),
     ({"rnking": [0, 1, 2]}, 422, "rnking: unknown field"),
+    ({"ranking": [True, 0, 2]}, 422, "ranking"),  # a boolean is not an index
 ])
 def test_bad_comparisons_are_refused_with_what_to_fix_and_nothing_is_stored(service, labeller, change, status, says):
     body = {"prompt": PROMPT, "responses": RESPONSES, "ranking": [0, 1, 2], "labeller": labeller, **change}

@@ -185,6 +185,9 @@ def test_vllm_pooling_returns_the_reward(server, model_dirs):
     ("/pooling", {"model": "llama", "input": "x", "encoding_format": "base64"}, 422, "encoding_format"),
     # Nothing left to read (found by the OpenAPI fuzzer: was a 500 from the model).
     ("/classify", {"model": "bert", "input": "", "add_special_tokens": False}, 422, "empty after tokenisation"),
+    # A boolean or a numeric string is not an integer (found by the OpenAPI fuzzer: true was read as 1).
+    ("/classify", {"model": "bert", "input": "x", "priority": True}, 422, "priority"),
+    ("/pooling", {"model": "bert", "input": "x", "truncate_prompt_tokens": "3"}, 422, "truncate_prompt_tokens"),
 ])
 def test_bad_vllm_bodies_get_a_4xx_naming_the_field(server, path, body, status, mentions):
     answer = httpx.post(f"{server.url}{path}", json=body)
