@@ -170,12 +170,11 @@ def reward_heads(
     its cost; the ONNX export turns it off, so the graph keeps the blocks onnxruntime fuses.
     """
     from .ensemble import ensemble_of, ensemble_rewards
-    from .objectives import GATE_PREFIX, objectives_of, prompt_mean
+    from .objectives import gate_layer_of, prompt_mean
 
     if ensemble_of(model) is not None:  # the members are the heads; inputs_embeds is the shared part's output
         return ensemble_rewards(model, input_ids, attention_mask, token_type_ids, shared_hidden=inputs_embeds), None
-    objectives = objectives_of(model)
-    gated = objectives is not None and objectives.gated and getattr(model, GATE_PREFIX, None) is not None
+    gate_layer = gate_layer_of(model)
     head = getattr(model, "score", None) if architecture == "decoder" else None
     if head is not None:
         import torch
@@ -195,14 +194,13 @@ def reward_heads(
         kwargs["input_ids"] = input_ids
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
-    gate_layer = objectives.gate_layer if gated else None
     if read_positions_only and inputs_embeds is None and gate_layer in (None, -1, -2) and top_block_read_sparsely(model):
         lower = lower_blocks(model)(**kwargs)  # every block but the top one, through the model's own code
         return bert_top_heads(model, list(model.base_model.encoder.layer)[-1:], lower, attention_mask, token_type_ids)
-    if not gated:
+    if gate_layer is None:
         return model(**kwargs).logits, None
     out = model(**kwargs, output_hidden_states=True)
-    return out.logits, prompt_mean(out.hidden_states[objectives.gate_layer], attention_mask, token_type_ids)
+    return out.logits, prompt_mean(out.hidden_states[gate_layer], attention_mask, token_type_ids)
 
 
 def top_block_read_sparsely(model: Any) -> bool:
@@ -224,11 +222,9 @@ def top_block_read_sparsely(model: Any) -> bool:
 def lower_blocks(model: Any) -> Any:
     """The model's embeddings and every block but the top one, called through the base model's
     own forward (masks, positions and token types as the model handles them); made once per model."""
-    from .ensemble import SharedBackbone
-
     lower = model.__dict__.get("_reward_lower_blocks")
     if lower is None:
-        lower = SharedBackbone(model.base_model, len(model.base_model.encoder.layer) - 1)
+        lower = LowerBlocks(model.base_model, len(model.base_model.encoder.layer) - 1)
         model.__dict__["_reward_lower_blocks"] = lower
     return lower
 
@@ -239,12 +235,9 @@ def bert_top_heads(model: Any, blocks: list[Any], hidden: Any, attention_mask: A
     positions read after it. Keys and values still cover every token, so the numbers are the
     full blocks'. The positions: [CLS] for the pooler; the prompt segment too when a gate reads
     the top block's output (``gate_layer`` -1); a gate reading lower takes its features on the way."""
-    from .ensemble import additive_mask, bert_block
-    from .objectives import GATE_PREFIX, objectives_of, prompt_mean
+    from .objectives import gate_layer_of, prompt_mean
 
-    objectives = objectives_of(model)
-    gated = objectives is not None and objectives.gated and getattr(model, GATE_PREFIX, None) is not None
-    gate_layer = objectives.gate_layer if gated else None
+    gate_layer = gate_layer_of(model)
     query_rows = 1
     if gate_layer == -1:  # up to the last prompt token of any row ([CLS] prompt [SEP] starts a right-padded row)
         query_rows = hidden.shape[1]
@@ -260,9 +253,59 @@ def bert_top_heads(model: Any, blocks: list[Any], hidden: Any, attention_mask: A
         states.append(bert_block(block, states[-1], mask))
     top = bert_block(blocks[-1], states[-1], mask, query_rows)
     logits = model.classifier(model.dropout(model.base_model.pooler(top)))
-    if not gated:
+    if gate_layer is None:
         return logits, None
     if gate_layer == -1:
         types = None if token_type_ids is None else token_type_ids[:, :query_rows]
         return logits, prompt_mean(top, attention_mask[:, :query_rows], types)
     return logits, prompt_mean(states[gate_layer + 1], attention_mask, token_type_ids)
+
+
+def additive_mask(attention_mask: Any, dtype: Any) -> Any:
+    import torch
+
+    mask = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+def bert_block(block: Any, hidden: Any, additive_mask: Any, query_rows: int | None = None) -> Any:
+    """One BERT block (no dropout) on ``hidden`` [batch, L, D]; with ``query_rows`` the output of
+    the first ``query_rows`` tokens' rows alone ([batch, query_rows, D]): keys and values still
+    come from every token, attention and the feed-forward run for those rows only."""
+    import torch.nn.functional as F
+
+    attention = block.attention.self
+    heads, head_size = attention.num_attention_heads, attention.attention_head_size
+    batch, length, _ = hidden.shape
+    queries_in = hidden if query_rows is None else hidden[:, :query_rows]
+    rows = queries_in.shape[1]
+    q = attention.query(queries_in).view(batch, rows, heads, head_size).transpose(1, 2)
+    k = attention.key(hidden).view(batch, length, heads, head_size).transpose(1, 2)
+    v = attention.value(hidden).view(batch, length, heads, head_size).transpose(1, 2)
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask)
+    context = context.transpose(1, 2).reshape(batch, rows, heads * head_size)
+    attended = block.attention.output.LayerNorm(block.attention.output.dense(context) + queries_in)
+    return block.output.LayerNorm(block.output.dense(block.intermediate(attended)) + attended)
+
+
+class LowerBlocks:
+    """The embeddings and the lower ``n_shared`` blocks of a BERT-family model, called through the
+    base model's own forward (masks, positions and token types as the model handles them) with its
+    block list cut: an ensemble's shared part, or everything below a top block run where it is
+    read. Not an nn.Module of its own: its parameters are the model's, saved once."""
+
+    def __init__(self, base: Any, n_shared: int) -> None:
+        import copy
+
+        import torch.nn as nn
+
+        self.base = copy.copy(base)
+        self.base._modules = dict(base._modules)
+        encoder = copy.copy(base.encoder)
+        encoder._modules = dict(base.encoder._modules)
+        encoder._modules["layer"] = nn.ModuleList(list(base.encoder.layer)[:n_shared])
+        self.base._modules["encoder"] = encoder
+        self.base._modules["pooler"] = None
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.base(**kwargs).last_hidden_state

@@ -13,8 +13,8 @@ of ``names``, so the backbone runs once per item whatever the number of heads. T
   that mark segments (``token_type_ids``); a decoder combines with fixed weights.
   ``gate_layer`` says which hidden states it reads, counted as Python indexes the model's
   ``hidden_states``: -1 (the default) the last block's output, -2 the one below it. Below the
-  last block, the last block is read at [CLS] alone, which is what lets the trainer run that
-  block for [CLS] only (trainer/frozen_cache.py).
+  last block, the last block is read at [CLS] alone, which is what lets serving and the trainer
+  run that block for [CLS] only (reward_core.forward.bert_top_heads).
 
 ```json
 "objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate"}
@@ -195,6 +195,15 @@ def attach_objectives(model: Any, objectives: Objectives) -> Any:
 def objectives_of(model: Any) -> Objectives | None:
     """The objectives a loaded model was given by :func:`attach_objectives`, or None."""
     return getattr(model, "reward_objectives", None)
+
+
+def gate_layer_of(model: Any) -> int | None:
+    """Which hidden states a gated model's gate reads (``objectives.gate_layer``); None for a model
+    without a gate."""
+    objectives = objectives_of(model)
+    if objectives is None or not objectives.gated or getattr(model, GATE_PREFIX, None) is None:
+        return None
+    return objectives.gate_layer
 
 
 def gate_state(model: Any) -> dict[str, Any]:

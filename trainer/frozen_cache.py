@@ -56,7 +56,7 @@ def _pass_through() -> Any:
 class FrozenPrefixCache:
     """The frozen blocks' output per distinct (input ids, token types), float16 on the CPU."""
 
-    def __init__(self, model: Any, trained_blocks: int, read_positions_only: bool = True) -> None:
+    def __init__(self, model: Any, trained_blocks: int) -> None:
         base = getattr(model, "base_model", None)
         encoder = getattr(base, "encoder", None)
         blocks = getattr(encoder, "layer", None)
@@ -78,10 +78,9 @@ class FrozenPrefixCache:
         self.split = len(self.blocks) - trained_blocks
         self.rows: dict[bytes, Any] = {}
         from reward_core.forward import top_block_read_sparsely
-        from reward_core.objectives import objectives_of
+        from reward_core.objectives import gate_layer_of
 
-        objectives = objectives_of(model)
-        gate_layer = objectives.gate_layer if objectives is not None and objectives.gated else -1
+        gate_layer = gate_layer_of(model) or -1
         # hidden_states[split] is the cached output; the gate may read it or any trained block's
         if len(self.blocks) + 1 + gate_layer < self.split:
             raise TrainingConfigError(
@@ -89,7 +88,7 @@ class FrozenPrefixCache:
                 f"(--top-layers {trained_blocks}); use --gate-layer -{trained_blocks + 1} or above, or more --top-layers"
             )
         # the top block at the read positions only (BERT sequence classifiers; see the module docstring)
-        self.read_positions_only = read_positions_only and not self.ensemble and top_block_read_sparsely(model)
+        self.read_positions_only = not self.ensemble and top_block_read_sparsely(model)
 
     @contextlib.contextmanager
     def _blocks(self, which: list[Any], pass_through: bool) -> Iterator[None]:
@@ -187,4 +186,3 @@ class FrozenPrefixCache:
                 "blocks do not run apart from its embeddings; leave --cache-frozen off"
             )
         return diff
-

@@ -518,8 +518,8 @@ class _Trainer:
         if self.objectives is not None:
             try:
                 attach_objectives(self.model, self.objectives)  # after the train mode: the gate always trains
-            except ObjectivesError as exc:
-                raise TrainingConfigError(f"--gate-layer: {exc}") from exc
+            except ObjectivesError as exc:  # e.g. a --gate-layer the base model has no block for
+                raise TrainingConfigError(str(exc)) from exc
         if self.ensemble is not None:
             self._attach_members()
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
