@@ -215,7 +215,7 @@ def _make_members_module(model: Any, ensemble: Ensemble) -> Any:
     import torch
     import torch.nn as nn
 
-    from .forward import LowerBlocks, additive_mask, bert_block  # forward reads model directories, which read this module
+    from .bert import LowerBlocks, additive_mask, bert_block
 
     base, blocks, classifier = _backbone_parts(model)
     if classifier.out_features != 1:

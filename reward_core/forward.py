@@ -222,6 +222,8 @@ def top_block_read_sparsely(model: Any) -> bool:
 def lower_blocks(model: Any) -> Any:
     """The model's embeddings and every block but the top one, called through the base model's
     own forward (masks, positions and token types as the model handles them); made once per model."""
+    from .bert import LowerBlocks
+
     lower = model.__dict__.get("_reward_lower_blocks")
     if lower is None:
         lower = LowerBlocks(model.base_model, len(model.base_model.encoder.layer) - 1)
@@ -235,6 +237,7 @@ def bert_top_heads(model: Any, blocks: list[Any], hidden: Any, attention_mask: A
     positions read after it. Keys and values still cover every token, so the numbers are the
     full blocks'. The positions: [CLS] for the pooler; the prompt segment too when a gate reads
     the top block's output (``gate_layer`` -1); a gate reading lower takes its features on the way."""
+    from .bert import additive_mask, bert_block
     from .objectives import gate_layer_of, prompt_mean
 
     gate_layer = gate_layer_of(model)
@@ -259,53 +262,3 @@ def bert_top_heads(model: Any, blocks: list[Any], hidden: Any, attention_mask: A
         types = None if token_type_ids is None else token_type_ids[:, :query_rows]
         return logits, prompt_mean(top, attention_mask[:, :query_rows], types)
     return logits, prompt_mean(states[gate_layer + 1], attention_mask, token_type_ids)
-
-
-def additive_mask(attention_mask: Any, dtype: Any) -> Any:
-    import torch
-
-    mask = attention_mask[:, None, None, :].to(dtype)
-    return (1.0 - mask) * torch.finfo(dtype).min
-
-
-def bert_block(block: Any, hidden: Any, additive_mask: Any, query_rows: int | None = None) -> Any:
-    """One BERT block (no dropout) on ``hidden`` [batch, L, D]; with ``query_rows`` the output of
-    the first ``query_rows`` tokens' rows alone ([batch, query_rows, D]): keys and values still
-    come from every token, attention and the feed-forward run for those rows only."""
-    import torch.nn.functional as F
-
-    attention = block.attention.self
-    heads, head_size = attention.num_attention_heads, attention.attention_head_size
-    batch, length, _ = hidden.shape
-    queries_in = hidden if query_rows is None else hidden[:, :query_rows]
-    rows = queries_in.shape[1]
-    q = attention.query(queries_in).view(batch, rows, heads, head_size).transpose(1, 2)
-    k = attention.key(hidden).view(batch, length, heads, head_size).transpose(1, 2)
-    v = attention.value(hidden).view(batch, length, heads, head_size).transpose(1, 2)
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask)
-    context = context.transpose(1, 2).reshape(batch, rows, heads * head_size)
-    attended = block.attention.output.LayerNorm(block.attention.output.dense(context) + queries_in)
-    return block.output.LayerNorm(block.output.dense(block.intermediate(attended)) + attended)
-
-
-class LowerBlocks:
-    """The embeddings and the lower ``n_shared`` blocks of a BERT-family model, called through the
-    base model's own forward (masks, positions and token types as the model handles them) with its
-    block list cut: an ensemble's shared part, or everything below a top block run where it is
-    read. Not an nn.Module of its own: its parameters are the model's, saved once."""
-
-    def __init__(self, base: Any, n_shared: int) -> None:
-        import copy
-
-        import torch.nn as nn
-
-        self.base = copy.copy(base)
-        self.base._modules = dict(base._modules)
-        encoder = copy.copy(base.encoder)
-        encoder._modules = dict(base.encoder._modules)
-        encoder._modules["layer"] = nn.ModuleList(list(base.encoder.layer)[:n_shared])
-        self.base._modules["encoder"] = encoder
-        self.base._modules["pooler"] = None
-
-    def __call__(self, **kwargs: Any) -> Any:
-        return self.base(**kwargs).last_hidden_state
