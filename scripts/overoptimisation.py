@@ -36,9 +36,16 @@ prompt file; default HH-harmless dev), REPORT_DIR (reports/overoptimisation), DE
 policy's), SERVE_DEVICE (cpu: the reward service's; cuda on a GPU machine), THREADS (torch threads of
 PPO; default torch's choice), PARALLEL (1: PPO runs at a time; on a GPU several share it, and
 best-of-N runs beside them), DEADLINE_S (none: wall-clock seconds for all PPO runs; runs still
-going then are stopped and reported as far as they got, each cut run marked in summary.json, so a
-fixed time budget yields a report) and RUN_NOTE (a sentence for the report on how the run was
-made: the machine, anything unusual).
+going then are stopped and reported as far as they got, each cut run marked in summary.json and
+OUT_DIR/cut.json, so a fixed time budget yields a report), RUN_NOTE (a sentence for the report on
+how the run was made: the machine, anything unusual), MATCHED_KL_STEP (5: the KL grid, in nats,
+at which each rule's PPO gold is compared with the first rule's, paired by seed) and REPORT_ONLY
+(1: write the report again from what OUT_DIR holds, e.g. logs brought back from a GPU machine,
+sampling and training nothing).
+
+The first rule is the reference: the best-of-N table gives each other rule's gold at N minus the
+reference's, paired prompt by prompt, and the PPO section each rule's gold minus the reference's
+at matched KL, paired by seed, both with 95% intervals.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
@@ -234,6 +243,50 @@ def peak_and_end(points: list[dict], gold: str, proxy: str, kl: str) -> dict:
     }
 
 
+def matched_kl(seed_windows: dict[str, dict[str, list[dict]]], reference: str, step: float) -> dict[str, list[dict]]:
+    """Each rule's PPO gold against the reference rule's (the single proxy) at the same KL: within
+    each seed, both runs' windows are read at KL = step, 2 step, ... (linear between windows, sorted
+    by KL) as far as both reached, and the difference is paired by seed (the same seed starts both
+    runs alike). Per KL: the mean difference over seeds, its standard error and a 95% t interval
+    (seeds - 1 degrees of freedom); points with fewer than two seeds are left out."""
+    from scipy import stats
+
+    def gold_at(windows: list[dict], kl: float) -> float:
+        points = sorted((w["kl"], w["gold_score"]) for w in windows if w["kl"] is not None and w["gold_score"] is not None)
+        return float(np.interp(kl, [p[0] for p in points], [p[1] for p in points]))
+
+    def reach(windows: list[dict]) -> tuple[float, float]:
+        kls = [w["kl"] for w in windows if w["kl"] is not None and w["gold_score"] is not None]
+        return (min(kls), max(kls)) if kls else (math.inf, -math.inf)
+
+    out: dict[str, list[dict]] = {}
+    for rule, by_seed in seed_windows.items():
+        if rule == reference:
+            continue
+        differences: dict[float, list[float]] = {}
+        for seed, windows in by_seed.items():
+            base = seed_windows.get(reference, {}).get(seed)
+            if not base:
+                continue
+            low = max(reach(windows)[0], reach(base)[0])
+            high = min(reach(windows)[1], reach(base)[1])
+            k = 1
+            while k * step <= high:
+                if k * step >= low:
+                    differences.setdefault(k * step, []).append(gold_at(windows, k * step) - gold_at(base, k * step))
+                k += 1
+        rows = []
+        for kl, values in sorted(differences.items()):
+            if len(values) < 2:
+                continue
+            mean, error = float(np.mean(values)), sem(values)
+            half = float(stats.t.ppf(0.975, len(values) - 1)) * error
+            rows.append({"kl": kl, "seeds": len(values), "gold_minus_reference": mean, "sem": error,
+                         "ci95": [mean - half, mean + half]})
+        out[rule] = rows
+    return out
+
+
 def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon: dict, cut: dict[str, str] | None = None) -> dict:
     window = int(env("WINDOW", "10"))
     b = bon["best_of_n"]
@@ -267,6 +320,7 @@ def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon
                                  r["gold_reward_sem"], r["ensemble_std"], r["ensemble_std_sem"]])
 
     ppo_rows = []
+    seed_windows: dict[str, dict[str, list[dict]]] = {}
     for rule in rules:
         runs = {}
         for seed in seeds:
@@ -281,9 +335,12 @@ def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon
             ppo_rows += [[rule, seed, *p["steps"], p["kl"], p["score"], p["gold_score"], p["ensemble_std"]] for p in runs[seed]]
         if not runs:
             continue
+        seed_windows[rule] = runs
         curve = across_seeds(runs)
         summary["ppo"]["curves"][rule] = curve
         summary["ppo"]["summary"][rule] = peak_and_end(curve, "gold_score", "score", "kl")
+    summary["ppo"]["reference_rule"] = rules[0]
+    summary["ppo"]["matched_kl"] = matched_kl(seed_windows, rules[0], float(env("MATCHED_KL_STEP", "5")))
     with open(report_dir / "ppo_curves.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rule", "seed", "first_step", "last_step", "kl", "proxy_score", "gold_score", "ensemble_std"])
@@ -339,6 +396,7 @@ def run_line(run: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
+    reference = summary["rules"][0]
     lines = [
         "# Ensembles against over-optimisation\n",
         f"Proxy: an ensemble of {summary['members']} members (`{summary['proxy']}`), read by each rule; gold: "
@@ -349,13 +407,19 @@ def markdown(summary: dict) -> str:
         *([f"Run: {run_line(summary['run'])}\n"] if summary.get("run") else []),
         "![gold and proxy against KL per rule](overoptimisation.png)\n",
         f"## Best-of-N ({summary['best_of_n']['n_prompts']} prompts, N = {summary['best_of_n']['n_samples']})\n",
-        "| rule | gold, n=1 | gold peak (KL) | gold at N ± SE (KL) | proxy gain at N | gold fell while proxy rose |",
-        "|---|---|---|---|---|---|",
+        f"| rule | gold, n=1 | gold peak (KL) | gold at N ± SE (KL) | gold at N − {reference}'s, paired [95% CI] "
+        "| proxy gain at N | gold fell while proxy rose |",
+        "|---|---|---|---|---|---|---|",
     ]
     for rule, s in summary["best_of_n"]["summary"].items():
         if s:
+            last = summary["best_of_n"]["curves"][rule][-1]
+            paired = "n/a"
+            if last.get("gold_minus_first") is not None and last.get("gold_minus_first_sem") is not None:
+                d, e = last["gold_minus_first"], last["gold_minus_first_sem"]
+                paired = f"{d:+.3f} [{d - 1.96 * e:+.3f}, {d + 1.96 * e:+.3f}]"
             lines.append(f"| {rule} | {fmt(s['gold_start'])} | {fmt(s['gold_peak'])} ({fmt(s['kl_at_gold_peak'], 2)}) | "
-                         f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | "
+                         f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | {paired} | "
                          f"{fmt(s['proxy_end'] - summary['best_of_n']['curves'][rule][0]['proxy_reward'])} | "
                          f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'} |")
     lines += [
@@ -371,6 +435,22 @@ def markdown(summary: dict) -> str:
                          f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | "
                          f"{fmt(s['proxy_end'] - curve[0]['score'])} | {fmt(curve[0]['ensemble_std'])} → {fmt(curve[-1]['ensemble_std'])} | "
                          f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'} |")
+    matched = summary["ppo"].get("matched_kl") or {}
+    if any(matched.values()):
+        lines += [
+            "",
+            f"### PPO at matched KL: each rule's gold minus {reference}'s\n",
+            "Within each seed both runs read at the same KL (linear between windows), paired by seed; mean over seeds, "
+            "95% t interval (seeds − 1 degrees of freedom).\n",
+            "| rule | " + " | ".join(f"KL {p['kl']:g}" for p in max(matched.values(), key=len)) + " |",
+            "|---|" + "---|" * len(max(matched.values(), key=len)),
+        ]
+        columns = [p["kl"] for p in max(matched.values(), key=len)]
+        for rule, points in matched.items():
+            at = {p["kl"]: p for p in points}
+            cells = [f"{at[k]['gold_minus_reference']:+.3f} [{at[k]['ci95'][0]:+.3f}, {at[k]['ci95'][1]:+.3f}]"
+                     if k in at else "n/a" for k in columns]
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     if summary["ppo"].get("cut"):
         lines += ["", "Runs cut by the time budget (DEADLINE_S), reported as far as they got: "
                   + "; ".join(f"{run} ({why})" for run, why in summary["ppo"]["cut"].items()) + "."]
@@ -396,6 +476,10 @@ def main() -> int:
     rules = [r.strip() for r in env("RULES", "member:0,mean,min,mean_minus_var").split(",") if r.strip()]
     seeds = [s.strip() for s in env("SEEDS", "1,2,3").split(",") if s.strip()]
     out.mkdir(parents=True, exist_ok=True)
+    if env("REPORT_ONLY", "0") == "1":  # the report again from what OUT_DIR holds: nothing sampled or trained
+        bon = json.loads((out / "best-of-n" / "report.json").read_text())
+        cut = json.loads((out / "cut.json").read_text()) if (out / "cut.json").is_file() else {}
+        return write_report(out, report_dir, rules, seeds, bon, cut)
     policy = starting_policy(out, data, device)
     prompts, held_out = prompt_files(out, data)
 
@@ -409,6 +493,11 @@ def main() -> int:
         else:
             bon = run_best_of_n(url, policy, held_out, rules, out, device)
             cut = run_all_ppo(url, policy, prompts, rules, seeds, out, device)
+    (out / "cut.json").write_text(json.dumps(cut, indent=2) + "\n")
+    return write_report(out, report_dir, rules, seeds, bon, cut)
+
+
+def write_report(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon: dict, cut: dict[str, str]) -> int:
     report_dir.mkdir(parents=True, exist_ok=True)
     summary = collect(out, report_dir, rules, seeds, bon, cut)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -22,7 +22,7 @@ import tiny_models
 from client import RewardClient
 from reward_core.ensemble import RewardRule, parse_reward_rule
 from server import REPO_ROOT, running_server
-from trainer.evaluate.metrics import best_of_n_curve
+from trainer.evaluate.metrics import best_of_n_curve, expected_best_of_n
 from trainer.ppo import PPOConfig, PPOTrainer, RewardScorer
 
 torch.set_num_threads(1)
@@ -143,6 +143,16 @@ def test_best_of_n_under_every_rule_matches_each_formula_on_the_members(world, s
         assert [r["proxy_reward_sem"] for r in curve] == pytest.approx(expected["proxy_sem"], abs=1e-9), rule
         spread = best_of_n_curve(by_formula(members, rule, PENALTY), members.std(axis=-1))["gold"]
         assert [r["ensemble_std"] for r in curve] == pytest.approx(spread, abs=1e-9), rule
+        # against the first rule (one member), prompt by prompt: the mean difference and its standard error
+        if rule != ALL_RULES[0]:
+            for i, n in enumerate([1, 2, 4, 8]):
+                mine = [expected_best_of_n(by_formula(members, rule, PENALTY)[p], n, gold[p]) for p in range(3)]
+                first = [expected_best_of_n(members[p, :, 0], n, gold[p]) for p in range(3)]
+                difference = np.array(mine) - np.array(first)
+                assert curve[i]["gold_minus_first"] == pytest.approx(difference.mean(), abs=1e-9), (rule, n)
+                assert curve[i]["gold_minus_first_sem"] == pytest.approx(difference.std(ddof=1) / np.sqrt(3), abs=1e-9)
+        else:
+            assert "gold_minus_first" not in curve[0]
     # the service, asked for each of its rules, agrees with the formula on the members
     for rule in ("mean", "min", "mean_minus_var"):
         penalty = PENALTY if rule == "mean_minus_var" else None
@@ -315,6 +325,61 @@ def test_the_script_finds_the_gold_peak_and_calls_a_fall_only_beyond_twice_the_e
     assert summary["gold_fell_while_proxy_rose"]  # 1.5 > 2 x 0.5
     curve[2]["gold_score_sem"] = 1.0
     assert not script.peak_and_end(curve, "gold_score", "score", "kl")["gold_fell_while_proxy_rose"]
+
+
+def test_ppo_rules_are_compared_with_the_first_at_matched_kl_paired_by_seed():
+    matched_kl = overoptimisation_script().matched_kl
+
+    def windows(slope, kls):
+        return [{"kl": kl, "gold_score": slope * kl, "score": 0.0, "ensemble_std": 0.0} for kl in kls]
+
+    runs = {
+        "member:0": {"1": windows(0.10, [0, 4, 8, 12]), "2": windows(0.10, [0, 6, 12]), "3": windows(0.10, [0, 9])},
+        # KL out of order within a run: read in KL order; gold 0.02 a nat above the single member in seed 1, 0.04 in seed 2
+        "mean": {"1": windows(0.12, [0, 10, 5, 20]), "2": windows(0.14, [0, 7, 14])},
+    }
+    rows = matched_kl(runs, "member:0", 5.0)
+    assert list(rows) == ["mean"]
+    # seed 3 has no run of `mean`, so it pairs nothing; both pairs reach KL 12 at most, so KL 15 is out
+    assert [r["kl"] for r in rows["mean"]] == [5.0, 10.0]
+    five = rows["mean"][0]
+    assert five["seeds"] == 2 and five["gold_minus_reference"] == pytest.approx((0.02 * 5 + 0.04 * 5) / 2)
+    assert five["sem"] == pytest.approx(0.05)  # differences 0.1 and 0.2
+    half = 12.706 * 0.05  # t(0.975, 1 degree of freedom)
+    assert five["ci95"] == pytest.approx([0.15 - half, 0.15 + half], abs=1e-3)
+
+
+def gold_labelled_proxy_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gold_labelled_proxy", REPO_ROOT / "scripts" / "gold_labelled_proxy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gold_labels_pairs_of_each_prompts_samples_and_noise_flips_its_share():
+    pairs_of = gold_labelled_proxy_script().gold_labelled_pairs
+    prompt = [{"role": "user", "content": "Hi"}]
+    samples = []
+    for p in range(400):  # four samples a prompt, gold scores planted: the odd sample is better
+        samples += [{"prompt_index": p, "sample_index": s, "prompt": prompt, "response": f"answer {p}.{s}",
+                     "gold_score": float(s % 2) + 0.01 * s} for s in (3, 1, 0, 2)]  # rows out of order
+    samples += [{"prompt_index": 400, "sample_index": s, "prompt": prompt, "response": "same", "gold_score": float(s)}
+                for s in range(2)]  # one pair of equal texts: no label to give
+    samples += [{"prompt_index": 401, "sample_index": s, "prompt": prompt, "response": text, "gold_score": float(s)}
+                for s, text in enumerate(["", "Hello"])]  # an empty answer: not for a labeller
+    pairs, counts = pairs_of(samples, 0.0, seed=0)
+    assert counts == {"pairs": 800, "flipped": 0, "skipped_ties": 1, "skipped_empty": 1, "prompts": 402}
+    # disjoint pairs 0 v 1 and 2 v 3; the gold's better one chosen
+    assert [(p["chosen"], p["rejected"]) for p in pairs[:2]] == [("answer 0.1", "answer 0.0"), ("answer 0.3", "answer 0.2")]
+    assert all(p["chosen"].endswith((".1", ".3")) and not p["flipped"] for p in pairs)
+    noisy, counts = pairs_of(samples, 0.25, seed=0)
+    assert 0.20 < counts["flipped"] / counts["pairs"] < 0.30
+    assert all(p["chosen"].endswith((".0", ".2")) == p["flipped"] for p in noisy)
+    assert noisy == pairs_of(samples, 0.25, seed=0)[0]  # the seed fixes which labels flip
+    with pytest.raises(ValueError, match="0.5"):
+        pairs_of(samples, 0.5, seed=0)
 
 
 @pytest.mark.slow  # four PPO runs and a best-of-N run, each a process of its own

@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import gzip
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,7 +36,7 @@ from ..sft import SFTConfigError, fit_to_context
 from ..utils import progress_bar, resolve_device
 from .config import EvalConfig
 from .datasets import ItemPool
-from .metrics import best_of_n_curve
+from .metrics import best_of_n_curve, expected_best_of_n
 from .report import EXIT_INPUT, EXIT_SERVICE, SCHEMA_VERSION, fail, finish_report, utc_now
 from .scoring import (
     Target, card_ensemble, make_targets, resolve_targets, score_through_service, service_error_message, with_clients,
@@ -189,9 +190,13 @@ def proxy_rule_curves(
     """Per rule, the best-of-n curve of the proxy picked by that rule. ``members``: each member's
     reward [prompts, N, K]. Each row: n, kl, the rule's proxy reward, the gold reward of its pick
     and the members' standard deviation at its pick (how much they disagree about what the rule
-    picks), each a mean over prompts with its standard error."""
+    picks), each a mean over prompts with its standard error. With gold scores, each rule after the
+    first also gets ``gold_minus_first`` (and its ``_sem``): the gold of its pick minus the gold of
+    the first rule's pick, paired prompt by prompt (every rule ranks the same samples), so two
+    rules are compared without the prompts' own spread."""
     spread = members.std(axis=-1)
     curves = {}
+    first_gold = None
     for rule in rules:
         scores = rule_rewards(members, rule, uncertainty_penalty)
         curve = best_of_n_curve(scores, gold_scores)
@@ -203,7 +208,22 @@ def proxy_rule_curves(
              "ensemble_std": at_pick["gold"][i], "ensemble_std_sem": at_pick["gold_sem"][i]}
             for i, n in enumerate(curve["n"])
         ]
+        if gold_scores is None:
+            continue
+        gold_per_prompt = best_of_n_per_prompt(scores, gold_scores, curve["n"])
+        if first_gold is None:
+            first_gold = gold_per_prompt
+            continue
+        for row, difference in zip(curves[str(rule)], gold_per_prompt - first_gold):
+            row["gold_minus_first"] = float(difference.mean())
+            row["gold_minus_first_sem"] = float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else None
     return curves
+
+
+def best_of_n_per_prompt(proxy_scores: np.ndarray, gold_scores: np.ndarray, ns: Sequence[int]) -> np.ndarray:
+    """The gold score of the proxy's best-of-n pick, expected over draws, per n and prompt: [len(ns), prompts]."""
+    return np.array([[expected_best_of_n(proxy_scores[p], n, gold_scores[p]) for p in range(proxy_scores.shape[0])]
+                     for n in ns])
 
 
 def run_best_of_n(config: EvalConfig) -> int:
