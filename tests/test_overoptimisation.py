@@ -406,6 +406,18 @@ def test_the_overoptimisation_script_runs_end_to_end_at_a_tiny_size(world, tmp_p
         assert len((report / name).read_text().splitlines()) > 1
     readme = (report / "README.md").read_text()
     assert "## Best-of-N" in readme and "## PPO" in readme and "| member:0 |" in readme
+    # each rule against the first, paired: best-of-N by prompt, PPO by seed at matched KL
+    assert all("gold_minus_first" in summary["best_of_n"]["curves"][rule][-1] for rule in ALL_RULES[1:])
+    assert summary["ppo"]["reference_rule"] == "member:0" and set(summary["ppo"]["matched_kl"]) == set(ALL_RULES[1:])
+
+    # the report again from what the run left (as from logs brought back from a GPU machine): nothing is run
+    again = tmp_path / "again"
+    redone = subprocess.run([sys.executable, "scripts/overoptimisation.py", "/nonexistent/proxy", "/nonexistent/gold",
+                             str(tmp_path / "runs")], cwd=REPO_ROOT, env={**env, "REPORT_ONLY": "1", "REPORT_DIR": str(again)},
+                            capture_output=True, text=True, timeout=300)
+    assert redone.returncode == 0, redone.stdout[-3000:] + redone.stderr[-3000:]
+    assert json.loads((again / "summary.json").read_text()) == summary
+    assert (again / "README.md").read_text() == readme
 
 
 def test_a_time_budget_stops_the_ppo_runs_still_going_and_names_them(tmp_path, monkeypatch):
