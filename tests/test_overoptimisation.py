@@ -300,17 +300,18 @@ def test_bad_ppo_rules_exit_2_before_any_training(world, server, tmp_path, capsy
 # --------------------------------------------------------------------------- the experiment, tiny
 
 
-def overoptimisation_script():
+def script_module(name: str):
+    """scripts/NAME.py, imported (the scripts are not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("overoptimisation", REPO_ROOT / "scripts" / "overoptimisation.py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_the_script_finds_the_gold_peak_and_calls_a_fall_only_beyond_twice_the_error():
-    script = overoptimisation_script()
+    script = script_module("overoptimisation")
     # two seeds, windows of 2 steps: gold peaks in the second window, then falls while the proxy rises
     logs = {
         "1": [{"step": i + 1, "kl": i, "score": i, "gold_score": g, "ensemble_std": 0.1 * i} for i, g in enumerate([0, 0, 2, 2, 1, 1])],
@@ -328,7 +329,7 @@ def test_the_script_finds_the_gold_peak_and_calls_a_fall_only_beyond_twice_the_e
 
 
 def test_ppo_rules_are_compared_with_the_first_at_matched_kl_paired_by_seed():
-    matched_kl = overoptimisation_script().matched_kl
+    matched_kl = script_module("overoptimisation").matched_kl
 
     def windows(slope, kls):
         return [{"kl": kl, "gold_score": slope * kl, "score": 0.0, "ensemble_std": 0.0} for kl in kls]
@@ -349,17 +350,8 @@ def test_ppo_rules_are_compared_with_the_first_at_matched_kl_paired_by_seed():
     assert five["ci95"] == pytest.approx([0.15 - half, 0.15 + half], abs=1e-3)
 
 
-def gold_labelled_proxy_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gold_labelled_proxy", REPO_ROOT / "scripts" / "gold_labelled_proxy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_gold_labels_pairs_of_each_prompts_samples_and_noise_flips_its_share():
-    pairs_of = gold_labelled_proxy_script().gold_labelled_pairs
+    pairs_of = script_module("gold_labelled_proxy").gold_labelled_pairs
     prompt = [{"role": "user", "content": "Hi"}]
     samples = []
     for p in range(400):  # four samples a prompt, gold scores planted: the odd sample is better
@@ -423,7 +415,7 @@ def test_the_overoptimisation_script_runs_end_to_end_at_a_tiny_size(world, tmp_p
 def test_a_time_budget_stops_the_ppo_runs_still_going_and_names_them(tmp_path, monkeypatch):
     """On a GPU the runs share the device PARALLEL at a time; DEADLINE_S stops what is still
     running (and what never started), so a fixed time budget still yields a report."""
-    script = overoptimisation_script()
+    script = script_module("overoptimisation")
     started = []
 
     def slow_run(url, policy, prompts, rule, seed, run_dir, device):
