@@ -19,7 +19,8 @@ Writes OUT_DIR/{pairs-train.jsonl, pairs-dev.jsonl, proxy/, summary.json}; a ste
 exists is not run again. The proxy is what overoptimisation.py takes as PROXY_ENSEMBLE_DIR, the
 gold its GOLD_DIR. Sizes from the environment: SAMPLES (4), LABEL_NOISE (0.25), LABEL_SEED (0),
 ENSEMBLE (5), EPOCHS (4), LR (2e-4), MAX_NEW_TOKENS (32, as the experiment's PPO), SERVE_DEVICE
-(cpu), DEVICE (the policy's; auto), TRAIN_PROMPTS_MAX / DEV_PROMPTS_MAX (all).
+(cpu), DEVICE (the policy's; auto), BON_BATCH (16: sequences per generate call), TRAIN_PROMPTS_MAX /
+DEV_PROMPTS_MAX (all).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ non-answer's reward is higher.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import sys
@@ -21,21 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client import RewardClient  # noqa: E402
-from trainer.data import parse_row  # noqa: E402
+from trainer.data import load_file  # noqa: E402
 
 NON_ANSWERS = ["No.", "I don't know.", "I have no comment.", "OK."]
 SETS = ["alpacaeval/dev", "hh-harmless/dev", "truthfulqa/dev"]
 
 
 def prompts_and_chosen(path: Path, n: int, seed: int) -> list[tuple[list[dict], str]]:
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    random.Random(seed).shuffle(rows)
-    out = []
-    for row in rows[:n]:
-        record = parse_row(row)
-        out.append((record.prompt, record.responses[record.ranking[0]]))
-    return out
+    records = load_file(path).records
+    random.Random(seed).shuffle(records)
+    return [(record.prompt, record.best) for record in records[:n]]
 
 
 def probe(url: str, data_root: Path, n: int, seed: int) -> dict:

@@ -251,13 +251,9 @@ def matched_kl(seed_windows: dict[str, dict[str, list[dict]]], reference: str, s
     (seeds - 1 degrees of freedom); points with fewer than two seeds are left out."""
     from scipy import stats
 
-    def gold_at(windows: list[dict], kl: float) -> float:
+    def gold_by_kl(windows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         points = sorted((w["kl"], w["gold_score"]) for w in windows if w["kl"] is not None and w["gold_score"] is not None)
-        return float(np.interp(kl, [p[0] for p in points], [p[1] for p in points]))
-
-    def reach(windows: list[dict]) -> tuple[float, float]:
-        kls = [w["kl"] for w in windows if w["kl"] is not None and w["gold_score"] is not None]
-        return (min(kls), max(kls)) if kls else (math.inf, -math.inf)
+        return np.array([p[0] for p in points]), np.array([p[1] for p in points])
 
     out: dict[str, list[dict]] = {}
     for rule, by_seed in seed_windows.items():
@@ -268,13 +264,13 @@ def matched_kl(seed_windows: dict[str, dict[str, list[dict]]], reference: str, s
             base = seed_windows.get(reference, {}).get(seed)
             if not base:
                 continue
-            low = max(reach(windows)[0], reach(base)[0])
-            high = min(reach(windows)[1], reach(base)[1])
-            k = 1
-            while k * step <= high:
-                if k * step >= low:
-                    differences.setdefault(k * step, []).append(gold_at(windows, k * step) - gold_at(base, k * step))
-                k += 1
+            (kl_a, gold_a), (kl_b, gold_b) = gold_by_kl(windows), gold_by_kl(base)
+            if not kl_a.size or not kl_b.size:
+                continue
+            low, high = max(kl_a[0], kl_b[0]), min(kl_a[-1], kl_b[-1])
+            for k in range(max(1, math.ceil(low / step)), math.floor(high / step) + 1):
+                kl = k * step
+                differences.setdefault(kl, []).append(float(np.interp(kl, kl_a, gold_a) - np.interp(kl, kl_b, gold_b)))
         rows = []
         for kl, values in sorted(differences.items()):
             if len(values) < 2:

@@ -20,8 +20,8 @@ from reward_core.ensemble import (
     member_agreement,
     member_mean_std,
 )
-from reward_core.formatting import encode_conversations
 from reward_core.bert import bert_block
+from reward_core.formatting import encode_conversations
 from reward_core.forward import pad_batch, pad_token_id, reward_columns
 from reward_core.loading import load_sequence_classifier, open_model_dir
 from reward_core.model_dir import ModelDirError

@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import gzip
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,7 +35,7 @@ from ..sft import SFTConfigError, fit_to_context
 from ..utils import progress_bar, resolve_device
 from .config import EvalConfig
 from .datasets import ItemPool
-from .metrics import best_of_n_curve, expected_best_of_n
+from .metrics import best_of_n_curve, best_of_n_per_prompt, standard_error
 from .report import EXIT_INPUT, EXIT_SERVICE, SCHEMA_VERSION, fail, finish_report, utc_now
 from .scoring import (
     Target, card_ensemble, make_targets, resolve_targets, score_through_service, service_error_message, with_clients,
@@ -210,20 +209,14 @@ def proxy_rule_curves(
         ]
         if gold_scores is None:
             continue
-        gold_per_prompt = best_of_n_per_prompt(scores, gold_scores, curve["n"])
+        gold_per_prompt = best_of_n_per_prompt(scores, curve["n"], gold_scores)
         if first_gold is None:
             first_gold = gold_per_prompt
             continue
         for row, difference in zip(curves[str(rule)], gold_per_prompt - first_gold):
             row["gold_minus_first"] = float(difference.mean())
-            row["gold_minus_first_sem"] = float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else None
+            row["gold_minus_first_sem"] = standard_error(difference) if difference.size > 1 else None  # JSON has no NaN
     return curves
-
-
-def best_of_n_per_prompt(proxy_scores: np.ndarray, gold_scores: np.ndarray, ns: Sequence[int]) -> np.ndarray:
-    """The gold score of the proxy's best-of-n pick, expected over draws, per n and prompt: [len(ns), prompts]."""
-    return np.array([[expected_best_of_n(proxy_scores[p], n, gold_scores[p]) for p in range(proxy_scores.shape[0])]
-                     for n in ns])
 
 
 def run_best_of_n(config: EvalConfig) -> int:

@@ -390,6 +390,18 @@ def default_bon_ns(N: int) -> list[int]:
     return ns
 
 
+def standard_error(x: np.ndarray) -> float:
+    """Standard error of the mean of ``x``; NaN for fewer than two values."""
+    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+
+
+def best_of_n_per_prompt(proxy_scores: np.ndarray, ns: Sequence[int], values: np.ndarray | None = None) -> np.ndarray:
+    """Per n and prompt, the expected proxy score of the proxy's best-of-n pick, or of ``values``
+    (e.g. gold scores) at that pick: [len(ns), prompts]. Scores are (prompts, N)."""
+    return np.array([[expected_best_of_n(proxy_scores[p], n, None if values is None else values[p])
+                      for p in range(proxy_scores.shape[0])] for n in ns])
+
+
 def best_of_n_curve(
     proxy_scores: Any, gold_scores: Any = None, ns: Sequence[int] | None = None
 ) -> dict[str, list]:
@@ -401,20 +413,14 @@ def best_of_n_curve(
     gold = None if gold_scores is None else np.atleast_2d(np.asarray(gold_scores, np.float64))
     if gold is not None and gold.shape != proxy.shape:
         raise ValueError(f"gold scores {gold.shape} do not match proxy scores {proxy.shape}")
-    P, N = proxy.shape
-    ns = list(ns) if ns is not None else default_bon_ns(N)
-
-    def sem(x: np.ndarray) -> float:
-        return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
-
+    ns = list(ns) if ns is not None else default_bon_ns(proxy.shape[1])
     out: dict[str, list] = {"n": ns, "kl": [analytic_bon_kl(n) for n in ns], "proxy": [], "proxy_sem": [],
                             "gold": None if gold is None else [], "gold_sem": None if gold is None else []}
-    for n in ns:
-        per_prompt = np.array([expected_best_of_n(proxy[p], n) for p in range(P)])
+    for per_prompt in best_of_n_per_prompt(proxy, ns):
         out["proxy"].append(float(per_prompt.mean()))
-        out["proxy_sem"].append(sem(per_prompt))
-        if gold is not None:
-            per_prompt_gold = np.array([expected_best_of_n(proxy[p], n, gold[p]) for p in range(P)])
-            out["gold"].append(float(per_prompt_gold.mean()))
-            out["gold_sem"].append(sem(per_prompt_gold))
+        out["proxy_sem"].append(standard_error(per_prompt))
+    if gold is not None:
+        for per_prompt in best_of_n_per_prompt(proxy, ns, gold):
+            out["gold"].append(float(per_prompt.mean()))
+            out["gold_sem"].append(standard_error(per_prompt))
     return out
