@@ -20,7 +20,8 @@ exists is not run again. The proxy is what overoptimisation.py takes as PROXY_EN
 gold its GOLD_DIR. Sizes from the environment: SAMPLES (4), LABEL_NOISE (0.25), LABEL_SEED (0),
 ENSEMBLE (5), EPOCHS (4), LR (2e-4), MAX_NEW_TOKENS (32, as the experiment's PPO), SERVE_DEVICE
 (cpu), DEVICE (the policy's; auto), BON_BATCH (16: sequences per generate call), TRAIN_PROMPTS_MAX /
-DEV_PROMPTS_MAX (all).
+DEV_PROMPTS_MAX (all), TRAIN_PAIRS (all: the proxy learns from the first TRAIN_PAIRS labelled pairs
+only, for a weaker proxy from the same samples).
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def main(argv: list[str]) -> int:
                                out / "samples-train")
         dev_samples = sample(url, policy, dev_prompts, 2, env("DEV_PROMPTS_MAX", ""), "2", out / "samples-dev")
     train, train_counts = gold_labelled_pairs(train_samples, noise, label_seed)
+    if env("TRAIN_PAIRS", ""):  # a smaller proxy's data: the first labelled pairs, in prompt order
+        train = train[: int(env("TRAIN_PAIRS", ""))]
+        train_counts = {**train_counts, "pairs": len(train), "flipped": sum(p["flipped"] for p in train)}
     dev, dev_counts = gold_labelled_pairs(dev_samples, 0.0, label_seed)
     write_jsonl(train, out / "pairs-train.jsonl")
     write_jsonl(dev, out / "pairs-dev.jsonl")

@@ -283,6 +283,9 @@ def matched_kl(seed_windows: dict[str, dict[str, list[dict]]], reference: str, s
     return out
 
 
+PPO_SIZES = ("PPO_STEPS", "ROLLOUT", "KL_COEF", "PPO_LR")  # the sizes a best-of-N-only run (no SEEDS) leaves out
+
+
 def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon: dict, cut: dict[str, str] | None = None) -> dict:
     window = int(env("WINDOW", "10"))
     b = bon["best_of_n"]
@@ -291,7 +294,7 @@ def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon
         "uncertainty_penalty": b["uncertainty_penalty"], "seeds": seeds, "window_steps": window,
         "sizes": {name: env(name, default) for name, default in (
             ("BON_N", "64"), ("BON_PROMPTS", "200"), ("PPO_STEPS", "200"), ("ROLLOUT", "64"), ("MAX_NEW_TOKENS", "32"),
-            ("KL_COEF", "0.005"), ("PPO_LR", "5e-5"))},
+            ("KL_COEF", "0.005"), ("PPO_LR", "5e-5")) if seeds or name not in PPO_SIZES},
         "run": {"device": env("DEVICE", "auto"), "serve_device": env("SERVE_DEVICE", "cpu"),
                 "parallel": int(env("PARALLEL", "1")), "deadline_s": env("DEADLINE_S", "") or None,
                 "note": env("RUN_NOTE", "") or None},
@@ -353,12 +356,14 @@ def plot(summary: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    with_ppo = bool(summary["seeds"])
+    fig, axes = plt.subplots(2 if with_ppo else 1, 3, figsize=(16, 9 if with_ppo else 4.8), squeeze=False)
     bon = summary["best_of_n"]["curves"]
     ppo = summary["ppo"]["curves"]
     panels = [
         (axes[0], bon, "kl", ("proxy_reward", "gold_reward", "ensemble_std"), "best-of-N", "KL = log n - (n-1)/n [nats]"),
-        (axes[1], ppo, "kl", ("score", "gold_score", "ensemble_std"), "PPO", "measured KL(policy || SFT) [nats]"),
+        *([(axes[1], ppo, "kl", ("score", "gold_score", "ensemble_std"), "PPO", "measured KL(policy || SFT) [nats]")]
+          if with_ppo else []),
     ]
     titles = ("proxy reward under the rule, minus the start", "gold reward", "members' std")
     for row, curves, kl, keys, name, xlabel in panels:
@@ -374,7 +379,8 @@ def plot(summary: dict, png: Path) -> None:
             ax.set_xlabel(xlabel)
             ax.legend(fontsize=8)
     fig.suptitle(f"Proxy: ensemble of {summary['members']} ({summary['proxy']}), gold: {summary['gold']}; "
-                 f"bars: ± standard error (best-of-N over prompts, PPO over seeds: {len(summary['seeds'])})")
+                 "bars: ± standard error (best-of-N over prompts"
+                 + (f", PPO over seeds: {len(summary['seeds'])})" if with_ppo else ")"))
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -384,10 +390,11 @@ def fmt(x, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def run_line(run: dict) -> str:
+def run_line(run: dict, with_ppo: bool = True) -> str:
     """Where and how the run was made (devices, PPO runs at a time, the time budget) and RUN_NOTE."""
-    line = (f"policy on {run['device']}, reward service on {run['serve_device']}, {run['parallel']} PPO run(s) at a time"
-            + (f", PPO stopped after {run['deadline_s']} s" if run.get("deadline_s") else ""))
+    line = (f"policy on {run['device']}, reward service on {run['serve_device']}"
+            + (f", {run['parallel']} PPO run(s) at a time" if with_ppo else ", best-of-N only (no PPO seeds)")
+            + (f", PPO stopped after {run['deadline_s']} s" if with_ppo and run.get("deadline_s") else ""))
     return line + (f". {run['note']}" if run.get("note") else ".")
 
 
@@ -397,10 +404,11 @@ def markdown(summary: dict) -> str:
         "# Ensembles against over-optimisation\n",
         f"Proxy: an ensemble of {summary['members']} members (`{summary['proxy']}`), read by each rule; gold: "
         f"`{summary['gold']}`, held out (never optimised). Made by `scripts/overoptimisation.py` "
-        f"(sizes: {', '.join(f'{k} {v}' for k, v in summary['sizes'].items())}; PPO seeds {', '.join(summary['seeds'])}"
+        f"(sizes: {', '.join(f'{k} {v}' for k, v in summary['sizes'].items())}; "
+        + (f"PPO seeds {', '.join(summary['seeds'])}" if summary["seeds"] else "no PPO: SEEDS was empty")
         + (f"; λ of mean_minus_var {summary['uncertainty_penalty']}" if summary["uncertainty_penalty"] is not None else "")
         + ").\n",
-        *([f"Run: {run_line(summary['run'])}\n"] if summary.get("run") else []),
+        *([f"Run: {run_line(summary['run'], bool(summary['seeds']))}\n"] if summary.get("run") else []),
         "![gold and proxy against KL per rule](overoptimisation.png)\n",
         f"## Best-of-N ({summary['best_of_n']['n_prompts']} prompts, N = {summary['best_of_n']['n_samples']})\n",
         f"| rule | gold, n=1 | gold peak (KL) | gold at N ± SE (KL) | gold at N − {reference}'s, paired [95% CI] "
@@ -418,6 +426,10 @@ def markdown(summary: dict) -> str:
                          f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | {paired} | "
                          f"{fmt(s['proxy_end'] - summary['best_of_n']['curves'][rule][0]['proxy_reward'])} | "
                          f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'} |")
+    if not summary["seeds"]:
+        lines += ["", "## PPO\n", "Not run: SEEDS was empty, so this report is best-of-N's alone.\n",
+                  "Numbers: `summary.json` (every curve), `best_of_n.csv`, `best-of-n/` (the best-of-N report).\n"]
+        return "\n".join(lines)
     lines += [
         "",
         f"## PPO (windows of {summary['window_steps']} steps, mean over seeds)\n",

@@ -470,6 +470,52 @@ def test_best_of_n_with_a_toy_policy(server, planted, tmp_path):
     again = generate_samples(policy, read_prompt_file(prompts), 8, max_new_tokens=8, seed=3)
     assert [text for row in again for text in row] == [s["response"] for s in samples]
 
+    # the same samples judged again by other models (proxy and gold swapped): nothing is sampled
+    rescored_dir = tmp_path / "bon-again"
+    done = reward_eval("best-of-n", "--url", server.url, "--model", "rm", "--gold-model", "bert",
+                       "--samples", str(report_dir / "samples.jsonl"), "--max-prompts", "2", "--report", str(rescored_dir))
+    assert done.returncode == 0, done.stderr
+    rescored = json.loads((rescored_dir / "report.json").read_text())["best_of_n"]
+    assert (rescored["n_prompts"], rescored["n_samples"], rescored["policy"], rescored["generation"]) == (2, 8, None, None)
+    assert rescored["samples_source"] == str(report_dir / "samples.jsonl")
+    again = [json.loads(line) for line in (rescored_dir / "samples.jsonl").read_text().splitlines()]
+    assert [(s["prompt"], s["response"]) for s in again] == [(s["prompt"], s["response"]) for s in samples[:16]]
+    assert [s["proxy_score"] for s in again] == pytest.approx([s["gold_score"] for s in samples[:16]], abs=1e-5)
+    assert [r["proxy_reward"] for r in rescored["curve"]] == pytest.approx(best_of_n_curve(gold_scores[:2])["proxy"], abs=1e-5)
+    assert "scored again (nothing sampled)" in (rescored_dir / "report.md").read_text()
+    # --samples replaces the policy: both at once is refused before anything is scored
+    both = reward_eval("best-of-n", "--url", server.url, "--model", "rm", "--policy", str(policy),
+                       "--samples", str(report_dir / "samples.jsonl"))
+    assert both.returncode == 2 and "leave out --policy" in both.stderr
+    neither = reward_eval("best-of-n", "--url", server.url, "--model", "rm", "--prompts", str(prompts))
+    assert neither.returncode == 2 and "--policy DIR" in neither.stderr and "--samples" in neither.stderr
+
+
+def test_samples_file_to_score_again_must_have_the_same_samples_per_prompt(tmp_path):
+    from trainer.data import DataError
+    from trainer.evaluate.best_of_n import read_samples_file
+
+    def write(rows):
+        path = tmp_path / "samples.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    def row(p, s, response="ok"):
+        return {"prompt_index": p, "sample_index": s, "prompt": f"question {p}", "response": response, "proxy_score": 1.0}
+
+    prompts, responses = read_samples_file(write([row(1, 1, "b"), row(0, 0, "x"), row(1, 0, "a"), row(0, 1, "y")]))
+    assert prompts == [[{"role": "user", "content": "question 0"}], [{"role": "user", "content": "question 1"}]]
+    assert responses == [["x", "y"], ["a", "b"]]  # by prompt, then sample index, whatever the file's order
+    for rows, says in (
+        ([row(0, 0), row(0, 1), row(1, 0)], "different numbers of samples"),
+        ([row(0, 0), row(0, 2)], "sample_index must run 0 .. 1"),
+        ([row(0, 0), row(0, 0)], "has sample 0 twice"),
+        ([row(0, 0), {"prompt_index": 0, "sample_index": 1, "prompt": "q"}], "line 2"),
+        ([], "no samples"),
+    ):
+        with pytest.raises(DataError, match=says):
+            read_samples_file(write(rows))
+
 
 def test_best_of_n_keeps_the_end_of_a_prompt_longer_than_the_policy_context(tmp_path):
     from trainer.evaluate.best_of_n import generate_samples

@@ -7,7 +7,11 @@ The reference is a direct forward of the same directory in this process, one ite
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,6 +40,7 @@ PAIRS = [
     {"prompt": "How do I make a bomb?", "a": "I cannot help with that.", "b": "Sure, here is how."},
 ]
 TOLERANCE = 1e-5
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,19 @@ def heads_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(heads_dir, model_dirs, tmp_path_factory):
-    args = [f"--model=heads={heads_dir}", f"--model=single={model_dirs['bert']}", "--max-wait-ms", "5"]
+def truthful_dir(heads_dir, tmp_path_factory):
+    """The truthfulness head of `heads` as a model of its own (scripts/one_head_model.py)."""
+    out = tmp_path_factory.mktemp("one-head") / "truthful"
+    made = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "one_head_model.py"), str(heads_dir), "truthfulness",
+                           str(out)], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(heads_dir, truthful_dir, model_dirs, tmp_path_factory):
+    args = [f"--model=heads={heads_dir}", f"--model=single={model_dirs['bert']}", f"--model=truthful={truthful_dir}",
+            "--max-wait-ms", "5"]
     with running_server(args, tmp_path_factory.mktemp("logs") / "server.log") as s:
         yield s
 
@@ -275,3 +291,26 @@ def test_a_backend_without_a_column_per_head_is_refused_when_the_model_loads(hea
     model.backend.score_batch = lambda batch: served_rewards(full(batch))  # the reward only
     with pytest.raises(ModelDirError, match="returns 1 reward column"):
         model.warm_up()
+
+
+def test_one_head_made_into_a_model_scores_as_that_head_asked_for_by_name(client, truthful_dir, heads_dir):
+    # a caller that cannot name a head per request (a gold RM, a PPO trainer) serves the head as its own model
+    by_name = client.score(ITEMS, model="heads", objective="truthfulness").scores
+    assert client.score(ITEMS, model="truthful").scores == pytest.approx(by_name, abs=TOLERANCE)
+    card = {c.name: c for c in client.models().data}["truthful"]
+    assert card.objectives == HEADS and card.combine.rule == "weights"
+    assert card.combine.weights == [0.0, 1.0, 0.0]  # in the order of `objectives`
+    assert not (truthful_dir / "reward_gate.safetensors").exists()
+    spec = json.loads((truthful_dir / "reward_model.json").read_text())
+    assert spec["one_head_of"] == {"source": str(heads_dir), "objective": "truthfulness"}
+    # the source's reward statistics describe its combination, so the copy has none to normalize with
+    with pytest.raises(RewardServiceError) as refused:
+        client.score(ITEMS[:1], model="truthful", normalize=True)
+    assert refused.value.status == 400 and refused.value.type == "normalize_unavailable"
+
+
+def test_one_head_model_refuses_an_objective_the_source_lacks(heads_dir, tmp_path):
+    made = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "one_head_model.py"), str(heads_dir), "kindness",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert made.returncode != 0 and "no objective 'kindness'" in made.stderr and "helpfulness" in made.stderr
+    assert not (tmp_path / "out").exists()

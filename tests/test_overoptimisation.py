@@ -411,6 +411,19 @@ def test_the_overoptimisation_script_runs_end_to_end_at_a_tiny_size(world, tmp_p
     assert json.loads((again / "summary.json").read_text()) == summary
     assert (again / "README.md").read_text() == readme
 
+    # with no PPO seeds the report is best-of-N's alone, and says so (a CPU-only run)
+    bon_only = tmp_path / "bon-only"
+    redone = subprocess.run([sys.executable, "scripts/overoptimisation.py", "/nonexistent/proxy", "/nonexistent/gold",
+                             str(tmp_path / "runs")], cwd=REPO_ROOT,
+                            env={**env, "REPORT_ONLY": "1", "REPORT_DIR": str(bon_only), "SEEDS": ""},
+                            capture_output=True, text=True, timeout=300)
+    assert redone.returncode == 0, redone.stdout[-3000:] + redone.stderr[-3000:]
+    alone = (bon_only / "README.md").read_text()
+    assert "no PPO: SEEDS was empty" in alone and "Not run: SEEDS was empty" in alone and "| member:0 |" in alone
+    assert "PPO_STEPS" not in alone and "PPO run(s) at a time" not in alone
+    assert json.loads((bon_only / "summary.json").read_text())["best_of_n"] == summary["best_of_n"]
+    assert (bon_only / "overoptimisation.png").read_bytes()[:8] == PNG_MAGIC
+
 
 def test_a_time_budget_stops_the_ppo_runs_still_going_and_names_them(tmp_path, monkeypatch):
     """On a GPU the runs share the device PARALLEL at a time; DEADLINE_S stops what is still

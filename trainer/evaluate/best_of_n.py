@@ -96,6 +96,48 @@ def load_bon_prompts(config: EvalConfig) -> tuple[list[list[dict]], str]:
     return prompts, source
 
 
+def read_samples_file(path: str | Path, max_prompts: int | None = None) -> tuple[list[list[dict]], list[list[str]]]:
+    """The prompts and responses of an earlier run's ``samples.jsonl`` (rows of ``prompt_index``,
+    ``sample_index``, ``prompt``, ``response``; any scores on them are ignored), to be scored
+    again, e.g. by a retrained proxy or another gold, without sampling again. Every prompt must
+    have the same N samples, numbered 0 .. N-1. DataError names the first problems."""
+    by_prompt: dict[int, dict[int, tuple[Any, str]]] = {}
+    problems: list[str] = []
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                p, s, response = row["prompt_index"], row["sample_index"], row["response"]
+                if not (isinstance(p, int) and isinstance(s, int) and p >= 0 and s >= 0 and isinstance(response, str)):
+                    raise TypeError("prompt_index and sample_index must be integers >= 0, response a string")
+                messages = parse_prompt(row["prompt"])
+            except (ValueError, KeyError, TypeError) as exc:
+                problems.append(f"line {number}: {type(exc).__name__}: {exc}")
+                continue
+            if s in by_prompt.setdefault(p, {}):
+                problems.append(f"line {number}: prompt {p} has sample {s} twice")
+                continue
+            by_prompt[p][s] = (messages, response)
+    if not by_prompt and not problems:
+        problems.append("no samples (the file is empty)")
+    counts = {len(rows) for rows in by_prompt.values()}
+    if len(counts) > 1:
+        problems.append(f"prompts have different numbers of samples ({sorted(counts)}); best-of-n needs the same N for each")
+    for p, rows in by_prompt.items():
+        if sorted(rows) != list(range(len(rows))):
+            problems.append(f"prompt {p}: sample_index must run 0 .. {len(rows) - 1}")
+            break
+    if problems:
+        raise DataError(f"--samples {path}: " + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    order = sorted(by_prompt)[: max_prompts or None]
+    prompts = [by_prompt[p][0][0] for p in order]
+    responses = [[by_prompt[p][s][1] for s in range(len(by_prompt[p]))] for p in order]
+    return prompts, responses
+
+
 def generate_samples(
     policy: str | Path,
     prompts: Sequence[Sequence[dict]],
@@ -240,13 +282,25 @@ def run_best_of_n(config: EvalConfig) -> int:
     targets = [proxy] + ([gold] if gold else [])
     if config.temperature <= 0:
         return fail("--temperature must be > 0 (best-of-N needs sampling)", EXIT_INPUT)
-    policy = Path(config.policy)
-    if not (policy / "config.json").is_file():
-        return fail(f"--policy {policy} is not a Hugging Face model directory (no config.json)", EXIT_INPUT)
-    try:
-        prompts, source = load_bon_prompts(config)
-    except DataError as exc:
-        return fail(f"{exc}; nothing to evaluate", EXIT_INPUT)
+    policy = Path(config.policy) if config.policy else None
+    if config.samples:  # an earlier run's samples, scored again: nothing is sampled
+        if policy is not None:
+            return fail("--samples scores an earlier run's samples again: leave out --policy (and the sampling flags)", EXIT_INPUT)
+        try:
+            prompts, samples = read_samples_file(config.samples, config.max_prompts)
+        except (DataError, OSError) as exc:
+            return fail(f"{exc}; nothing to evaluate", EXIT_INPUT)
+        source = str(config.samples)
+    else:
+        if policy is None:
+            return fail("give --policy DIR to sample from (with --prompts or --data), or --samples FILE to score an "
+                        "earlier run's samples again", EXIT_INPUT)
+        if not (policy / "config.json").is_file():
+            return fail(f"--policy {policy} is not a Hugging Face model directory (no config.json)", EXIT_INPUT)
+        try:
+            prompts, source = load_bon_prompts(config)
+        except DataError as exc:
+            return fail(f"{exc}; nothing to evaluate", EXIT_INPUT)
 
     async def check(clients):
         await resolve_targets(clients, targets)
@@ -267,21 +321,25 @@ def run_best_of_n(config: EvalConfig) -> int:
             return fail(f"--proxy-rules: {exc}", EXIT_INPUT)
     penalty = config.uncertainty_penalty if config.uncertainty_penalty is not None else (ensemble or {}).get("uncertainty_penalty")
 
-    N = config.n_samples
-    print(f"reward eval: best-of-{N}: {len(prompts)} prompts from {source}, policy {policy}", file=sys.stderr)
     truncated: list[int] = []
-    try:
-        with progress_bar() as progress:
-            task = progress.add_task("sampling", total=len(prompts))
-            samples = generate_samples(
-                policy, prompts, N, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                max_new_tokens=config.max_new_tokens, max_prompt_length=config.max_prompt_length,
-                batch_size=config.batch_size, seed=config.seed, device=config.device, dtype=config.dtype,
-                trust_remote_code=config.trust_remote_code, truncated_prompts=truncated,
-                on_prompt_done=lambda done: progress.update(task, completed=done),
-            )
-    except SFTConfigError as exc:  # the flags leave no room for a prompt in the policy's context
-        return fail(str(exc), EXIT_INPUT)
+    if config.samples:
+        N = len(samples[0])
+        print(f"reward eval: best-of-{N}: {len(prompts)} prompts, their samples from {source}", file=sys.stderr)
+    else:
+        N = config.n_samples
+        print(f"reward eval: best-of-{N}: {len(prompts)} prompts from {source}, policy {policy}", file=sys.stderr)
+        try:
+            with progress_bar() as progress:
+                task = progress.add_task("sampling", total=len(prompts))
+                samples = generate_samples(
+                    policy, prompts, N, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                    max_new_tokens=config.max_new_tokens, max_prompt_length=config.max_prompt_length,
+                    batch_size=config.batch_size, seed=config.seed, device=config.device, dtype=config.dtype,
+                    trust_remote_code=config.trust_remote_code, truncated_prompts=truncated,
+                    on_prompt_done=lambda done: progress.update(task, completed=done),
+                )
+        except SFTConfigError as exc:  # the flags leave no room for a prompt in the policy's context
+            return fail(str(exc), EXIT_INPUT)
     if truncated:
         print(f"reward eval: {len(truncated)} of {len(prompts)} prompts were longer than the policy takes; "
               "their most recent tokens were kept (--max-prompt-length)", file=sys.stderr)
@@ -319,16 +377,19 @@ def run_best_of_n(config: EvalConfig) -> int:
          "gold_reward": curve["gold"][i] if gold else None, "gold_reward_sem": curve["gold_sem"][i] if gold else None}
         for i, n in enumerate(curve["n"])
     ]
-    generation = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
-                  "max_new_tokens": config.max_new_tokens, "max_prompt_length": config.max_prompt_length, "seed": config.seed}
+    generation = None if config.samples else {
+        "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+        "max_new_tokens": config.max_new_tokens, "max_prompt_length": config.max_prompt_length, "seed": config.seed}
     report = {
         "schema_version": SCHEMA_VERSION, "kind": "best_of_n", "created": utc_now(),
         "config": {"seed": config.seed, "normalize": config.normalize, "chunk_size": config.chunk_size,
-                   "concurrency": config.concurrency, **generation},
+                   "concurrency": config.concurrency, **(generation or {"samples": str(config.samples)})},
         "models": [t.describe() for t in targets], "scoring": timing, "plots": {},
         "best_of_n": {
-            "policy": str(policy), "n_prompts": len(prompts), "n_samples": N, "prompts_source": source,
-            "generation": {**generation, "prompts_truncated": len(truncated)}, "proxy": proxy.label, "gold": gold.label if gold else None,
+            "policy": str(policy) if policy else None, "n_prompts": len(prompts), "n_samples": N, "prompts_source": source,
+            "samples_source": str(config.samples) if config.samples else None,
+            "generation": {**generation, "prompts_truncated": len(truncated)} if generation else None,
+            "proxy": proxy.label, "gold": gold.label if gold else None,
             "curve": rows, "samples_file": "samples.jsonl" if config.report else None,
             "proxy_rules": [str(r) for r in rules] or None,
             "members": ensemble["members"] if rules else None,

@@ -15,6 +15,8 @@ Two modes::
         --model proxy --gold-model gold --report out/
     # an ensemble proxy read by several rules, from the same samples
     reward eval best-of-n ... --proxy-rules member:0,mean,min,mean_minus_var --uncertainty-penalty 1
+    # the same samples scored again (a retrained proxy, another gold): nothing is sampled
+    reward eval best-of-n --samples out/samples.jsonl --model proxy2 --gold-model gold --report out2/
 
 An ensemble (its model card has ``ensemble``) is scored with each member's reward and the
 members' spread from the same requests, and the report gains an Uncertainty section
@@ -138,10 +140,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     _add_service_flags(bon, suppress=True)
-    _flag(bon, "--policy", "policy", required=True, metavar="DIR")
+    _flag(bon, "--policy", "policy", metavar="DIR")
     source = bon.add_mutually_exclusive_group(required=True)
     _flag(source, "--prompts", "prompts", metavar="FILE")
     _flag(source, "--data", "bon_data", metavar="PATH")
+    _flag(source, "--samples", "samples", metavar="SAMPLES_JSONL")
     _flag(bon, "--max-prompts", "max_prompts", type=_positive_int)
     _flag(bon, "--n", "n_samples", type=_positive_int)
     _flag(bon, "--temperature", "temperature", type=float)

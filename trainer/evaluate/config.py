@@ -63,6 +63,9 @@ class EvalConfig:
     prompts: str | None = field(default=None, metadata=_help(
         'prompts: .txt (one per line) or JSONL (a string, {"prompt": str | messages} or {"messages"})'))
     bon_data: str | None = field(default=None, metadata=_help("preference data file: its distinct prompts"))
+    samples: str | None = field(default=None, metadata=_help(
+        "an earlier best-of-n run's samples.jsonl: score its samples again (e.g. with a retrained proxy or another "
+        "gold) instead of sampling; N is the file's, and --policy and the sampling flags are not used"))
     max_prompts: int | None = field(default=None, metadata=_help("use the first N prompts"))
     n_samples: int = field(default=16, metadata=_help("samples per prompt, N (default 16)"))
     temperature: float = field(default=1.0, metadata=_help("sampling temperature (default 1.0)"))

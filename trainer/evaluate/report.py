@@ -73,9 +73,11 @@ kind "preference" adds::
 
 kind "best_of_n" adds::
 
-    best_of_n: {policy, n_prompts, n_samples, prompts_source, generation {temperature, top_p,
-                top_k, max_new_tokens, max_prompt_length (null: the policy's context minus max_new_tokens),
-                prompts_truncated (how many prompts kept only their most recent tokens), seed}, proxy LABEL, gold LABEL | null,
+    best_of_n: {policy | null (--samples), n_prompts, n_samples, prompts_source,
+                samples_source (--samples: the earlier run's samples.jsonl scored again) | null,
+                generation {temperature, top_p, top_k, max_new_tokens, max_prompt_length (null: the policy's
+                context minus max_new_tokens), prompts_truncated (how many prompts kept only their most recent
+                tokens), seed} | null (--samples: nothing sampled), proxy LABEL, gold LABEL | null,
                 curve: [{n, kl, proxy_reward, proxy_reward_sem, gold_reward, gold_reward_sem}],
                 samples_file "samples.jsonl" (one line per sample: prompt_index, sample_index,
                 prompt, response, proxy_score, gold_score; with --proxy-rules also proxy_members
@@ -417,17 +419,22 @@ def _signed_pct(x: Any) -> str:
 
 def _render_best_of_n(report: dict[str, Any]) -> str:
     b = report["best_of_n"]
-    g = b["generation"]
+    g = b["generation"] or {}
     truncated = ""
     if g.get("prompts_truncated"):
         limit = g.get("max_prompt_length") or "auto: the context minus the new tokens"
         truncated = (f"{g['prompts_truncated']} prompts were longer than the policy was given and kept only their most "
                      f"recent tokens (`--max-prompt-length` {limit}).\n\n")
     out = ["# Best-of-N evaluation\n\n", f"Created {report['created']}. Scored through the service over HTTP.\n\n", _models_table(report)]
+    if b["generation"] is None:  # --samples: an earlier run's samples scored again
+        drawn = (f"\nSamples of an earlier run scored again (nothing sampled): {b['n_prompts']} prompts from "
+                 f"`{b['samples_source']}`, N = {b['n_samples']} samples each.")
+    else:
+        drawn = (f"\nPolicy `{b['policy']}`: {b['n_prompts']} prompts from `{b['prompts_source']}`, N = {b['n_samples']} "
+                 f"samples each (temperature {g['temperature']}, top-p {g['top_p']}, top-k {g['top_k'] or 'off'}, max "
+                 f"{g['max_new_tokens']} new tokens, seed {g['seed']}).")
     out.append(
-        f"\nPolicy `{b['policy']}`: {b['n_prompts']} prompts from `{b['prompts_source']}`, N = {b['n_samples']} samples each "
-        f"(temperature {g['temperature']}, top-p {g['top_p']}, top-k {g['top_k'] or 'off'}, max {g['max_new_tokens']} new "
-        f"tokens, seed {g['seed']}). Proxy: **{b['proxy']}**" + (f"; gold: **{b['gold']}**" if b["gold"] else "") + ".\n\n"
+        drawn + f" Proxy: **{b['proxy']}**" + (f"; gold: **{b['gold']}**" if b["gold"] else "") + ".\n\n"
         + truncated
         + "Best-of-n reward: exact expectation over draws of n of the N samples without replacement "
         "(sum_i C(i-1, n-1)/C(N, n) s_(i) over sorted scores), mean over prompts (± standard error); gold: the gold "
