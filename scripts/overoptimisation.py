@@ -227,18 +227,22 @@ def across_seeds(runs: dict[str, list[dict]]) -> list[dict]:
 def peak_and_end(points: list[dict], gold: str, proxy: str, kl: str) -> dict:
     """Where the gold reward peaked and where it ended, with the proxy and KL there, and whether
     that is over-optimisation: the proxy rose past its value at the gold peak while the gold fell
-    by more than twice the end point's standard error (conservative for best-of-N, whose points
-    share their prompts; with one PPO seed there is no error, and any fall counts)."""
+    by more than twice the standard error of the fall. Best-of-N's points share their prompts, so
+    its fall is paired by prompt (``gold_minus_peak_sem`` of the end point, from best-of-n; a report
+    without it falls back to the end point's own error, which is conservative); PPO's error is the
+    end point's over seeds (with one seed there is none, and any fall counts)."""
     if not points or points[0].get(gold) is None:
         return {}
     peak = max(range(len(points)), key=lambda i: points[i][gold])
     end = points[-1]
     drop = points[peak][gold] - end[gold]
-    error = end.get(f"{gold}_sem") or 0.0
+    paired = end.get("gold_minus_peak_sem")
+    error = paired if paired is not None else (end.get(f"{gold}_sem") or 0.0)
     return {
         "gold_start": points[0][gold], "gold_peak": points[peak][gold], "kl_at_gold_peak": points[peak][kl],
         "proxy_at_gold_peak": points[peak][proxy], "gold_end": end[gold], "gold_end_sem": end.get(f"{gold}_sem"),
         "kl_end": end[kl], "proxy_end": end[proxy], "gold_drop_from_peak": drop,
+        "gold_drop_from_peak_sem": error, "gold_drop_paired": paired is not None,
         "gold_fell_while_proxy_rose": bool(drop > 2 * error and drop > 0 and end[proxy] > points[peak][proxy]),
     }
 
@@ -398,6 +402,12 @@ def run_line(run: dict, with_ppo: bool = True) -> str:
     return line + (f". {run['note']}" if run.get("note") else ".")
 
 
+FELL_DEFINITION = (
+    "Gold fell while proxy rose: the proxy (the rule's own reward) ended above its value at the gold peak while the "
+    "gold fell from its peak by more than twice the standard error of the fall (best-of-N: the fall paired by prompt, "
+    "shown as fell ± SE; PPO: the end point's error over seeds).\n")
+
+
 def markdown(summary: dict) -> str:
     reference = summary["rules"][0]
     lines = [
@@ -425,9 +435,11 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {rule} | {fmt(s['gold_start'])} | {fmt(s['gold_peak'])} ({fmt(s['kl_at_gold_peak'], 2)}) | "
                          f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | {paired} | "
                          f"{fmt(s['proxy_end'] - summary['best_of_n']['curves'][rule][0]['proxy_reward'])} | "
-                         f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'} |")
+                         f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'}"
+                         + (f" (fell {fmt(s['gold_drop_from_peak'])} ± {fmt(s['gold_drop_from_peak_sem'])})"
+                            if s['gold_drop_from_peak'] > 0 else "") + " |")
     if not summary["seeds"]:
-        lines += ["", "## PPO\n", "Not run: SEEDS was empty, so this report is best-of-N's alone.\n",
+        lines += ["", "## PPO\n", "Not run: SEEDS was empty, so this report is best-of-N's alone.\n", FELL_DEFINITION,
                   "Numbers: `summary.json` (every curve), `best_of_n.csv`, `best-of-n/` (the best-of-N report).\n"]
         return "\n".join(lines)
     lines += [
@@ -464,8 +476,7 @@ def markdown(summary: dict) -> str:
                   + "; ".join(f"{run} ({why})" for run, why in summary["ppo"]["cut"].items()) + "."]
     lines += [
         "",
-        "Gold fell while proxy rose: the proxy (the rule's own reward) ended above its value at the gold peak while "
-        "the gold fell from its peak by more than twice the end point's standard error.\n",
+        FELL_DEFINITION,
         "Numbers: `summary.json` (every curve), `best_of_n.csv`, `ppo_curves.csv` (each seed's windows), "
         "`best-of-n/` (the best-of-N report), `ppo/RULE/seedS/metrics.jsonl` (each PPO run's log).\n",
     ]

@@ -153,6 +153,12 @@ def test_best_of_n_under_every_rule_matches_each_formula_on_the_members(world, s
                 assert curve[i]["gold_minus_first_sem"] == pytest.approx(difference.std(ddof=1) / np.sqrt(3), abs=1e-9)
         else:
             assert "gold_minus_first" not in curve[0]
+        # against the rule's own gold peak, prompt by prompt: how far the gold fell after it
+        per_n = np.array([[expected_best_of_n(by_formula(members, rule, PENALTY)[p], n, gold[p]) for p in range(3)]
+                          for n in [1, 2, 4, 8]])
+        fall = per_n - per_n[int(np.argmax(per_n.mean(axis=1)))]
+        assert [r["gold_minus_peak"] for r in curve] == pytest.approx(fall.mean(axis=1), abs=1e-9), rule
+        assert [r["gold_minus_peak_sem"] for r in curve] == pytest.approx(fall.std(axis=1, ddof=1) / np.sqrt(3), abs=1e-9)
     # the service, asked for each of its rules, agrees with the formula on the members
     for rule in ("mean", "min", "mean_minus_var"):
         penalty = PENALTY if rule == "mean_minus_var" else None
@@ -326,6 +332,15 @@ def test_the_script_finds_the_gold_peak_and_calls_a_fall_only_beyond_twice_the_e
     assert summary["gold_fell_while_proxy_rose"]  # 1.5 > 2 x 0.5
     curve[2]["gold_score_sem"] = 1.0
     assert not script.peak_and_end(curve, "gold_score", "score", "kl")["gold_fell_while_proxy_rose"]
+    # best-of-N's points share their prompts: the fall's own paired error decides when the curve carries it
+    bon = [{"kl": 0.0, "gold_reward": 0.0, "proxy_reward": 0.0, "gold_reward_sem": 0.5, "gold_minus_peak_sem": 0.0},
+           {"kl": 1.0, "gold_reward": 1.0, "proxy_reward": 1.0, "gold_reward_sem": 0.5, "gold_minus_peak_sem": 0.0},
+           {"kl": 2.0, "gold_reward": 0.8, "proxy_reward": 2.0, "gold_reward_sem": 0.5, "gold_minus_peak_sem": 0.05}]
+    paired = script.peak_and_end(bon, "gold_reward", "proxy_reward", "kl")
+    assert paired["gold_fell_while_proxy_rose"] and paired["gold_drop_paired"]  # 0.2 > 2 x 0.05, though 0.2 < 2 x 0.5
+    assert paired["gold_drop_from_peak"] == pytest.approx(0.2) and paired["gold_drop_from_peak_sem"] == 0.05
+    del bon[2]["gold_minus_peak_sem"]
+    assert not script.peak_and_end(bon, "gold_reward", "proxy_reward", "kl")["gold_fell_while_proxy_rose"]
 
 
 def test_ppo_rules_are_compared_with_the_first_at_matched_kl_paired_by_seed():

@@ -234,7 +234,10 @@ def proxy_rule_curves(
     picks), each a mean over prompts with its standard error. With gold scores, each rule after the
     first also gets ``gold_minus_first`` (and its ``_sem``): the gold of its pick minus the gold of
     the first rule's pick, paired prompt by prompt (every rule ranks the same samples), so two
-    rules are compared without the prompts' own spread."""
+    rules are compared without the prompts' own spread. Every rule's rows also get
+    ``gold_minus_peak`` (and its ``_sem``): the gold at that n minus the gold at the n where the
+    rule's mean gold peaks, paired by prompt, so a fall after the peak (over-optimisation) is
+    measured without the prompts' spread as well."""
     spread = members.std(axis=-1)
     curves = {}
     first_gold = None
@@ -252,6 +255,10 @@ def proxy_rule_curves(
         if gold_scores is None:
             continue
         gold_per_prompt = best_of_n_per_prompt(scores, curve["n"], gold_scores)
+        peak = int(np.argmax(gold_per_prompt.mean(axis=1)))
+        for row, difference in zip(curves[str(rule)], gold_per_prompt - gold_per_prompt[peak]):
+            row["gold_minus_peak"] = float(difference.mean())
+            row["gold_minus_peak_sem"] = standard_error(difference) if difference.size > 1 else None
         if first_gold is None:
             first_gold = gold_per_prompt
             continue

@@ -85,7 +85,10 @@ kind "best_of_n" adds::
                 proxy_rules [RULE, ...] | null (--proxy-rules: mean, min, mean_minus_var, member:M),
                 members K | null, uncertainty_penalty (the lambda of mean_minus_var) | null,
                 by_rule {RULE: [{n, kl, proxy_reward, proxy_reward_sem, gold_reward, gold_reward_sem,
-                         ensemble_std, ensemble_std_sem}]} | null   # the proxy picked by each rule
+                         ensemble_std, ensemble_std_sem, with a gold: gold_minus_peak, gold_minus_peak_sem
+                         (paired by prompt, against the rule's own peak n), and for each rule after the
+                         first gold_minus_first, gold_minus_first_sem (paired, against the first rule)}]} | null
+                         # the proxy picked by each rule
                 by_rule_check {served_rule, served_uncertainty_penalty, max_abs_diff, tolerance, ok} | null
                     # the served default rule computed from the members against the service's reward}
     plots: best_of_n_rules (with --proxy-rules) beside best_of_n
