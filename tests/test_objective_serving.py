@@ -48,12 +48,17 @@ def heads_dir(tmp_path_factory):
     return tiny_models.build_tiny_objectives_bert(tmp_path_factory.mktemp("models") / "heads", combine="gate")
 
 
+def one_head_model(source, objective: str, out) -> subprocess.CompletedProcess:
+    """scripts/one_head_model.py, run as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "one_head_model.py"), str(source), objective, str(out)],
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def truthful_dir(heads_dir, tmp_path_factory):
-    """The truthfulness head of `heads` as a model of its own (scripts/one_head_model.py)."""
+    """The truthfulness head of `heads` as a model of its own."""
     out = tmp_path_factory.mktemp("one-head") / "truthful"
-    made = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "one_head_model.py"), str(heads_dir), "truthfulness",
-                           str(out)], capture_output=True, text=True, timeout=120)
+    made = one_head_model(heads_dir, "truthfulness", out)
     assert made.returncode == 0, made.stderr
     return out
 
@@ -310,7 +315,6 @@ def test_one_head_made_into_a_model_scores_as_that_head_asked_for_by_name(client
 
 
 def test_one_head_model_refuses_an_objective_the_source_lacks(heads_dir, tmp_path):
-    made = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "one_head_model.py"), str(heads_dir), "kindness",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    made = one_head_model(heads_dir, "kindness", tmp_path / "out")
     assert made.returncode != 0 and "no objective 'kindness'" in made.stderr and "helpfulness" in made.stderr
     assert not (tmp_path / "out").exists()

@@ -489,7 +489,7 @@ def _json_rows(data: bytes, path: Path) -> Iterator[tuple[int, Any, str | None]]
         yield index, row, None
 
 
-def _iter_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def iter_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(line, row, error)`` for every row of a file; JSONL is streamed, not read whole."""
     if not path.exists():
         hint = " (data specs are PATH[:WEIGHT][:MAX_ROWS])" if ":" in path.name else ""
@@ -631,7 +631,7 @@ def _read_rows(
     report, and the load refused by :func:`_check_bad_rows`'s policy."""
     report = FileReport(source=source, path=str(path))
     items: list[Any] = []
-    rows = _iter_rows(path)
+    rows = iter_rows(path)
     for line, row, error in rows:
         if max_rows is not None and len(items) >= max_rows:
             rows.close()  # stop reading: the file is closed now, not at garbage collection
@@ -963,7 +963,7 @@ def load_items(
     path = Path(path)
     report = FileReport(source=name if name is not None else str(path), path=str(path))
     items: list[ResponseItem] = []
-    rows = _iter_rows(path)
+    rows = iter_rows(path)
     for line, row, error in rows:
         if max_rows is not None and report.rows_loaded >= max_rows:
             rows.close()

@@ -30,7 +30,7 @@ from reward_core.ensemble import EnsembleError, RewardRule, check_aggregate, par
 from reward_core.formatting import parse_prompt, render_policy_prompt
 from reward_core.forward import pad_token_id
 
-from ..data import DataError, load_file
+from ..data import DataError, iter_rows, load_file
 from ..sft import SFTConfigError, fit_to_context
 from ..utils import progress_bar, resolve_device
 from .config import EvalConfig
@@ -103,23 +103,20 @@ def read_samples_file(path: str | Path, max_prompts: int | None = None) -> tuple
     have the same N samples, numbered 0 .. N-1. DataError names the first problems."""
     by_prompt: dict[int, dict[int, tuple[Any, str]]] = {}
     problems: list[str] = []
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for number, row, error in iter_rows(Path(path)):
+        if error is None:
             try:
-                row = json.loads(line)
                 p, s, response = row["prompt_index"], row["sample_index"], row["response"]
                 if not (isinstance(p, int) and isinstance(s, int) and p >= 0 and s >= 0 and isinstance(response, str)):
                     raise TypeError("prompt_index and sample_index must be integers >= 0, response a string")
                 messages = parse_prompt(row["prompt"])
             except (ValueError, KeyError, TypeError) as exc:
-                problems.append(f"line {number}: {type(exc).__name__}: {exc}")
-                continue
-            if s in by_prompt.setdefault(p, {}):
-                problems.append(f"line {number}: prompt {p} has sample {s} twice")
-                continue
+                error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            problems.append(f"line {number}: {error}")
+        elif s in by_prompt.setdefault(p, {}):
+            problems.append(f"line {number}: prompt {p} has sample {s} twice")
+        else:
             by_prompt[p][s] = (messages, response)
     if not by_prompt and not problems:
         problems.append("no samples (the file is empty)")
@@ -243,29 +240,32 @@ def proxy_rule_curves(
     first_gold = None
     for rule in rules:
         scores = rule_rewards(members, rule, uncertainty_penalty)
-        curve = best_of_n_curve(scores, gold_scores)
-        at_pick = best_of_n_curve(scores, spread)
-        curves[str(rule)] = [
+        curve = best_of_n_curve(scores, spread)  # the proxy's curve, and the members' spread at each pick
+        gold = None if gold_scores is None else best_of_n_per_prompt(scores, curve["n"], gold_scores)  # [n, prompts]
+        rows = [
             {"n": n, "kl": curve["kl"][i], "proxy_reward": curve["proxy"][i], "proxy_reward_sem": curve["proxy_sem"][i],
-             "gold_reward": curve["gold"][i] if gold_scores is not None else None,
-             "gold_reward_sem": curve["gold_sem"][i] if gold_scores is not None else None,
-             "ensemble_std": at_pick["gold"][i], "ensemble_std_sem": at_pick["gold_sem"][i]}
+             "gold_reward": None if gold is None else float(gold[i].mean()),
+             "gold_reward_sem": None if gold is None else standard_error(gold[i]),
+             "ensemble_std": curve["gold"][i], "ensemble_std_sem": curve["gold_sem"][i]}
             for i, n in enumerate(curve["n"])
         ]
-        if gold_scores is None:
+        curves[str(rule)] = rows
+        if gold is None:
             continue
-        gold_per_prompt = best_of_n_per_prompt(scores, curve["n"], gold_scores)
-        peak = int(np.argmax(gold_per_prompt.mean(axis=1)))
-        for row, difference in zip(curves[str(rule)], gold_per_prompt - gold_per_prompt[peak]):
-            row["gold_minus_peak"] = float(difference.mean())
-            row["gold_minus_peak_sem"] = standard_error(difference) if difference.size > 1 else None
+        _add_paired(rows, "gold_minus_peak", gold - gold[int(np.argmax(gold.mean(axis=1)))])
         if first_gold is None:
-            first_gold = gold_per_prompt
-            continue
-        for row, difference in zip(curves[str(rule)], gold_per_prompt - first_gold):
-            row["gold_minus_first"] = float(difference.mean())
-            row["gold_minus_first_sem"] = standard_error(difference) if difference.size > 1 else None  # JSON has no NaN
+            first_gold = gold
+        else:
+            _add_paired(rows, "gold_minus_first", gold - first_gold)
     return curves
+
+
+def _add_paired(rows: list[dict[str, Any]], key: str, differences: np.ndarray) -> None:
+    """Each row (one n) gets ``key``, the mean over prompts of its ``differences`` [n, prompts],
+    and ``key_sem``, its standard error (None for one prompt: JSON has no NaN)."""
+    for row, difference in zip(rows, differences):
+        row[key] = float(difference.mean())
+        row[f"{key}_sem"] = standard_error(difference) if difference.size > 1 else None
 
 
 def run_best_of_n(config: EvalConfig) -> int:
@@ -295,7 +295,7 @@ def run_best_of_n(config: EvalConfig) -> int:
             return fail("--samples scores an earlier run's samples again: leave out --policy (and the sampling flags)", EXIT_INPUT)
         try:
             prompts, samples = read_samples_file(config.samples, config.max_prompts)
-        except (DataError, OSError) as exc:
+        except DataError as exc:
             return fail(f"{exc}; nothing to evaluate", EXIT_INPUT)
         source = str(config.samples)
     else:
