@@ -48,6 +48,7 @@ __all__ = [
     "AsyncRewardClient",
     "RewardServiceError",
     "ServiceUnavailable",
+    "served_card",
     "API_VERSION",
     "API_REVISION",
     "Message",

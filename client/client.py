@@ -57,10 +57,14 @@ ItemLike = PromptResponseItem | MessagesItem | Mapping[str, Any]
 PairLike = ComparePair | Mapping[str, Any]
 ResponseT = TypeVar("ResponseT", ScoreResponse, CompareResponse, GetRewardResponse)
 
-# Failures where the request never reached the application, so sending it again is safe:
-# no connection, no connection in time, or a pooled keep-alive connection the server had
-# already closed (surfaces as RemoteProtocolError before any response byte arrives).
-RETRYABLE_TRANSPORT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+# Failures of the connection rather than of the request: no connection, no connection in
+# time, or a pooled keep-alive connection the server closed as the request went out (EOF
+# before any answer: RemoteProtocolError; the request met the closing socket: a reset, which
+# httpx reports as ReadError or WriteError). Sending again is safe: scoring is a pure
+# function and comparison posts carry an Idempotency-Key that their retries reuse.
+RETRYABLE_TRANSPORT_ERRORS = (
+    httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
+)
 # Overloaded (429) or not ready / stopping (503): the server says "later", often with Retry-After.
 RETRYABLE_STATUSES = frozenset({429, 503})
 

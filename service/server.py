@@ -23,9 +23,14 @@ from .settings import ServiceSettings
 class HeaderTimeoutProtocol(H11Protocol):
     """uvicorn's h11 protocol with a header-read timeout, which uvicorn lacks: a connection that
     has not sent a complete request header ``header_timeout_s`` after it opened (or after the
-    previous answer, or after the first bytes of the next request) is closed. Without it a
-    client can hold sockets open for ever by never finishing its headers. The body has its own
-    bound (the request deadline, GuardMiddleware's 408)."""
+    first bytes of its next request) is closed. Without it a client can hold sockets open for
+    ever by never finishing its headers. The body has its own bound (the request deadline,
+    GuardMiddleware's 408).
+
+    Between requests the connection is idle, and only uvicorn's keep-alive timeout applies:
+    closing an idle pooled connection early races the client reusing it (the request lands on a
+    socket being closed and comes back as a connection reset), so idle connections are closed by
+    one timer whose default outlasts the common clients' pool expiry."""
 
     header_timeout_s = 10.0  # set per server by ``server_for`` (a subclass per settings)
 
@@ -39,8 +44,10 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._watch_headers()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._watch_headers()
+        self._cancel_header_timer()  # idle now: the keep-alive timer's job, until bytes arrive
+        super().on_response_complete()  # may start a pipelined request already buffered
+        if self.conn.trailing_data[0]:  # part of the next request's header is here already
+            self._watch_headers()
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_timer()

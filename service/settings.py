@@ -120,7 +120,10 @@ class ServiceSettings(BaseSettings):
         "(of opening, or of its previous answer) is closed, so idle or trickling sockets cannot pile up.",
     )
     keep_alive_timeout_s: float = Field(
-        5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds without a new request.",
+        # Longer than the pools of common clients keep an idle connection (httpx 5 s, aiohttp
+        # 15 s, nginx upstreams 60 s), so they drop it first: a server that closes first races
+        # the client's next request on that socket, which then fails with a connection reset.
+        75.0, gt=0, description="An idle keep-alive connection is closed after this many seconds without a new request.",
     )
     shutdown_drain_s: float = Field(
         2.0, ge=0, description="On SIGTERM, seconds to keep serving while /readyz says not ready, before closing."

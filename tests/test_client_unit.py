@@ -304,6 +304,23 @@ def test_connection_errors_exhaust_retries_and_raise_service_unavailable(recorde
     assert "connection refused" in message
 
 
+@pytest.mark.parametrize("reset", [httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError])
+def test_a_pooled_connection_closed_under_the_request_is_retried(recorded_sleeps, reset):
+    # What a keep-alive connection the server closes as the next request goes out looks like.
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise reset("", request=request)
+        return httpx.Response(200, json=score_body(request))
+
+    with RewardClient(BASE_URL, max_retries=2, **FAST, transport=httpx.MockTransport(handler)) as rm:
+        assert rm.score([item(4)]).scores == [4.0]
+    assert calls == 2
+
+
 def test_503_that_never_clears_raises_service_unavailable_with_the_servers_message(recorded_sleeps):
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(503, json=error_body(503, "not_ready", "models are loading"))

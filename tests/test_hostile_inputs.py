@@ -295,6 +295,39 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(bert):
     assert answered.startswith(b"HTTP/1.1 200")
 
 
+def read_answer(conn: socket.socket) -> bytes:
+    """One whole HTTP/1.1 answer with a Content-Length body: headers and body may come in several reads."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return data  # closed: whatever came (b"" when the server hung up unanswered)
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length and (chunk := conn.recv(4096)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_an_idle_kept_alive_connection_outlives_the_header_timeout_until_keep_alive_ends(bert):
+    # A pooled client reuses its connection after a pause: only the keep-alive timeout may end it.
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with serving(bert, header_timeout_s=0.5, keep_alive_timeout_s=2.0) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(request)
+            first = read_answer(conn)
+            time.sleep(1.2)  # idle past the header timeout, inside keep-alive
+            conn.sendall(request)
+            second = read_answer(conn)
+            started = time.monotonic()
+            closed = conn.recv(1024)
+            idle_for = time.monotonic() - started
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")
+    assert closed == b"" and 1.5 < idle_for < 5, idle_for
+
+
 def test_answers_carry_nosniff_and_the_label_page_a_csp_of_its_own(bert, tmp_path):
     with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
         answers = [http.get("/healthz"), http.post("/v1/score", json={"items": []}), http.get("/nowhere"),

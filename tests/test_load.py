@@ -4,6 +4,7 @@ refusals are 429s; every request gets its own scores; the server's memory stays 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import httpx
 import pytest
@@ -41,3 +42,35 @@ def test_loopback_load_below_and_above_capacity(model_dirs, tmp_path):
     # Memory flat under sustained overload: allocator noise, no growth with the request count.
     settled, last = above.rss_mib[2], above.rss_mib[-1]
     assert last - settled < 64, f"RSS grew from {settled} to {last} MiB during the overload"
+
+
+@pytest.mark.slow
+def test_pooled_connections_reused_after_the_clients_idle_expiry_never_fail(model_dirs, tmp_path):
+    # A PPO loop calls every few seconds through a pooled httpx client, which keeps an idle
+    # connection up to 5 s. Reused just under that, it must never meet a socket the server is
+    # closing (that comes back as a connection reset, not an answer).
+    body = {"items": [{"prompt": "p", "response": "r"}]}
+
+    async def pause_and_score(http: httpx.AsyncClient, rng: random.Random) -> list[str]:
+        failures = []
+        await http.post("/v1/score", json=body)
+        for _ in range(2):
+            await asyncio.sleep(rng.uniform(4.96, 4.998))
+            try:
+                answer = await http.post("/v1/score", json=body)
+                answer.raise_for_status()
+            except httpx.HTTPError as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+        return failures
+
+    async def many(url: str) -> list[str]:
+        clients = [httpx.AsyncClient(base_url=url, timeout=30) for _ in range(24)]  # httpx's default pool
+        try:
+            runs = await asyncio.gather(*(pause_and_score(c, random.Random(n)) for n, c in enumerate(clients)))
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+        return [failure for run in runs for failure in run]
+
+    with running_server([f"--model=bert={model_dirs['bert']}", "--log-level", "warning"], tmp_path / "server.log") as server:
+        failures = asyncio.run(many(server.url))
+    assert failures == []
