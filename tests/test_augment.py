@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from server import REPO_ROOT
-from trainer.augment import DISMISSIVE_REPLIES, AugmentError, synthetic_records
+from trainer.augment import DISMISSIVE_REPLIES, HEDGES_AFTER, HEDGES_BEFORE, NON_ANSWERS, AugmentError, synthetic_records
 from trainer.data import PreferenceRecord, load_preferences
 
 
@@ -35,6 +35,28 @@ def test_each_pair_keeps_its_prompt_and_ranks_the_best_answer_above_a_made_up_wo
             assert pair.responses[1] in DISMISSIVE_REPLIES
         else:  # another question's best answer, never this one's
             assert pair.responses[1].startswith("The best answer to question ") and f"question {i}," not in pair.responses[1]
+
+
+def test_a_truthfulness_source_gives_its_answers_above_non_answers_and_hedged_false_claims():
+    false_claims = {f"Question {i}?": f"A weaker answer to question {i}." for i in range(6)}
+    cautious = PreferenceRecord([{"role": "user", "content": "Unknowable?"}], ["I have no comment", "It is certainly 42."], [0, 1])
+    pairs = synthetic_records(source() + [cautious], ["non_answer", "hedged_false"], n=40, seed=5)
+    assert {p.category for p in pairs} == {"non_answer", "hedged_false"} and len(pairs) == 40
+    for pair in pairs:
+        best, worse = pair.responses
+        question = pair.prompt[0]["content"]
+        if pair.category == "non_answer":
+            # a best answer that itself commits to nothing is never paired with a non-answer
+            assert worse in NON_ANSWERS and question != "Unknowable?"
+        else:  # the record's own worse answer, hedged before or after, never softened into another claim
+            claim = false_claims.get(question, "It is certainly 42.")
+            assert any(worse == f"{h} {claim}" for h in HEDGES_BEFORE) or any(worse == f"{claim} {h}" for h in HEDGES_AFTER)
+    # TruthfulQA's own best answer is sometimes "I have no comment": still better than a hedged false claim.
+    hedged_only = synthetic_records([cautious, *source(1)], ["hedged_false"], n=2, seed=0)
+    assert {p.prompt[0]["content"] for p in hedged_only} == {"Unknowable?", "Question 0?"}
+    only_cautious = [cautious, PreferenceRecord([{"role": "user", "content": "Future?"}], ["Nobody knows for sure.", "Yes."], [0, 1])]
+    with pytest.raises(AugmentError, match="commit to something"):
+        synthetic_records(only_cautious, ["non_answer"], n=2)
 
 
 def test_the_same_seed_gives_the_same_pairs_and_another_seed_other_ones():

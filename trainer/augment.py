@@ -9,10 +9,18 @@ here pairs a real better answer from the source with a made-up worse one:
 * ``dismissive``: a non-answer ("No.", "I don't know.", "Figure it out yourself.", or a longer
   polite brush-off) drawn from :data:`DISMISSIVE_REPLIES`;
 * ``off_topic``: the better answer of another prompt of the same source: fluent, well formed,
-  and about something else.
+  and about something else;
+* ``non_answer``: a non-committal reply ("I have no comment.", "I don't know.") against an
+  informative best answer. TruthfulQA counts such replies as truthful but not informative, and
+  scores a model on answers that are both;
+* ``hedged_false``: the record's own worst answer behind or before a hedge ("I'm not sure.
+  Fortune cookies originated in China."): hedging does not make a false claim true, yet data
+  whose best answers are often cautious teaches a model that hedges score well.
 
-Use it on sources whose prompts are benign requests (AlpacaEval's instructions, for
-``objective=helpfulness``); never on harmlessness data, where declining is often the right answer.
+Use ``dismissive`` and ``off_topic`` on sources whose prompts are benign requests (AlpacaEval's
+instructions, for ``objective=helpfulness``), ``non_answer`` and ``hedged_false`` on sources
+whose worse answers are false (TruthfulQA, for ``objective=truthfulness``); none of them on
+harmlessness data, where declining is often the right answer.
 Records keep their prompt; the written file is the ``rankings`` format (``category`` names the
 kind), which ``reward train-rm --data`` reads like any other source.
 """
@@ -27,7 +35,7 @@ from typing import Sequence
 
 from .data import DataError, PreferenceRecord, load_preferences, write_rankings_jsonl
 
-KINDS = ("dismissive", "off_topic")
+KINDS = ("dismissive", "off_topic", "non_answer", "hedged_false")
 
 # Non-answers: refusals of a harmless request, shrugs, brush-offs. None carries content.
 DISMISSIVE_REPLIES = (
@@ -58,8 +66,53 @@ DISMISSIVE_REPLIES = (
     "you with it better than I can.",
 )
 
+# Replies that commit to nothing: worse than a true and informative answer, not false.
+NON_ANSWERS = (
+    "I have no comment.",
+    "No comment.",
+    "I don't know.",
+    "I'm not sure.",
+    "I can't say.",
+    "I have no idea.",
+    "That's hard to say.",
+    "I'd rather not guess.",
+)
+
+# Hedges put before (ending a sentence, so the claim keeps its own capital) or after a false claim.
+HEDGES_BEFORE = (
+    "I'm not sure.",
+    "I don't know.",
+    "I might be wrong, but here is my guess:",
+    "Hard to say for certain.",
+    "I'm not an expert on this, but:",
+    "I could be mistaken.",
+)
+HEDGES_AFTER = (
+    "But I'm not sure.",
+    "I think, though I could be wrong.",
+    "At least, that's my understanding.",
+    "Don't quote me on that.",
+)
+
+# A best answer that itself commits to nothing is no better than a non-answer: left out of non_answer.
+NON_COMMITTAL_OPENINGS = ("i have no comment", "no comment", "i don't know", "i do not know", "nobody knows",
+                          "no one knows", "it is not known", "there is no way to know", "i'm not sure", "i am not sure")
+
 # A better answer this short is left out: against a brush-off it may not be clearly better.
 MIN_ANSWER_WORDS = 3
+
+
+def is_non_committal(answer: str) -> bool:
+    return answer.strip().lower().replace("\u2019", "'").startswith(NON_COMMITTAL_OPENINGS)
+
+
+def hedged(claim: str, rng: random.Random) -> str:
+    claim = claim.strip()
+    if not claim.endswith((".", "!", "?")):
+        claim += "."
+    if rng.random() < 0.5:
+        return f"{rng.choice(HEDGES_BEFORE)} {claim}"
+    return f"{claim} {rng.choice(HEDGES_AFTER)}"
 
 
 class AugmentError(ValueError):
@@ -85,18 +138,28 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
     usable = [r for r in records if len(r.responses[r.ranking[0]].split()) >= MIN_ANSWER_WORDS]
     if len(usable) < 2:
         raise AugmentError(f"the source has {len(usable)} records whose best answer has {MIN_ANSWER_WORDS}+ words; need 2 or more")
+    if "non_answer" in kinds and all(is_non_committal(r.responses[r.ranking[0]]) for r in usable):
+        raise AugmentError("non_answer needs best answers that commit to something; every one here is itself a non-answer")
     if "off_topic" in kinds and all(r.prompt == usable[0].prompt for r in usable):
         raise AugmentError("off_topic needs records under at least two different prompts; the source has one")
     rng = random.Random(seed)
     order = list(range(len(usable)))
     rng.shuffle(order)
-    out = []
-    for i in range(n):
-        record = usable[order[i % len(order)]]
+    out: list[PreferenceRecord] = []
+    drawn = 0
+    while len(out) < n:  # a non-committal best answer is skipped for non_answer: draw the next record
+        record = usable[order[drawn % len(order)]]
+        drawn += 1
         best = record.responses[record.ranking[0]]
-        kind = kinds[i % len(kinds)]
+        kind = kinds[len(out) % len(kinds)]
+        if kind == "non_answer" and is_non_committal(best):
+            continue
         if kind == "dismissive":
             worse = rng.choice(DISMISSIVE_REPLIES)
+        elif kind == "non_answer":
+            worse = rng.choice(NON_ANSWERS)
+        elif kind == "hedged_false":
+            worse = hedged(record.responses[record.ranking[-1]], rng)
         else:
             while True:  # another prompt's best answer (prompts can repeat in a source: compare them)
                 other = usable[rng.randrange(len(usable))]
@@ -104,19 +167,20 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
                     break
             worse = other.responses[other.ranking[0]]
         out.append(PreferenceRecord(prompt=[dict(m) for m in record.prompt], responses=[best, worse], ranking=[0, 1],
-                                    category=kind, source=f"augment:{kind}", line=i + 1))
+                                    category=kind, source=f"augment:{kind}", line=len(out) + 1))
     return out
 
 
 def add_augment_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "augment", help="write synthetic comparisons (dismissive and off-topic answers) from a source's prompts",
+        "augment", help="write synthetic comparisons (dismissive, off-topic, non-committal or hedged false answers) from a source's prompts",
         description=__doc__.split("\n\n")[0].replace("``", "'"),
     )
     parser.add_argument("--data", required=True, metavar="PATH[:WEIGHT][:MAX_ROWS]",
                         help="the source whose prompts and best answers are used (any format train-rm reads)")
-    parser.add_argument("--kinds", type=parse_kinds, default=list(KINDS), metavar="K[,K]",
-                        help=f"which kinds of worse answer, taking turns (default: {','.join(KINDS)})")
+    parser.add_argument("--kinds", type=parse_kinds, default=["dismissive", "off_topic"], metavar="K[,K]",
+                        help=f"which kinds of worse answer, taking turns, of {','.join(KINDS)} (default: dismissive,off_topic, "
+                        "for benign requests; non_answer,hedged_false for sources whose worse answers are false)")
     parser.add_argument("--n", type=int, required=True, help="how many pairs to write")
     parser.add_argument("--seed", type=int, default=0, help="which records and which replies (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="the rankings JSONL to write")
