@@ -45,50 +45,41 @@ def hedge_forms(claim: str) -> dict[str, str]:
     return {name: form.format(claim=claim, lowered=lowered) for name, form in HEDGED_FORMS.items()}
 
 
-def prompts_and_chosen(path: Path, n: int, seed: int) -> list[tuple[list[dict], str]]:
+def sampled_records(path: Path, n: int, seed: int) -> list:
     records = load_file(path).records
     random.Random(seed).shuffle(records)
-    return [(record.prompt, record.best) for record in records[:n]]
+    return records[:n]
+
+
+def share_beating_first(rm: RewardClient, cases: list[tuple[list[dict], list[str]]], names: list[str]) -> dict[str, float]:
+    """Each case is a prompt and its answers, the reference first and then one per name: per name,
+    the percentage of cases where that answer's reward is higher than the reference's."""
+    items = [{"messages": prompt + [{"role": "assistant", "content": answer}]} for prompt, answers in cases for answer in answers]
+    scores = rm.score(items).scores
+    k = 1 + len(names)
+    wins = dict.fromkeys(names, 0)
+    for j in range(len(cases)):
+        row = scores[j * k:(j + 1) * k]
+        for i, name in enumerate(names):
+            wins[name] += row[1 + i] > row[0]
+    return {name: round(100 * w / len(cases), 1) for name, w in wins.items()}
 
 
 def probe(url: str, data_root: Path, n: int, seed: int) -> dict:
     result = {}
     with RewardClient(url) as rm:
         for name in SETS:
-            pairs = prompts_and_chosen(data_root / f"{name}.jsonl.gz", n, seed)
-            items = []
-            for prompt, chosen in pairs:
-                for response in [chosen, *NON_ANSWERS]:
-                    items.append({"messages": prompt + [{"role": "assistant", "content": response}]})
-            scores = rm.score(items).scores
-            k = 1 + len(NON_ANSWERS)
-            wins = dict.fromkeys(NON_ANSWERS, 0)
-            for j in range(len(pairs)):
-                row = scores[j * k:(j + 1) * k]
-                for i, answer in enumerate(NON_ANSWERS):
-                    wins[answer] += row[1 + i] > row[0]
-            result[name] = {answer: round(100 * w / len(pairs), 1) for answer, w in wins.items()} | {"prompts": len(pairs)}
+            records = sampled_records(data_root / f"{name}.jsonl.gz", n, seed)
+            cases = [(record.prompt, [record.best, *NON_ANSWERS]) for record in records]
+            result[name] = share_beating_first(rm, cases, NON_ANSWERS) | {"prompts": len(cases)}
     return result
 
 
 def hedged_false_probe(url: str, data_root: Path, n: int, seed: int) -> dict:
-    records = load_file(data_root / "truthfulqa/dev.jsonl.gz").records
-    random.Random(seed).shuffle(records)
-    records = records[:n]
-    items = []
-    for record in records:
-        worst = record.responses[record.ranking[-1]]
-        for response in [record.best, *hedge_forms(worst).values()]:
-            items.append({"messages": record.prompt + [{"role": "assistant", "content": response}]})
+    records = sampled_records(data_root / "truthfulqa/dev.jsonl.gz", n, seed)
+    cases = [(r.prompt, [r.best, *hedge_forms(r.responses[r.ranking[-1]]).values()]) for r in records]
     with RewardClient(url) as rm:
-        scores = rm.score(items).scores
-    k = 1 + len(HEDGED_FORMS)
-    wins = dict.fromkeys(HEDGED_FORMS, 0)
-    for j in range(len(records)):
-        row = scores[j * k:(j + 1) * k]
-        for i, name in enumerate(HEDGED_FORMS):
-            wins[name] += row[1 + i] > row[0]
-    return {name: round(100 * w / len(records), 1) for name, w in wins.items()} | {"pairs": len(records)}
+        return share_beating_first(rm, cases, list(HEDGED_FORMS)) | {"pairs": len(cases)}
 
 
 def main() -> None:
