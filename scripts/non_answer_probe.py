@@ -65,21 +65,19 @@ def share_beating_first(rm: RewardClient, cases: list[tuple[list[dict], list[str
     return {name: round(100 * w / len(cases), 1) for name, w in wins.items()}
 
 
-def probe(url: str, data_root: Path, n: int, seed: int) -> dict:
+def probe(rm: RewardClient, data_root: Path, n: int, seed: int) -> dict:
     result = {}
-    with RewardClient(url) as rm:
-        for name in SETS:
-            records = sampled_records(data_root / f"{name}.jsonl.gz", n, seed)
-            cases = [(record.prompt, [record.best, *NON_ANSWERS]) for record in records]
-            result[name] = share_beating_first(rm, cases, NON_ANSWERS) | {"prompts": len(cases)}
+    for name in SETS:
+        records = sampled_records(data_root / f"{name}.jsonl.gz", n, seed)
+        cases = [(record.prompt, [record.best, *NON_ANSWERS]) for record in records]
+        result[name] = share_beating_first(rm, cases, NON_ANSWERS) | {"prompts": len(cases)}
     return result
 
 
-def hedged_false_probe(url: str, data_root: Path, n: int, seed: int) -> dict:
+def hedged_false_probe(rm: RewardClient, data_root: Path, n: int, seed: int) -> dict:
     records = sampled_records(data_root / "truthfulqa/dev.jsonl.gz", n, seed)
-    cases = [(r.prompt, [r.best, *hedge_forms(r.responses[r.ranking[-1]]).values()]) for r in records]
-    with RewardClient(url) as rm:
-        return share_beating_first(rm, cases, list(HEDGED_FORMS)) | {"pairs": len(cases)}
+    cases = [(r.prompt, [r.best, *hedge_forms(r.worst).values()]) for r in records]
+    return share_beating_first(rm, cases, list(HEDGED_FORMS)) | {"pairs": len(cases)}
 
 
 def main() -> None:
@@ -90,8 +88,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for url in args.url:
-        print(json.dumps({"url": url, "non_answer_beats_chosen_percent": probe(url, args.data_root, args.n, args.seed),
-                          "truthfulqa_false_beats_chosen_percent": hedged_false_probe(url, args.data_root, args.n, args.seed)}))
+        with RewardClient(url) as rm:
+            print(json.dumps({"url": url, "non_answer_beats_chosen_percent": probe(rm, args.data_root, args.n, args.seed),
+                              "truthfulqa_false_beats_chosen_percent": hedged_false_probe(rm, args.data_root, args.n, args.seed)}))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,11 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._watch_headers()
 
     def on_response_complete(self) -> None:
-        self._cancel_header_timer()  # idle now: the keep-alive timer's job, until bytes arrive
-        super().on_response_complete()  # may start a pipelined request already buffered
-        if self.conn.trailing_data[0]:  # part of the next request's header is here already
+        # Idle now (no header timer runs while a request is answered): only the keep-alive timer,
+        # until the next request's bytes arrive (data_received). super() starts a pipelined
+        # request already buffered; part of its header may be here already.
+        super().on_response_complete()
+        if self.conn.trailing_data[0]:
             self._watch_headers()
 
     def connection_lost(self, exc) -> None:

@@ -117,7 +117,7 @@ class ServiceSettings(BaseSettings):
     )
     header_timeout_s: float = Field(
         10.0, gt=0, description="A connection that has not sent a request's whole header within this many seconds "
-        "(of opening, or of its previous answer) is closed, so idle or trickling sockets cannot pile up.",
+        "(of opening, or of the request's first bytes) is closed, so trickling sockets cannot pile up.",
     )
     keep_alive_timeout_s: float = Field(
         # Longer than the pools of common clients keep an idle connection (httpx 5 s, aiohttp

@@ -135,10 +135,10 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
             raise AugmentError(f"unknown kind {kind!r}; the kinds are {', '.join(KINDS)}")
     if n < 1:
         raise AugmentError("ask for at least one pair (--n)")
-    usable = [r for r in records if len(r.responses[r.ranking[0]].split()) >= MIN_ANSWER_WORDS]
+    usable = [r for r in records if len(r.best.split()) >= MIN_ANSWER_WORDS]
     if len(usable) < 2:
         raise AugmentError(f"the source has {len(usable)} records whose best answer has {MIN_ANSWER_WORDS}+ words; need 2 or more")
-    if "non_answer" in kinds and all(is_non_committal(r.responses[r.ranking[0]]) for r in usable):
+    if "non_answer" in kinds and all(is_non_committal(r.best) for r in usable):
         raise AugmentError("non_answer needs best answers that commit to something; every one here is itself a non-answer")
     if "off_topic" in kinds and all(r.prompt == usable[0].prompt for r in usable):
         raise AugmentError("off_topic needs records under at least two different prompts; the source has one")
@@ -150,7 +150,7 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
     while len(out) < n:  # a non-committal best answer is skipped for non_answer: draw the next record
         record = usable[order[drawn % len(order)]]
         drawn += 1
-        best = record.responses[record.ranking[0]]
+        best = record.best
         kind = kinds[len(out) % len(kinds)]
         if kind == "non_answer" and is_non_committal(best):
             continue
@@ -159,13 +159,13 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
         elif kind == "non_answer":
             worse = rng.choice(NON_ANSWERS)
         elif kind == "hedged_false":
-            worse = hedged(record.responses[record.ranking[-1]], rng)
+            worse = hedged(record.worst, rng)
         else:
             while True:  # another prompt's best answer (prompts can repeat in a source: compare them)
                 other = usable[rng.randrange(len(usable))]
                 if other.prompt != record.prompt:
                     break
-            worse = other.responses[other.ranking[0]]
+            worse = other.best
         out.append(PreferenceRecord(prompt=[dict(m) for m in record.prompt], responses=[best, worse], ranking=[0, 1],
                                     category=kind, source=f"augment:{kind}", line=len(out) + 1))
     return out

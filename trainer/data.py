@@ -157,6 +157,11 @@ class PreferenceRecord:
         """The best-ranked response."""
         return self.responses[self.ranking[0]]
 
+    @property
+    def worst(self) -> str:
+        """The worst-ranked response."""
+        return self.responses[self.ranking[-1]]
+
     def pairs(self) -> list[tuple[int, int]]:
         """All ``(better_idx, worse_idx)`` pairs implied by the ranking: K(K-1)/2 of them.
 
