@@ -20,8 +20,52 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .settings import ServiceSettings
 
 
+class OneWriteAnswerTransport:
+    """A connection's transport whose writes within one turn of the event loop go out as one.
+
+    uvicorn writes an answer's status line and headers, then its body, in two calls. A replica
+    killed between them (SIGKILL, the OOM killer) leaves an answer whose headers are out and whose
+    body never comes; a proxy in front has already passed the headers on and cannot retry it. Sent
+    as one write, a small answer leaves whole or not at all, and an unanswered request is one a
+    balancer can send to another replica. The writes are joined and sent on the next turn of the
+    loop (``call_soon``), before it waits on any socket; closing sends what is held first."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._held:
+            self._loop.call_soon(self._send_held)
+        self._held.append(bytes(data))
+
+    def _send_held(self) -> None:
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._send_held()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held.clear()
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._held))
+
+    def __getattr__(self, name: str):  # everything else is the transport's own
+        return getattr(self._transport, name)
+
+
 class HeaderTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a header-read timeout, which uvicorn lacks: a connection that
+    """uvicorn's h11 protocol with each answer sent in one write (:class:`OneWriteAnswerTransport`)
+    and a header-read timeout, which uvicorn lacks: a connection that
     has not sent a complete request header ``header_timeout_s`` after it opened (or after the
     first bytes of its next request) is closed. Without it a client can hold sockets open for
     ever by never finishing its headers. The body has its own bound (the request deadline,
@@ -35,7 +79,8 @@ class HeaderTimeoutProtocol(H11Protocol):
     header_timeout_s = 10.0  # set per server by ``server_for`` (a subclass per settings)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # flow control keeps the real transport
+        self.transport = OneWriteAnswerTransport(transport, self.loop)  # type: ignore[assignment]
         self._header_timer: asyncio.TimerHandle | None = None
         self._arm_header_timer()
 

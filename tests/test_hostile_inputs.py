@@ -328,6 +328,40 @@ def test_an_idle_kept_alive_connection_outlives_the_header_timeout_until_keep_al
     assert closed == b"" and 1.5 < idle_for < 5, idle_for
 
 
+def test_each_answer_leaves_in_one_write_so_a_killed_replica_never_sends_half_of_one(bert, monkeypatch):
+    # A replica killed between an answer's headers and its body leaves an answer cut short, which
+    # the proxy in front has already begun and cannot retry; whole answers in one write leave whole
+    # or not at all. Every asyncio socket write in this process is the server's (the client below
+    # is a plain socket).
+    from asyncio import selector_events
+
+    writes: list[bytes] = []
+    real_write = selector_events._SelectorSocketTransport.write
+
+    def recording_write(transport, data):
+        writes.append(bytes(data))
+        return real_write(transport, data)
+
+    monkeypatch.setattr(selector_events._SelectorSocketTransport, "write", recording_write)
+    score = json.dumps({"items": [{"prompt": "hi", "response": "hello"}]}).encode()
+    requests = {
+        "a probe": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a score": b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(score), score),
+        "a refusal": b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2\r\n\r\n{}",
+    }
+    with serving(bert) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            for what, request in requests.items():
+                writes.clear()
+                conn.sendall(request)
+                answer = read_answer(conn)
+                assert answer.split(b"\r\n")[0] in (b"HTTP/1.1 200 OK", b"HTTP/1.1 422 Unprocessable Entity"), what
+                assert writes == [answer], (what, [w[:40] for w in writes])
+
+
 def test_answers_carry_nosniff_and_the_label_page_a_csp_of_its_own(bert, tmp_path):
     with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
         answers = [http.get("/healthz"), http.post("/v1/score", json={"items": []}), http.get("/nowhere"),
