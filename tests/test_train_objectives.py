@@ -193,6 +193,52 @@ def test_the_frozen_cache_gives_the_models_own_forward(tmp_path, objective_sets,
             assert torch.allclose(a, b, atol=5e-3 * scale)
 
 
+def frozen_cache_event(out: Path) -> dict:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(e for e in events if e.get("type") == "frozen_cache")
+
+
+def test_a_retrain_on_grown_data_reads_the_inputs_it_has_seen_from_the_frozen_cache_dir(tiny_base, objective_sets, tmp_path):
+    """--frozen-cache-dir: step 2 of the loop runs again as comparisons arrive; the inputs an
+    earlier run saw come back from the store instead of through the frozen blocks, as the rows
+    computing them gives, and only the new ones are computed."""
+    store = tmp_path / "store"
+    first = config_for(tiny_base, objective_sets, tmp_path / "first", cache_frozen=True, frozen_cache_dir=str(store), num_epochs=1)
+    first.data = [f"{p['train']}:1:40:objective={name}" for name, p in objective_sets.items()]  # 40 records a source
+    assert train_reward_model(first).finished
+    seen = frozen_cache_event(tmp_path / "first")
+    assert seen["inputs"] > 0 and seen["read_from_store"] == 0
+    fingerprint_dirs = [d for d in store.iterdir() if d.is_dir()]
+    assert len(fingerprint_dirs) == 1 and list(fingerprint_dirs[0].glob("rows-*.safetensors"))
+    (fingerprint_dirs[0] / "rows-damaged.safetensors").write_bytes(b"not a shard")  # costs its rows, not the run
+
+    grown = _Trainer(config_for(tiny_base, objective_sets, tmp_path / "grown", cache_frozen=True, frozen_cache_dir=str(store)),
+                     _Dist.from_env())
+    grown.setup()
+    plain = _Trainer(config_for(tiny_base, objective_sets, tmp_path / "plain", cache_frozen=True), _Dist.from_env())
+    plain.setup()
+    event = frozen_cache_event(tmp_path / "grown")
+    assert event["read_from_store"] == seen["inputs"]
+    assert event["inputs"] + event["read_from_store"] == frozen_cache_event(tmp_path / "plain")["inputs"]
+    assert grown.frozen_cache.rows.keys() == plain.frozen_cache.rows.keys()
+    for key, row in plain.frozen_cache.rows.items():
+        assert torch.allclose(grown.frozen_cache.rows[key].float(), row.float(), atol=1e-2)
+
+    # A third run finds every input stored; other frozen weights have a fingerprint of their own.
+    again = _Trainer(config_for(tiny_base, objective_sets, tmp_path / "again", cache_frozen=True, frozen_cache_dir=str(store)),
+                     _Dist.from_env())
+    again.setup()
+    assert frozen_cache_event(tmp_path / "again")["inputs"] == 0
+    before = again.frozen_cache.fingerprint()
+    with torch.no_grad():
+        again.model.base_model.encoder.layer[-1].output.dense.weight.add_(1.0)  # a trained block: same rows
+        assert again.frozen_cache.fingerprint() == before
+        again.model.base_model.embeddings.word_embeddings.weight[5].add_(1.0)  # a frozen one: other rows
+        assert again.frozen_cache.fingerprint() != before
+    with pytest.raises(TrainingConfigError, match="add --cache-frozen"):
+        train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "x", frozen_cache_dir=str(store)))
+
+
 def test_a_gate_below_the_cached_blocks_is_refused_with_the_fix(tmp_path, objective_sets):
     trainer = _Trainer(config_for(tiny_models.minilm_path(), objective_sets, tmp_path / "rm", top_layers=1,
                                   cache_frozen=True, max_length=32, gate_layer=-3), _Dist.from_env())

@@ -10,6 +10,12 @@ list cut to the trained ones, so masks, pooler, heads and gate go through the mo
 (:func:`reward_core.forward.reward_heads`). :meth:`FrozenPrefixCache.check` compares the two
 paths with the plain forward before training starts.
 
+With a store directory (``--frozen-cache-dir``) the rows also go to disk, as safetensors shards
+under a fingerprint of the frozen weights, and a later run reads back the rows it needs instead
+of computing them: a retrain on grown data (the comparison loop's step 2, again) computes only
+the new inputs, and so do a resumed run and another seed of the same recipe. Another base, or
+another split between frozen and trained blocks, has another fingerprint and never meets them.
+
 The last trained block runs only where its output is read (:func:`reward_core.forward.bert_top_heads`): a BERT
 sequence classifier reads the top block at [CLS] (the pooler) and, for a gate, at the prompt's
 tokens; every other position of that block is computed and thrown away. Its queries are cut to
@@ -22,9 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .reward_config import TrainingConfigError
+
+log = logging.getLogger(__name__)
+
+# Rows per shard file are capped by size: writing a shard copies its tensors once more in memory.
+STORE_SHARD_BYTES = 512 * 2**20
 
 
 def _row_key(ids: Sequence[int], types: Sequence[int] | None) -> bytes:
@@ -54,9 +70,10 @@ def _pass_through() -> Any:
 
 
 class FrozenPrefixCache:
-    """The frozen blocks' output per distinct (input ids, token types), float16 on the CPU."""
+    """The frozen blocks' output per distinct (input ids, token types), float16 on the CPU; with
+    ``store``, also kept on disk across runs (see the module docstring)."""
 
-    def __init__(self, model: Any, trained_blocks: int) -> None:
+    def __init__(self, model: Any, trained_blocks: int, store: str | os.PathLike | None = None) -> None:
         base = getattr(model, "base_model", None)
         encoder = getattr(base, "encoder", None)
         blocks = getattr(encoder, "layer", None)
@@ -89,6 +106,68 @@ class FrozenPrefixCache:
             )
         # the top block at the read positions only (BERT sequence classifiers; see the module docstring)
         self.read_positions_only = not self.ensemble and top_block_read_sparsely(model)
+        self.store = Path(store) / self.fingerprint() if store is not None else None
+        self.read_from_store = 0
+
+    def fingerprint(self) -> str:
+        """A digest of everything the cached rows depend on besides the input: the model's class,
+        the split and every tensor of the embeddings and the frozen blocks."""
+        import torch
+
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{type(self.model).__name__}|frozen={self.split}|".encode())
+        modules = [("embeddings", self.base.embeddings)] + [(f"block{i}", b) for i, b in enumerate(self.blocks[: self.split])]
+        for prefix, module in modules:
+            for name, tensor in sorted(module.state_dict().items()):
+                tensor = tensor.detach().to("cpu").contiguous()
+                digest.update(f"{prefix}.{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _read_store(self, todo: dict[bytes, Any]) -> None:
+        """Move every row of ``todo`` found in the store into the cache (and out of ``todo``)."""
+        from safetensors import safe_open
+
+        if self.store is None or not self.store.is_dir():
+            return
+        for shard in sorted(self.store.glob("rows-*.safetensors")):
+            if not todo:
+                return
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    for name in f.keys():
+                        key = bytes.fromhex(name)
+                        if key in todo:
+                            self.rows[key] = f.get_tensor(name)
+                            del todo[key]
+                            self.read_from_store += 1
+            except Exception as exc:  # a damaged shard costs its rows' compute, not the run
+                log.warning("frozen cache: skipping %s (%s); its rows are computed again", shard, exc)
+
+    def _write_store(self, keys: Sequence[bytes]) -> None:
+        """The rows of ``keys`` as new shards; each appears whole or not at all (written, then renamed)."""
+        from safetensors.torch import save_file
+
+        if self.store is None or not keys:
+            return
+        self.store.mkdir(parents=True, exist_ok=True)
+        about = self.store / "about.json"
+        if not about.exists():
+            hidden = self.rows[keys[0]].shape[-1]
+            about.write_text(json.dumps({"model": type(self.model).__name__, "frozen_blocks": self.split,
+                                         "hidden_size": int(hidden), "dtype": "float16"}, indent=2) + "\n")
+        shard: dict[str, Any] = {}
+        size = 0
+        for i, key in enumerate(keys):
+            row = self.rows[key]
+            shard[key.hex()] = row
+            size += row.numel() * row.element_size()
+            if size >= STORE_SHARD_BYTES or i == len(keys) - 1:
+                final = self.store / f"rows-{uuid.uuid4().hex}.safetensors"
+                partial = self.store / f".{final.name}.partial"
+                save_file(shard, str(partial))
+                os.replace(partial, final)
+                shard, size = {}, 0
 
     @contextlib.contextmanager
     def _blocks(self, which: list[Any], pass_through: bool) -> Iterator[None]:
@@ -106,7 +185,8 @@ class FrozenPrefixCache:
 
     def fill(self, encoded: Sequence[Any], pad_id: int, max_tokens: int, device: Any, progress: Any = None) -> int:
         """Compute the prefix of every input not cached yet (length-sorted batches of at most
-        ``max_tokens`` padded tokens). Returns how many were computed."""
+        ``max_tokens`` padded tokens), after reading what the store holds. Returns how many were
+        computed; those go to the store."""
         import torch
 
         from reward_core.forward import pad_batch, plan_batches
@@ -116,6 +196,9 @@ class FrozenPrefixCache:
             key = _row_key(e.input_ids, e.token_type_ids)
             if key not in self.rows and key not in todo:
                 todo[key] = e
+        self._read_store(todo)
+        if progress is not None and len(todo) < len(encoded):
+            progress(len(encoded) - len(todo))
         items = list(todo.items())
         was_training = self.model.training
         self.model.eval()
@@ -136,6 +219,7 @@ class FrozenPrefixCache:
                         progress(len(batch_rows))
         finally:
             self.model.train(was_training)
+        self._write_store([key for key, _ in items])
         return len(items)
 
     def hidden_for(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:

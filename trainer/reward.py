@@ -557,7 +557,7 @@ class _Trainer:
 
     def _fill_frozen_cache(self) -> None:
         """--cache-frozen: the frozen blocks' output for every distinct training input, computed
-        once here (a resumed run computes it again: it lives in memory)."""
+        once here, or read back from --frozen-cache-dir where an earlier run stored it."""
         self.frozen_cache = None
         c = self.config
         if not c.cache_frozen:
@@ -570,7 +570,7 @@ class _Trainer:
             raise TrainingConfigError("--cache-frozen runs in one process; leave it off under torchrun")
         if self.spec.architecture != "encoder":
             raise TrainingConfigError("--cache-frozen is for encoders (BERT's family); leave it off for a decoder")
-        cache = FrozenPrefixCache(self.model, c.top_layers)
+        cache = FrozenPrefixCache(self.model, c.top_layers, store=c.frozen_cache_dir)
         started = time.time()
         seen: set[tuple[Any, str]] = set()
         conversations = []
@@ -587,9 +587,11 @@ class _Trainer:
         chunks, _ = length_sorted_chunks(encoded[:8], self.pad_id, c.forward_chunk_tokens, self.device)
         diff = cache.check(self.spec.architecture, chunks[0])
         seconds = time.time() - started
-        self.say(f"[bold]frozen cache[/bold]: {n} distinct inputs through {cache.split} frozen blocks in {seconds:.0f} s "
+        stored = f", {cache.read_from_store} read from {cache.store}" if cache.store is not None else ""
+        self.say(f"[bold]frozen cache[/bold]: {n} distinct inputs through {cache.split} frozen blocks{stored} in {seconds:.0f} s "
                  f"(cached vs plain forward: max difference {diff:.2g})")
-        self.log_event({"type": "frozen_cache", "inputs": n, "frozen_blocks": cache.split, "seconds": seconds, "check_max_diff": diff})
+        self.log_event({"type": "frozen_cache", "inputs": n, "read_from_store": cache.read_from_store,
+                        "frozen_blocks": cache.split, "seconds": seconds, "check_max_diff": diff})
         self.frozen_cache = cache
 
     def _encode_eval_sets(self) -> None:
