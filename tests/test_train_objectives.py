@@ -237,6 +237,12 @@ def test_a_retrain_on_grown_data_reads_the_inputs_it_has_seen_from_the_frozen_ca
         assert again.frozen_cache.fingerprint() != before
     with pytest.raises(TrainingConfigError, match="add --cache-frozen"):
         train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "x", frozen_cache_dir=str(store)))
+    # A store that cannot be written (here a file where the directory should be) costs a warning, not the run.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    assert train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "y", cache_frozen=True, num_epochs=1,
+                                         frozen_cache_dir=str(blocked))).finished
+    assert frozen_cache_event(tmp_path / "y")["read_from_store"] == 0
 
 
 def test_a_gate_below_the_cached_blocks_is_refused_with_the_fix(tmp_path, objective_sets):

@@ -145,11 +145,21 @@ class FrozenPrefixCache:
                 log.warning("frozen cache: skipping %s (%s); its rows are computed again", shard, exc)
 
     def _write_store(self, keys: Sequence[bytes]) -> None:
-        """The rows of ``keys`` as new shards; each appears whole or not at all (written, then renamed)."""
-        from safetensors.torch import save_file
-
+        """The rows of ``keys`` as new shards; each appears whole or not at all (written, then
+        renamed). The run needs only the rows in memory, so a store it cannot write to (a full
+        disk) costs a warning, not the run."""
         if self.store is None or not keys:
             return
+        from safetensors import SafetensorError
+
+        try:
+            self._write_shards(keys)
+        except (OSError, SafetensorError) as exc:
+            log.warning("frozen cache: could not store rows in %s (%s); training goes on from memory", self.store, exc)
+
+    def _write_shards(self, keys: Sequence[bytes]) -> None:
+        from safetensors.torch import save_file
+
         self.store.mkdir(parents=True, exist_ok=True)
         about = self.store / "about.json"
         if not about.exists():
@@ -165,8 +175,11 @@ class FrozenPrefixCache:
             if size >= STORE_SHARD_BYTES or i == len(keys) - 1:
                 final = self.store / f"rows-{uuid.uuid4().hex}.safetensors"
                 partial = self.store / f".{final.name}.partial"
-                save_file(shard, str(partial))
-                os.replace(partial, final)
+                try:
+                    save_file(shard, str(partial))
+                    os.replace(partial, final)
+                finally:
+                    partial.unlink(missing_ok=True)
                 shard, size = {}, 0
 
     @contextlib.contextmanager
