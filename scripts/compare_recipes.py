@@ -35,7 +35,7 @@ from client import RewardClient  # noqa: E402
 from trainer.evaluate.datasets import NO_CATEGORY, ItemPool, load_datasets  # noqa: E402
 from trainer.evaluate.metrics import pair_outcomes, paired_bootstrap_diff  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_SETS = ["alpacaeval/dev", "alpacaeval/dev-balanced", "hh-harmless/dev", "truthfulqa/dev", "sanity/dev"]
 
 
