@@ -211,7 +211,7 @@ class _Load:
         self.url = url
         self.done: list[tuple[float, str | None]] = []
         self._stop = threading.Event()
-        self.threads = [threading.Thread(target=self._caller, daemon=True) for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._caller, daemon=True) for _ in range(threads)]
 
     def _caller(self) -> None:
         with RewardClient(self.url, api_key=API_KEY, max_retries=0, timeout=60) as client:
@@ -224,7 +224,7 @@ class _Load:
                     self.done.append((time.monotonic(), repr(exc)))
 
     def start(self) -> "_Load":
-        for thread in self.threads:
+        for thread in self._threads:
             thread.start()
         return self
 
@@ -237,7 +237,7 @@ class _Load:
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self.threads:
+        for thread in self._threads:
             thread.join(timeout=90)
 
     def failures(self) -> list[str]:
