@@ -2,18 +2,19 @@
 export-warm`). What its user must get: the members' mean tensors at the model's own names, a
 directory that loads and scores as a single model, exactly one member's rewards when one member
 is averaged, where it came from in its reward_model.json, and a clear refusal of what cannot be
-averaged."""
+averaged. The same for several runs of one recipe (other seeds) averaged into one model."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import reward_cli
 import tiny_models
@@ -26,9 +27,9 @@ from service.settings import ServiceSettings
 from test_ensemble import CONVERSATIONS
 from test_train_ensemble import config_for
 from test_train_objectives import write_objective_sets
-from trainer.export import export_onnx
+from trainer.export import SAMPLE_CONVERSATIONS, export_onnx
 from trainer.reward import train_reward_model
-from trainer.warm import WarmExportError, export_warm
+from trainer.warm import WarmExportError, export_warm, export_warm_runs
 
 
 def _batch(files):
@@ -164,3 +165,108 @@ def test_what_cannot_be_averaged_is_refused_with_the_reason(tmp_path, capsys):
                             "--members", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["members_averaged"] == [1]
     assert not (tmp_path / "taken" / "file").exists()
+
+
+# ---- several runs of one recipe (other seeds) averaged into one model
+
+
+def _train_objective_runs(tmp_path, seeds):
+    """Top-mode runs of one recipe (three heads and a gate over one tiny base), one per seed."""
+    from test_train_objectives import config_for as objectives_config
+
+    base = tiny_models.build_tiny_bert(tmp_path / "base")
+    (tmp_path / "data").mkdir()
+    sets = write_objective_sets(tmp_path / "data", n_train=48, n_dev=8)
+    runs = []
+    for seed in seeds:
+        out = tmp_path / "runs" / f"s{seed}"
+        train_reward_model(objectives_config(base, sets, out, num_epochs=1, combine="gate", seed=seed))
+        runs.append(out)
+    return base, sets, runs
+
+
+def test_runs_of_one_recipe_average_into_one_model_that_scores_near_their_mean(tmp_path):
+    base, sets, runs = _train_objective_runs(tmp_path, (1, 2))
+    out = tmp_path / "elsewhere" / "warm"
+    summary = export_warm_runs(runs, out, stats_data=[str(sets["helpfulness"]["train"])], stats_samples=40)
+    # every tensor of every weight file is the runs' mean, the gate's included
+    assert summary["files_averaged"] == ["model.safetensors", "reward_gate.safetensors"]
+    for name in summary["files_averaged"]:
+        tensors = [load_file(run / name) for run in runs]
+        warm = load_file(out / name)
+        assert set(warm) == set(tensors[0])
+        for key in warm:
+            torch.testing.assert_close(warm[key], (tensors[0][key].float() + tensors[1][key].float()).div(2).to(warm[key].dtype))
+    # a partial state dict over the same base, found from where it was written
+    files = open_model_dir(out)
+    assert (out / files.spec.base_model).resolve() == base.resolve()
+    assert files.spec.objective_names == open_model_dir(runs[0]).spec.objective_names
+    columns = _scores(out, _batch(files))  # [items, 1 + 3 heads]
+    assert columns.shape == (len(CONVERSATIONS), 4) and np.isfinite(columns).all()
+    # the summary says how far the averaged weights' rewards land from the runs' mean reward, on its sample items
+    sample = pad_batch(encode_conversations(SAMPLE_CONVERSATIONS, files.tokenizer, files.spec), pad_token_id(files.tokenizer))
+    runs_mean = np.mean([_scores(run, sample) for run in runs], axis=0)
+    far = float(np.abs(_scores(out, sample) - runs_mean).max())
+    assert summary["max_abs_difference_to_runs_mean_reward"] == pytest.approx(far, abs=1e-6) and far > 0
+    meta = json.loads((out / "reward_model.json").read_text())
+    assert [s["seed"] for s in meta["warm"]["sources"]] == [1, 2]
+    assert [s["version"] for s in meta["warm"]["sources"]] == [open_model_dir(r).spec.version for r in runs]
+    assert meta["version"].endswith("+warm-of-2") and "dev_results" not in meta and "training" not in meta
+    # its reward statistics are measured on the data asked for, so the service can normalize with them
+    stats = meta["warm"]["reward_stats"]
+    assert stats["n_responses"] == 40 and meta["reward_mean"] == stats["mean"] and meta["reward_std"] == stats["std"] > 0
+    served = load_model("warm", out, ServiceSettings(models=[str(out)]))
+    served.warm_up()
+    assert served.spec.normalize_available
+
+
+def test_runs_that_differ_only_in_their_heads_average_to_exactly_their_mean_reward(tmp_path):
+    # the heads are linear and the gate is shared, so averaging their weights is averaging the rewards
+    first = tiny_models.build_tiny_objectives_bert(tmp_path / "a")
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+    weights = load_file(second / "model.safetensors")
+    weights["classifier.weight"] = torch.randn_like(weights["classifier.weight"])
+    weights["classifier.bias"] = torch.randn_like(weights["classifier.bias"])
+    save_file(weights, str(second / "model.safetensors"), metadata={"format": "pt"})
+    summary = export_warm_runs([first, second], tmp_path / "warm")
+    batch = _batch(open_model_dir(first))
+    expected = (_scores(first, batch) + _scores(second, batch)) / 2
+    np.testing.assert_allclose(_scores(tmp_path / "warm", batch), expected, atol=1e-5, rtol=1e-5)
+    assert summary["max_abs_difference_to_runs_mean_reward"] < 1e-5
+    assert json.loads((tmp_path / "warm" / "reward_model.json").read_text())["reward_mean"] is None  # no --stats-data
+
+
+def test_runs_that_are_not_one_recipe_are_refused_with_the_reason(tmp_path, capsys):
+    objectives = tiny_models.build_tiny_objectives_bert(tmp_path / "objectives")
+    plain = tiny_models.build_tiny_bert(tmp_path / "plain")
+    ensemble = tiny_models.build_tiny_ensemble_bert(tmp_path / "ens")
+    weights = tiny_models.build_tiny_objectives_bert(tmp_path / "weights", combine="weights")
+    with pytest.raises(WarmExportError, match="differs from .* in objectives"):
+        export_warm_runs([objectives, plain], tmp_path / "out")
+    with pytest.raises(WarmExportError, match="differs from .* in objectives"):
+        export_warm_runs([objectives, weights], tmp_path / "out")
+    with pytest.raises(WarmExportError, match="is an ensemble: average its members"):
+        export_warm_runs([plain, ensemble], tmp_path / "out")
+    with pytest.raises(WarmExportError, match="more than once"):
+        export_warm_runs([plain, tmp_path / "plain"], tmp_path / "out")
+    with pytest.raises(WarmExportError, match="must not be one of"):
+        export_warm_runs([plain, tiny_models.build_tiny_bert(tmp_path / "other", seed=1)], plain)
+    bigger = tmp_path / "bigger"
+    shutil.copytree(plain, bigger)
+    weights_of = load_file(bigger / "model.safetensors")
+    weights_of["classifier.weight"] = torch.zeros(1, 8)
+    save_file(weights_of, str(bigger / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WarmExportError, match="has shape"):
+        export_warm_runs([plain, bigger], tmp_path / "out")
+    args = ["export-warm", "--model", str(plain), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "out")]
+    assert reward_cli.main(args + ["--members", "0"]) == 1
+    assert "--members picks members of one ensemble" in capsys.readouterr().err
+    assert reward_cli.main(["export-warm", "--model", str(ensemble), "--out", str(tmp_path / "out"),
+                            "--stats-data", str(tmp_path / "x.jsonl")]) == 1
+    assert "--stats-data is for averaging several" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # the command line averages two runs and prints the summary
+    assert reward_cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["tensors_averaged"] > 0
+    assert open_model_dir(tmp_path / "out").spec.version.endswith("+warm-of-2")

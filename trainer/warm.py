@@ -1,5 +1,5 @@
-"""``reward export-warm``: an ensemble's members averaged, weight by weight, into one ordinary
-reward model (WARM).
+"""``reward export-warm``: an ensemble's members, or separate runs of one recipe, averaged weight
+by weight into one ordinary reward model (WARM).
 
 Ramé et al. 2024 ("WARM: On the Benefits of Weight Averaged Reward Models") average reward models
 fine-tuned from one shared initialisation: the weight average keeps much of what an ensemble gains
@@ -20,6 +20,11 @@ the source's describe the members' mean reward, not the averaged weights' (they 
 ``warm`` block, as ``source_dev_results`` and within ``source_training``); ``reward eval`` measures
 the WARM model itself.
 
+Several ``--model`` directories (``export_warm_runs``): single models trained by one recipe from
+one base, e.g. at other seeds, which is WARM's own setting. Every tensor of their safetensors
+files is averaged (the gate's too); what differs between them beyond the values of those tensors
+is refused. ``--stats-data`` measures the averaged model's reward statistics for ``normalize``.
+
 Before it returns, the export loads the written directory as the service does and scores sample
 items: averaging one member must give that member's reward (its column of the ensemble), or the
 export is refused; for several members the summary reports how far the WARM reward is from the
@@ -34,6 +39,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -61,13 +67,21 @@ def parse_members(text: str) -> list[int]:
 
 def add_export_warm_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export-warm", help="average an ensemble's members into one single reward model (WARM)",
+        "export-warm", help="average an ensemble's members, or several training runs, into one single reward model (WARM)",
         description=__doc__.split("\n\n")[0].replace("``", "'"),
     )
-    parser.add_argument("--model", required=True, type=Path, help="ensemble model directory (reward_model.json with an \"ensemble\" block)")
+    parser.add_argument("--model", required=True, type=Path, action="append",
+                        help="ensemble model directory (reward_model.json with an \"ensemble\" block); or, given two or "
+                             "more times, single models trained by the same recipe from the same base (e.g. other seeds), "
+                             "whose trained tensors are averaged")
     parser.add_argument("--out", required=True, type=Path, help="directory to write (must be empty or absent)")
     parser.add_argument("--members", type=parse_members, default=None, metavar="M,M,...",
                         help="average only these members, by index from 0 (default: all)")
+    parser.add_argument("--stats-data", action="append", default=None, metavar="PATH[:WEIGHT][:MAX_ROWS]",
+                        help="with several --model: preference data whose responses the averaged model scores for its "
+                             "reward_mean/reward_std (what the service's normalize uses); repeat for a mix, as train-rm's "
+                             "--data (default: none, and normalize is refused for the averaged model)")
+    parser.add_argument("--stats-samples", type=int, default=2000, help="responses scored for --stats-data")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code shipped in the directory")
     parser.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights")
@@ -79,12 +93,25 @@ def run_export_warm(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
+    from .data import DataError
+
     try:
-        summary = export_warm(
-            args.model, args.out, members=args.members, overwrite=args.overwrite,
-            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-        )
-    except (ModelDirError, WarmExportError) as exc:
+        if len(args.model) > 1:
+            if args.members is not None:
+                raise WarmExportError("--members picks members of one ensemble; with several --model every model is averaged")
+            summary = export_warm_runs(
+                args.model, args.out, stats_data=args.stats_data or (), stats_samples=args.stats_samples,
+                overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+            )
+        else:
+            if args.stats_data:
+                raise WarmExportError("--stats-data is for averaging several --model runs; an ensemble's WARM model is "
+                                      "measured by reward eval")
+            summary = export_warm(
+                args.model[0], args.out, members=args.members, overwrite=args.overwrite,
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+            )
+    except (ModelDirError, WarmExportError, DataError) as exc:
         print(f"reward export-warm: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
@@ -218,4 +245,195 @@ def export_warm(
         "max_abs_difference_to_members_mean_reward": difference,
     }
     log.info("exported the WARM model of %s to %s: %s", model_dir, out_dir, summary)
+    return summary
+
+
+# What makes two model directories the same model to a caller: runs averaged must agree on these.
+SAME_MODEL_FIELDS = ("architecture", "max_length", "use_chat_template", "read_reward_at", "value_head_prefix", "objectives")
+
+
+def _resolved_base(ref: str | None, model_dir: Path) -> str | None:
+    if ref is None or ref.startswith("pypi:") or Path(ref).is_absolute():
+        return ref
+    return str((model_dir / ref).resolve())
+
+
+def _averaged_file(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensors of one safetensors file name across the runs, averaged in float32 and stored in
+    the first run's dtype; integer tensors (position ids and other buffers) must be equal. Also
+    returns the file's metadata (the first run's)."""
+    import torch
+    from safetensors import safe_open
+
+    handles = [safe_open(path, framework="pt") for path in paths]
+    names = sorted(handles[0].keys())
+    for path, handle in zip(paths[1:], handles[1:]):
+        if sorted(handle.keys()) != names:
+            differ = sorted(set(names) ^ set(handle.keys()))
+            raise WarmExportError(
+                f"{path} holds other tensors than {paths[0]} (e.g. {differ[:3]}): only runs of one recipe (the same "
+                "train mode, top layers and heads) can be averaged"
+            )
+    averaged: dict[str, Any] = {}
+    for name in names:
+        tensors = [handle.get_tensor(name) for handle in handles]
+        first = tensors[0]
+        for path, tensor in zip(paths[1:], tensors[1:]):
+            if tensor.shape != first.shape:
+                raise WarmExportError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, {paths[0]} has "
+                                      f"{tuple(first.shape)}; these runs are not one architecture")
+        if first.is_floating_point():
+            averaged[name] = torch.stack([t.float() for t in tensors]).mean(0).to(first.dtype).contiguous()
+        elif all(torch.equal(first, t) for t in tensors[1:]):
+            averaged[name] = first.contiguous()
+        else:
+            raise WarmExportError(f"integer tensor {name} differs between the runs and cannot be averaged")
+    return averaged, handles[0].metadata() or {}
+
+
+def _stats_conversations(stats_data: Sequence[str], samples: int) -> list[tuple[list[dict], str]]:
+    """A seeded sample of the responses of ``stats_data`` (train-rm's --data specs), as train-rm
+    draws its reward statistics from its training records."""
+    import random
+
+    from .data import load_preferences
+
+    records = load_preferences(list(stats_data), seed=0).records
+    order = list(range(len(records)))
+    random.Random(0).shuffle(order)
+    conversations: list[tuple[list[dict], str]] = []
+    for i in order:
+        conversations.extend((records[i].prompt, response) for response in records[i].responses)
+        if len(conversations) >= samples:
+            break
+    return conversations[:samples]
+
+
+def export_warm_runs(
+    model_dirs: Sequence[str | Path], out_dir: str | Path, *, stats_data: Sequence[str] = (), stats_samples: int = 2000,
+    overwrite: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Write the WARM model of several single reward models trained by one recipe from one base
+    (seeds, data orders, bootstrap samples): every tensor their safetensors files hold, averaged.
+    With ``stats_data`` the averaged model's reward statistics are measured; returns a summary."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from reward_core.backends import TorchBackend
+    from reward_core.formatting import encode_conversations
+    from reward_core.forward import pad_batch, pad_token_id
+    from reward_core.loading import open_model_dir
+    from reward_core.model_dir import is_onnx_export
+
+    from .export import SAMPLE_CONVERSATIONS
+    from .scoring import score_conversations
+    from .utils import replace_dir
+
+    dirs = [Path(d) for d in model_dirs]
+    out_dir = Path(out_dir)
+    if len(dirs) < 2:
+        raise WarmExportError("averaging runs needs two or more --model directories")
+    resolved = [d.resolve() for d in dirs]
+    if len(set(resolved)) < len(resolved):
+        raise WarmExportError("a --model directory is given more than once; each run counts once in the average")
+    if out_dir.resolve() in resolved:
+        raise WarmExportError("--out must not be one of the --model directories")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise WarmExportError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
+    if stats_samples < 1:
+        raise WarmExportError("--stats-samples must be at least 1")
+
+    opened = []
+    for d in dirs:
+        if is_onnx_export(d):
+            raise WarmExportError(f"{d} is an ONNX export, whose weights cannot be averaged here; average the torch "
+                                  "directories, then export the WARM model with reward export-onnx")
+        files = open_model_dir(d, trust_remote_code=trust_remote_code, name="export-warm")
+        if files.spec.ensemble is not None:
+            raise WarmExportError(f"{d} is an ensemble: average its members with reward export-warm --model {d} alone, "
+                                  "then average that with the other runs")
+        if (d / "adapter_config.json").is_file():
+            raise WarmExportError(f"{d} is a LoRA adapter; averaging adapters' factors is not averaging their weights: "
+                                  "merge each run into its base first")
+        opened.append(files)
+    first = opened[0].spec
+    for d, files in zip(dirs[1:], opened[1:]):
+        for name in SAME_MODEL_FIELDS:
+            if getattr(files.spec, name) != getattr(first, name):
+                raise WarmExportError(
+                    f"{d} differs from {dirs[0]} in {name} ({getattr(files.spec, name)!r} against "
+                    f"{getattr(first, name)!r}): only runs of one recipe can be averaged"
+                )
+        if _resolved_base(files.spec.base_model, d) != _resolved_base(first.base_model, dirs[0]):
+            raise WarmExportError(
+                f"{d} is laid over base {files.spec.base_model!r}, {dirs[0]} over {first.base_model!r}: WARM averages "
+                "fine-tunes of one initialisation"
+            )
+    weight_files = [sorted(p.name for p in d.glob("*.safetensors")) for d in dirs]
+    if not weight_files[0]:
+        raise WarmExportError(f"{dirs[0]} has no safetensors weights (pickle .bin checkpoints are not averaged; "
+                              "re-save them with safetensors)")
+    for d, names in zip(dirs[1:], weight_files[1:]):
+        if names != weight_files[0]:
+            raise WarmExportError(f"{d} has weight files {names}, {dirs[0]} has {weight_files[0]}: these runs are "
+                                  "not one recipe")
+
+    # Averaged (and checked tensor by tensor) before any run is loaded, so a mismatch is named as such.
+    averaged_files = {name: _averaged_file([d / name for d in dirs]) for name in weight_files[0]}
+    batch = pad_batch(encode_conversations(SAMPLE_CONVERSATIONS, opened[0].tokenizer, first),
+                      pad_token_id(opened[0].tokenizer))
+    # Each run's rewards on the sample items ([items] or [items, 1 + heads]), for the summary.
+    runs_mean = np.mean([
+        TorchBackend(d, files.spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).score_batch(batch)
+        for d, files in zip(dirs, opened)
+    ], axis=0)
+
+    sources = []
+    for d, files in zip(dirs, opened):
+        training = files.spec.extra.get("training") or {}
+        sources.append({
+            "path": str(d.resolve()), "version": files.spec.version,
+            "seed": (training.get("config") or {}).get("seed"), "dev_results": files.spec.extra.get("dev_results"),
+        })
+    extra = {k: v for k, v in first.extra.items() if k not in ("training", "dev_results")}
+    extra["warm"] = {
+        "method": "WARM (Ramé et al. 2024): runs of one recipe from one base, averaged parameter by parameter",
+        "sources": sources, "files_averaged": weight_files[0],
+        "source_training": first.extra.get("training"),
+    }
+    version = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"+warm-of-{len(dirs)}"
+    warm_spec = replace(first, reward_mean=None, reward_std=None, ensemble=None,
+                        base_model=_base_model_ref(first.base_model, dirs[0], out_dir), version=version, extra=extra)
+    tensors = 0
+    with replace_dir(out_dir) as tmp:
+        try:
+            for name, (averaged, metadata) in averaged_files.items():
+                tensors += len(averaged)
+                save_file(averaged, str(tmp / name), metadata=metadata or {"format": "pt"})
+            shutil.copy2(dirs[0] / "config.json", tmp / "config.json")
+            opened[0].tokenizer.save_pretrained(tmp)
+            warm_spec.save(tmp)
+            written = open_model_dir(tmp, trust_remote_code=trust_remote_code, name="export-warm")
+            backend = TorchBackend(tmp, written.spec, trust_remote_code=trust_remote_code)
+            difference = float(np.abs(backend.score_batch(batch) - runs_mean).max())
+            stats = None
+            if stats_data:
+                conversations = _stats_conversations(stats_data, stats_samples)
+                rewards = score_conversations(backend.model, written.tokenizer, written.spec, conversations)
+                stats = {"n_responses": int(len(rewards)), "mean": float(rewards.mean()), "std": float(rewards.std()),
+                         "data": list(stats_data)}
+                extra["warm"]["reward_stats"] = stats
+                replace(warm_spec, reward_mean=stats["mean"], reward_std=stats["std"], extra=extra).save(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    summary = {
+        "models": [str(d) for d in dirs], "out": str(out_dir), "version": version,
+        "files_averaged": weight_files[0], "tensors_averaged": tensors,
+        "layout": f"partial state dict over {warm_spec.base_model}" if warm_spec.base_model else "full checkpoint",
+        # How far averaging the weights lands from averaging the runs' rewards, on the sample items.
+        "max_abs_difference_to_runs_mean_reward": difference,
+        "reward_stats": stats,
+    }
+    log.info("exported the WARM model of %d runs to %s: %s", len(dirs), out_dir, summary)
     return summary
