@@ -14,7 +14,11 @@ with several, this prints per dev set (and per category of a set that has them, 
   bootstrap over the set's pairs (each pair's outcome averaged over a recipe's seeds first), so
   the interval holds the dev set's size; the seeds are the ones given, not a sample of them;
 - the seed-to-seed difference within each recipe (its last seed minus its first, paired), the
-  scale a one-seed comparison is blind to.
+  scale a one-seed comparison is blind to;
+- per set, a recipe's seeds read as an ensemble of separate runs (``seeds_as_ensemble``): each
+  model's rewards standardised over the pool, their mean as the reward, and how well the seeds'
+  disagreement picks out the pairs that mean gets wrong (the AUROC of each of ``reward eval``'s
+  pair uncertainty scores, ``small_margin`` the baseline that needs no second run).
 
 One JSON object goes to stdout (and ``--out``), a summary line per set to stderr.
 """
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client import RewardClient  # noqa: E402
 from trainer.evaluate.datasets import NO_CATEGORY, ItemPool, load_datasets  # noqa: E402
 from trainer.evaluate.metrics import pair_outcomes, paired_bootstrap_diff  # noqa: E402
+from trainer.evaluate.uncertainty import EnsembleScores, uncertainty_section  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_SETS = ["alpacaeval/dev", "alpacaeval/dev-balanced", "hh-harmless/dev", "truthfulqa/dev", "sanity/dev"]
@@ -68,6 +73,18 @@ def compare_outcomes(outcomes: dict[str, np.ndarray], recipes: list[tuple[str, l
     return out
 
 
+def seeds_as_ensemble(rewards: dict[str, np.ndarray], seeds: list[str], chosen: np.ndarray, rejected: np.ndarray,
+                      n_boot: int, seed: int) -> dict[str, Any]:
+    """A recipe's seeds as the members of an ensemble of separate runs, on one set's pairs. Each
+    run's rewards are standardised over the whole pool first: runs differ in scale and offset."""
+    members = np.stack([(rewards[m] - rewards[m].mean()) / (rewards[m].std() or 1.0) for m in seeds], axis=1)
+    runs = EnsembleScores(members=members, item_std=members.std(axis=1), aggregate="mean", uncertainty_penalty=None)
+    answers = np.unique(np.r_[chosen, rejected])
+    section = uncertainty_section(chosen, rejected, answers, members.mean(axis=1), runs, 4, n_boot, seed)
+    return {"members": seeds, "n_wrong": section["n_wrong"], "accuracy": section["accuracy"]["accuracy"],
+            "pair_error_auroc": section["pair_error_auroc"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="the service serving every model named in --recipe")
@@ -100,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 c: compare_outcomes({m: o[d.category == c] for m, o in outcomes.items()}, args.recipe, args.bootstrap, args.seed)
                 for c in categories
             }
+        entry["seeds_as_ensemble"] = {
+            name: seeds_as_ensemble(rewards, seeds, d.chosen, d.rejected, args.bootstrap, args.seed)
+            for name, seeds in args.recipe if len(seeds) > 1
+        }
         result["sets"][d.name] = entry
         diff = entry["difference"]
         print(f"{d.name}: {json.dumps(entry['recipe_mean'])}; {diff['of']} {100 * diff['diff']:+.1f} "

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -364,3 +365,14 @@ def test_compare_recipes_averages_each_recipes_seeds_and_compares_them_pair_by_p
     assert result["seed_to_seed"]["first"]["diff"] == pytest.approx(mean(seen["single"]) - mean(seen["heads"]))
     assert set(result["per_category"]) == {"truthful", "harmless", "helpful"}
     assert result["per_category"]["truthful"]["accuracy"]["truthful"] == pytest.approx(mean(seen["truthful"][:2]))
+    # each recipe's seeds read as an ensemble of runs: the mean of their standardised rewards, and
+    # how well their disagreement picks out the pairs that mean gets wrong
+    items = [{"prompt": r["prompt"], "response": r[side]} for r in rows for side in ("chosen", "rejected")]
+    pool_items = {m: np.asarray(client.score(items, model=m).scores) for m in ("heads", "single")}
+    runs = result["seeds_as_ensemble"]["first"]
+    assert runs["members"] == ["heads", "single"] and set(result["seeds_as_ensemble"]) == {"first", "second"}
+    assert set(runs["pair_error_auroc"]) == {"member_diff_std", "mean_item_std", "member_disagreement",
+                                             "spread_over_margin", "small_margin"}
+    # standardised over the pool here equals over these items: the toy set is the whole pool
+    z = np.stack([(v - v.mean()) / v.std() for v in pool_items.values()], axis=1).mean(axis=1)
+    assert runs["accuracy"] == pytest.approx(mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(z[0::2], z[1::2])]))
