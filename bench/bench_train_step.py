@@ -61,8 +61,11 @@ def sample_sources(root: Path, records: int, seed: int, out: Path) -> list[str]:
 
 
 def measure(data: list[str], top_layers: int, gate_layer: int, steps: int, batch_size: int, max_length: int,
-            seed: int, out_dir: Path) -> dict:
-    """Seconds per step of both ways for one configuration, and how far apart their results are."""
+            seed: int, out_dir: Path, bf16: bool = False) -> dict:
+    """Seconds per step of both ways for one configuration, and how far apart their results are;
+    with ``bf16`` also the second way under bf16 autocast (``reward train-rm --bf16 true``)."""
+    import contextlib
+
     import torch
 
     from trainer.reward import _Dist, _Trainer
@@ -80,18 +83,22 @@ def measure(data: list[str], top_layers: int, gate_layer: int, steps: int, batch
     cache = trainer.frozen_cache
     module = trainer._wrap_module()
     params = [p for _, p in trainer.trainable]
-    ways = {"whole_block": False, "read_positions_only": True}
+    ways = {"whole_block": (False, False), "read_positions_only": (True, False)}
+    if bf16:
+        ways["read_positions_only_bf16"] = (True, True)
     seconds: dict[str, list[float]] = {way: [] for way in ways}
     tokens, max_diff = 0, {"loss": 0.0, "grad_relative": 0.0}
     for step in range(steps + 1):  # step 0 warms up and is not timed
         batch = trainer.build_batch(trainer.micro_batch(step % trainer.micro_per_epoch))
         results = {}
-        for way, flag in (ways.items() if step % 2 else reversed(list(ways.items()))):
+        for way, (flag, in_bf16) in (ways.items() if step % 2 else reversed(list(ways.items()))):
             cache.read_positions_only = flag
             for p in params:
                 p.grad = None
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if in_bf16 else contextlib.nullcontext()
             t0 = time.perf_counter()
-            loss, _ = trainer.compute_loss(module(batch["chunks"], batch["order"]), batch)
+            with autocast:
+                loss, _ = trainer.compute_loss(module(batch["chunks"], batch["order"]), batch)
             loss.backward()
             elapsed = time.perf_counter() - t0
             results[way] = (float(loss.detach()), torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
@@ -102,12 +109,18 @@ def measure(data: list[str], top_layers: int, gate_layer: int, steps: int, batch
         (la, ga), (lb, gb) = results["whole_block"], results["read_positions_only"]
         max_diff["loss"] = max(max_diff["loss"], abs(la - lb))
         max_diff["grad_relative"] = max(max_diff["grad_relative"], float((ga - gb).abs().max() / ga.abs().max().clamp(min=1e-12)))
+        if bf16:  # bf16 rounds: how far its loss and gradient land from float32's, not a bug check
+            lc, gc = results["read_positions_only_bf16"]
+            max_diff["bf16_loss"] = max(max_diff.get("bf16_loss", 0.0), abs(lb - lc))
+            max_diff["bf16_grad_cosine_min"] = min(max_diff.get("bf16_grad_cosine_min", 1.0),
+                                                   float(torch.nn.functional.cosine_similarity(gb, gc, dim=0)))
     per_step = {way: sum(v) / len(v) for way, v in seconds.items()}
+    bf16_speedup = {"bf16_speedup": round(per_step["read_positions_only"] / per_step["read_positions_only_bf16"], 3)} if bf16 else {}
     return {
         "top_layers": top_layers, "gate_layer": gate_layer, "frozen_cache_seconds": round(cache_seconds, 1),
         "attended_tokens_per_step": tokens / steps,
         "seconds_per_step": {way: round(v, 4) for way, v in per_step.items()},
-        "speedup": round(per_step["whole_block"] / per_step["read_positions_only"], 3),
+        "speedup": round(per_step["whole_block"] / per_step["read_positions_only"], 3), **bf16_speedup,
         "max_difference": max_diff,
     }
 
@@ -121,6 +134,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="records per micro-batch (the recipe's)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time read-positions-only steps under bf16 autocast (fast where the CPU has AMX or AVX512-BF16)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if not (args.data_root / "alpacaeval/train.jsonl.gz").is_file():
@@ -135,7 +150,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         data = sample_sources(args.data_root, args.steps * args.batch, args.seed, Path(tmp))
-        runs = [measure(data, top, gate, args.steps, args.batch, args.max_length, args.seed, Path(tmp) / f"rm-{i}")
+        runs = [measure(data, top, gate, args.steps, args.batch, args.max_length, args.seed, Path(tmp) / f"rm-{i}", args.bf16)
                 for i, (top, gate) in enumerate(configs)]
     report = {
         "benchmark": "train_step", "machine": machine(), "load_average": os.getloadavg(),
@@ -146,7 +161,9 @@ def main() -> None:
     emit(report, args.out)
     print("train step, s per 32 records (whole top block -> read positions only): " + "; ".join(
         f"top {r['top_layers']} gate {r['gate_layer']}: {r['seconds_per_step']['whole_block']:.2f} -> "
-        f"{r['seconds_per_step']['read_positions_only']:.2f} ({r['speedup']:.1f}x)" for r in runs
+        f"{r['seconds_per_step']['read_positions_only']:.2f} ({r['speedup']:.1f}x)"
+        + (f", bf16 {r['seconds_per_step']['read_positions_only_bf16']:.2f} ({r['bf16_speedup']:.2f}x)" if args.bf16 else "")
+        for r in runs
     ))
 
 

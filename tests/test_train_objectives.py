@@ -107,6 +107,16 @@ def test_each_head_learns_its_objective_and_the_gate_combines_them(tiny_base, ob
         assert accuracy[objective]["reward"] >= 0.9, accuracy  # the combination, through the gate
 
 
+def test_bf16_autocast_on_cpu_trains_on_the_frozen_cache_too(tiny_base, objective_sets, tmp_path):
+    """--bf16 true with --cache-frozen on a CPU (fast where it has AMX): the cached float16 rows go
+    into a bf16 step, and each head still learns its objective."""
+    out = tmp_path / "rm"
+    assert train_reward_model(config_for(tiny_base, objective_sets, out, cache_frozen=True, bf16="true")).finished
+    accuracy = head_accuracies(out, objective_sets)
+    for objective in RULES:
+        assert accuracy[objective][objective] >= 0.9, accuracy
+
+
 def gate_weight_on_own_objective(model_dir: Path, sets) -> dict[str, float]:
     """Per dev file: the mean weight the gate gives the file's own objective."""
     from reward_core.forward import reward_heads

@@ -243,16 +243,17 @@ class FrozenPrefixCache:
         ids = input_ids.cpu().numpy()
         types = token_type_ids.cpu().numpy() if token_type_ids is not None else None
         seq = input_ids.shape[1]
-        rows = []
+        hidden = None
         for r, n in enumerate(lengths):
             key = _row_key(ids[r, :n], types[r, :n] if types is not None else None)
             cached = self.rows.get(key)
             if cached is None:
                 raise KeyError("an input was not cached; FrozenPrefixCache.fill must see every training input")
-            if n < seq:
-                cached = torch.cat([cached, cached.new_zeros(seq - n, cached.shape[1])])
-            rows.append(cached)
-        return torch.stack(rows).to(input_ids.device, torch.float32)
+            if hidden is None:
+                hidden = torch.zeros(len(lengths), seq, cached.shape[1], dtype=torch.float32)
+            # copied into place, not cat/stack: under CPU bf16 autocast those refuse the float16 rows
+            hidden[r, :n] = cached
+        return hidden.to(input_ids.device)
 
     def heads(self, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any):
         """(heads, prompt features) of a chunk through the trained blocks only."""
