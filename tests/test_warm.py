@@ -210,6 +210,7 @@ def test_runs_of_one_recipe_average_into_one_model_that_scores_near_their_mean(t
     assert summary["max_abs_difference_to_runs_mean_reward"] == pytest.approx(far, abs=1e-6) and far > 0
     meta = json.loads((out / "reward_model.json").read_text())
     assert [s["seed"] for s in meta["warm"]["sources"]] == [1, 2]
+    assert all(s["training"]["data"]["train"] for s in meta["warm"]["sources"])  # what each run saw
     assert [s["version"] for s in meta["warm"]["sources"]] == [open_model_dir(r).spec.version for r in runs]
     assert meta["version"].endswith("+warm-of-2") and "dev_results" not in meta and "training" not in meta
     # its reward statistics are measured on the data asked for, so the service can normalize with them

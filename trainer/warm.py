@@ -392,14 +392,14 @@ def export_warm_runs(
     for d, files in zip(dirs, opened):
         training = files.spec.extra.get("training") or {}
         sources.append({
-            "path": str(d.resolve()), "version": files.spec.version,
+            "path": str(d), "version": files.spec.version,  # as given: no machine-specific prefix
             "seed": (training.get("config") or {}).get("seed"), "dev_results": files.spec.extra.get("dev_results"),
+            "training": files.spec.extra.get("training"),  # each run's config, data report and time: the provenance
         })
     extra = {k: v for k, v in first.extra.items() if k not in ("training", "dev_results")}
     extra["warm"] = {
         "method": "WARM (Ramé et al. 2024): runs of one recipe from one base, averaged parameter by parameter",
         "sources": sources, "files_averaged": weight_files[0],
-        "source_training": first.extra.get("training"),
     }
     version = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"+warm-of-{len(dirs)}"
     warm_spec = replace(first, reward_mean=None, reward_std=None, ensemble=None,
