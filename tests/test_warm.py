@@ -251,8 +251,11 @@ def test_runs_that_are_not_one_recipe_are_refused_with_the_reason(tmp_path, caps
         export_warm_runs([plain, ensemble], tmp_path / "out")
     with pytest.raises(WarmExportError, match="more than once"):
         export_warm_runs([plain, tmp_path / "plain"], tmp_path / "out")
+    with pytest.raises(WarmExportError, match="--stats-data 'missing.jsonl:2': no such file"):
+        export_warm_runs([plain, tiny_models.build_tiny_bert(tmp_path / "other", seed=1)], tmp_path / "out",
+                         stats_data=["missing.jsonl:2"])
     with pytest.raises(WarmExportError, match="must not be one of"):
-        export_warm_runs([plain, tiny_models.build_tiny_bert(tmp_path / "other", seed=1)], plain)
+        export_warm_runs([plain, tmp_path / "other"], plain)
     bigger = tmp_path / "bigger"
     shutil.copytree(plain, bigger)
     weights_of = load_file(bigger / "model.safetensors")

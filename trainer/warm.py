@@ -91,10 +91,10 @@ def add_export_warm_parser(subparsers) -> None:
 def run_export_warm(args: argparse.Namespace) -> int:
     from reward_core.model_dir import ModelDirError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
     from .data import DataError
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     try:
         if len(args.model) > 1:
             if args.members is not None:
@@ -342,6 +342,11 @@ def export_warm_runs(
         raise WarmExportError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
     if stats_samples < 1:
         raise WarmExportError("--stats-samples must be at least 1")
+    from .data import parse_data_spec
+
+    for text in stats_data:  # before any run is loaded: a typo should not cost the averaging first
+        if not Path(parse_data_spec(text).path).is_file():
+            raise WarmExportError(f"--stats-data {text!r}: no such file")
 
     opened = []
     for d in dirs:
