@@ -59,7 +59,7 @@ from .config_flags import add_config_subcommand
 from .data import DataError, DataSpec, PreferenceRecord, load_preferences, parse_data_spec
 from .reward_config import DEFAULT_BASE_MODEL, RewardTrainingConfig, TrainingConfigError, config_from_args
 from .reward_data import file_report, length_balance_weights, parse_eval_spec
-from .scoring import ensemble_diversity, evaluate_pairs, length_sorted_chunks, score_conversations, score_encoded
+from .scoring import ensemble_diversity, evaluate_pairs, length_sorted_chunks, sample_conversations, score_conversations, score_encoded
 from .surgery import apply_train_mode, make_reward_module, set_objective_heads, under
 from .utils import disable_dropout, progress_bar, replace_dir, resolve_device
 
@@ -1132,16 +1132,8 @@ class _Trainer:
         """(responses scored, mean, std) of the final model's rewards on a seeded sample of
         training responses: the service's ``normalize`` statistics."""
         c = self.config
-        rng = random.Random(c.seed)
-        order = list(range(len(self.train_records)))
-        rng.shuffle(order)
-        convs: list[tuple[list[dict], str]] = []
-        for i in order:
-            r = self.train_records[i]
-            convs.extend((r.prompt, resp) for resp in r.responses)
-            if len(convs) >= c.reward_stats_samples:
-                break
-        rewards = score_conversations(self.model, self.tokenizer, self.spec, convs[: c.reward_stats_samples],
+        convs = sample_conversations(self.train_records, c.reward_stats_samples, c.seed)
+        rewards = score_conversations(self.model, self.tokenizer, self.spec, convs,
                                       batch_size=c.per_device_eval_batch_size, device=self.device)
         return int(len(rewards)), float(rewards.mean()), float(rewards.std())
 

@@ -15,6 +15,21 @@ from reward_core.forward import pad_token_id
 from .data import PreferenceRecord
 
 
+def sample_conversations(records: Sequence[PreferenceRecord], n: int, seed: int) -> list[tuple[list[dict], str]]:
+    """Up to ``n`` (prompt, response) pairs from the responses of ``records`` taken in a seeded
+    random order: what the reward statistics (``reward_mean``/``reward_std``) are measured on."""
+    import random
+
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    conversations: list[tuple[list[dict], str]] = []
+    for i in order:
+        conversations.extend((records[i].prompt, response) for response in records[i].responses)
+        if len(conversations) >= n:
+            break
+    return conversations[:n]
+
+
 def score_conversations(
     model: Any, tokenizer: Any, spec: Any, conversations: Sequence[tuple[list[dict], str]],
     *, batch_size: int = 64, device: Any = None,

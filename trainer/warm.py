@@ -126,6 +126,23 @@ def _base_model_ref(ref: str | None, model_dir: Path, out_dir: Path) -> str | No
     return os.path.relpath((model_dir / ref).resolve(), out_dir.resolve())
 
 
+def _check_sources_and_out(sources: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
+    """What both exports refuse before reading any weights: an ONNX source, and an ``--out`` that
+    is a source or holds files it may not replace."""
+    from reward_core.model_dir import is_onnx_export
+
+    for source in sources:
+        if is_onnx_export(source):
+            raise WarmExportError(
+                f"{source} is an ONNX export, whose weights cannot be averaged here; average the torch directory "
+                "it was exported from, then export the WARM model with reward export-onnx"
+            )
+    if out_dir.resolve() in {source.resolve() for source in sources}:
+        raise WarmExportError("--out must not be one of the --model directories")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise WarmExportError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
+
+
 def _tensor_names(paths: Sequence[Path]) -> set[str]:
     from safetensors import safe_open
 
@@ -150,7 +167,6 @@ def export_warm(
     from reward_core.formatting import encode_conversations
     from reward_core.forward import pad_batch, pad_token_id
     from reward_core.loading import hf_weight_files, open_model_dir
-    from reward_core.model_dir import is_onnx_export
 
     from .export import SAMPLE_CONVERSATIONS
     from .utils import replace_dir
@@ -158,20 +174,12 @@ def export_warm(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     files = open_model_dir(model_dir, trust_remote_code=trust_remote_code, name="export-warm")
     spec = files.spec
-    if is_onnx_export(model_dir):
-        raise WarmExportError(
-            f"{model_dir} is an ONNX export, whose weights cannot be averaged here; average the torch directory "
-            "it was exported from, then export the WARM model with reward export-onnx"
-        )
+    _check_sources_and_out([model_dir], out_dir, overwrite)
     if spec.ensemble is None:
         raise WarmExportError(
             f"{model_dir} is not an ensemble (its reward_model.json has no \"ensemble\" block): WARM averages the "
             "members of a model trained with reward train-rm --ensemble K; a single model is already one model"
         )
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise WarmExportError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
-    if out_dir.resolve() == model_dir.resolve():
-        raise WarmExportError("--out must not be the --model directory")
 
     source = TorchBackend(model_dir, spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model = source.model
@@ -252,12 +260,6 @@ def export_warm(
 SAME_MODEL_FIELDS = ("architecture", "max_length", "use_chat_template", "read_reward_at", "value_head_prefix", "objectives")
 
 
-def _resolved_base(ref: str | None, model_dir: Path) -> str | None:
-    if ref is None or ref.startswith("pypi:") or Path(ref).is_absolute():
-        return ref
-    return str((model_dir / ref).resolve())
-
-
 def _averaged_file(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, str]]:
     """The tensors of one safetensors file name across the runs, averaged in float32 and stored in
     the first run's dtype; integer tensors (position ids and other buffers) must be equal. Also
@@ -291,24 +293,6 @@ def _averaged_file(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, str
     return averaged, handles[0].metadata() or {}
 
 
-def _stats_conversations(stats_data: Sequence[str], samples: int) -> list[tuple[list[dict], str]]:
-    """A seeded sample of the responses of ``stats_data`` (train-rm's --data specs), as train-rm
-    draws its reward statistics from its training records."""
-    import random
-
-    from .data import load_preferences
-
-    records = load_preferences(list(stats_data), seed=0).records
-    order = list(range(len(records)))
-    random.Random(0).shuffle(order)
-    conversations: list[tuple[list[dict], str]] = []
-    for i in order:
-        conversations.extend((records[i].prompt, response) for response in records[i].responses)
-        if len(conversations) >= samples:
-            break
-    return conversations[:samples]
-
-
 def export_warm_runs(
     model_dirs: Sequence[str | Path], out_dir: str | Path, *, stats_data: Sequence[str] = (), stats_samples: int = 2000,
     overwrite: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
@@ -323,26 +307,22 @@ def export_warm_runs(
     from reward_core.formatting import encode_conversations
     from reward_core.forward import pad_batch, pad_token_id
     from reward_core.loading import open_model_dir
-    from reward_core.model_dir import is_onnx_export
+    from reward_core.model_dir import resolve_base_model
 
     from .export import SAMPLE_CONVERSATIONS
-    from .scoring import score_conversations
+    from .scoring import sample_conversations, score_conversations
     from .utils import replace_dir
 
     dirs = [Path(d) for d in model_dirs]
     out_dir = Path(out_dir)
     if len(dirs) < 2:
         raise WarmExportError("averaging runs needs two or more --model directories")
-    resolved = [d.resolve() for d in dirs]
-    if len(set(resolved)) < len(resolved):
+    if len({d.resolve() for d in dirs}) < len(dirs):
         raise WarmExportError("a --model directory is given more than once; each run counts once in the average")
-    if out_dir.resolve() in resolved:
-        raise WarmExportError("--out must not be one of the --model directories")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise WarmExportError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
+    _check_sources_and_out(dirs, out_dir, overwrite)
     if stats_samples < 1:
         raise WarmExportError("--stats-samples must be at least 1")
-    from .data import parse_data_spec
+    from .data import load_preferences, parse_data_spec
 
     for text in stats_data:  # before any run is loaded: a typo should not cost the averaging first
         if not Path(parse_data_spec(text).path).is_file():
@@ -350,9 +330,6 @@ def export_warm_runs(
 
     opened = []
     for d in dirs:
-        if is_onnx_export(d):
-            raise WarmExportError(f"{d} is an ONNX export, whose weights cannot be averaged here; average the torch "
-                                  "directories, then export the WARM model with reward export-onnx")
         files = open_model_dir(d, trust_remote_code=trust_remote_code, name="export-warm")
         if files.spec.ensemble is not None:
             raise WarmExportError(f"{d} is an ensemble: average its members with reward export-warm --model {d} alone, "
@@ -361,6 +338,11 @@ def export_warm_runs(
             raise WarmExportError(f"{d} is a LoRA adapter; averaging adapters' factors is not averaging their weights: "
                                   "merge each run into its base first")
         opened.append(files)
+    def base_of(spec: Any, model_dir: Path) -> Path | None:  # where the run's base is, however it was named
+        if spec.base_model is None:
+            return None
+        return resolve_base_model(spec.base_model, model_dir, trust_remote_code=trust_remote_code).resolve()
+
     first = opened[0].spec
     for d, files in zip(dirs[1:], opened[1:]):
         for name in SAME_MODEL_FIELDS:
@@ -369,7 +351,7 @@ def export_warm_runs(
                     f"{d} differs from {dirs[0]} in {name} ({getattr(files.spec, name)!r} against "
                     f"{getattr(first, name)!r}): only runs of one recipe can be averaged"
                 )
-        if _resolved_base(files.spec.base_model, d) != _resolved_base(first.base_model, dirs[0]):
+        if base_of(files.spec, d) != base_of(first, dirs[0]):
             raise WarmExportError(
                 f"{d} is laid over base {files.spec.base_model!r}, {dirs[0]} over {first.base_model!r}: WARM averages "
                 "fine-tunes of one initialisation"
@@ -423,7 +405,8 @@ def export_warm_runs(
             difference = float(np.abs(backend.score_batch(batch) - runs_mean).max())
             stats = None
             if stats_data:
-                conversations = _stats_conversations(stats_data, stats_samples)
+                records = load_preferences(list(stats_data), seed=0).records
+                conversations = sample_conversations(records, stats_samples, seed=0)
                 rewards = score_conversations(backend.model, written.tokenizer, written.spec, conversations)
                 stats = {"n_responses": int(len(rewards)), "mean": float(rewards.mean()), "std": float(rewards.std()),
                          "data": list(stats_data)}
