@@ -28,7 +28,8 @@ Sizes and paths from the environment: DATA (../shared/data), RULES
 (member:0,mean,min,mean_minus_var), UNCERTAINTY_PENALTY (1.0: the lambda of mean_minus_var),
 SEEDS (1,2,3: PPO seeds), BON_N (64), BON_PROMPTS (200, of HH-harmless dev), BON_BATCH (16:
 sequences per generate call; 64 on a GPU), PPO_STEPS (200),
-ROLLOUT (64), MAX_NEW_TOKENS (32), KL_COEF (0.005, fixed), PPO_LR (5e-5), WINDOW (10: PPO steps
+ROLLOUT (64), MAX_NEW_TOKENS (32), KL_COEF (0.005, fixed), PPO_LR (5e-5), PPO_ARGS (more `reward ppo`
+flags, e.g. "--missing-eos-penalty 0 --normalize-reward"; recorded in the report), WINDOW (10: PPO steps
 averaged into one point of a curve), SFT (the starting policy: a causal-LM directory, e.g. the
 PPO demo's runs/ppo-demo/sft; else a tiny GPT-2 is SFT'd as the demo does, SFT_STEPS (600) and
 DEMOS (2000)), PROMPTS (PPO's prompt file; default HH-harmless train), HELD_OUT (best-of-N's
@@ -53,6 +54,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -143,7 +145,7 @@ def ppo_command(url: str, policy: Path, prompts: Path, rule: str, seed: str, run
             "--minibatch-size", str(min(16, int(rollout))), "--max-new-tokens", env("MAX_NEW_TOKENS", "32"),
             "--learning-rate", env("PPO_LR", "5e-5"), "--no-adaptive-kl", "--kl-coef", env("KL_COEF", "0.005"),
             "--max-prompt-length", MAX_PROMPT_LENGTH, "--save-steps", "20", "--seed", seed, "--device", device,
-            "--no-progress", *threads]
+            "--no-progress", *threads, *shlex.split(env("PPO_ARGS", ""))]
 
 
 def run_all_ppo(url: str, policy: Path, prompts: Path, rules: list[str], seeds: list[str], out: Path, device: str) -> dict[str, str]:
@@ -230,20 +232,22 @@ def peak_and_end(points: list[dict], gold: str, proxy: str, kl: str) -> dict:
     by more than twice the standard error of the fall. Best-of-N's points share their prompts, so
     its fall is paired by prompt (``gold_minus_peak_sem`` of the end point, from best-of-n; a report
     without it falls back to the end point's own error, which is conservative); PPO's error is the
-    end point's over seeds (with one seed there is none, and any fall counts)."""
+    end point's over seeds. With one seed there is no error to judge a fall by, so the verdict is
+    None (the report says n/a and gives the fall)."""
     if not points or points[0].get(gold) is None:
         return {}
     peak = max(range(len(points)), key=lambda i: points[i][gold])
     end = points[-1]
     drop = points[peak][gold] - end[gold]
     paired = end.get("gold_minus_peak_sem")
-    error = paired if paired is not None else (end.get(f"{gold}_sem") or 0.0)
+    error = paired if paired is not None else end.get(f"{gold}_sem")
     return {
         "gold_start": points[0][gold], "gold_peak": points[peak][gold], "kl_at_gold_peak": points[peak][kl],
         "proxy_at_gold_peak": points[peak][proxy], "gold_end": end[gold], "gold_end_sem": end.get(f"{gold}_sem"),
         "kl_end": end[kl], "proxy_end": end[proxy], "gold_drop_from_peak": drop,
         "gold_drop_from_peak_sem": error, "gold_drop_paired": paired is not None,
-        "gold_fell_while_proxy_rose": bool(drop > 2 * error and drop > 0 and end[proxy] > points[peak][proxy]),
+        "gold_fell_while_proxy_rose": None if error is None else
+        bool(drop > 2 * error and drop > 0 and end[proxy] > points[peak][proxy]),
     }
 
 
@@ -287,7 +291,7 @@ def matched_kl(seed_windows: dict[str, dict[str, list[dict]]], reference: str, s
     return out
 
 
-PPO_SIZES = ("PPO_STEPS", "ROLLOUT", "KL_COEF", "PPO_LR")  # the sizes a best-of-N-only run (no SEEDS) leaves out
+PPO_SIZES = ("PPO_STEPS", "ROLLOUT", "KL_COEF", "PPO_LR", "PPO_ARGS")  # the sizes a best-of-N-only run (no SEEDS) leaves out
 
 
 def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon: dict, cut: dict[str, str] | None = None) -> dict:
@@ -298,7 +302,7 @@ def collect(out: Path, report_dir: Path, rules: list[str], seeds: list[str], bon
         "uncertainty_penalty": b["uncertainty_penalty"], "seeds": seeds, "window_steps": window,
         "sizes": {name: env(name, default) for name, default in (
             ("BON_N", "64"), ("BON_PROMPTS", "200"), ("PPO_STEPS", "200"), ("ROLLOUT", "64"), ("MAX_NEW_TOKENS", "32"),
-            ("KL_COEF", "0.005"), ("PPO_LR", "5e-5")) if seeds or name not in PPO_SIZES},
+            ("KL_COEF", "0.005"), ("PPO_LR", "5e-5"), ("PPO_ARGS", "")) if (seeds or name not in PPO_SIZES) and env(name, default)},
         "run": {"device": env("DEVICE", "auto"), "serve_device": env("SERVE_DEVICE", "cpu"),
                 "parallel": int(env("PARALLEL", "1")), "deadline_s": env("DEADLINE_S", "") or None,
                 "note": env("RUN_NOTE", "") or None},
@@ -408,6 +412,16 @@ FELL_DEFINITION = (
     "shown as fell ± SE; PPO: the end point's error over seeds).\n")
 
 
+def fell_verdict(s: dict) -> str:
+    """The "gold fell while proxy rose" cell: yes/no with the fall and its error, or n/a where
+    there is no error to judge it by (one PPO seed)."""
+    fell = s["gold_fell_while_proxy_rose"]
+    drop, error = s["gold_drop_from_peak"], s["gold_drop_from_peak_sem"]
+    if fell is None:
+        return f"n/a, one seed (fell {fmt(drop)} from its peak)" if drop > 0 else "n/a, one seed (no fall)"
+    return ("yes" if fell else "no") + (f" (fell {fmt(drop)} ± {fmt(error)})" if drop > 0 else "")
+
+
 def markdown(summary: dict) -> str:
     reference = summary["rules"][0]
     lines = [
@@ -435,9 +449,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {rule} | {fmt(s['gold_start'])} | {fmt(s['gold_peak'])} ({fmt(s['kl_at_gold_peak'], 2)}) | "
                          f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | {paired} | "
                          f"{fmt(s['proxy_end'] - summary['best_of_n']['curves'][rule][0]['proxy_reward'])} | "
-                         f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'}"
-                         + (f" (fell {fmt(s['gold_drop_from_peak'])} ± {fmt(s['gold_drop_from_peak_sem'])})"
-                            if s['gold_drop_from_peak'] > 0 else "") + " |")
+                         f"{fell_verdict(s)} |")
     if not summary["seeds"]:
         lines += ["", "## PPO\n", "Not run: SEEDS was empty, so this report is best-of-N's alone.\n", FELL_DEFINITION,
                   "Numbers: `summary.json` (every curve), `best_of_n.csv`, `best-of-n/` (the best-of-N report).\n"]
@@ -454,7 +466,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {rule} | {fmt(s['gold_start'])} | {fmt(s['gold_peak'])} ({fmt(s['kl_at_gold_peak'], 2)}) | "
                          f"{fmt(s['gold_end'])} ± {fmt(s['gold_end_sem'])} ({fmt(s['kl_end'], 2)}) | "
                          f"{fmt(s['proxy_end'] - curve[0]['score'])} | {fmt(curve[0]['ensemble_std'])} → {fmt(curve[-1]['ensemble_std'])} | "
-                         f"{'yes' if s['gold_fell_while_proxy_rose'] else 'no'} |")
+                         f"{fell_verdict(s)} |")
     matched = summary["ppo"].get("matched_kl") or {}
     if any(matched.values()):
         lines += [

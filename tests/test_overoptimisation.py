@@ -332,6 +332,10 @@ def test_the_script_finds_the_gold_peak_and_calls_a_fall_only_beyond_twice_the_e
     assert summary["gold_fell_while_proxy_rose"]  # 1.5 > 2 x 0.5
     curve[2]["gold_score_sem"] = 1.0
     assert not script.peak_and_end(curve, "gold_score", "score", "kl")["gold_fell_while_proxy_rose"]
+    # one seed: no error over seeds to judge the fall by, so the report gives the fall and no verdict
+    alone = script.peak_and_end(script.across_seeds({"1": script.ppo_windows(logs["1"], 2)}), "gold_score", "score", "kl")
+    assert alone["gold_fell_while_proxy_rose"] is None and alone["gold_drop_from_peak"] == 1
+    assert script.fell_verdict(alone) == "n/a, one seed (fell 1.000 from its peak)"
     # best-of-N's points share their prompts: the fall's own paired error decides when the curve carries it
     bon = [{"kl": 0.0, "gold_reward": 0.0, "proxy_reward": 0.0, "gold_reward_sem": 0.5, "gold_minus_peak_sem": 0.0},
            {"kl": 1.0, "gold_reward": 1.0, "proxy_reward": 1.0, "gold_reward_sem": 0.5, "gold_minus_peak_sem": 0.0},
