@@ -30,6 +30,7 @@ from trainer.ppo import (
     PPOTrainer,
     RunningMoments,
     compute_gae,
+    eos_penalty_warning,
     kl_penalized_rewards,
     masked_whiten,
     ppo_losses,
@@ -147,6 +148,17 @@ def test_whitening_and_running_moments_and_score_shaping():
 
     shaped = shape_scores([1.0, 1.0], torch.tensor([True, False]), shift=0.25, missing_eos_penalty=2.0, moments=None)
     assert shaped.tolist() == [0.75, -1.25]
+
+
+def test_a_missing_eos_penalty_that_dwarfs_the_rms_scores_is_warned_about():
+    # an RM whose scores on the SFT answers spread 0.29 (std): a penalty of 1.0 would dominate the reward
+    small_rm = [0.1, 0.5, -0.1, 0.3, 0.0, 0.6, -0.2, 0.4]
+    warning = eos_penalty_warning(1.0, small_rm)
+    assert warning and "--missing-eos-penalty 1 is" in warning and "3.4x the spread (std 0.293)" in warning and "near 0.29, or 0" in warning
+    assert eos_penalty_warning(0.5, small_rm) is None  # within twice the spread
+    assert eos_penalty_warning(0.0, small_rm) is None  # no penalty
+    assert eos_penalty_warning(1.0, [0.2]) is None  # no spread to compare with
+    assert eos_penalty_warning(1.0, [2.0, -1.0, 0.5, 3.0]) is None  # a default-scale RM
 
 
 def test_a_config_with_no_possible_minibatch_is_refused():

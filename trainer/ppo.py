@@ -378,6 +378,21 @@ class RunningMoments:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
+def eos_penalty_warning(missing_eos_penalty: float, reference_scores: list[float]) -> str | None:
+    """A warning when the missing-EOS penalty is more than twice the spread of the RM's scores on
+    the reference policy's answers: the penalty is in the RM's units, so against an RM whose scores
+    differ little, PPO's first goal becomes ending answers, not the RM (seen on a small proxy:
+    answers shrank and both the proxy and the gold fell before either rose)."""
+    if not missing_eos_penalty or len(reference_scores) < 2:
+        return None
+    spread = float(torch.tensor(reference_scores, dtype=torch.float64).std())
+    if spread <= 0 or missing_eos_penalty <= 2 * spread:
+        return None
+    return (f"--missing-eos-penalty {missing_eos_penalty:g} is {missing_eos_penalty / spread:.1f}x the spread (std {spread:.3g}) "
+            "of the RM's scores on the SFT policy's answers, so ending answers will outweigh the RM in the reward; "
+            f"consider --missing-eos-penalty near {spread:.2g}, or 0")
+
+
 def shape_scores(raw_scores, has_eos, *, shift: float, missing_eos_penalty: float | None, moments: RunningMoments | None):
     """The scalar reward of each response from its RM score: minus the reference shift, minus
     the missing-EOS penalty, then (optionally) normalised by the running moments."""
@@ -795,11 +810,15 @@ class PPOTrainer:
     # -- the loop --------------------------------------------------------------------------
 
     def measure_reward_shift(self) -> float:
-        """Mean RM score of responses sampled from the initial (SFT = reference) policy."""
+        """Mean RM score of responses sampled from the initial (SFT = reference) policy; warns when
+        the missing-EOS penalty dwarfs how much those scores differ."""
         scores: list[float] = []
         for _ in range(self.config.reward_shift_batches):
             rollout = self.generate_rollout(0)
             scores += self.scorer.submit(rollout.items()).result().rewards
+        warning = eos_penalty_warning(self.config.missing_eos_penalty, scores)
+        if warning:
+            log.warning(warning)
         return sum(scores) / len(scores)
 
     def run(self) -> PPOResult:
