@@ -30,3 +30,7 @@ xz -9 -c "$dev_prompts" > "$stage/prompts/dev_prompts.jsonl.xz"
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 staged=$(du -sb "$stage" | cut -f1)
 echo "would travel: $(( (tree + staged) / 1024 / 1024 )) MiB of 64 (tree $((tree / 1024)) KiB, $stage $((staged / 1024)) KiB)"
+if (( tree + staged > 64 * 1024 * 1024 )); then
+  echo "over the machine's 64 MiB: shave $(( (tree + staged - 64 * 1024 * 1024) / 1024 )) KiB first (docs/ppo.md, 'On a lent GPU')" >&2
+  exit 1
+fi
