@@ -3,6 +3,7 @@ Coste et al. (2023) and Gao et al. (2022) make theirs, for the over-optimisation
 (scripts/overoptimisation.py):
 
     python scripts/gold_labelled_proxy.py GOLD_DIR POLICY_DIR TRAIN_PROMPTS DEV_PROMPTS OUT_DIR
+    python scripts/gold_labelled_proxy.py --proxy-only OUT_DIR   (step 3 alone, from OUT_DIR's pairs)
 
 1. **Samples**: ``reward eval best-of-n`` draws SAMPLES (4) responses per prompt of TRAIN_PROMPTS
    and 2 per prompt of DEV_PROMPTS from the policy, and the gold RM (served by a local ``reward
@@ -18,7 +19,7 @@ Coste et al. (2023) and Gao et al. (2022) make theirs, for the over-optimisation
 Writes OUT_DIR/{pairs-train.jsonl, pairs-dev.jsonl, proxy/, summary.json}; a step whose output
 exists is not run again. The proxy is what overoptimisation.py takes as PROXY_ENSEMBLE_DIR, the
 gold its GOLD_DIR. Sizes from the environment: SAMPLES (4), LABEL_NOISE (0.25), LABEL_SEED (0),
-ENSEMBLE (5), EPOCHS (4), LR (2e-4), MAX_NEW_TOKENS (32, as the experiment's PPO), SERVE_DEVICE
+ENSEMBLE (5), TOP_LAYERS (1: MiniLM blocks each member owns), EPOCHS (4), LR (2e-4), MAX_NEW_TOKENS (32, as the experiment's PPO), SERVE_DEVICE
 (cpu), DEVICE (the policy's; auto), BON_BATCH (16: sequences per generate call), TRAIN_PROMPTS_MAX /
 DEV_PROMPTS_MAX (all), TRAIN_PAIRS (all: the proxy learns from the first TRAIN_PAIRS labelled pairs
 only, for a weaker proxy from the same samples).
@@ -87,7 +88,29 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def train_proxy(out: Path) -> Path:
+    """Step 3: the proxy ensemble from OUT_DIR's pairs-train.jsonl and pairs-dev.jsonl, into
+    OUT_DIR/proxy (kept if it exists)."""
+    proxy = out / "proxy"
+    if not (proxy / "reward_model.json").is_file():
+        reward("train-rm", "--train-mode", "top", "--top-layers", env("TOP_LAYERS", "1"), "--cache-frozen", "--max-length", "320",
+               "--ensemble", env("ENSEMBLE", "5"), "--ensemble-sample", "bootstrap",
+               "--data", str(out / "pairs-train.jsonl"), "--eval-data", f"gold-dev={out / 'pairs-dev.jsonl'}",
+               "--num-epochs", env("EPOCHS", "4"), "--per-device-batch-size", "32", "--learning-rate", env("LR", "2e-4"),
+               "--lr-scheduler", "cosine", "--warmup-ratio", "0.05", "--eval-steps", "0", "--seed", "42",
+               "--output-dir", str(proxy))
+    return proxy
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--proxy-only":  # the pairs were labelled elsewhere (e.g. on the CPU)
+        out = Path(argv[1]).resolve()
+        for name in ("pairs-train.jsonl", "pairs-dev.jsonl"):
+            if not (out / name).is_file():
+                print(f"--proxy-only: {out / name} is missing; it is what the full run writes", file=sys.stderr)
+                return 2
+        print(train_proxy(out))
+        return 0
     if len(argv) != 5:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
@@ -105,14 +128,7 @@ def main(argv: list[str]) -> int:
     dev, dev_counts = gold_labelled_pairs(dev_samples, 0.0, label_seed)
     write_jsonl(train, out / "pairs-train.jsonl")
     write_jsonl(dev, out / "pairs-dev.jsonl")
-    proxy = out / "proxy"
-    if not (proxy / "reward_model.json").is_file():
-        reward("train-rm", "--train-mode", "top", "--top-layers", "1", "--cache-frozen", "--max-length", "320",
-               "--ensemble", env("ENSEMBLE", "5"), "--ensemble-sample", "bootstrap",
-               "--data", str(out / "pairs-train.jsonl"), "--eval-data", f"gold-dev={out / 'pairs-dev.jsonl'}",
-               "--num-epochs", env("EPOCHS", "4"), "--per-device-batch-size", "32", "--learning-rate", env("LR", "2e-4"),
-               "--lr-scheduler", "cosine", "--warmup-ratio", "0.05", "--eval-steps", "0", "--seed", "42",
-               "--output-dir", str(proxy))
+    proxy = train_proxy(out)
     metrics = json.loads((proxy / "metrics.jsonl").read_text().splitlines()[-1])
     summary = {
         "gold": str(gold), "policy": str(policy), "label_noise": noise, "label_seed": label_seed,

@@ -2,7 +2,7 @@
 # The over-optimisation experiment on a lent GPU machine, from what
 # scripts/gpu/stage_overoptimisation.sh put in STAGE (default .dev/, carried to the machine):
 # the gold is models/default-rm's helpfulness head, the proxy is trained there from the staged
-# pairs (the flags of scripts/gold_labelled_proxy.py), then scripts/overoptimisation.py runs with
+# pairs (scripts/gold_labelled_proxy.py --proxy-only), then scripts/overoptimisation.py runs with
 # the service and the policies on the GPU. Its sizes come from the environment as that script reads
 # them (PARALLEL, SEEDS, RULES, PPO_ARGS, BON_*); BUDGET is the seconds the whole run may take, and
 # the PPO deadline is what is left of it after set-up, less TAIL_S for the report.
@@ -23,8 +23,8 @@ pack_up() {
   cp "$W/device.log" "$OUTDIR/" 2>/dev/null
   tar czf "$OUTDIR/results.tgz" -C "$W" --exclude='*/policy' --exclude='*/checkpoint*' --exclude='*.safetensors' \
       --exclude='exp/sft' report exp proxy/metrics-summary.json logs 2>/dev/null
-  if [ -f "$W/proxy/model/reward_model.json" ] && [ "${BRING_PROXY:-1}" = 1 ]; then
-    $PY scripts/gpu/pack.py dir-f16 "$W/proxy/model" "$W/proxy-f16.tar.gz" \
+  if [ -f "$W/proxy/proxy/reward_model.json" ] && [ "${BRING_PROXY:-1}" = 1 ]; then
+    $PY scripts/gpu/pack.py dir-f16 "$W/proxy/proxy" "$W/proxy-f16.tar.gz" \
       && split -b 15M "$W/proxy-f16.tar.gz" "$OUTDIR/proxy-f16.tar.gz.part-"
   fi
   ls -la "$OUTDIR"; echo "[$(el)s] done"
@@ -47,17 +47,13 @@ done
 echo "[$(el)s] gold"
 $PY scripts/one_head_model.py models/default-rm helpfulness "$W/gold-help" || exit 8
 echo "[$(el)s] proxy"
-$PY -m reward_cli train-rm --train-mode top --top-layers 1 --cache-frozen --max-length 320 \
-    --ensemble 5 --ensemble-sample bootstrap --data "$W/proxy/pairs-train.jsonl" \
-    --eval-data "gold-dev=$W/proxy/pairs-dev.jsonl" --num-epochs 4 --per-device-batch-size 32 \
-    --learning-rate 2e-4 --lr-scheduler cosine --warmup-ratio 0.05 --eval-steps 0 --seed 42 \
-    --device "${TRAIN_DEVICE:-cuda}" --output-dir "$W/proxy/model" > "$W/logs/proxy.log" 2>&1 || { tail -30 "$W/logs/proxy.log"; exit 9; }
-tail -1 "$W/proxy/model/metrics.jsonl" > "$W/proxy/metrics-summary.json"
+$PY scripts/gold_labelled_proxy.py --proxy-only "$W/proxy" > "$W/logs/proxy.log" 2>&1 || { tail -30 "$W/logs/proxy.log"; exit 9; }
+tail -1 "$W/proxy/proxy/metrics.jsonl" > "$W/proxy/metrics-summary.json"
 LEFT=$(( BUDGET - $(el) ))
 DEADLINE=$(( LEFT - ${TAIL_S:-75} ))
 echo "[$(el)s] experiment: PPO deadline ${DEADLINE}s"
 SFT="$W/sft" PROMPTS="$W/prompts/train_prompts.jsonl" HELD_OUT="$W/prompts/dev_prompts.jsonl" \
   SERVE_DEVICE=${SERVE_DEVICE:-cuda} DEVICE=${DEVICE:-cuda} PARALLEL=${PARALLEL:-12} DEADLINE_S=$DEADLINE \
   BON_BATCH=${BON_BATCH:-64} THREADS=${THREADS:-1} PPO_LR=${PPO_LR:-1e-4} KL_COEF=${KL_COEF:-0.005} REPORT_DIR="$W/report" \
-  timeout $(( LEFT - 12 )) $PY scripts/overoptimisation.py "$W/proxy/model" "$W/gold-help" "$W/exp"
+  timeout $(( LEFT - 12 )) $PY scripts/overoptimisation.py "$W/proxy/proxy" "$W/gold-help" "$W/exp"
 echo "[$(el)s] experiment exit $?"
