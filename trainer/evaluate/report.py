@@ -527,9 +527,27 @@ def write_plots(report: dict[str, Any], out: Path, scores: dict[str, np.ndarray]
 
 def _save(plt, fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def save_figure(fig: Any, path: Path, *, dpi: int) -> None:
+    """Write a matplotlib figure as a PNG of 256 palette colours. Line plots have few colours,
+    so it looks the same at about a third of the bytes of matplotlib's RGBA PNG; reports are
+    committed, and the working tree travels to lent GPU machines under a size limit.
+    Falls back to matplotlib's own PNG where Pillow cannot quantise it."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    try:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, format="PNG", optimize=True)
+    except (ImportError, OSError, ValueError):
+        Path(path).write_bytes(buffer.getvalue())
 
 
 def _plot_reliability(plt, name: str, d: dict[str, Any], out: Path) -> str:
