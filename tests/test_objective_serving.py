@@ -376,3 +376,30 @@ def test_compare_recipes_averages_each_recipes_seeds_and_compares_them_pair_by_p
     # standardised over the pool here equals over these items: the toy set is the whole pool
     z = np.stack([(v - v.mean()) / v.std() for v in pool_items.values()], axis=1).mean(axis=1)
     assert runs["accuracy"] == pytest.approx(mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(z[0::2], z[1::2])]))
+
+
+def test_our_ppo_trainer_can_optimise_one_head_and_refuses_a_head_the_model_lacks(server, direct):
+    # `reward ppo --reward-objective truthfulness`: every rollout is scored by that head alone, and
+    # the log says so; a head the model lacks, or a single-head model, is refused before training.
+    from trainer.ppo import PPOConfig, PPOConfigError, RewardScorer
+
+    expected = direct["items"](ITEMS)
+    scorer = RewardScorer(server.url, "heads", {}, objective="truthfulness")
+    try:
+        assert scorer.check(max_retries=1).startswith("heads@")
+        scored = scorer.submit(ITEMS).result()
+        assert scored.rewards == pytest.approx(column(expected, "truthfulness"), abs=TOLERANCE)
+        assert scorer.describe_rule() == {"reward_rule": "objective:truthfulness", "reward_uncertainty_penalty": None}
+    finally:
+        scorer.close()
+
+    for model, objective, says in (("heads", "kindness", "has the objectives helpfulness, truthfulness, harmlessness"),
+                                   ("single", "truthfulness", "has one reward head")):
+        scorer = RewardScorer(server.url, model, {}, objective=objective)
+        try:
+            with pytest.raises(PPOConfigError, match=says):
+                scorer.check(max_retries=1)
+        finally:
+            scorer.close()
+    with pytest.raises(PPOConfigError, match="give one of them"):
+        PPOConfig(policy="p", prompts="q", reward_objective="helpfulness", reward_aggregate="min").validate()

@@ -153,3 +153,28 @@ def test_the_top_block_runs_whole_where_reading_it_sparsely_would_change_the_num
     model = load_sequence_classifier(path, open_model_dir(path).spec)
     assert top_block_read_sparsely(model.eval())
     assert not top_block_read_sparsely(model.train())  # BertConfig's default dropout is 0.1
+
+
+@pytest.mark.parametrize("gate_layer", [-1, -2])
+def test_the_gate_probe_reads_the_weights_the_combination_used_and_sees_the_answer_move_them(tmp_path, gate_layer):
+    # scripts/gate_probe.py reads each item's gate weights off the model. They must be the weights
+    # that made the served reward; and in an encoder the prompt's tokens attend to the answer, so
+    # two answers to one prompt get different weights (what the probe measures on the default RM).
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from gate_probe import GatedScorer
+
+    model_dir = tiny_models.build_tiny_objectives_bert(tmp_path / "heads", combine="gate", gate_layer=gate_layer)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = ["Paris.", "I do not know, maybe Berlin, or perhaps somewhere else entirely in Europe."]
+    scorer = GatedScorer(model_dir, batch_size=1)
+
+    combined, heads, weights = scorer.score([(prompt, a) for a in answers])
+
+    assert np.allclose(weights.sum(axis=1), 1.0, atol=1e-6)
+    assert np.allclose((weights * heads).sum(axis=1), combined, atol=1e-5)
+    assert np.abs(weights[0] - weights[1]).max() > 1e-3  # the answer moved the gate
+    alone, _, alone_weights = scorer.score([(prompt, "")] * 2)
+    assert np.allclose(alone_weights[0], alone_weights[1], atol=1e-6)  # no answer, nothing moves

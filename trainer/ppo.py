@@ -117,6 +117,10 @@ class PPOConfig:
         "the members the service returns). Default: the served default rule."))
     reward_uncertainty_penalty: float | None = field(default=None, metadata=flag_help(
         "With --reward-aggregate mean_minus_var: its lambda (default: the served one)."))
+    reward_objective: str | None = field(default=None, metadata=flag_help(
+        "A model with several reward heads: optimise this objective's head (e.g. helpfulness) instead of their "
+        "combination. For prompts that all ask for one objective: a gate that also reads the response lets the "
+        "policy pick its judge (docs/default-model.md)."))
     gold_reward_model: str | None = field(default=None, metadata=flag_help(
         "A held-out judge: every rollout is also scored by this served model, for the log only (gold_score); PPO "
         "never optimises it, so a proxy score that rises while gold_score falls is over-optimisation."))
@@ -217,6 +221,9 @@ class PPOConfig:
         if self.gold_reward_url is not None and self.gold_reward_model is None:
             raise PPOConfigError("--gold-reward-url is where --gold-reward-model is served; give the model too")
         self.reward_rule()
+        if self.reward_objective is not None and self.reward_aggregate is not None:
+            raise PPOConfigError("--reward-objective names a head of a model with objectives and --reward-aggregate a "
+                                 "rule of an ensemble; give one of them")
 
     def reward_rule(self) -> RewardRule | None:
         """The rule of --reward-aggregate (None: the served default), refused with what to fix."""
@@ -461,14 +468,16 @@ class RewardScorer:
 
     ``rule`` (an ensemble's): an aggregate is sent as the request's ``aggregate`` (with
     ``uncertainty_penalty``); ``member:M`` asks for each member's reward (``return_members``) and
-    takes column M. For an ensemble every request also asks for the members' mean and spread
+    takes column M. ``objective`` (a model with objectives): that head's reward is asked for. For an ensemble every request also asks for the members' mean and spread
     (``return_uncertainty``). ``gold_model`` (at ``gold_url``) scores the same responses for the log."""
 
     def __init__(self, url: str, model: str | None, client_options: dict[str, Any], *, rule: RewardRule | None = None,
-                 uncertainty_penalty: float | None = None, gold_model: str | None = None, gold_url: str | None = None) -> None:
+                 uncertainty_penalty: float | None = None, gold_model: str | None = None, gold_url: str | None = None,
+                 objective: str | None = None) -> None:
         self.url = url
         self.model = model
         self.rule = rule
+        self.objective = objective
         self.uncertainty_penalty = uncertainty_penalty
         self.gold_model = gold_model
         self.gold_url = gold_url or url
@@ -511,13 +520,22 @@ class RewardScorer:
                 self.rule.check_members(card.ensemble.members)
             except EnsembleError as exc:
                 raise PPOConfigError(f"--reward-aggregate: {exc}") from None
+        if self.objective is not None:
+            if not card.objectives:
+                raise PPOConfigError(f"--reward-objective {self.objective}: {served} at {self.url} has one reward head "
+                                     "(its model card lists no objectives); leave --reward-objective out")
+            if self.objective not in card.objectives:
+                raise PPOConfigError(f"--reward-objective {self.objective}: {served} has the objectives "
+                                     f"{', '.join(card.objectives)}")
         if self.gold_model is not None:
             self._call(card_of(self.gold_url, self.gold_model))
         return served
 
     def describe_rule(self) -> dict[str, Any]:
-        """The rule the rewards follow, as the log records it: ``reward_rule`` (a rule, or "single
+        """The rule the rewards follow, as the log records it: ``reward_rule`` (a rule, "objective:NAME", or "single
         model") and ``reward_uncertainty_penalty`` (the lambda, for mean_minus_var only)."""
+        if self.objective is not None:
+            return {"reward_rule": f"objective:{self.objective}", "reward_uncertainty_penalty": None}
         if self.ensemble is None:
             return {"reward_rule": "single model", "reward_uncertainty_penalty": None}
         rule = str(self.rule) if self.rule is not None else self.ensemble.aggregate
@@ -527,7 +545,9 @@ class RewardScorer:
         return {"reward_rule": rule, "reward_uncertainty_penalty": penalty}
 
     def _request(self) -> dict[str, Any]:
-        """The ensemble fields of a score request."""
+        """The objective or ensemble fields of a score request."""
+        if self.objective is not None:
+            return {"objective": self.objective}
         if self.ensemble is None:
             return {}
         if self.rule is not None and self.rule.member is not None:
@@ -629,7 +649,7 @@ class PPOTrainer:
             timeout=config.reward_timeout, max_retries=config.reward_max_retries,
             backoff=config.reward_backoff, backoff_max=config.reward_backoff_max,
         ), rule=config.reward_rule(), uncertainty_penalty=config.reward_uncertainty_penalty,
-            gold_model=config.gold_reward_model, gold_url=config.gold_reward_url)
+            gold_model=config.gold_reward_model, gold_url=config.gold_reward_url, objective=config.reward_objective)
         try:
             self.served_model = self.scorer.check(config.startup_max_retries)
             self.rule_log = self.scorer.describe_rule()
