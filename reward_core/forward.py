@@ -194,13 +194,26 @@ def reward_heads(
         kwargs["input_ids"] = input_ids
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
-    if read_positions_only and inputs_embeds is None and gate_layer in (None, -1, -2) and top_block_read_sparsely(model):
+    if read_positions_only and inputs_embeds is None and gate_layer in (None, -1, -2, 0) and top_block_read_sparsely(model):
         lower = lower_blocks(model)(**kwargs)  # every block but the top one, through the model's own code
-        return bert_top_heads(model, list(model.base_model.encoder.layer)[-1:], lower, attention_mask, token_type_ids)
+        features = embedding_gate_features(model, input_ids, attention_mask, token_type_ids) if gate_layer == 0 else None
+        return bert_top_heads(model, list(model.base_model.encoder.layer)[-1:], lower, attention_mask, token_type_ids,
+                              gate_features=features)
     if gate_layer is None:
         return model(**kwargs).logits, None
     out = model(**kwargs, output_hidden_states=True)
     return out.logits, prompt_mean(out.hidden_states[gate_layer], attention_mask, token_type_ids)
+
+
+def embedding_gate_features(model: Any, input_ids: Any, attention_mask: Any, token_type_ids: Any):
+    """What a gate with ``gate_layer`` 0 reads: the mean of the prompt's token embeddings (the
+    model's ``hidden_states[0]``, positions counted as the model counts them for these rows), which
+    nothing of the response reaches. For paths that hand the blocks their input some other way
+    (the trainer's cached frozen blocks)."""
+    from .objectives import prompt_mean
+
+    embeddings = model.base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+    return prompt_mean(embeddings, attention_mask, token_type_ids)
 
 
 def top_block_read_sparsely(model: Any) -> bool:
@@ -231,12 +244,15 @@ def lower_blocks(model: Any) -> Any:
     return lower
 
 
-def bert_top_heads(model: Any, blocks: list[Any], hidden: Any, attention_mask: Any, token_type_ids: Any):
+def bert_top_heads(model: Any, blocks: list[Any], hidden: Any, attention_mask: Any, token_type_ids: Any,
+                   gate_features: Any = None):
     """(heads, prompt features or None) of a BERT sequence classifier from the hidden states below
     ``blocks`` (its top blocks): every one of them but the last in full, the last only at the
     positions read after it. Keys and values still cover every token, so the numbers are the
     full blocks'. The positions: [CLS] for the pooler; the prompt segment too when a gate reads
-    the top block's output (``gate_layer`` -1); a gate reading lower takes its features on the way."""
+    the top block's output (``gate_layer`` -1); a gate reading lower takes its features on the way.
+    A gate on the embeddings (``gate_layer`` 0) reads ``gate_features``
+    (:func:`embedding_gate_features`), which the caller computes from the input ids."""
     from .bert import additive_mask, bert_block
     from .objectives import gate_layer_of, prompt_mean
 
@@ -258,6 +274,10 @@ def bert_top_heads(model: Any, blocks: list[Any], hidden: Any, attention_mask: A
     logits = model.classifier(model.dropout(model.base_model.pooler(top)))
     if gate_layer is None:
         return logits, None
+    if gate_layer == 0:
+        if gate_features is None:
+            raise ValueError("a gate on the token embeddings needs gate_features (embedding_gate_features)")
+        return logits, gate_features
     if gate_layer == -1:
         types = None if token_type_ids is None else token_type_ids[:, :query_rows]
         return logits, prompt_mean(top, attention_mask[:, :query_rows], types)

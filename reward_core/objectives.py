@@ -15,10 +15,15 @@ of ``names``, so the backbone runs once per item whatever the number of heads. T
   ``hidden_states``: -1 (the default) the last block's output, -2 the one below it. Below the
   last block, the last block is read at [CLS] alone, which is what lets serving and the trainer
   run that block for [CLS] only (reward_core.forward.bert_top_heads).
+  The prompt's tokens attend to the response in every block, so a gate reading a block's output
+  is moved by the response too: a response can shift the weights towards a head that rates it
+  higher. ``gate_layer`` 0 reads the token embeddings (``hidden_states[0]``), which no other token
+  reaches: a gate on the prompt alone, at the cost of an embedding lookup.
 
 ```json
 "objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate"}
 "objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate", "gate_layer": -2}
+"objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate", "gate_layer": 0}
 "objectives": {"names": ["helpfulness", "harmlessness"], "combine": "weights", "weights": [0.5, 0.5]}
 ```
 
@@ -86,10 +91,10 @@ class Objectives:
             object.__setattr__(self, "weights", tuple(float(w) for w in weights))
         elif self.weights is not None:
             raise ObjectivesError("objectives.weights is for combine='weights'; a gate learns its weights")
-        if isinstance(self.gate_layer, bool) or not isinstance(self.gate_layer, int) or self.gate_layer >= 0:
+        if isinstance(self.gate_layer, bool) or not isinstance(self.gate_layer, int) or self.gate_layer > 0:
             raise ObjectivesError(
-                f"objectives.gate_layer must be a negative integer (-1: the last block's output, -2: the one below), "
-                f"not {self.gate_layer!r}"
+                f"objectives.gate_layer must be 0 (the token embeddings) or a negative integer (-1: the last block's "
+                f"output, -2: the one below), not {self.gate_layer!r}"
             )
         if self.gate_layer != -1 and not self.gated:
             raise ObjectivesError("objectives.gate_layer is for combine='gate'")

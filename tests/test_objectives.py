@@ -34,7 +34,7 @@ def _inputs(files):
     return [torch.from_numpy(a) if a is not None else None for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)], batch
 
 
-@pytest.mark.parametrize("combine,gate_layer", [("gate", -1), ("gate", -2), ("weights", -1)])
+@pytest.mark.parametrize("combine,gate_layer", [("gate", -1), ("gate", -2), ("gate", 0), ("weights", -1)])
 def test_each_head_matches_a_direct_forward_and_the_combination_follows_its_rule(tmp_path, combine, gate_layer):
     path = tiny_models.build_tiny_objectives_bert(tmp_path / "m", combine=combine, gate_layer=gate_layer)
     files = open_model_dir(path)
@@ -64,19 +64,22 @@ def test_each_head_matches_a_direct_forward_and_the_combination_follows_its_rule
         assert torch.allclose(reward_forward(model, "encoder", ids, mask, types), expected, atol=1e-6)
 
 
-def test_the_gate_depends_on_the_prompt_not_on_the_response(tmp_path):
-    path = tiny_models.build_tiny_objectives_bert(tmp_path / "m")
-    files = open_model_dir(path)
-    model = load_sequence_classifier(path, files.spec).eval()
-    (ids, mask, types), _ = _inputs(files)
-    from reward_core.objectives import gate_weights, prompt_mean
+def test_the_gate_weighs_prompts_apart_and_only_a_gate_on_the_embeddings_ignores_the_response(tmp_path):
+    from reward_core.forward import reward_heads
+    from reward_core.objectives import gate_weights
 
-    with torch.no_grad():
-        hidden = model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-        w = gate_weights(model.reward_gate, prompt_mean(hidden, mask, types))
-    # rows 0 and 1 share a prompt; an encoder's prompt tokens also attend to the response, so the
-    # weights are close but not equal; rows with other prompts get other weights
-    assert not torch.allclose(w[0], w[2], atol=1e-3)
+    for gate_layer in (-1, 0):
+        path = tiny_models.build_tiny_objectives_bert(tmp_path / f"m{gate_layer}", gate_layer=gate_layer)
+        files = open_model_dir(path)
+        model = load_sequence_classifier(path, files.spec).eval()
+        (ids, mask, types), _ = _inputs(files)
+        with torch.no_grad():
+            _, features = reward_heads(model, "encoder", ids, mask, types)
+            w = gate_weights(model.reward_gate, features)
+        assert not torch.allclose(w[0], w[2], atol=1e-3)  # rows with other prompts get other weights
+        # rows 0 and 1 share a prompt. An encoder's prompt tokens attend to the response in every
+        # block, so a gate reading a block's output gives them other weights; the embeddings do not
+        assert torch.allclose(w[0], w[1], atol=1e-6) == (gate_layer == 0)
 
 
 def test_the_backend_returns_the_reward_then_each_head(tmp_path):
@@ -131,8 +134,10 @@ def test_objectives_validate_their_rule():
     # which hidden states the gate reads: written only when not the last block's, so older files read as before
     assert Objectives(("a", "b"), "gate").to_json() == {"names": ["a", "b"], "combine": "gate"}
     assert Objectives.from_json({"names": ["a", "b"], "combine": "gate", "gate_layer": -2}).gate_layer == -2
-    for bad in (0, 1, "-2", True):
-        with pytest.raises(ObjectivesError, match="negative integer"):
+    embeddings = Objectives.from_json({"names": ["a", "b"], "combine": "gate", "gate_layer": 0})
+    assert embeddings.gate_layer == 0 and embeddings.to_json()["gate_layer"] == 0
+    for bad in (1, "-2", True, 0.0):
+        with pytest.raises(ObjectivesError, match="0 \\(the token embeddings\\) or a negative integer"):
             Objectives(("a", "b"), "gate", gate_layer=bad)
     with pytest.raises(ObjectivesError, match="for combine='gate'"):
         Objectives(("a", "b"), "weights", gate_layer=-2)
@@ -155,11 +160,12 @@ def test_the_top_block_runs_whole_where_reading_it_sparsely_would_change_the_num
     assert not top_block_read_sparsely(model.train())  # BertConfig's default dropout is 0.1
 
 
-@pytest.mark.parametrize("gate_layer", [-1, -2])
+@pytest.mark.parametrize("gate_layer", [-1, -2, 0])
 def test_the_gate_probe_reads_the_weights_the_combination_used_and_sees_the_answer_move_them(tmp_path, gate_layer):
     # scripts/gate_probe.py reads each item's gate weights off the model. They must be the weights
     # that made the served reward; and in an encoder the prompt's tokens attend to the answer, so
-    # two answers to one prompt get different weights (what the probe measures on the default RM).
+    # two answers to one prompt get different weights (what the probe measures on the default RM),
+    # unless the gate reads the token embeddings.
     import sys
     from pathlib import Path
 
@@ -175,6 +181,7 @@ def test_the_gate_probe_reads_the_weights_the_combination_used_and_sees_the_answ
 
     assert np.allclose(weights.sum(axis=1), 1.0, atol=1e-6)
     assert np.allclose((weights * heads).sum(axis=1), combined, atol=1e-5)
-    assert np.abs(weights[0] - weights[1]).max() > 1e-3  # the answer moved the gate
+    moved = np.abs(weights[0] - weights[1]).max()
+    assert moved > 1e-3 if gate_layer != 0 else moved < 1e-6  # the answer moved the gate, or could not
     alone, _, alone_weights = scorer.score([(prompt, "")] * 2)
     assert np.allclose(alone_weights[0], alone_weights[1], atol=1e-6)  # no answer, nothing moves

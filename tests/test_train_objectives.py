@@ -167,7 +167,7 @@ def test_a_pair_moves_only_its_own_objectives_head(tiny_base, objective_sets, tm
     assert trainer.model.reward_gate.weight.grad.abs().sum() > 0  # the gate learns from every pair
 
 
-@pytest.mark.parametrize("top_layers,gate_layer", [(2, -1), (2, -2), (1, -2)])
+@pytest.mark.parametrize("top_layers,gate_layer", [(2, -1), (2, -2), (1, -2), (1, 0)])
 def test_the_frozen_cache_gives_the_models_own_forward(tmp_path, objective_sets, top_layers, gate_layer):
     """On the real MiniLM backbone: the trained blocks run on the cached output of the frozen
     ones, the top block only where it is read ([CLS], and the prompt when the gate reads the top

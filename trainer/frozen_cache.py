@@ -97,12 +97,15 @@ class FrozenPrefixCache:
         from reward_core.forward import top_block_read_sparsely
         from reward_core.objectives import gate_layer_of
 
-        gate_layer = gate_layer_of(model) or -1
+        gate_layer = gate_layer_of(model)
+        self.gate_on_embeddings = gate_layer == 0  # read from the input ids, beside the cache
+        gate_layer = -1 if gate_layer is None else gate_layer
         # hidden_states[split] is the cached output; the gate may read it or any trained block's
-        if len(self.blocks) + 1 + gate_layer < self.split:
+        if not self.gate_on_embeddings and len(self.blocks) + 1 + gate_layer < self.split:
             raise TrainingConfigError(
                 f"--cache-frozen: --gate-layer {gate_layer} reads a frozen block's output below the cached one "
-                f"(--top-layers {trained_blocks}); use --gate-layer -{trained_blocks + 1} or above, or more --top-layers"
+                f"(--top-layers {trained_blocks}); use --gate-layer -{trained_blocks + 1} or above, 0 (the token "
+                "embeddings), or more --top-layers"
             )
         # the top block at the read positions only (BERT sequence classifiers; see the module docstring)
         self.read_positions_only = not self.ensemble and top_block_read_sparsely(model)
@@ -257,15 +260,21 @@ class FrozenPrefixCache:
 
     def heads(self, architecture: str, input_ids: Any, attention_mask: Any, token_type_ids: Any):
         """(heads, prompt features) of a chunk through the trained blocks only."""
-        from reward_core.forward import bert_top_heads, reward_heads
+        from reward_core.forward import bert_top_heads, embedding_gate_features, reward_heads
 
         hidden = self.hidden_for(input_ids, attention_mask, token_type_ids)
         if self.ensemble:  # the members run on the shared part's output
             return reward_heads(self.model, architecture, None, attention_mask, token_type_ids, inputs_embeds=hidden)
+        features = None
+        if self.gate_on_embeddings:  # frozen too, and cheap: computed again rather than cached
+            features = embedding_gate_features(self.model, input_ids, attention_mask, token_type_ids)
         if self.read_positions_only:
-            return bert_top_heads(self.model, self.blocks[self.split:], hidden, attention_mask, token_type_ids)
+            return bert_top_heads(self.model, self.blocks[self.split:], hidden, attention_mask, token_type_ids,
+                                  gate_features=features)
         with self._blocks(self.blocks[self.split:], pass_through=True):
-            return reward_heads(self.model, architecture, None, attention_mask, token_type_ids, inputs_embeds=hidden)
+            heads, passed_through = reward_heads(self.model, architecture, None, attention_mask, token_type_ids,
+                                                 inputs_embeds=hidden)
+        return heads, features if self.gate_on_embeddings else passed_through
 
     def check(self, architecture: str, chunk: tuple[Any, Any, Any], atol: float = 2e-2) -> float:
         """Largest difference between the cached path and the plain forward on one chunk (float16

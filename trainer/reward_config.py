@@ -58,8 +58,10 @@ class RewardTrainingConfig:
         "only what helps the pairs through the combined reward. 0: the combined reward alone, as ArmoRM."))
     gate_layer: int = field(default=-1, metadata=flag_help(
         "combine=gate: which hidden states the gate reads, indexed as the model's hidden_states (-1: the "
-        "last block's output; -2: the one below). Below -1 the top block is read at [CLS] alone, so with "
-        "--cache-frozen a step runs that block for [CLS] only (far cheaper at long inputs)."))
+        "last block's output; -2: the one below; 0: the token embeddings). Below -1 the top block is read at "
+        "[CLS] alone, so with --cache-frozen a step runs that block for [CLS] only (far cheaper at long "
+        "inputs). The prompt's tokens attend to the response in every block, so only 0 keeps the response "
+        "from moving the gate's weights."))
     ensemble: int = field(default=0, metadata=flag_help(
         "Train K reward models (members) over one shared backbone instead of one: top mode only; each "
         "member owns a copy of the top --top-layers blocks (0: none), the pooler and a head seeded apart, "
