@@ -12,10 +12,12 @@ mixtures per dev set (and `sanity/dev` per category), and on the non-answer prob
   objective of the training prompts, each weighted by its records times the recipe's source weight;
 * ``embeddings_routing_bt``: the same plus the Bradley-Terry loss of the combined reward on 2,700
   training pairs (600 HH-harmless, 600 TruthfulQA, and 1,500 AlpacaEval pairs neither averaged run
-  drew), seeded.
+  drew), seeded;
+* ``frozen_blocks_routing``: the routing gate over the output of the four frozen blocks, the prompt
+  encoded alone (what an extra pass over the prompt would give a gate).
 
-Both new gates are free at serving time (an embedding lookup), but neither is wired into the
-trainer or the service: this measures whether one is worth building.
+The embedding gates are free at serving time (an embedding lookup); the trainer's
+``--gate-layer 0`` builds one into a recipe. This measures whether that is worth doing.
 """
 
 from __future__ import annotations
@@ -45,31 +47,37 @@ SOURCES = {  # objective: (training file, the recipe's weight: scripts/train_def
     "truthfulness": ("truthfulqa/train.jsonl.gz", 4.0),
 }
 AVERAGED_SEEDS = (42, 43)  # the runs the default averages; each drew 60% of AlpacaEval
+FROZEN_BLOCKS = 4  # the default trains its top 2 of MiniLM's 6 blocks
 
 
-def embedding_features(scorer: GatedScorer, prompts: list[list[dict]]) -> torch.Tensor:
-    """Mean of the prompt's token embeddings (hidden_states[0]) with the prompt encoded alone."""
+def prompt_features(scorer: GatedScorer, prompts: list[list[dict]], layer: int = 0) -> torch.Tensor:
+    """Mean over the prompt's tokens of hidden_states[layer], the prompt encoded alone: 0 the token
+    embeddings, 4 the output of the default's four frozen blocks."""
     encoded = encode_conversations([(p, "") for p in prompts], scorer.files.tokenizer, scorer.files.spec)
     out = torch.zeros(len(encoded), scorer.backend.model.config.hidden_size)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    embeddings = scorer.backend.model.base_model.embeddings
+    base = scorer.backend.model.base_model
     for start in range(0, len(order), 64):
         rows = order[start:start + 64]
         batch = pad_batch([encoded[i] for i in rows], scorer.pad)
         ids, mask, types = (torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids))
         with torch.inference_mode():
-            out[rows] = prompt_mean(embeddings(input_ids=ids, token_type_ids=types), mask, types).float()
+            if layer == 0:
+                hidden = base.embeddings(input_ids=ids, token_type_ids=types)
+            else:
+                hidden = base(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states[layer]
+            out[rows] = prompt_mean(hidden, mask, types).float()
     return out
 
 
-def train_gate(scorer: GatedScorer, data_root: Path, with_bt: bool, seed: int) -> torch.nn.Linear:
+def train_gate(scorer: GatedScorer, data_root: Path, with_bt: bool, seed: int, layer: int = 0) -> torch.nn.Linear:
     names = scorer.names
     features, labels, weights = [], [], []
     for objective, (path, weight) in SOURCES.items():
         counts: dict[str, list] = {}
         for record in load_file(data_root / path).records:
             counts.setdefault(repr(record.prompt), [record.prompt, 0])[1] += 1
-        features.append(embedding_features(scorer, [p for p, _ in counts.values()]))
+        features.append(prompt_features(scorer, [p for p, _ in counts.values()], layer))
         labels += [names.index(objective)] * len(counts)
         weights += [n * weight for _, n in counts.values()]
     x, y = torch.cat(features), torch.tensor(labels)
@@ -89,7 +97,7 @@ def train_gate(scorer: GatedScorer, data_root: Path, with_bt: bool, seed: int) -
         pairs += undrawn[:1500]
         _, heads, _ = scorer.score([(r.prompt, r.responses[i]) for r in pairs for i in (r.ranking[0], r.ranking[-1])])
         pair_heads = torch.from_numpy(heads.reshape(len(pairs), 2, -1))
-        pair_features = embedding_features(scorer, [r.prompt for r in pairs])
+        pair_features = prompt_features(scorer, [r.prompt for r in pairs], layer)
         pair_weights = torch.tensor([1500 / 600] * 1200 + [1.0] * 1500)
         pair_weights = pair_weights / pair_weights.mean()
     torch.manual_seed(seed)
@@ -116,10 +124,10 @@ def mixtures(scorer: GatedScorer, gates: dict, prompts: list[list[dict]], answer
     _, _, alone = scorer.score([(p, "") for p in prompts])
     out = {"served": served.reshape(len(prompts), k), "served_gate_prompt_alone": (alone[:, None, :] * heads).sum(-1)}
     mean_weights = {"served_gate_prompt_alone": alone.mean(axis=0)}
-    features = embedding_features(scorer, prompts)
-    for name, gate in gates.items():
+    features = {layer: prompt_features(scorer, prompts, layer) for layer in {layer for layer, _ in gates.values()}}
+    for name, (layer, gate) in gates.items():
         with torch.inference_mode():
-            weights = torch.softmax(gate(features), dim=-1).numpy()
+            weights = torch.softmax(gate(features[layer]), dim=-1).numpy()
         out[name] = (weights[:, None, :] * heads).sum(-1)
         mean_weights[name] = weights.mean(axis=0)
     return out, {mix: dict(zip(scorer.names, np.round(w.astype(float), 3).tolist())) for mix, w in mean_weights.items()}
@@ -133,8 +141,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     scorer = GatedScorer(args.model_dir)
-    gates = {"embeddings_routing": train_gate(scorer, args.data_root, False, args.seed),
-             "embeddings_routing_bt": train_gate(scorer, args.data_root, True, args.seed)}
+    gates = {"embeddings_routing": (0, train_gate(scorer, args.data_root, False, args.seed)),
+             "embeddings_routing_bt": (0, train_gate(scorer, args.data_root, True, args.seed)),
+             "frozen_blocks_routing": (FROZEN_BLOCKS, train_gate(scorer, args.data_root, False, args.seed, FROZEN_BLOCKS))}
     result: dict = {"model": str(args.model_dir), "accuracy": {}, "prompt_only_mean_weights": {}, "non_answer_beats_chosen": {}}
     for name in SETS:
         records = load_file(args.data_root / f"{name}.jsonl.gz").records
