@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from non_answer_probe import NON_ANSWERS  # noqa: E402
+from non_answer_probe import NON_ANSWERS, sampled_records  # noqa: E402
 from reward_core.backends import TorchBackend  # noqa: E402
 from reward_core.formatting import encode_conversations  # noqa: E402
 from reward_core.forward import pad_batch, pad_token_id  # noqa: E402
@@ -125,13 +124,23 @@ def non_answer_section(scorer: GatedScorer, records: list) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_arguments(doc: str) -> argparse.Namespace:
+    """The flags of this probe and of the experiments built on it (reports/default-rm-gate/)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--n", type=int, default=200, help="seeded prompts per set for the non-answers")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def non_answer_records(data_root: Path, name: str, n: int, seed: int) -> list:
+    """The same seeded prompts as scripts/non_answer_probe.py."""
+    return sampled_records(data_root / f"{name}.jsonl.gz", n, seed)
+
+
+def main() -> None:
+    args = probe_arguments(__doc__)
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -146,9 +155,7 @@ def main() -> None:
         result["pairs"][name] = {group: pairs_section(scorer, rows) for group, rows in groups.items()}
         print(f"{name}: done", file=sys.stderr, flush=True)
     for name in NON_ANSWER_SETS:
-        records = load_file(args.data_root / f"{name}.jsonl.gz").records
-        random.Random(args.seed).shuffle(records)  # the same prompts as scripts/non_answer_probe.py
-        result["non_answers"][name] = non_answer_section(scorer, records[:args.n])
+        result["non_answers"][name] = non_answer_section(scorer, non_answer_records(args.data_root, name, args.n, args.seed))
     print(json.dumps(result, indent=1))
 
 

@@ -22,7 +22,6 @@ The embedding gates are free at serving time (an embedding lookup); the trainer'
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from gate_probe import NON_ANSWER_SETS, NON_ANSWERS, SETS, GatedScorer  # noqa: E402
+from gate_probe import NON_ANSWER_SETS, NON_ANSWERS, SETS, GatedScorer, non_answer_records, probe_arguments  # noqa: E402
 from reward_core.formatting import encode_conversations  # noqa: E402
 from reward_core.forward import pad_batch  # noqa: E402
 from reward_core.objectives import prompt_mean  # noqa: E402
@@ -134,12 +133,7 @@ def mixtures(scorer: GatedScorer, gates: dict, prompts: list[list[dict]], answer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = probe_arguments(__doc__)
     scorer = GatedScorer(args.model_dir)
     gates = {"embeddings_routing": (0, train_gate(scorer, args.data_root, False, args.seed)),
              "embeddings_routing_bt": (0, train_gate(scorer, args.data_root, True, args.seed)),
@@ -157,9 +151,7 @@ def main() -> None:
             for group, mask in groups.items()}
         print(f"{name}: done", file=sys.stderr, flush=True)
     for name in NON_ANSWER_SETS:
-        records = load_file(args.data_root / f"{name}.jsonl.gz").records
-        random.Random(args.seed).shuffle(records)
-        records = records[:args.n]
+        records = non_answer_records(args.data_root, name, args.n, args.seed)
         rewards, _ = mixtures(scorer, gates, [r.prompt for r in records], [[r.best, *NON_ANSWERS] for r in records])
         result["non_answer_beats_chosen"][name] = {
             mix: {a: round(float((r[:, j] > r[:, 0]).mean()) * 100, 1) for j, a in enumerate(NON_ANSWERS, start=1)}

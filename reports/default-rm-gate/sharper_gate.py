@@ -7,9 +7,7 @@ its own heads. Per dev set, and on the non-answer probe's prompts.
 
 from __future__ import annotations
 
-import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from gate_probe import NON_ANSWER_SETS, NON_ANSWERS, SETS, GatedScorer  # noqa: E402
+from gate_probe import NON_ANSWER_SETS, NON_ANSWERS, SETS, GatedScorer, non_answer_records, probe_arguments  # noqa: E402
 from trainer.data import load_file  # noqa: E402
 
 TEMPERATURES = (1.0, 0.5, 0.25, 0.0)
@@ -35,12 +33,7 @@ def sharpened(weights: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = probe_arguments(__doc__)
     scorer = GatedScorer(args.model_dir)
     result: dict = {"model": str(args.model_dir), "accuracy": {}, "non_answer_beats_chosen": {}}
     for name in SETS:
@@ -55,9 +48,7 @@ def main() -> None:
                                     for g, m in groups.items()}
         print(f"{name}: done", file=sys.stderr, flush=True)
     for name in NON_ANSWER_SETS:
-        records = load_file(args.data_root / f"{name}.jsonl.gz").records
-        random.Random(args.seed).shuffle(records)
-        records = records[:args.n]
+        records = non_answer_records(args.data_root, name, args.n, args.seed)
         k = 1 + len(NON_ANSWERS)
         _, heads, weights = scorer.score([(r.prompt, a) for r in records for a in [r.best, *NON_ANSWERS]])
         heads, weights = heads.reshape(len(records), k, -1), weights.reshape(len(records), k, -1)
