@@ -29,52 +29,53 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from non_answer_probe import NON_ANSWERS, sampled_records  # noqa: E402
-from reward_core.backends import TorchBackend  # noqa: E402
 from reward_core.formatting import encode_conversations  # noqa: E402
-from reward_core.forward import pad_batch, pad_token_id  # noqa: E402
-from reward_core.loading import open_model_dir  # noqa: E402
-from reward_core.objectives import objectives_of  # noqa: E402
+from reward_core.forward import pad_token_id, reward_heads  # noqa: E402
+from reward_core.loading import load_sequence_classifier, open_model_dir  # noqa: E402
+from reward_core.objectives import combine_heads, gate_weights, objectives_of  # noqa: E402
 from trainer.data import load_file  # noqa: E402
+from trainer.scoring import length_sorted_chunks  # noqa: E402
 
 SETS = ["sanity/dev", "hh-harmless/dev", "truthfulqa/dev", "alpacaeval/dev-balanced", "alpacaeval/dev"]
 NON_ANSWER_SETS = ["alpacaeval/dev", "hh-harmless/dev", "truthfulqa/dev"]
 
 
 class GatedScorer:
-    """Each item's combined reward, each head's reward and the gate's weights, from one forward."""
+    """Each item's combined reward, each head's reward and the gate's weights, from one forward:
+    the service's ``reward_heads`` and ``combine_heads``, with the gate's weights kept."""
 
-    def __init__(self, model_dir: Path, batch_size: int = 32) -> None:
+    def __init__(self, model_dir: Path, max_tokens: int = 16384) -> None:
         self.files = open_model_dir(model_dir)
-        self.backend = TorchBackend(self.files.path, self.files.spec)
-        objectives = objectives_of(self.backend.model)
-        if objectives is None or not objectives.gated:
+        self.model = load_sequence_classifier(self.files.path, self.files.spec).eval()
+        self.objectives = objectives_of(self.model)
+        if self.objectives is None or not self.objectives.gated:
             raise SystemExit(f"{model_dir}: not a model whose heads combine by a gate")
-        self.names = list(objectives.names)
+        self.names = list(self.objectives.names)
         self.pad = pad_token_id(self.files.tokenizer)
-        self.batch_size = batch_size
-        self._gate_logits: list[np.ndarray] = []
-        self.backend.model.reward_gate.register_forward_hook(
-            lambda module, inputs, output: self._gate_logits.append(output.detach().float().cpu().numpy()))
+        self.max_tokens = max_tokens  # padded tokens per forward
+
+    def chunks(self, conversations: list[tuple[list[dict], str]]):
+        """The encoded conversations as length-sorted chunks, and the index back to input order."""
+        encoded = encode_conversations(conversations, self.files.tokenizer, self.files.spec)
+        return length_sorted_chunks(encoded, self.pad, self.max_tokens, "cpu")
 
     def score(self, conversations: list[tuple[list[dict], str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(combined [n], heads [n, H], gate weights [n, H]) in input order."""
-        encoded = encode_conversations(conversations, self.files.tokenizer, self.files.spec)
-        h = len(self.names)
-        columns = np.zeros((len(encoded), 1 + h), np.float32)
-        logits = np.zeros((len(encoded), h), np.float32)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # little padding
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            self._gate_logits.clear()
-            columns[rows] = self.backend.score_batch(pad_batch([encoded[i] for i in rows], self.pad))
-            logits[rows] = self._gate_logits[-1]
-        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return columns[:, 0], columns[:, 1:], weights / weights.sum(axis=1, keepdims=True)
+        chunks, order = self.chunks(conversations)
+        columns, weights = [], []
+        with torch.inference_mode():
+            for chunk in chunks:
+                heads, features = reward_heads(self.model, self.files.spec.architecture, *chunk)
+                columns.append(combine_heads(heads, self.objectives, self.model.reward_gate, features))
+                weights.append(gate_weights(self.model.reward_gate, features))
+        columns, weights = torch.cat(columns)[order].float().numpy(), torch.cat(weights)[order].float().numpy()
+        return columns[:, 0], columns[:, 1:], weights
 
 
 def pct(mask: np.ndarray) -> float:
@@ -141,9 +142,6 @@ def non_answer_records(data_root: Path, name: str, n: int, seed: int) -> list:
 
 def main() -> None:
     args = probe_arguments(__doc__)
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     scorer = GatedScorer(args.model_dir)
     result: dict = {"model": str(args.model_dir), "objectives": scorer.names, "pairs": {}, "non_answers": {}}
     for name in SETS:

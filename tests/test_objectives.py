@@ -175,7 +175,7 @@ def test_the_gate_probe_reads_the_weights_the_combination_used_and_sees_the_answ
     model_dir = tiny_models.build_tiny_objectives_bert(tmp_path / "heads", combine="gate", gate_layer=gate_layer)
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
     answers = ["Paris.", "I do not know, maybe Berlin, or perhaps somewhere else entirely in Europe."]
-    scorer = GatedScorer(model_dir, batch_size=1)
+    scorer = GatedScorer(model_dir)
 
     combined, heads, weights = scorer.score([(prompt, a) for a in answers])
 

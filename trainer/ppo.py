@@ -57,6 +57,7 @@ import logging
 import math
 import random
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -392,7 +393,7 @@ def eos_penalty_warning(missing_eos_penalty: float, reference_scores: list[float
     answers shrank and both the proxy and the gold fell before either rose)."""
     if not missing_eos_penalty or len(reference_scores) < 2:
         return None
-    spread = float(torch.tensor(reference_scores, dtype=torch.float64).std())
+    spread = statistics.stdev(reference_scores)
     if spread <= 0 or missing_eos_penalty <= 2 * spread:
         return None
     return (f"--missing-eos-penalty {missing_eos_penalty:g} is {missing_eos_penalty / spread:.1f}x the spread (std {spread:.3g}) "
@@ -468,8 +469,9 @@ class RewardScorer:
 
     ``rule`` (an ensemble's): an aggregate is sent as the request's ``aggregate`` (with
     ``uncertainty_penalty``); ``member:M`` asks for each member's reward (``return_members``) and
-    takes column M. ``objective`` (a model with objectives): that head's reward is asked for. For an ensemble every request also asks for the members' mean and spread
-    (``return_uncertainty``). ``gold_model`` (at ``gold_url``) scores the same responses for the log."""
+    takes column M. ``objective`` (a model with objectives): that head's reward is asked for. For
+    an ensemble every request also asks for the members' mean and spread (``return_uncertainty``).
+    ``gold_model`` (at ``gold_url``) scores the same responses for the log."""
 
     def __init__(self, url: str, model: str | None, client_options: dict[str, Any], *, rule: RewardRule | None = None,
                  uncertainty_penalty: float | None = None, gold_model: str | None = None, gold_url: str | None = None,

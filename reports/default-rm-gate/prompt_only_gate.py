@@ -35,8 +35,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from gate_probe import NON_ANSWER_SETS, NON_ANSWERS, SETS, GatedScorer, non_answer_records, probe_arguments  # noqa: E402
-from reward_core.formatting import encode_conversations  # noqa: E402
-from reward_core.forward import pad_batch  # noqa: E402
 from reward_core.objectives import prompt_mean  # noqa: E402
 from trainer.data import load_file, load_preferences  # noqa: E402
 
@@ -52,21 +50,17 @@ FROZEN_BLOCKS = 4  # the default trains its top 2 of MiniLM's 6 blocks
 def prompt_features(scorer: GatedScorer, prompts: list[list[dict]], layer: int = 0) -> torch.Tensor:
     """Mean over the prompt's tokens of hidden_states[layer], the prompt encoded alone: 0 the token
     embeddings, 4 the output of the default's four frozen blocks."""
-    encoded = encode_conversations([(p, "") for p in prompts], scorer.files.tokenizer, scorer.files.spec)
-    out = torch.zeros(len(encoded), scorer.backend.model.config.hidden_size)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    base = scorer.backend.model.base_model
-    for start in range(0, len(order), 64):
-        rows = order[start:start + 64]
-        batch = pad_batch([encoded[i] for i in rows], scorer.pad)
-        ids, mask, types = (torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids))
-        with torch.inference_mode():
+    chunks, order = scorer.chunks([(p, "") for p in prompts])
+    base = scorer.model.base_model
+    out = []
+    with torch.inference_mode():
+        for ids, mask, types in chunks:
             if layer == 0:
                 hidden = base.embeddings(input_ids=ids, token_type_ids=types)
             else:
                 hidden = base(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states[layer]
-            out[rows] = prompt_mean(hidden, mask, types).float()
-    return out
+            out.append(prompt_mean(hidden, mask, types).float())
+    return torch.cat(out)[order]
 
 
 def train_gate(scorer: GatedScorer, data_root: Path, with_bt: bool, seed: int, layer: int = 0) -> torch.nn.Linear:

@@ -36,7 +36,7 @@ base=$("$py" -c "from reward_core.model_dir import resolve_base_model; print(res
 for f in "$pairs/pairs-train.jsonl" "$pairs/pairs-dev.jsonl"; do xz -9 -c "$f" > "$stage/pairs/$(basename "$f").xz"; done
 xz -9 -c "$train_prompts" > "$stage/prompts/train_prompts.jsonl.xz"
 xz -9 -c "$dev_prompts" > "$stage/prompts/dev_prompts.jsonl.xz"
-tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)  # one total, however many files
 staged=$(du -sb "$stage" | cut -f1)
 echo "would travel: $(( (tree + staged) / 1024 / 1024 )) MiB of 64 (tree $((tree / 1024)) KiB, $stage $((staged / 1024)) KiB)"
 if (( tree + staged > 64 * 1024 * 1024 )); then
