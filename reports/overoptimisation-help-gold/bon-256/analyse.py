@@ -19,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+from overoptimisation import peak_and_end  # noqa: E402
 from reward_core.ensemble import parse_reward_rule, rule_rewards  # noqa: E402
 from trainer.evaluate.metrics import analytic_bon_kl, best_of_n_per_prompt  # noqa: E402
 from trainer.evaluate.report import save_figure  # noqa: E402
@@ -52,15 +55,19 @@ def paired(difference: np.ndarray) -> dict:
 
 
 def curve_summary(gold: np.ndarray, proxy: np.ndarray) -> dict:
-    """Where the mean gold peaks, and its fall from there to n = 256 (paired by prompt). Over-optimised:
-    the fall is more than twice its standard error while the proxy rose from the peak to the end."""
+    """Where the mean gold peaks and its fall from there to n = 256, paired by prompt; whether that is
+    over-optimisation is judged by the experiment's own rule (``peak_and_end`` of
+    scripts/overoptimisation.py: a fall of more than twice its standard error while the proxy rose)."""
     means = gold.mean(axis=1)
     peak = int(np.argmax(means))
     fall = paired(gold[peak] - gold[-1])
-    proxy_rose = bool(proxy[-1].mean() > proxy[peak].mean())
+    points = [{"n": n, "kl": analytic_bon_kl(n), "gold": float(g), "proxy": float(p)}
+              for n, g, p in zip(NS, means, proxy.mean(axis=1))]
+    points[-1]["gold_minus_peak_sem"] = fall["se"] if peak < len(NS) - 1 else 0.0
+    verdict = peak_and_end(points, "gold", "proxy", "kl")
     return {"gold": [round(float(m), 4) for m in means], "peak_n": NS[peak], "peak_kl": round(analytic_bon_kl(NS[peak]), 3),
             "gold_peak": round(float(means[peak]), 4), "gold_256": round(float(means[-1]), 4),
-            "fall_from_peak": fall, "over_optimised": bool(fall["diff"] > 2 * fall["se"] and proxy_rose)}
+            "fall_from_peak": fall, "over_optimised": verdict["gold_fell_while_proxy_rose"]}
 
 
 def analyse_draw(samples: Path) -> dict:
