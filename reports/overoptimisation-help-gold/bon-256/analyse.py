@@ -8,7 +8,9 @@ average member's peak and beyond.
     python reports/overoptimisation-help-gold/bon-256/analyse.py RUNS_DIR OUT_DIR
 
 RUNS_DIR holds d0 ... d4, each with best-of-n/samples.jsonl; a draw without one is reported as
-not run. Writes OUT_DIR/bon256.json and OUT_DIR/bon256.png.
+not run. Writes OUT_DIR/bon256.json and OUT_DIR/bon256.png. A third argument, another run's
+samples.jsonl of the same samples, supplies the gold's scores (for a proxy rescored without
+--gold-model, so the gold is not run over the same samples twice).
 """
 from __future__ import annotations
 
@@ -33,14 +35,20 @@ PENALTY = 1.0  # lambda of mean_minus_var, as the samples were scored
 Z = 1.959964  # 95%, normal
 
 
-def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """members [prompts, N, K] and gold [prompts, N], in the file's prompt and sample order."""
+def read_samples(path: Path, gold_from: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """members [prompts, N, K] and gold [prompts, N], in the file's prompt and sample order; the gold
+    from ``gold_from`` when given (the same samples, matched by prompt, sample and text)."""
+    gold_of = None
+    if gold_from is not None:
+        with gold_from.open() as f:
+            gold_of = {(r["prompt_index"], r["sample_index"], r["response"]): r["gold_score"] for r in map(json.loads, f)}
     by_prompt: dict[int, list[tuple[int, list[float], float]]] = {}
     with path.open() as f:
         for line in f:
             row = json.loads(line)
+            key = (row["prompt_index"], row["sample_index"], row["response"])
             by_prompt.setdefault(row["prompt_index"], []).append(
-                (row["sample_index"], row["proxy_members"], row["gold_score"]))
+                (row["sample_index"], row["proxy_members"], row["gold_score"] if gold_of is None else gold_of[key]))
     prompts = [sorted(by_prompt[p]) for p in sorted(by_prompt)]
     members = np.array([[s[1] for s in rows] for rows in prompts], dtype=np.float64)
     gold = np.array([[s[2] for s in rows] for rows in prompts], dtype=np.float64)
@@ -70,8 +78,8 @@ def curve_summary(gold: np.ndarray, proxy: np.ndarray) -> dict:
             "fall_from_peak": fall, "over_optimised": verdict["gold_fell_while_proxy_rose"]}
 
 
-def analyse_draw(samples: Path) -> dict:
-    members, gold_scores = read_samples(samples)
+def analyse_draw(samples: Path, gold_from: Path | None = None) -> dict:
+    members, gold_scores = read_samples(samples, gold_from)
     n_members = members.shape[-1]
     gold, proxy, out = {}, {}, {"prompts": members.shape[0], "samples_per_prompt": members.shape[1], "curves": {}}
     for name in [f"member:{m}" for m in range(n_members)] + RULES:
@@ -128,10 +136,11 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+    gold_from = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     results = {"ns": NS, "kl": [round(analytic_bon_kl(n), 3) for n in NS], "uncertainty_penalty": PENALTY, "draws": {}}
     for d in range(5):
         samples = runs / f"d{d}" / "best-of-n" / "samples.jsonl"
-        results["draws"][f"d{d}"] = analyse_draw(samples) if samples.is_file() else None
+        results["draws"][f"d{d}"] = analyse_draw(samples, gold_from) if samples.is_file() else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "bon256.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out / "bon256.png")
