@@ -15,9 +15,9 @@ samples.jsonl of the same samples, supplies the gold's scores (for a proxy resco
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -26,13 +26,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from overoptimisation import peak_and_end  # noqa: E402
 from reward_core.ensemble import parse_reward_rule, rule_rewards  # noqa: E402
-from trainer.evaluate.metrics import analytic_bon_kl, best_of_n_per_prompt  # noqa: E402
+from trainer.evaluate.metrics import CONFIDENCE, analytic_bon_kl, best_of_n_per_prompt, standard_error  # noqa: E402
 from trainer.evaluate.report import save_figure  # noqa: E402
 
 NS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 RULES = ["mean", "min", "mean_minus_var"]
 PENALTY = 1.0  # lambda of mean_minus_var, as the samples were scored
-Z = 1.959964  # 95%, normal
+Z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # the 95% interval, normal
 
 
 def read_samples(path: Path, gold_from: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +57,7 @@ def read_samples(path: Path, gold_from: Path | None = None) -> tuple[np.ndarray,
 
 def paired(difference: np.ndarray) -> dict:
     """Mean over prompts of a per-prompt difference, its standard error and 95% interval."""
-    mean = float(difference.mean())
-    se = float(difference.std(ddof=1) / math.sqrt(difference.size))
+    mean, se = float(difference.mean()), standard_error(difference)
     return {"diff": round(mean, 4), "se": round(se, 4), "ci": [round(mean - Z * se, 4), round(mean + Z * se, 4)]}
 
 
@@ -68,14 +67,14 @@ def curve_summary(gold: np.ndarray, proxy: np.ndarray) -> dict:
     scripts/overoptimisation.py: a fall of more than twice its standard error while the proxy rose)."""
     means = gold.mean(axis=1)
     peak = int(np.argmax(means))
-    fall = paired(gold[peak] - gold[-1])
+    fall_per_prompt = gold[peak] - gold[-1]
     points = [{"n": n, "kl": analytic_bon_kl(n), "gold": float(g), "proxy": float(p)}
               for n, g, p in zip(NS, means, proxy.mean(axis=1))]
-    points[-1]["gold_minus_peak_sem"] = fall["se"] if peak < len(NS) - 1 else 0.0
+    points[-1]["gold_minus_peak_sem"] = standard_error(fall_per_prompt) if peak < len(NS) - 1 else 0.0
     verdict = peak_and_end(points, "gold", "proxy", "kl")
     return {"gold": [round(float(m), 4) for m in means], "peak_n": NS[peak], "peak_kl": round(analytic_bon_kl(NS[peak]), 3),
             "gold_peak": round(float(means[peak]), 4), "gold_256": round(float(means[-1]), 4),
-            "fall_from_peak": fall, "over_optimised": verdict["gold_fell_while_proxy_rose"]}
+            "fall_from_peak": paired(fall_per_prompt), "over_optimised": verdict["gold_fell_while_proxy_rose"]}
 
 
 def analyse_draw(samples: Path, gold_from: Path | None = None) -> dict:
