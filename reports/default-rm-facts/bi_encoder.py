@@ -17,16 +17,16 @@ from transformers import AutoModel, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from reward_core.model_dir import resolve_base_model  # noqa: E402
+from reward_core.objectives import prompt_mean  # noqa: E402
 from trainer.evaluate.metrics import wilson_interval  # noqa: E402
 
 
 def embed(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Sentence-transformers' embedding: the mean over every attended token, unit length."""
     batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    pooled = (hidden * mask).sum(1) / mask.sum(1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    return torch.nn.functional.normalize(prompt_mean(hidden, batch["attention_mask"], None), dim=-1)
 
 
 def main(path: str) -> None:
@@ -39,7 +39,8 @@ def main(path: str) -> None:
     wins = ((q * chosen).sum(-1) > (q * rejected).sum(-1)).tolist()
     by = defaultdict(list)
     for row, won in zip(rows, wins):
-        by[row.get("category", "all")].append(won)
+        if row.get("category"):
+            by[row["category"]].append(won)
         by["all"].append(won)
     out = {}
     for name, values in by.items():

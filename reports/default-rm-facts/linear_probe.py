@@ -25,27 +25,26 @@ from transformers import AutoModel, AutoTokenizer
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1] / "scripts"))
 
 from bi_encoder import embed  # noqa: E402
-from reward_core.formatting import encode_conversations  # noqa: E402
-from reward_core.forward import pad_batch, pad_token_id, reward_heads  # noqa: E402
-from reward_core.loading import load_sequence_classifier, open_model_dir  # noqa: E402
+from gate_probe import GatedScorer  # noqa: E402
+from reward_core.forward import reward_heads  # noqa: E402
 from reward_core.model_dir import resolve_base_model  # noqa: E402
+from reward_core.objectives import prompt_mean  # noqa: E402
 from trainer.evaluate.metrics import wilson_interval  # noqa: E402
 
 
 def rm_pooled(model_dir: str, rows: list[dict]) -> np.ndarray:
-    files = open_model_dir(model_dir)
-    model = load_sequence_classifier(files.path, files.spec).eval()
+    scorer = GatedScorer(Path(model_dir))  # the model, encoded and chunked as the gate probe scores it
     captured = []
-    model.classifier.register_forward_hook(lambda module, args, out: captured.append(args[0].detach()))
+    scorer.model.classifier.register_forward_hook(lambda module, args, out: captured.append(args[0].detach()))
     conversations = [([{"role": "user", "content": r["prompt"]}], r[side]) for r in rows for side in ("chosen", "rejected")]
-    encoded = encode_conversations(conversations, files.tokenizer, files.spec)
-    batch = pad_batch(encoded, pad_token_id(files.tokenizer))
-    tensors = [torch.as_tensor(t) if t is not None else None for t in (batch.input_ids, batch.attention_mask, batch.token_type_ids)]
+    chunks, order = scorer.chunks(conversations)
     with torch.inference_mode():
-        reward_heads(model, files.spec.architecture, *tensors)
-    return torch.cat(captured).float().numpy()
+        for chunk in chunks:
+            reward_heads(scorer.model, scorer.files.spec.architecture, *chunk)
+    return torch.cat(captured)[order].float().numpy()
 
 
 def minilm(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -56,8 +55,7 @@ def minilm(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     batch = tokenizer(questions, answers, padding=True, return_tensors="pt")
     with torch.inference_mode():
         hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    cross = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    cross = prompt_mean(hidden, batch["attention_mask"], None).numpy()
     bi = (embed(model, tokenizer, questions) * embed(model, tokenizer, answers)).numpy()
     return cross, bi
 
