@@ -11,7 +11,7 @@ calls an ``async def`` function on its own event loop, concurrently with the oth
 :func:`text_reward_fn` is a plain ``reward_fn(texts) -> list[float]`` for trainers that hand over
 already-formatted texts.
 
-The TRL functions are picklable objects, not closures: TRL's ``AsyncGRPOTrainer``
+The TRL functions pickle (an object, and a partial of an ``async def``), unlike closures: TRL's ``AsyncGRPOTrainer``
 (``trl.experimental.async_grpo``) pickles its ``reward_funcs`` into a spawned rollout process.
 
 Each takes one service URL or a list of replicas' URLs (spread and failed over by the client).
@@ -26,15 +26,14 @@ Like the rest of ``client``, this module imports neither torch, TRL nor the serv
 
 from __future__ import annotations
 
-import inspect
+import functools
 import logging
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from .client import DEFAULT_URL, AsyncRewardClient, RewardClient, RewardServiceError
 
 __all__ = [
     "trl_reward_func", "trl_async_reward_func", "text_reward_fn", "completions_to_items", "TRLRewardFunction",
-    "AsyncTRLRewardFunction",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,33 +140,31 @@ class TRLRewardFunction(_TRLReward):
         self.client = RewardClient(self.url, **self.client_options)
 
 
-class AsyncTRLRewardFunction(_TRLReward):
-    """The ``async def`` TRL reward function built by :func:`trl_async_reward_func`.
+class _NamedPartial(functools.partial):
+    """A partial that shows its name, not what it binds (the client's options may hold an API key)."""
 
-    TRL picks the async path with ``inspect.iscoroutinefunction``, which takes an object that has a
-    coroutine function's ``__code__`` (as it takes Cython functions and ``unittest.mock.AsyncMock``):
-    the class carries its ``__call__``'s. Each call opens its client on the loop it runs on (an
-    httpx async client cannot move between loops), so there is nothing to drop when pickling."""
-
-    __defaults__ = None
-    __kwdefaults__ = None
-
-    async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
-        items = completions_to_items(prompts, completions)
-        if not items:
-            return []
-        try:
-            async with AsyncRewardClient(self.url, **self.client_options) as rm:
-                return list((await rm.score(items, **self.score_options)).scores)
-        except RewardServiceError as exc:
-            return _failed(len(items), exc, self.on_error)
+    def __repr__(self) -> str:
+        return f"<TRL reward function {getattr(self, '__name__', '?')}>"
 
 
-AsyncTRLRewardFunction.__code__ = AsyncTRLRewardFunction.__call__.__code__  # type: ignore[attr-defined]
-_call_signature = inspect.signature(AsyncTRLRewardFunction.__call__)
-AsyncTRLRewardFunction.__signature__ = _call_signature.replace(  # type: ignore[attr-defined]
-    parameters=list(_call_signature.parameters.values())[1:]  # without self
-)
+async def _async_trl_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, *, _url: str | list[str],
+    _score_options: dict[str, Any], _on_error: OnError, _client_options: dict[str, Any], **kwargs: Any,
+) -> list[float | None]:
+    """What :func:`trl_async_reward_func` returns, with its settings bound by ``functools.partial``.
+
+    A partial of a module-level ``async def`` rather than an object with an async ``__call__``:
+    ``inspect.iscoroutinefunction`` sees through a partial on every Python this project supports,
+    and a partial pickles (for ``AsyncGRPOTrainer``) with what it binds. Each call opens its client
+    on the loop it runs on (an httpx async client cannot move between loops)."""
+    items = completions_to_items(prompts, completions)
+    if not items:
+        return []
+    try:
+        async with AsyncRewardClient(_url, **_client_options) as rm:
+            return list((await rm.score(items, **_score_options)).scores)
+    except RewardServiceError as exc:
+        return _failed(len(items), exc, _on_error)
 
 
 def _score_options(model, normalize, objective, aggregate, uncertainty_penalty) -> dict[str, Any]:
@@ -218,17 +215,20 @@ def trl_async_reward_func(
     on_error: OnError = "raise",
     name: str | None = None,
     **client_options: Any,
-) -> AsyncTRLRewardFunction:
+) -> Callable[..., Awaitable[list[float | None]]]:
     """The ``async def`` flavour: TRL awaits it concurrently with its other async reward functions
     (``objective``, ``aggregate``, ``uncertainty_penalty`` and ``name`` as for :func:`trl_reward_func`).
 
     TRL runs async reward functions on an event loop of its own, so each call opens its client
     on the loop it runs on (an httpx async client cannot move between loops). It pickles.
     """
-    return AsyncTRLRewardFunction(
-        url, _name(name, objective, aggregate), _score_options(model, normalize, objective, aggregate, uncertainty_penalty),
-        on_error, client_options,
+    reward_func = _NamedPartial(
+        _async_trl_reward, _url=url if isinstance(url, str) else list(url),
+        _score_options=_score_options(model, normalize, objective, aggregate, uncertainty_penalty), _on_error=on_error,
+        _client_options=client_options,
     )
+    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective, aggregate)  # type: ignore[attr-defined]
+    return reward_func
 
 
 def text_reward_fn(
