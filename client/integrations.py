@@ -11,6 +11,9 @@ calls an ``async def`` function on its own event loop, concurrently with the oth
 :func:`text_reward_fn` is a plain ``reward_fn(texts) -> list[float]`` for trainers that hand over
 already-formatted texts.
 
+The TRL functions pickle (an object, and a partial of an ``async def``), unlike closures: TRL's ``AsyncGRPOTrainer``
+(``trl.experimental.async_grpo``) pickles its ``reward_funcs`` into a spawned rollout process.
+
 Each takes one service URL or a list of replicas' URLs (spread and failed over by the client).
 For a model with several reward heads, ``objective=`` makes a function return that head's reward
 instead of the combination; TRL logs each function under its name (``reward_<objective>`` by
@@ -23,12 +26,15 @@ Like the rest of ``client``, this module imports neither torch, TRL nor the serv
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from .client import DEFAULT_URL, AsyncRewardClient, RewardClient, RewardServiceError
 
-__all__ = ["trl_reward_func", "trl_async_reward_func", "text_reward_fn", "completions_to_items"]
+__all__ = [
+    "trl_reward_func", "trl_async_reward_func", "text_reward_fn", "completions_to_items", "TRLRewardFunction",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,89 @@ def _failed(n: int, exc: Exception, on_error: OnError) -> list[float | None]:
     return [None] * n
 
 
+class _TRLReward:
+    """What the two TRL reward functions share. They are objects rather than closures so that
+    they pickle: TRL's ``AsyncGRPOTrainer`` (``trl.experimental.async_grpo``) sends its
+    ``reward_funcs`` to a spawned rollout process with ``pickle`` and refuses closures. TRL names
+    a reward function by ``__name__`` (``get_callable_name``), so each carries its own."""
+
+    def __init__(
+        self, url: str | Sequence[str], name: str, score_options: dict[str, Any], on_error: OnError,
+        client_options: dict[str, Any],
+    ) -> None:
+        self.url = url if isinstance(url, str) else list(url)
+        self.__name__ = self.__qualname__ = name
+        self.score_options = score_options
+        self.on_error = on_error
+        self.client_options = client_options
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.__name__} url={self.url!r}>"
+
+
+class TRLRewardFunction(_TRLReward):
+    """The synchronous TRL reward function built by :func:`trl_reward_func`. ``.client`` is its
+    :class:`RewardClient` (close it when done); a copy made by pickling opens a client of its own."""
+
+    def __init__(self, *args: Any, client: RewardClient | None = None) -> None:
+        super().__init__(*args)
+        self._own_client = client is None
+        self.client = client or RewardClient(self.url, **self.client_options)
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
+        items = completions_to_items(prompts, completions)
+        if not items:
+            return []
+        try:
+            return list(self.client.score(items, **self.score_options).scores)
+        except RewardServiceError as exc:
+            return _failed(len(items), exc, self.on_error)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if not self._own_client:
+            raise TypeError(
+                f"{self.__name__} was built around a RewardClient passed as client=, which does not pickle: "
+                "pass the URL and the client's options to trl_reward_func instead"
+            )
+        return {k: v for k, v in self.__dict__.items() if k != "client"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.client = RewardClient(self.url, **self.client_options)
+
+
+class _NamedPartial(functools.partial):
+    """A partial that shows its name, not what it binds (the client's options may hold an API key)."""
+
+    def __repr__(self) -> str:
+        return f"<TRL reward function {getattr(self, '__name__', '?')}>"
+
+
+async def _async_trl_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, *, _url: str | list[str],
+    _score_options: dict[str, Any], _on_error: OnError, _client_options: dict[str, Any], **kwargs: Any,
+) -> list[float | None]:
+    """What :func:`trl_async_reward_func` returns, with its settings bound by ``functools.partial``.
+
+    A partial of a module-level ``async def`` rather than an object with an async ``__call__``:
+    ``inspect.iscoroutinefunction`` sees through a partial on every Python this project supports,
+    and a partial pickles (for ``AsyncGRPOTrainer``) with what it binds. Each call opens its client
+    on the loop it runs on (an httpx async client cannot move between loops)."""
+    items = completions_to_items(prompts, completions)
+    if not items:
+        return []
+    try:
+        async with AsyncRewardClient(_url, **_client_options) as rm:
+            return list((await rm.score(items, **_score_options)).scores)
+    except RewardServiceError as exc:
+        return _failed(len(items), exc, _on_error)
+
+
+def _score_options(model, normalize, objective, aggregate, uncertainty_penalty) -> dict[str, Any]:
+    return {"model": model, "normalize": normalize, "objective": objective, "aggregate": aggregate,
+            "uncertainty_penalty": uncertainty_penalty}
+
+
 def trl_reward_func(
     url: str | Sequence[str] = DEFAULT_URL,
     *,
@@ -95,7 +184,7 @@ def trl_reward_func(
     name: str | None = None,
     client: RewardClient | None = None,
     **client_options: Any,
-) -> Callable[..., list[float | None]]:
+) -> TRLRewardFunction:
     """A synchronous TRL reward function scoring completions with the service at ``url``.
 
     ``objective``: for a model with several reward heads, that head's reward instead of their
@@ -106,23 +195,13 @@ def trl_reward_func(
     (``reward_<aggregate>`` with a rule).
     ``on_error="none"`` returns ``None`` for every completion when the service fails after the
     client's retries (TRL then ignores them) instead of raising. Extra keyword arguments go to
-    :class:`RewardClient` (timeout, max_retries, chunk_size...).
+    :class:`RewardClient` (timeout, max_retries, chunk_size...). The function pickles (for TRL's
+    ``AsyncGRPOTrainer``) unless it was given a ``client``.
     """
-    rm = client or RewardClient(url, **client_options)
-    ensemble = {"aggregate": aggregate, "uncertainty_penalty": uncertainty_penalty}
-
-    def reward_func(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
-        items = completions_to_items(prompts, completions)
-        if not items:
-            return []
-        try:
-            return list(rm.score(items, model=model, normalize=normalize, objective=objective, **ensemble).scores)
-        except RewardServiceError as exc:
-            return _failed(len(items), exc, on_error)
-
-    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective, aggregate)
-    reward_func.client = rm  # type: ignore[attr-defined]  # so a caller can close it
-    return reward_func
+    return TRLRewardFunction(
+        url, _name(name, objective, aggregate), _score_options(model, normalize, objective, aggregate, uncertainty_penalty),
+        on_error, client_options, client=client,
+    )
 
 
 def trl_async_reward_func(
@@ -141,21 +220,14 @@ def trl_async_reward_func(
     (``objective``, ``aggregate``, ``uncertainty_penalty`` and ``name`` as for :func:`trl_reward_func`).
 
     TRL runs async reward functions on an event loop of its own, so each call opens its client
-    on the loop it runs on (an httpx async client cannot move between loops).
+    on the loop it runs on (an httpx async client cannot move between loops). It pickles.
     """
-    ensemble = {"aggregate": aggregate, "uncertainty_penalty": uncertainty_penalty}
-
-    async def reward_func(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
-        items = completions_to_items(prompts, completions)
-        if not items:
-            return []
-        try:
-            async with AsyncRewardClient(url, **client_options) as rm:
-                return list((await rm.score(items, model=model, normalize=normalize, objective=objective, **ensemble)).scores)
-        except RewardServiceError as exc:
-            return _failed(len(items), exc, on_error)
-
-    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective, aggregate)
+    reward_func = _NamedPartial(
+        _async_trl_reward, _url=url if isinstance(url, str) else list(url),
+        _score_options=_score_options(model, normalize, objective, aggregate, uncertainty_penalty), _on_error=on_error,
+        _client_options=client_options,
+    )
+    reward_func.__name__ = reward_func.__qualname__ = _name(name, objective, aggregate)  # type: ignore[attr-defined]
     return reward_func
 
 

@@ -199,3 +199,20 @@ def compute_score_batch(
         return []
     response = _client(_options(kwargs)).score(items, **_score_options(kwargs))
     return _scores(response)
+
+
+# verl may load this file by path (``custom_reward_function.path=/path/to/client/verl.py``) under
+# a module name of its own that is not in ``sys.modules``. A function of such a module pickles by
+# value, with the globals it reaches: the client cache and its lock, which do not pickle. verl
+# ships the reward function to other processes: the reward loop's ``remote`` manager hands it to
+# Ray workers (``RewardComputeWorker``), and ``reward_model.launch_reward_fn_async`` sends the
+# reward manager to a Ray task. So a copy loaded by path hands out the installed module's
+# functions (``from client.client import`` above already needs the package installed): they
+# pickle by reference, as with ``pkg://client.verl``, and share one client cache.
+if __name__ != "client.verl":
+    import client.verl as _installed  # noqa: PLW0406 - the installed copy, not this file
+
+    compute_score = _installed.compute_score
+    compute_score_async = _installed.compute_score_async
+    compute_score_batch = _installed.compute_score_batch
+    verl_item = _installed.verl_item

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import pickle
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -13,7 +17,7 @@ from transformers import AutoTokenizer
 
 from client import RewardClient, RewardServiceError
 from client.integrations import text_reward_fn, trl_async_reward_func, trl_reward_func
-from server import free_port, running_server
+from server import REPO_ROOT, free_port, running_server
 
 PROMPTS = ["What is the capital of France?", "Say hi"]
 COMPLETIONS = ["Paris.", "Go away."]
@@ -110,3 +114,47 @@ def test_text_reward_fn_scores_formatted_texts_like_v1_score(server, model_dirs)
 
     assert reward_fn(texts) == pytest.approx(v1(server, [{"messages": c} for c in conversations]), abs=1e-4)
     assert reward_fn([]) == []
+
+
+# TRL's AsyncGRPOTrainer (trl.experimental.async_grpo, main at f2cd577): AsyncRolloutWorker.start()
+# checks pickle.dumps(reward_funcs) and refuses what does not pickle (closures), then a spawned
+# process unpickles them; _score_group calls a plain function with asyncio.to_thread and awaits an
+# async one (inspect.iscoroutinefunction), all gathered, with keywords only; the function names
+# come from get_callable_name (``__name__``). Rebuilt here without TRL.
+SPAWNED_ROLLOUT_PROCESS = r"""
+import asyncio, inspect, json, pickle, sys
+reward_funcs = pickle.loads(sys.stdin.buffer.read())
+kwargs = json.loads(sys.argv[1])
+async def score_group():
+    return await asyncio.gather(*[
+        f(**kwargs) if inspect.iscoroutinefunction(f) else asyncio.to_thread(f, **kwargs) for f in reward_funcs
+    ])
+print(json.dumps({"names": [getattr(f, "__name__", type(f).__name__) for f in reward_funcs],
+                  "rewards": asyncio.run(score_group())}))
+"""
+
+
+def test_trl_functions_pickle_into_a_spawned_process_as_async_grpo_sends_them(server):
+    funcs = [trl_reward_func(server.url, model="llama"), trl_async_reward_func(server.url, model="bert", name="rm_bert")]
+    assert [inspect.iscoroutinefunction(f) for f in funcs] == [False, True]
+    payload = pickle.dumps(funcs)  # what AsyncRolloutWorker.start() checks before spawning
+    kwargs = {"prompts": CONVERSATIONAL_PROMPTS, "completions": CONVERSATIONAL_COMPLETIONS,
+              "completion_ids": [[1, 2, 3]] * 2, "ground_truth": ["Paris", "Hello"]}
+
+    child = subprocess.run([sys.executable, "-c", SPAWNED_ROLLOUT_PROCESS, json.dumps(kwargs)], input=payload,
+                           capture_output=True, cwd=REPO_ROOT, timeout=120, check=False)
+
+    assert child.returncode == 0, child.stderr.decode()
+    answer = json.loads(child.stdout)
+    assert answer["names"] == ["reward_model", "rm_bert"]
+    items = [{"messages": p + c} for p, c in zip(CONVERSATIONAL_PROMPTS, CONVERSATIONAL_COMPLETIONS)]
+    assert answer["rewards"][0] == pytest.approx(v1(server, items, "llama"), abs=1e-4)
+    assert answer["rewards"][1] == pytest.approx(v1(server, items, "bert"), abs=1e-4)
+    funcs[0].client.close()
+
+
+def test_a_trl_function_around_a_caller_s_client_says_why_it_does_not_pickle(server):
+    with RewardClient(server.url) as client:
+        reward_func = trl_reward_func(client=client)
+        with pytest.raises(TypeError, match="client="):
+            pickle.dumps(reward_func)

@@ -19,6 +19,9 @@ import asyncio
 import functools
 import importlib.util
 import inspect
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -267,6 +270,35 @@ def test_verl_batch_reward_function_and_a_missing_prompt(server):
     single = load_like_verl(REPO_ROOT / "client" / "verl.py", "compute_score", {"reward_url": server.url})
     with pytest.raises(ValueError, match="extra_info"):
         single(data_source="gsm8k", solution_str="4", ground_truth="4", extra_info={"split": "train"})
+
+
+VERL_RAY_WORKER = r"""
+import json, sys
+import cloudpickle
+compute_score = cloudpickle.loads(sys.stdin.buffer.read())
+samples = json.loads(sys.argv[1])
+print(json.dumps([compute_score(data_source="gsm8k", solution_str=r, ground_truth="", extra_info=i) for i, r in samples]))
+"""
+
+
+@pytest.mark.parametrize("where", ["file", "pkg://client.verl"])
+def test_verl_custom_reward_function_shipped_to_a_ray_worker(server, where):
+    # verl's reward loop with reward_manager=remote hands the loaded function (verl's partial around
+    # it) to Ray workers, RewardComputeWorker.remote(self.compute_score), as
+    # reward_model.launch_reward_fn_async does with the reward manager: Ray pickles it with
+    # cloudpickle, which pickles a function of a file-loaded module (not in sys.modules) by value.
+    cloudpickle = pytest.importorskip("cloudpickle")
+    path = REPO_ROOT / "client" / "verl.py" if where == "file" else where
+    compute_score = load_like_verl(path, "compute_score", {"reward_url": server.url, "reward_model": "default"})
+    compute_score(data_source="x", solution_str="Hi!", ground_truth="", extra_info=dict(VERL_SAMPLES[0][0]))  # a client cached
+    samples = [({"question": "What is the capital of France?"}, "Paris is the capital of France."),
+               ({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]}, "Hi!")]
+
+    worker = subprocess.run([sys.executable, "-c", VERL_RAY_WORKER, json.dumps(samples)], input=cloudpickle.dumps(compute_score),
+                            capture_output=True, cwd=REPO_ROOT, timeout=120, check=False)
+
+    assert worker.returncode == 0, worker.stderr.decode()
+    assert json.loads(worker.stdout) == pytest.approx(expected_for_verl(server, "default"), abs=1e-4)
 
 
 # --------------------------------------------------------------------------- 4. vLLM's chat form
