@@ -32,6 +32,8 @@ than ignoring it. Revisions:
   ``return_members`` each member's reward (``members``); ``ensemble`` on the model card (K,
   top_layers, the served aggregate and penalty); ``reward_mean`` and ``reward_std`` in
   ``/get_reward``'s ``extra_logs``. Models that are not ensembles answer exactly as in 1.1.
+- ``1.3``: ``gate_temperature`` in a gated model's ``combine`` on the model card (the gate's
+  softmax temperature, ``objectives.gate_temperature`` in reward_model.json).
 
 Other frameworks' wire shapes, served beside ``/v1`` so their trainers work unchanged (last
 section of this module):
@@ -66,7 +68,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 API_VERSION = "v1"
-API_REVISION = "1.2"  # see the module docstring: what each revision of /v1 added
+API_REVISION = "1.3"  # see the module docstring: what each revision of /v1 added
 
 # The largest integer the store keeps (a signed 64-bit column): ids, task ids and cursors.
 MAX_ID = 2**63 - 1
@@ -356,6 +358,10 @@ class CombineRule(BaseModel):
     )
     weights: list[float] | None = Field(
         default=None, description="The rule 'weights': one weight per objective, in `objectives` order."
+    )
+    gate_temperature: float | None = Field(
+        default=None, description="The rule 'gate': the temperature of the gate's softmax over the objectives (1: as "
+        "trained; below 1: the weights lean harder on the objective the gate ranks first). (1.3)"
     )
 
 

@@ -19,11 +19,17 @@ of ``names``, so the backbone runs once per item whatever the number of heads. T
   is moved by the response too: a response can shift the weights towards a head that rates it
   higher. ``gate_layer`` 0 reads the token embeddings (``hidden_states[0]``), which no other token
   reaches: a gate on the prompt alone, at the cost of an embedding lookup.
+  ``gate_temperature`` T (default 1) softmaxes the gate's logits divided by T: below 1 the
+  weights sharpen towards the objective the gate ranks first (ArmoRM's gate has such a
+  temperature too). It is a rule chosen after training (``reward export-warm --gate-temperature``,
+  or the field edited), so the same trained gate can be served sharper; the trainer's routing
+  loss reads the gate at T = 1.
 
 ```json
 "objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate"}
 "objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate", "gate_layer": -2}
 "objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate", "gate_layer": 0}
+"objectives": {"names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate", "gate_layer": -2, "gate_temperature": 0.5}
 "objectives": {"names": ["helpfulness", "harmlessness"], "combine": "weights", "weights": [0.5, 0.5]}
 ```
 
@@ -61,6 +67,7 @@ class Objectives:
     combine: str = "gate"
     weights: tuple[float, ...] | None = None
     gate_layer: int = -1  # which hidden states the gate reads (an index of the model's hidden_states)
+    gate_temperature: float = 1.0  # the gate's softmax temperature
 
     def __post_init__(self) -> None:
         names = tuple(self.names)
@@ -98,6 +105,14 @@ class Objectives:
             )
         if self.gate_layer != -1 and not self.gated:
             raise ObjectivesError("objectives.gate_layer is for combine='gate'")
+        t = self.gate_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ObjectivesError(
+                f"objectives.gate_temperature must be a positive number (1: the gate as trained; below 1: sharper), not {t!r}"
+            )
+        object.__setattr__(self, "gate_temperature", float(t))
+        if self.gate_temperature != 1.0 and not self.gated:
+            raise ObjectivesError("objectives.gate_temperature is for combine='gate'")
 
     @property
     def gated(self) -> bool:
@@ -115,6 +130,8 @@ class Objectives:
             data["weights"] = list(self.weights)
         if self.gate_layer != -1:  # files without it read as before
             data["gate_layer"] = self.gate_layer
+        if self.gate_temperature != 1.0:  # likewise
+            data["gate_temperature"] = self.gate_temperature
         return data
 
     @classmethod
@@ -123,14 +140,15 @@ class Objectives:
             return raw
         if not isinstance(raw, dict):
             raise ObjectivesError('objectives must be an object such as {"names": [...], "combine": "gate"}')
-        unknown = set(raw) - {"names", "combine", "weights", "gate_layer"}
+        known = ("names", "combine", "weights", "gate_layer", "gate_temperature")
+        unknown = set(raw) - set(known)
         if unknown:
-            raise ObjectivesError(f"objectives has unknown keys {sorted(unknown)} (known: names, combine, weights, gate_layer)")
+            raise ObjectivesError(f"objectives has unknown keys {sorted(unknown)} (known: {', '.join(known)})")
         names = raw.get("names")
         if not isinstance(names, list):
             raise ObjectivesError("objectives.names must be a list of objective names")
         return cls(names=tuple(names), combine=raw.get("combine", "gate"), weights=raw.get("weights"),
-                   gate_layer=raw.get("gate_layer", -1))
+                   gate_layer=raw.get("gate_layer", -1), gate_temperature=raw.get("gate_temperature", 1.0))
 
 
 def prompt_mean(hidden: Any, attention_mask: Any, token_type_ids: Any) -> Any:
@@ -152,7 +170,7 @@ def combine_heads(heads: Any, objectives: Objectives, gate: Any = None, prompt_f
     import torch
 
     if objectives.gated:
-        weights = gate_weights(gate, prompt_features).to(heads.dtype)
+        weights = gate_weights(gate, prompt_features, objectives.gate_temperature).to(heads.dtype)
         combined = (weights * heads).sum(dim=-1, keepdim=True)
     else:
         w = torch.tensor(objectives.weights, dtype=heads.dtype, device=heads.device)
@@ -160,11 +178,12 @@ def combine_heads(heads: Any, objectives: Objectives, gate: Any = None, prompt_f
     return torch.cat([combined, heads], dim=-1)
 
 
-def gate_weights(gate: Any, prompt_features: Any) -> Any:
-    """The gate's weights per objective, [batch, H] (each row sums to 1)."""
+def gate_weights(gate: Any, prompt_features: Any, temperature: float = 1.0) -> Any:
+    """The gate's weights per objective, [batch, H] (each row sums to 1), at softmax ``temperature``."""
     import torch
 
-    return torch.softmax(gate(prompt_features).float(), dim=-1)
+    logits = gate(prompt_features).float()
+    return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
 
 
 def attach_objectives(model: Any, objectives: Objectives) -> Any:

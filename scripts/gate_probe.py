@@ -73,7 +73,7 @@ class GatedScorer:
             for chunk in chunks:
                 heads, features = reward_heads(self.model, self.files.spec.architecture, *chunk)
                 columns.append(combine_heads(heads, self.objectives, self.model.reward_gate, features))
-                weights.append(gate_weights(self.model.reward_gate, features))
+                weights.append(gate_weights(self.model.reward_gate, features, self.objectives.gate_temperature))
         columns, weights = torch.cat(columns)[order].float().numpy(), torch.cat(weights)[order].float().numpy()
         return columns[:, 0], columns[:, 1:], weights
 

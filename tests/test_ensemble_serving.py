@@ -21,7 +21,7 @@ import torch
 
 import tiny_models
 from client import AsyncRewardClient, RewardClient, RewardServiceError
-from client.protocol import AggregateRule
+from client.protocol import API_REVISION, AggregateRule
 from reward_core.ensemble import AGGREGATES
 from reward_core.formatting import encode_items, encode_texts
 from reward_core.forward import reward_columns
@@ -319,7 +319,7 @@ def test_a_single_models_answers_read_as_before(server):
     assert set(compare["results"][0]) == {"reward_a", "reward_b", "p_a_better"}
     assert set(rewarded["extra_logs"]) == {"reward_model_tokens", "reward_model_truncated"}
     assert "ensemble" not in card and "objectives" not in card
-    assert httpx.get(f"{server.url}/openapi.json").json()["info"]["version"] == "1.2"
+    assert httpx.get(f"{server.url}/openapi.json").json()["info"]["version"] == API_REVISION
 
 
 def test_trl_and_verl_reward_functions_pass_the_rule(server, client, direct):

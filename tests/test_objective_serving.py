@@ -163,6 +163,7 @@ def test_the_model_list_names_the_heads_and_the_rule(client):
 
     assert cards["heads"].objectives == HEADS
     assert cards["heads"].combine.rule == "gate" and cards["heads"].combine.weights is None
+    assert cards["heads"].combine.gate_temperature == 1.0  # the gate's softmax as trained
     assert cards["single"].objectives is None and cards["single"].combine is None
 
 

@@ -141,6 +141,39 @@ def test_objectives_validate_their_rule():
             Objectives(("a", "b"), "gate", gate_layer=bad)
     with pytest.raises(ObjectivesError, match="for combine='gate'"):
         Objectives(("a", "b"), "weights", gate_layer=-2)
+    # the gate's softmax temperature: also written only when not 1
+    sharp = Objectives.from_json({"names": ["a", "b"], "combine": "gate", "gate_temperature": 0.5})
+    assert sharp.gate_temperature == 0.5 and sharp.to_json()["gate_temperature"] == 0.5
+    for bad in (0, -1.0, float("inf"), float("nan"), "0.5", True):
+        with pytest.raises(ObjectivesError, match="gate_temperature must be a positive number"):
+            Objectives(("a", "b"), "gate", gate_temperature=bad)
+    with pytest.raises(ObjectivesError, match="gate_temperature is for combine='gate'"):
+        Objectives(("a", "b"), "weights", gate_temperature=0.5)
+    with pytest.raises(ObjectivesError, match="unknown keys \\['temperature'\\]"):
+        Objectives.from_json({"names": ["a"], "combine": "gate", "temperature": 0.5})
+
+
+def test_a_gate_served_at_a_lower_temperature_sharpens_its_weights_and_nothing_else(tmp_path):
+    # the same trained model, its reward_model.json asking for gate_temperature 0.5: the heads are
+    # unchanged, and the reward mixes them by softmax(gate logits / 0.5), nearer the top objective
+    from reward_core.forward import reward_heads
+
+    soft = tiny_models.build_tiny_objectives_bert(tmp_path / "soft", gate_layer=-2)
+    sharp = tiny_models.build_tiny_objectives_bert(tmp_path / "sharp", gate_layer=-2, gate_temperature=0.5)
+    files = open_model_dir(sharp)
+    assert files.spec.objectives.gate_temperature == 0.5
+    (ids, mask, types), batch = _inputs(files)
+    soft_columns = TorchBackend(soft, open_model_dir(soft).spec).score_batch(batch)
+    sharp_columns = TorchBackend(sharp, files.spec).score_batch(batch)
+    np.testing.assert_allclose(sharp_columns[:, 1:], soft_columns[:, 1:], atol=1e-6)
+    model = load_sequence_classifier(sharp, files.spec).eval()
+    with torch.no_grad():
+        heads, features = reward_heads(model, "encoder", ids, mask, types)
+        logits = model.reward_gate(features)
+    soft_weights, sharp_weights = torch.softmax(logits, -1), torch.softmax(logits / 0.5, -1)
+    np.testing.assert_allclose(soft_columns[:, 0], (soft_weights * heads).sum(-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(sharp_columns[:, 0], (sharp_weights * heads).sum(-1).numpy(), atol=1e-6)
+    assert torch.all(sharp_weights.max(-1).values > soft_weights.max(-1).values)
 
 
 def test_a_gate_layer_the_model_does_not_have_is_refused_with_the_range(tmp_path):

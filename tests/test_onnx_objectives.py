@@ -43,10 +43,12 @@ def exports(tmp_path_factory):
         "gatelow": tiny_models.build_tiny_objectives_bert(root / "gatelow", combine="gate", gate_layer=-2),
         # a gate on the token embeddings (objectives.gate_layer 0)
         "gateemb": tiny_models.build_tiny_objectives_bert(root / "gateemb", combine="gate", gate_layer=0),
+        # a gate served sharper than trained (objectives.gate_temperature 0.5)
+        "gatesharp": tiny_models.build_tiny_objectives_bert(root / "gatesharp", gate_layer=-2, gate_temperature=0.5),
     }
     dirs, summaries = {}, {}
     for name, source in sources.items():
-        for int8 in (False, True) if name not in ("gatelow", "gateemb") else (False,):
+        for int8 in (False, True) if name not in ("gatelow", "gateemb", "gatesharp") else (False,):
             key = f"{name}-{'int8' if int8 else 'fp32'}"
             dirs[key] = root / key
             summaries[key] = export_onnx(source, dirs[key], int8=int8)
@@ -66,7 +68,7 @@ def backends(sources, dirs, key):
     return TorchBackend(source, open_model_dir(source).spec), OnnxBackend(dirs[key], exported.spec), exported
 
 
-@pytest.mark.parametrize("variant", ["gate", "gatelow", "gateemb", "weights"])
+@pytest.mark.parametrize("variant", ["gate", "gatelow", "gateemb", "gatesharp", "weights"])
 def test_fp32_export_gives_every_column_torch_gives(exports, variant):
     sources, dirs, summaries = exports
     key = f"{variant}-fp32"

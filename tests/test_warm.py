@@ -238,6 +238,33 @@ def test_runs_that_differ_only_in_their_heads_average_to_exactly_their_mean_rewa
     assert json.loads((tmp_path / "warm" / "reward_model.json").read_text())["reward_mean"] is None  # no --stats-data
 
 
+def test_runs_averaged_with_a_gate_temperature_serve_their_gate_at_it(tmp_path, capsys):
+    first = tiny_models.build_tiny_objectives_bert(tmp_path / "a")
+    second = tiny_models.build_tiny_objectives_bert(tmp_path / "b", seed=1)
+    args = ["export-warm", "--model", str(first), "--model", str(second)]
+    assert reward_cli.main(args + ["--out", str(tmp_path / "warm"), "--gate-temperature", "0.5"]) == 0
+    capsys.readouterr()
+    written = json.loads((tmp_path / "warm" / "reward_model.json").read_text())
+    assert written["objectives"]["gate_temperature"] == 0.5
+    plain = export_warm_runs([first, second], tmp_path / "plain")
+    assert "gate_temperature" not in json.loads((tmp_path / "plain" / "reward_model.json").read_text())["objectives"]
+    batch = _batch(open_model_dir(first))
+    sharp, soft = _scores(tmp_path / "warm", batch), _scores(tmp_path / "plain", batch)
+    np.testing.assert_allclose(sharp[:, 1:], soft[:, 1:], atol=1e-6)  # the same heads, mixed otherwise
+    assert np.abs(sharp[:, 0] - soft[:, 0]).max() > 1e-4
+    assert plain["tensors_averaged"] > 0
+    weights = tiny_models.build_tiny_objectives_bert(tmp_path / "w1", combine="weights")
+    other = tiny_models.build_tiny_objectives_bert(tmp_path / "w2", combine="weights", seed=1)
+    with pytest.raises(WarmExportError, match="do not combine by a gate"):
+        export_warm_runs([weights, other], tmp_path / "out", gate_temperature=0.5)
+    with pytest.raises(WarmExportError, match="gate_temperature must be a positive number"):
+        export_warm_runs([first, second], tmp_path / "out", gate_temperature=0.0)
+    assert reward_cli.main(["export-warm", "--model", str(tiny_models.build_tiny_ensemble_bert(tmp_path / "ens")),
+                            "--out", str(tmp_path / "out"), "--gate-temperature", "0.5"]) == 1
+    assert "--gate-temperature is for averaging several" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_runs_that_are_not_one_recipe_are_refused_with_the_reason(tmp_path, capsys):
     objectives = tiny_models.build_tiny_objectives_bert(tmp_path / "objectives")
     plain = tiny_models.build_tiny_bert(tmp_path / "plain")

@@ -252,10 +252,12 @@ def build_templated_decoder(out: Path, family: str, *, read_reward_at: str | Non
 OBJECTIVES = ("helpfulness", "truthfulness", "harmlessness")
 
 
-def build_tiny_objectives_bert(out: Path, *, combine: str = "gate", seed: int = 0, gate_layer: int = -1) -> Path:
+def build_tiny_objectives_bert(
+    out: Path, *, combine: str = "gate", seed: int = 0, gate_layer: int = -1, gate_temperature: float = 1.0,
+) -> Path:
     """A tiny BERT with one head per objective (helpfulness, truthfulness, harmlessness) and a
-    seeded random gate (``combine="gate"``, reading ``gate_layer``) or fixed weights 0.5/0.3/0.2
-    (``"weights"``)."""
+    seeded random gate (``combine="gate"``, reading ``gate_layer``, at softmax ``gate_temperature``)
+    or fixed weights 0.5/0.3/0.2 (``"weights"``)."""
     import json
 
     from safetensors.torch import save_file
@@ -277,6 +279,8 @@ def build_tiny_objectives_bert(out: Path, *, combine: str = "gate", seed: int = 
                   str(out / "reward_gate.safetensors"))
         if gate_layer != -1:
             objectives["gate_layer"] = gate_layer
+        if gate_temperature != 1.0:
+            objectives["gate_temperature"] = gate_temperature
     else:
         objectives["weights"] = [0.5, 0.3, 0.2]
     (out / "reward_model.json").write_text(json.dumps({"format_version": 1, "objectives": objectives}))

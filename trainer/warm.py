@@ -24,6 +24,8 @@ Several ``--model`` directories (``export_warm_runs``): single models trained by
 one base, e.g. at other seeds, which is WARM's own setting. Every tensor of their safetensors
 files is averaged (the gate's too); what differs between them beyond the values of those tensors
 is refused. ``--stats-data`` measures the averaged model's reward statistics for ``normalize``.
+``--gate-temperature`` sets the averaged model's ``objectives.gate_temperature`` (its gate's
+softmax temperature, reward_core.objectives) before those statistics are measured.
 
 Before it returns, the export loads the written directory as the service does and scores sample
 items: averaging one member must give that member's reward (its column of the ensemble), or the
@@ -82,6 +84,9 @@ def add_export_warm_parser(subparsers) -> None:
                              "reward_mean/reward_std (what the service's normalize uses); repeat for a mix, as train-rm's "
                              "--data (default: none, and normalize is refused for the averaged model)")
     parser.add_argument("--stats-samples", type=int, default=2000, help="responses scored for --stats-data")
+    parser.add_argument("--gate-temperature", type=float, default=None, metavar="T",
+                        help="with several --model whose heads combine by a gate: serve the averaged model's gate at "
+                             "softmax temperature T (objectives.gate_temperature; below 1 sharper; default: as the runs)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code shipped in the directory")
     parser.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights")
@@ -101,12 +106,16 @@ def run_export_warm(args: argparse.Namespace) -> int:
                 raise WarmExportError("--members picks members of one ensemble; with several --model every model is averaged")
             summary = export_warm_runs(
                 args.model, args.out, stats_data=args.stats_data or (), stats_samples=args.stats_samples,
+                gate_temperature=args.gate_temperature,
                 overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
             )
         else:
             if args.stats_data:
                 raise WarmExportError("--stats-data is for averaging several --model runs; an ensemble's WARM model is "
                                       "measured by reward eval")
+            if args.gate_temperature is not None:
+                raise WarmExportError("--gate-temperature is for averaging several --model runs whose heads combine by a "
+                                      "gate; for one model, set objectives.gate_temperature in its reward_model.json")
             summary = export_warm(
                 args.model[0], args.out, members=args.members, overwrite=args.overwrite,
                 trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
@@ -295,11 +304,13 @@ def _averaged_file(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, str
 
 def export_warm_runs(
     model_dirs: Sequence[str | Path], out_dir: str | Path, *, stats_data: Sequence[str] = (), stats_samples: int = 2000,
-    overwrite: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
+    gate_temperature: float | None = None, overwrite: bool = False, trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Write the WARM model of several single reward models trained by one recipe from one base
     (seeds, data orders, bootstrap samples): every tensor their safetensors files hold, averaged.
-    With ``stats_data`` the averaged model's reward statistics are measured; returns a summary."""
+    ``gate_temperature`` sets the averaged model's gate temperature. With ``stats_data`` the
+    averaged model's reward statistics are measured; returns a summary."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -389,7 +400,17 @@ def export_warm_runs(
         "sources": sources, "files_averaged": weight_files[0],
     }
     version = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"+warm-of-{len(dirs)}"
-    warm_spec = replace(first, reward_mean=None, reward_std=None, ensemble=None,
+    objectives = first.objectives
+    if gate_temperature is not None:
+        from reward_core.objectives import ObjectivesError
+
+        if objectives is None or not objectives.gated:
+            raise WarmExportError(f"--gate-temperature: {dirs[0]}'s heads do not combine by a gate")
+        try:
+            objectives = replace(objectives, gate_temperature=gate_temperature)
+        except ObjectivesError as exc:
+            raise WarmExportError(f"--gate-temperature: {exc}") from None
+    warm_spec = replace(first, reward_mean=None, reward_std=None, ensemble=None, objectives=objectives,
                         base_model=_base_model_ref(first.base_model, dirs[0], out_dir), version=version, extra=extra)
     tensors = 0
     with replace_dir(out_dir) as tmp:

@@ -29,7 +29,8 @@ def _card(m: ServedModel, is_default: bool) -> ModelCard:
         architecture=m.spec.architecture, normalize_available=m.spec.normalize_available, default=is_default,
         objectives=list(objectives.names) if objectives is not None else None,
         combine=CombineRule(
-            rule=objectives.combine, weights=list(objectives.weights) if objectives.weights is not None else None
+            rule=objectives.combine, weights=list(objectives.weights) if objectives.weights is not None else None,
+            gate_temperature=objectives.gate_temperature if objectives.gated else None,
         ) if objectives is not None else None,
         ensemble=EnsembleCard(
             members=m.ensemble.members, top_layers=m.ensemble.top_layers, aggregate=m.ensemble.aggregate,
