@@ -414,3 +414,35 @@ def test_a_pypi_base_model_is_found_without_running_its_code(tmp_path, monkeypat
     with pytest.raises(ModelDirError, match="no config.json"):
         resolve_base_model("pypi:base_that_runs_code", tmp_path, trust_remote_code=True)
     assert marker.exists()
+
+
+# -- 8: bodies that are not plain JSON text (the adversarial probe of the service) ---------------
+
+
+def test_a_body_that_cannot_be_read_says_why_and_a_compressed_one_is_415(bert):
+    import gzip
+    import zlib
+
+    body = json.dumps({"items": [{"prompt": "p", "response": "r"}]}).encode()
+    json_header = {"content-type": "application/json"}
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        compressed = {
+            "gzip": http.post("/v1/score", content=gzip.compress(body), headers={**json_header, "content-encoding": "gzip"}),
+            "deflate": http.post("/get_reward", content=zlib.compress(b'{"query": ["q"]}'),
+                                 headers={**json_header, "content-encoding": "deflate"}),
+            # Not compressed at all, but declared so: the declaration is what is refused.
+            "br": http.post("/v1/score", content=body, headers={**json_header, "content-encoding": "br"}),
+        }
+        identity = http.post("/v1/score", content=body, headers={**json_header, "content-encoding": "identity"})
+        not_utf8 = http.post("/v1/score", content=b'{"items":[{"prompt":"caf\xe9","response":"r"}]}', headers=json_header)
+        nested = http.post("/v1/score", content=b'{"items":' + b"[" * 100_000 + b"]" * 100_000 + b"}", headers=json_header)
+        digits = http.post("/v1/score", content=b'{"items":[],"normalize":' + b"9" * 5000 + b"}", headers=json_header)
+        after = http.post("/v1/score", json={"items": [{"prompt": "p", "response": "r"}]})
+
+    for encoding, answer in compressed.items():
+        assert_error(answer, 415, "unsupported_content_encoding", encoding, "uncompressed")
+    assert identity.status_code == 200, identity.text
+    assert_error(not_utf8, 400, "invalid_body", "UTF-8", "0xe9", "position 24")
+    assert_error(nested, 400, "invalid_body", "nested too deeply")
+    assert_error(digits, 400, "invalid_body", "digits")
+    assert after.status_code == 200
