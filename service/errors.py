@@ -135,8 +135,13 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def _on_http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
+        # The path as sent: request.url would read "//v1/score" as the host "v1" and the path "/score".
+        path = request.scope["path"][:200]
         if exc.status_code == 400 and "parsing the body" in message:
             kind, message = "invalid_body", _unreadable_body_message(exc.__cause__)
         elif exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return error_response(exc.status_code, kind, message, request)
+            message = f"no route {request.method} {path}; see /docs for the API"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{path} does not take {request.method}; send {' or '.join(allowed.split(', ')) or 'another method'}"
+        return error_response(exc.status_code, kind, message, request, headers=exc.headers)

@@ -446,3 +446,20 @@ def test_a_body_that_cannot_be_read_says_why_and_a_compressed_one_is_415(bert):
     assert_error(nested, 400, "invalid_body", "nested too deeply")
     assert_error(digits, 400, "invalid_body", "digits")
     assert after.status_code == 200
+
+
+def test_a_wrong_method_is_405_naming_the_methods_and_a_404_names_the_path_sent(bert):
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        get_score = http.get("/v1/score")
+        post_ready = http.post("/readyz")
+        head_score = http.head("/v1/score")
+        # "//v1/score" is a path, not a URL with the host "v1": the message must echo the path.
+        double_slash = http.send(httpx.Request("POST", httpx.URL(url).copy_with(raw_path=b"//v1/score"), json={}))
+
+    error = assert_error(get_score, 405, "method_not_allowed", "GET", "/v1/score", "POST")
+    assert get_score.headers["allow"] == "POST", get_score.headers
+    assert "Method Not Allowed" != error["message"]
+    assert_error(post_ready, 405, "method_not_allowed", "POST", "/readyz", "GET")
+    assert "GET" in post_ready.headers["allow"]
+    assert head_score.status_code == 405 and head_score.headers["allow"] == "POST"
+    assert_error(double_slash, 404, "not_found", "//v1/score")
