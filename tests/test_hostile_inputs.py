@@ -463,3 +463,15 @@ def test_a_wrong_method_is_405_naming_the_methods_and_a_404_names_the_path_sent(
     assert "GET" in post_ready.headers["allow"]
     assert head_score.status_code == 405 and head_score.headers["allow"] == "POST"
     assert_error(double_slash, 404, "not_found", "//v1/score")
+
+
+def test_an_unknown_model_name_is_not_echoed_whole(bert):
+    # A megabyte of model name came back as a megabyte of error message.
+    name = "x" * 1_000_000
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        answers = {path: http.post(path, json={**body("text"), "model": name}) for path, body in SCORING_BODIES.items()}
+        short = http.post("/v1/score", json={"items": [{"prompt": "p", "response": "r"}], "model": "nosuch"})
+    for path, answer in answers.items():
+        assert len(answer.content) < 2000, (path, len(answer.content))
+        assert_error(answer, 404, "model_not_found", "xxxx", "1000000 characters", "served: bert")
+    assert_error(short, 404, "model_not_found", "'nosuch'")
