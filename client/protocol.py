@@ -524,11 +524,17 @@ class VLLMChatMessage(_Lenient):
         return "".join(p.text for p in self.content if p.type == "text" and p.text is not None)
 
 
+# vLLM's text input: one text or a list of texts (token ids are not taken).
+InputTexts = text_or_list(
+    Text, "text", "texts", "invalid_input", "input is a string or a list of strings (text with the chat template applied)"
+)
+
+
 class _VLLMPoolingBase(_Lenient):
     model: Text | None = Field(
         default=None, description="Served model name or its directory path (verl sends the path); the default when omitted."
     )
-    input: Union[Text, list[Text], None] = Field(
+    input: InputTexts | None = Field(
         default=None, description="One text or a list of texts, chat template already applied. Send this or messages."
     )
     messages: list[VLLMChatMessage] | None = Field(

@@ -56,8 +56,9 @@ NOT_READY_ERRORS = error_responses(503)
 
 # The tags of the protocol's tagged unions, which pydantic puts in the path of an error right
 # after the union-typed place: an item's shape after its index, a prompt's kind after "prompt",
-# a message content's kind after "content". Only there are they tags: "text" is also a field.
-_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}}
+# a message content's kind after "content", vLLM's input's after "input". Only there are they
+# tags: "text" is also a field.
+_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}, "input": {"text", "texts"}}
 _ITEM_SHAPES = frozenset({"prompt_response", "messages"})
 
 

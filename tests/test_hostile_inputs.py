@@ -475,3 +475,18 @@ def test_an_unknown_model_name_is_not_echoed_whole(bert):
         assert len(answer.content) < 2000, (path, len(answer.content))
         assert_error(answer, 404, "model_not_found", "xxxx", "1000000 characters", "served: bert")
     assert_error(short, 404, "model_not_found", "'nosuch'")
+
+
+def test_an_input_that_is_not_text_gets_one_plain_error_on_classify_and_pooling(bert):
+    # Token ids (vLLM takes them) or a number were answered with pydantic's union internals:
+    # "input.function-after[_check_text(), str]: Input should be a valid string; input.list[...".
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        answers = {
+            (path, repr(value)): http.post(path, json={"input": value})
+            for path in ("/classify", "/pooling") for value in ([1, 2, 3], [[1, 2]], 5, {"text": "x"})
+        }
+    for (path, value), answer in answers.items():
+        error = assert_error(answer, 422, "validation_error", "input")
+        assert "function-after" not in error["message"] and "list[" not in error["message"], (path, value, error["message"])
+    assert "string or a list of strings" in answers[("/classify", "5")].json()["error"]["message"]
+    assert answers[("/pooling", "[1, 2, 3]")].json()["error"]["message"].startswith("input.0: ")
