@@ -541,3 +541,17 @@ def test_a_templated_prompt_fixes_where_the_response_starts_whatever_markup_the_
     assert openrlhf_plain == pytest.approx(plain, abs=1e-4)
     assert openrlhf_injected == pytest.approx(injected, abs=1e-4)
     assert no_prompt == pytest.approx(plain, abs=1e-4)
+
+
+def test_an_optional_text_over_its_length_is_counted_in_characters(bert, tmp_path):
+    # "reason: Value should have at most 10000 items after validation" (items of what?).
+    comparison = {"prompt": "p", "responses": ["a", "b"], "choice": 0, "labeller": "ann"}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        reason = http.post("/v1/comparisons", json={**comparison, "reason": "r" * 10_001})
+        category = http.post("/v1/comparisons", json={**comparison, "category": "c" * 201})
+        source = http.post("/v1/label/tasks", json={"tasks": [{"prompt": "p", "responses": ["a", "b"], "source": "s" * 201}]})
+        fine = http.post("/v1/comparisons", json={**comparison, "reason": "r" * 10_000, "category": "c" * 200})
+    assert_error(reason, 422, "validation_error", "reason", "at most 10000 characters")
+    assert_error(category, 422, "validation_error", "category", "at most 200 characters")
+    assert_error(source, 422, "validation_error", "tasks.0.source", "at most 200 characters")
+    assert fine.status_code == 201, fine.text
