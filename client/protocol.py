@@ -530,11 +530,17 @@ class VLLMChatMessage(_Lenient):
         return "".join(p.text for p in self.content if p.type == "text" and p.text is not None)
 
 
+# vLLM's text input: one text or a list of texts (token ids are not taken).
+InputTexts = text_or_list(
+    Text, "text", "texts", "invalid_input", "input is a string or a list of strings (text with the chat template applied)"
+)
+
+
 class _VLLMPoolingBase(_Lenient):
     model: Text | None = Field(
         default=None, description="Served model name or its directory path (verl sends the path); the default when omitted."
     )
-    input: Union[Text, list[Text], None] = Field(
+    input: InputTexts | None = Field(
         default=None, description="One text or a list of texts, chat template already applied. Send this or messages."
     )
     messages: list[VLLMChatMessage] | None = Field(
@@ -703,6 +709,12 @@ def _no_nul(value: Any, where: str = "") -> None:
             _no_nul(v, f"{where}.{i}" if where else str(i))
 
 
+# Bounded text of the store's optional fields. The bound sits on the string itself: on the
+# optional field it would be reported as "at most N items".
+ShortText = Annotated[str, StringConstraints(max_length=200), AfterValidator(_check_text)]
+ReasonText = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(_check_text)]
+
+
 class _StoredText(_Strict):
     """Bodies whose text goes into the comparison store."""
 
@@ -723,9 +735,9 @@ class ComparisonRequest(_StoredText):
     )
     choice: StrictInt | None = Field(default=None, description="Pairwise (K = 2): the index (0 or 1) of the better response.")
     labeller: Text = Field(min_length=1, max_length=200, description="Who judged (an id the operator knows).")
-    category: Text | None = Field(default=None, max_length=200, description="E.g. helpfulness, harmlessness.")
+    category: ShortText | None = Field(default=None, description="E.g. helpfulness, harmlessness.")
     tags: list[Text] = Field(default_factory=list, max_length=MAX_TAGS, description="Free labels for filtering.")
-    reason: Text | None = Field(default=None, max_length=10_000, description="The labeller's free-text reason.")
+    reason: ReasonText | None = Field(default=None, description="The labeller's free-text reason.")
     task_id: StrictInt | None = Field(
         default=None, ge=1, le=MAX_ID, description="The label task this answers (from /v1/label/tasks/next)."
     )
@@ -798,8 +810,8 @@ class ComparisonList(BaseModel):
 class LabelTaskRequest(_StoredText):
     prompt: Prompt
     responses: list[Text] = Field(description="The candidates a person will rank (2 to 16, none empty).")
-    category: Text | None = Field(default=None, max_length=200)
-    source: Text | None = Field(default=None, max_length=200, description="Who queued it, e.g. 'ppo step 120'.")
+    category: ShortText | None = None
+    source: ShortText | None = Field(default=None, description="Who queued it, e.g. 'ppo step 120'.")
 
     _prompt = field_validator("prompt")(_check_prompt)
     _responses = field_validator("responses")(_check_responses)

@@ -343,25 +343,31 @@ class _Markup:
     open_turn: re.Pattern
     bos: tuple[str, ...]
     eos: tuple[str, ...]
+    ends: tuple[str, ...]  # the tokens that close a turn
 
 
-def _markup(name: str, head: str, end: str, bos: tuple[str, ...], eos: tuple[str, ...]) -> _Markup:
+def _markup(name: str, head: str, ends: tuple[str, ...], bos: tuple[str, ...], eos: tuple[str, ...]) -> _Markup:
+    end = "(?:" + "|".join(re.escape(e) for e in ends) + ")"
     return _Markup(
-        name, re.compile(head + r"(?P<content>.*?)" + end, re.S), re.compile(head + r"(?P<content>.*)\Z", re.S), bos, eos
+        name, re.compile(head + r"(?P<content>.*?)" + end, re.S), re.compile(head + r"(?P<content>.*)\Z", re.S), bos, eos,
+        ends,
     )
 
 
 _ROLE = r"(?P<role>[A-Za-z_]+)"
 CHAT_MARKUPS: tuple[_Markup, ...] = (
-    _markup("chatml", r"<\|im_start\|>" + _ROLE + r"\n", r"<\|im_end\|>", (), ("<|endoftext|>",)),
+    _markup("chatml", r"<\|im_start\|>" + _ROLE + r"\n", ("<|im_end|>",), (), ("<|endoftext|>",)),
     _markup(
-        "llama3", r"<\|start_header_id\|>" + _ROLE + r"<\|end_header_id\|>\n\n", r"<\|eot_id\|>",
+        "llama3", r"<\|start_header_id\|>" + _ROLE + r"<\|end_header_id\|>\n\n", ("<|eot_id|>",),
         ("<|begin_of_text|>",), ("<|end_of_text|>",),
     ),
-    _markup("gemma", r"<start_of_turn>" + _ROLE + r"\n", r"<end_of_turn>", ("<bos>",), ("<eos>",)),
-    _markup("zephyr", r"<\|(?P<role>user|assistant|system)\|>\n?", r"(?:</s>|<\|end\|>)", ("<s>",), ("<|endoftext|>",)),
+    _markup("gemma", r"<start_of_turn>" + _ROLE + r"\n", ("<end_of_turn>",), ("<bos>",), ("<eos>",)),
+    _markup("zephyr", r"<\|(?P<role>user|assistant|system)\|>\n?", ("</s>", "<|end|>"), ("<s>",), ("<|endoftext|>",)),
 )
 _MARKUP_ROLES = dict(ROLE_ALIASES, tool="tool")
+_PADS = ("<pad>", "<|pad|>", "[PAD]")
+# Stands for the response after a templated prompt, to parse the prompt as a conversation.
+_RESPONSE_MARK = "\u2063response\u2063"
 
 
 def parse_chat_markup(text: str) -> Conversation | None:
@@ -376,12 +382,45 @@ def parse_chat_markup(text: str) -> Conversation | None:
     return None
 
 
+def split_rendered(prompt: str, response: str) -> Conversation | None:
+    """A conversation rendered with a known chat template (:data:`CHAT_MARKUPS`) and cut where
+    its response begins (slime's prompt, OpenRLHF's ``prompts[i]``): the prompt's messages, and
+    the response as written less the end-of-turn, EOS and pad tokens that close it. The cut, not
+    the markup, says where the response starts: markup inside a response (a policy spelling out
+    ``<|im_end|>`` and a second assistant turn) is the response's text, not turns. None when the
+    prompt is not a templated prompt ending with the opening of an assistant turn."""
+    for markup in CHAT_MARKUPS:
+        messages = _parse_turns(prompt + _RESPONSE_MARK, markup)
+        if messages and len(messages) > 1 and messages[-1] == {"role": "assistant", "content": _RESPONSE_MARK}:
+            return messages[:-1], _without_closing(response, markup)
+    return None
+
+
+def _without_closing(response: str, markup: _Markup) -> str:
+    """``response`` less the end-of-turn, EOS and pad tokens (and the whitespace around them) at
+    its end; linear however many there are."""
+    tails = markup.ends + markup.eos + _PADS
+    cut = len(response)
+    while True:
+        end = cut
+        while end and response[end - 1].isspace():
+            end -= 1
+        tail = next((t for t in tails if response.endswith(t, 0, end)), None)
+        if tail is None:
+            return response[:cut]
+        cut = end - len(tail)
+
+
 def prompt_response_conversation(prompt: Any, response: str) -> Conversation:
     """A (prompt, response) whose prompt may already be rendered (slime sends the policy's
-    templated prompt): chat messages as they are; a templated prompt string parsed back with its
-    response (:func:`parse_chat_markup`); any other string read by :func:`parse_prompt` (one
-    user turn or an HH transcript)."""
+    templated prompt): chat messages as they are; a templated prompt string parsed back, the
+    response being all that follows it (:func:`split_rendered`), or parsed with its response
+    (:func:`parse_chat_markup`); any other string read by :func:`parse_prompt` (one user turn or
+    an HH transcript)."""
     if isinstance(prompt, str):
+        split = split_rendered(prompt, response)
+        if split is not None:
+            return split
         parsed = parse_chat_markup(prompt + response)
         if parsed is not None and parsed[0] and parsed[1] == response.strip():
             return parsed[0], response
@@ -399,7 +438,7 @@ def _parse_turns(text: str, markup: _Markup) -> list[dict] | None:
     end, changed = len(body), True
     while changed:
         changed = False
-        for tail in markup.eos + ("<pad>", "<|pad|>", "[PAD]"):
+        for tail in markup.eos + _PADS:
             if body.endswith(tail, 0, end):
                 end, changed = end - len(tail), True
                 while end and body[end - 1].isspace():
@@ -512,9 +551,11 @@ def encode_texts(
       prompt for truncation; otherwise the whole text does.
       The text is first brought to the model's reward token (:func:`reward_read_point`): a
       rollout cut at the end-of-turn token is read where ``/v1/score`` reads the conversation.
-    * Encoders: a text in a known chat format (:func:`parse_chat_markup`) is parsed back into
-      (prompt messages, response) and rendered as ``encode_conversations`` renders it (the
-      markup is not read). Otherwise, when ``prompt_prefixes[i]`` is a non-empty prefix of the
+    * Encoders: a text in a known chat format is parsed back into (prompt messages, response)
+      and rendered as ``encode_conversations`` renders it (the markup is not read). When
+      ``prompt_prefixes[i]`` is a templated prompt and a prefix of the text, the response is
+      all that follows it (:func:`split_rendered`: markup inside the response is its text);
+      otherwise the text's last assistant turn is the response (:func:`parse_chat_markup`). Otherwise, when ``prompt_prefixes[i]`` is a non-empty prefix of the
       text, the text is split there and read as the text pair (prefix, rest), as
       ``encode_conversations`` does for a single-turn (prompt, response); otherwise the whole
       text is one segment.
@@ -540,7 +581,9 @@ def encode_texts(
         out = []
         for text, prefix in zip(texts, splits):
             with_specials = True if add_special_tokens is None else add_special_tokens
-            conversation = parse_chat_markup(text)
+            conversation = split_rendered(prefix, text[len(prefix):]) if prefix is not None else None
+            if conversation is None:
+                conversation = parse_chat_markup(text)
             if conversation is not None:
                 first, second = render_conversation(*conversation, tokenizer, spec)
                 enc = tokenizer(first, second, add_special_tokens=with_specials, truncation=False, verbose=False)

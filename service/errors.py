@@ -46,18 +46,19 @@ def error_responses(*statuses: int) -> dict[int, dict]:
 
 
 # The refusals any scoring route can give (auth, limits, deadline, failed forward).
-SCORING_ERRORS = error_responses(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504)
+SCORING_ERRORS = error_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504)
 # Reload: the scoring refusals but the deadline (a reload is not bounded by it).
-RELOAD_ERRORS = error_responses(400, 401, 403, 404, 408, 413, 422, 429, 500, 503)
+RELOAD_ERRORS = error_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503)
 # The comparison store's routes: no model work, so no queue or deadline; 409 for a reused key.
-STORE_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
+STORE_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503)
 NOT_READY_ERRORS = error_responses(503)
 
 
 # The tags of the protocol's tagged unions, which pydantic puts in the path of an error right
 # after the union-typed place: an item's shape after its index, a prompt's kind after "prompt",
-# a message content's kind after "content". Only there are they tags: "text" is also a field.
-_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}}
+# a message content's kind after "content", vLLM's input's after "input". Only there are they
+# tags: "text" is also a field.
+_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}, "input": {"text", "texts"}}
 _ITEM_SHAPES = frozenset({"prompt_response", "messages"})
 
 
@@ -100,6 +101,21 @@ def _validation_message(errors: list[dict]) -> str:
     return "; ".join(lines) + more
 
 
+def _unreadable_body_message(cause: BaseException | None) -> str:
+    """Why FastAPI could not read a body as JSON (it answers them all "There was an error parsing
+    the body"): not UTF-8, nested too deeply for the parser, a number too long to convert."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the body is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at position {cause.start} is not valid "
+            "UTF-8); send the JSON encoded as UTF-8"
+        )
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply to read; no request of this API nests more than a few levels"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the body holds a number with thousands of digits, which is not read; send numbers of ordinary size"
+    return "the body could not be read as JSON; send a UTF-8 JSON object"
+
+
 def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     """Answer validation errors, APIErrors and HTTP errors in the error shape, counting refusals."""
 
@@ -120,8 +136,13 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def _on_http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
+        # The path as sent: request.url would read "//v1/score" as the host "v1" and the path "/score".
+        path = request.scope["path"][:200]
         if exc.status_code == 400 and "parsing the body" in message:
-            kind, message = "invalid_body", "the body could not be read as JSON; send a UTF-8 JSON object"
+            kind, message = "invalid_body", _unreadable_body_message(exc.__cause__)
         elif exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return error_response(exc.status_code, kind, message, request)
+            message = f"no route {request.method} {path}; see /docs for the API"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{path} does not take {request.method}; send {' or '.join(allowed.split(', ')) or 'another method'}"
+        return error_response(exc.status_code, kind, message, request, headers=exc.headers)

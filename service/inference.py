@@ -58,6 +58,14 @@ def usage_of(encoded: list) -> Usage:
     return Usage(items=len(encoded), tokens=sum(len(e) for e in encoded), truncated=sum(e.truncated for e in encoded))
 
 
+def shown(name: str, limit: int = 200) -> str:
+    """A name the caller sent, quoted for an error message: cut to ``limit`` characters (with its
+    length), so a huge one is not echoed back whole."""
+    if len(name) <= limit:
+        return repr(name)
+    return f"{name[:limit]!r}... ({len(name)} characters)"
+
+
 def sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -170,7 +178,7 @@ class Inference:
         model = self.registry.get(name)
         if model is None:
             served = ", ".join(self.registry.names())
-            raise APIError(404, "model_not_found", f"model {name!r} is not served here; served: {served} (GET /v1/models)")
+            raise APIError(404, "model_not_found", f"model {shown(name)} is not served here; served: {served} (GET /v1/models)")
         return model
 
     def check_count(self, n: int, what: str) -> None:

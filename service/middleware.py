@@ -1,6 +1,7 @@
 """The ASGI middleware around every route, outermost first:
 
-- ``GuardMiddleware``: the request id (X-Request-ID), the body-size limit, the request deadline
+- ``GuardMiddleware``: the request id (X-Request-ID), the body-size limit and a compressed body
+  (415), the request deadline
   over the whole request (body included), the request count and latency per route, one log line
   per request, and a JSON 500 for a bug of ours.
 - ``AccessMiddleware``: the API key and its scope, and the caller's rate limit, before any body
@@ -78,9 +79,21 @@ class GuardMiddleware:
             await send(message)
 
         declared = headers.get(b"content-length")
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip()
         try:
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 await self._refuse_too_large(scope, receive, send_with_id, request_id)
+                return
+            if encoding.lower() not in ("", "identity"):
+                # Bodies are read as they come: a compressed one would be refused as "not JSON",
+                # which names the wrong fault.
+                self.metrics.rejections.labels("unsupported_content_encoding").inc()
+                await error_response(
+                    415, "unsupported_content_encoding",
+                    f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed (no "
+                    "Content-Encoding header, or identity)",
+                    request_id=request_id,
+                )(scope, receive, send_with_id)
                 return
             received = 0
             refused = False

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from client.protocol import CombineRule, EnsembleCard, ModelCard, ModelList, ReloadRequest, ReloadResponse
 
 from ..errors import RELOAD_ERRORS, APIError
+from ..inference import shown
 from ..registry import ModelRegistry, ReloadFailed, ServedModel, UnknownModel
 
 router = APIRouter(tags=["models"])
@@ -66,7 +67,7 @@ async def reload_model(name: str, request: Request, body: ReloadRequest | None =
     try:
         reloaded = await registry.reload(name, body.path if body is not None and body.path else None)
     except UnknownModel:
-        raise APIError(404, "model_not_found", f"model {name!r} is not served here; served: {', '.join(registry.names())}") from None
+        raise APIError(404, "model_not_found", f"model {shown(name)} is not served here; served: {', '.join(registry.names())}") from None
     except ReloadFailed as exc:
         raise APIError(422, "model_load_failed", str(exc)) from exc
     new = reloaded.model
