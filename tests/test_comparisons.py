@@ -113,6 +113,18 @@ def test_a_retried_post_is_stored_once_and_a_reused_key_with_other_content_is_re
         assert [c.id for c in client.list_comparisons(labeller=labeller).data] == [first.json()["id"]]
 
 
+def test_two_idempotency_keys_on_one_post_are_refused_and_nothing_is_stored(service, labeller):
+    body = {"prompt": "2+2?", "responses": ["4", "5"], "choice": 0, "labeller": labeller}
+    two = [("Idempotency-Key", str(uuid.uuid4())), ("Idempotency-Key", str(uuid.uuid4()))]
+
+    answer = httpx.post(f"{service.url}/v1/comparisons", json=body, headers=two)
+
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == "ambiguous_idempotency_key"
+    assert "exactly one" in answer.json()["error"]["message"]
+    with RewardClient(service.url) as client:
+        assert client.list_comparisons(labeller=labeller).data == []
+
+
 @pytest.mark.parametrize("change, status, says", [
     ({"ranking": [0, 0, 1]}, 422, "not a permutation of 0..2"),
     ({"ranking": [0, 1]}, 422, "not a permutation of 0..2"),

@@ -143,6 +143,9 @@ def test_models_health_readiness_metrics_and_docs(server, model_dirs):
     assert {"path", "backend", "max_length", "dtype"} <= set(models[0])
     assert httpx.get(f"{server.url}/healthz").status_code == 200
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+    for probe in ("/healthz", "/readyz"):  # some balancers' health checks send HEAD
+        head = httpx.head(f"{server.url}{probe}")
+        assert head.status_code == 200 and head.content == b""
     metrics = httpx.get(f"{server.url}/metrics").text
     for family in ("reward_requests_total", "reward_request_latency_seconds_bucket", "reward_batch_size_bucket",
                    "reward_batch_tokens_bucket", "reward_queue_depth", "reward_items_scored_total", "reward_tokens_scored_total"):

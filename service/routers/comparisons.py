@@ -112,6 +112,10 @@ def create_comparison(
 ):
     """Store one comparison; 201 with its id, or 200 with the original's id for a repeated Idempotency-Key."""
     store = _store(request)
+    keys = request.headers.getlist("idempotency-key")
+    if len(keys) > 1:  # which one counts would be a guess, and a retry sending the other would store twice
+        raise APIError(400, "ambiguous_idempotency_key",
+                       f"the request has {len(keys)} Idempotency-Key headers; send exactly one")
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise APIError(400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 200 printable ASCII characters without spaces (a UUID is ideal)")
     labellers = request.app.state.labellers

@@ -1,4 +1,4 @@
-"""Probes and the scrape: ``GET /healthz`` (liveness), ``GET /readyz`` (readiness: models
+"""Probes and the scrape: ``GET`` (or ``HEAD``) ``/healthz`` (liveness), ``/readyz`` (readiness: models
 warmed up and not draining; see service/lifecycle.py) and ``GET /metrics`` (Prometheus)."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from ..registry import ModelRegistry
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: probes and balancers that send it
 async def healthz() -> dict[str, Any]:
     """The process is up (liveness)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=NOT_READY_ERRORS)
+@router.api_route("/readyz", methods=["GET", "HEAD"], responses=NOT_READY_ERRORS)
 async def readyz(request: Request):
     """Models are loaded and warmed up, and the service is not stopping (readiness)."""
     lifecycle: Lifecycle = request.app.state.lifecycle
