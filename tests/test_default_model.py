@@ -40,9 +40,10 @@ def test_the_default_model_ships_small_and_with_its_provenance():
         "alpacaeval/dev", "alpacaeval/dev-balanced", "hh-harmless/dev", "truthfulqa/dev", "sanity/dev",
     }
     # one head per objective, combined by a gate (its weights ship beside the blocks) that reads
-    # the block below the top one
+    # the block below the top one, served at softmax temperature 0.5 (reports/default-rm-sharper/)
     assert spec["objectives"] == {
         "names": ["helpfulness", "truthfulness", "harmlessness"], "combine": "gate", "gate_layer": -2,
+        "gate_temperature": 0.5,
     }
     assert (DEFAULT_RM / "reward_gate.safetensors").is_file()
 
@@ -97,7 +98,7 @@ def test_the_reproduce_script_trains_the_recipe_at_each_seed_then_averages_the_r
         assert "/data/hh-harmless/train.jsonl.gz:4:objective=harmlessness" in flag(args, "--data")
     assert runs[0][1:] == [a.replace("seed-43", "seed-42") if a != "43" else "42" for a in runs[1][1:]]  # one recipe
     assert flag(runs[2], "--model") == [f"{work}/seed-42", f"{work}/seed-43"] and flag(runs[2], "--out") == [str(out)]
-    assert len(flag(runs[2], "--stats-data")) == 3
+    assert len(flag(runs[2], "--stats-data")) == 3 and flag(runs[2], "--gate-temperature") == ["0.5"]
     assert not (work / "frozen-store").exists()
 
     calls.unlink()
