@@ -659,6 +659,13 @@ class SlimeRewardRequest(_Lenient):
     label: Any = Field(default=None, description="The sample's label; accepted and not used by a reward model.")
     model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
 
+    @model_validator(mode="after")
+    def _prompt_messages_not_empty(self) -> "SlimeRewardRequest":
+        # as /v1/score: an empty message list is a caller's bug, not a prompt to score an answer against
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt is an empty message list; give at least one message or a string")
+        return self
+
     def prompt_value(self) -> Union[str, list[dict[str, str]]]:
         if isinstance(self.prompt, str):
             return self.prompt

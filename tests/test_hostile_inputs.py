@@ -196,6 +196,14 @@ def test_the_chat_bodies_of_the_compatible_routes_take_the_same_text_checks(bert
     assert {p: a.status_code for p, a in at_limit.items()} == {p: 200 for p in CHAT_BODIES}
 
 
+def test_slime_and_v1_score_refuse_an_empty_message_list_alike(bert):
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        slime = http.post("/slime_reward", json={"prompt": [], "response": "Paris.", "label": None})
+        v1 = http.post("/v1/score", json={"items": [{"prompt": [], "response": "Paris."}]})
+    assert_error(slime, 422, "validation_error", "empty message list")
+    assert_error(v1, 422, "validation_error", "empty message list")
+
+
 class SlowTokenizer:
     """The real tokenizer, taking 1 s per 100,000 characters it is given (sleeping: no CPU used,
     as a slow machine's tokeniser would look to the other requests)."""
