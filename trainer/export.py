@@ -195,39 +195,11 @@ def _export_fused_encoder(model: Any, example: tuple, names: list[str], path: Pa
     return fused
 
 
-# Matrix multiplications whose weights have at most this many output columns stay in float32 in an
-# int8 export: the reward heads, a value head and a gate. Their error goes straight into the reward
-# (through a gate's softmax into every head's weight) and they cost nothing next to the blocks.
-FLOAT_OUTPUT_COLUMNS = 16
-
-
-def small_output_nodes(onnx_path: Path, max_columns: int) -> list[str]:
-    """The MatMul/Gemm nodes of a graph whose constant weight has at most ``max_columns`` output
-    columns (a Gemm's ``transB`` read), by name, as ``quantize_dynamic``'s ``nodes_to_exclude``
-    takes them: a Gemm also as ``<name>_MatMul``, the MatMul onnxruntime splits it into before
-    quantising per channel (the original name alone would not match)."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
-    names = []
-    for node in graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or len(shapes.get(node.input[1], ())) != 2:
-            continue
-        rows, columns = shapes[node.input[1]]
-        transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        if (rows if transposed else columns) <= max_columns:
-            names += [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
-    return names
-
-
 def export_onnx(
     model_dir: str | Path, out_dir: str | Path, *, int8: bool = False, overwrite: bool = False,
-    trust_remote_code: bool = False, allow_pickle: bool = False, float_output_columns: int = FLOAT_OUTPUT_COLUMNS,
+    trust_remote_code: bool = False, allow_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Write the ONNX export of ``model_dir`` to ``out_dir``; returns a summary (sizes, check).
-    With ``int8``, matrix multiplications with at most ``float_output_columns`` outputs keep float
-    weights (0: quantise them all)."""
+    """Write the ONNX export of ``model_dir`` to ``out_dir``; returns a summary (sizes, check)."""
     import numpy as np
     import onnxruntime
     import torch
@@ -295,9 +267,8 @@ def export_onnx(
         # the embedding tables (Gather) as well cost accuracy for little speed, since a lookup is
         # not where the time goes. The fused graph has contrib ops that ONNX shape inference
         # cannot type, hence the default tensor type.
-        kept_in_float = small_output_nodes(traced_path, float_output_columns) if float_output_columns > 0 else []
         quantize_dynamic(traced_path, onnx_path, weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm", "Attention"], nodes_to_exclude=kept_in_float,
+                         op_types_to_quantize=["MatMul", "Gemm", "Attention"],
                          use_external_data_format=big,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         traced_path.unlink()
