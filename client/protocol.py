@@ -153,6 +153,13 @@ Prompt = text_or_list(
 )
 
 
+def _no_empty_message_list(prompt: Any) -> None:
+    """An empty message list is a caller's bug, not a prompt to score an answer against (every
+    body with a prompt refuses it alike)."""
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError("prompt is an empty message list; give at least one message or a string")
+
+
 class PromptResponseItem(_Strict):
     """A prompt (plain text or chat messages) and the response to score."""
 
@@ -163,8 +170,7 @@ class PromptResponseItem(_Strict):
 
     @model_validator(mode="after")
     def _prompt_messages_not_empty(self) -> "PromptResponseItem":
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt is an empty message list; give at least one message or a string")
+        _no_empty_message_list(self.prompt)
         return self
 
 
@@ -283,8 +289,7 @@ class ComparePair(_Strict):
 
     @model_validator(mode="after")
     def _prompt_messages_not_empty(self) -> "ComparePair":
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt is an empty message list; give at least one message or a string")
+        _no_empty_message_list(self.prompt)
         return self
 
 
@@ -661,9 +666,7 @@ class SlimeRewardRequest(_Lenient):
 
     @model_validator(mode="after")
     def _prompt_messages_not_empty(self) -> "SlimeRewardRequest":
-        # as /v1/score: an empty message list is a caller's bug, not a prompt to score an answer against
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt is an empty message list; give at least one message or a string")
+        _no_empty_message_list(self.prompt)  # as /v1/score
         return self
 
     def prompt_value(self) -> Union[str, list[dict[str, str]]]:
@@ -698,8 +701,7 @@ def _check_responses(responses: list[str]) -> list[str]:
 def _check_prompt(prompt: Union[str, list[Message]]) -> Union[str, list[Message]]:
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("the prompt is empty; give the text (or messages) the responses answer")
-    if isinstance(prompt, list) and not prompt:
-        raise ValueError("prompt is an empty message list; give at least one message or a string")
+    _no_empty_message_list(prompt)
     return prompt
 
 
