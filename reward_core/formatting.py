@@ -398,16 +398,22 @@ def split_rendered(prompt: str, response: str) -> Conversation | None:
 
 def _without_closing(response: str, markup: _Markup) -> str:
     """``response`` less the end-of-turn, EOS and pad tokens (and the whitespace around them) at
-    its end; linear however many there are."""
-    tails = markup.ends + markup.eos + _PADS
-    cut = len(response)
+    its end."""
+    return response[:_end_before_tails(response, markup.ends + markup.eos + _PADS)]
+
+
+def _end_before_tails(text: str, tails: tuple[str, ...]) -> int:
+    """Where ``text`` ends once the tokens of ``tails`` it ends with, and the whitespace between
+    them, are cut off (whitespace after the last content is kept). Moving an end index rather than
+    slicing keeps this linear however many of them a text ends with."""
+    cut = len(text)
     while True:
         end = cut
-        while end and response[end - 1].isspace():
+        while end and text[end - 1].isspace():
             end -= 1
-        tail = next((t for t in tails if response.endswith(t, 0, end)), None)
+        tail = next((t for t in tails if text.endswith(t, 0, end)), None)
         if tail is None:
-            return response[:cut]
+            return cut
         cut = end - len(tail)
 
 
@@ -433,17 +439,7 @@ def _parse_turns(text: str, markup: _Markup) -> list[dict] | None:
     for bos in markup.bos:
         if body.startswith(bos):
             body = body[len(bos):].lstrip()
-    # Trailing EOS / pad tokens a decoded rollout may carry. Moving an end index rather than
-    # slicing keeps this linear however many of them a text ends with.
-    end, changed = len(body), True
-    while changed:
-        changed = False
-        for tail in markup.eos + _PADS:
-            if body.endswith(tail, 0, end):
-                end, changed = end - len(tail), True
-                while end and body[end - 1].isspace():
-                    end -= 1
-    body = body[:end]
+    body = body[:_end_before_tails(body, markup.eos + _PADS)].rstrip()  # trailing EOS / pad tokens a decoded rollout may carry
     messages, pos = [], 0
     while pos < len(body):
         match = markup.turn.match(body, pos) or markup.open_turn.match(body, pos)
