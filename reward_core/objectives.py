@@ -182,8 +182,7 @@ def gate_weights(gate: Any, prompt_features: Any, temperature: float = 1.0) -> A
     """The gate's weights per objective, [batch, H] (each row sums to 1), at softmax ``temperature``."""
     import torch
 
-    logits = gate(prompt_features).float()
-    return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+    return torch.softmax(gate(prompt_features).float() / temperature, dim=-1)  # / 1.0 is exact
 
 
 def attach_objectives(model: Any, objectives: Objectives) -> Any:
