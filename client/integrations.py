@@ -89,34 +89,28 @@ def _failed(n: int, exc: Exception, on_error: OnError) -> list[float | None]:
     return [None] * n
 
 
-class _TRLReward:
-    """What the two TRL reward functions share. They are objects rather than closures so that
-    they pickle: TRL's ``AsyncGRPOTrainer`` (``trl.experimental.async_grpo``) sends its
-    ``reward_funcs`` to a spawned rollout process with ``pickle`` and refuses closures. TRL names
-    a reward function by ``__name__`` (``get_callable_name``), so each carries its own."""
+class TRLRewardFunction:
+    """The synchronous TRL reward function built by :func:`trl_reward_func`. An object rather than
+    a closure so that it pickles: TRL's ``AsyncGRPOTrainer`` (``trl.experimental.async_grpo``)
+    sends its ``reward_funcs`` to a spawned rollout process with ``pickle`` and refuses closures.
+    TRL names a reward function by ``__name__`` (``get_callable_name``), so it carries one.
+    ``.client`` is its :class:`RewardClient` (close it when done); a copy made by pickling opens a
+    client of its own."""
 
     def __init__(
         self, url: str | Sequence[str], name: str, score_options: dict[str, Any], on_error: OnError,
-        client_options: dict[str, Any],
+        client_options: dict[str, Any], client: RewardClient | None = None,
     ) -> None:
         self.url = url if isinstance(url, str) else list(url)
         self.__name__ = self.__qualname__ = name
         self.score_options = score_options
         self.on_error = on_error
         self.client_options = client_options
+        self._own_client = client is None
+        self.client = client or RewardClient(self.url, **self.client_options)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.__name__} url={self.url!r}>"
-
-
-class TRLRewardFunction(_TRLReward):
-    """The synchronous TRL reward function built by :func:`trl_reward_func`. ``.client`` is its
-    :class:`RewardClient` (close it when done); a copy made by pickling opens a client of its own."""
-
-    def __init__(self, *args: Any, client: RewardClient | None = None) -> None:
-        super().__init__(*args)
-        self._own_client = client is None
-        self.client = client or RewardClient(self.url, **self.client_options)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any) -> list[float | None]:
         items = completions_to_items(prompts, completions)
