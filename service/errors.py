@@ -101,6 +101,14 @@ def _validation_message(errors: list[dict]) -> str:
     return "; ".join(lines) + more
 
 
+def shown(name: str, limit: int = 200) -> str:
+    """A name the caller sent, quoted for an error message: cut to ``limit`` characters (with its
+    length), so a huge one is not echoed back whole."""
+    if len(name) <= limit:
+        return repr(name)
+    return f"{name[:limit]!r}... ({len(name)} characters)"
+
+
 def _unreadable_body_message(cause: BaseException | None) -> str:
     """Why FastAPI could not read a body as JSON (it answers them all "There was an error parsing
     the body"): not UTF-8, nested too deeply for the parser, a number too long to convert."""

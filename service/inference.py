@@ -41,7 +41,7 @@ from reward_core.ensemble import Ensemble, aggregate_rewards, member_mean_std
 from reward_core.formatting import Conversation, encode_conversations, encode_texts
 
 from .batcher import BatcherStopped, ForwardFailed, QueueFull, RewardRow
-from .errors import APIError
+from .errors import APIError, shown
 from .metrics import ServiceMetrics
 from .registry import ModelRegistry, ServedModel
 from .settings import ServiceSettings
@@ -56,14 +56,6 @@ SLICE_CHARS = 65_536
 
 def usage_of(encoded: list) -> Usage:
     return Usage(items=len(encoded), tokens=sum(len(e) for e in encoded), truncated=sum(e.truncated for e in encoded))
-
-
-def shown(name: str, limit: int = 200) -> str:
-    """A name the caller sent, quoted for an error message: cut to ``limit`` characters (with its
-    length), so a huge one is not echoed back whole."""
-    if len(name) <= limit:
-        return repr(name)
-    return f"{name[:limit]!r}... ({len(name)} characters)"
 
 
 def sigmoid(x: float) -> float:

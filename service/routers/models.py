@@ -15,8 +15,7 @@ from fastapi import APIRouter, Request
 
 from client.protocol import CombineRule, EnsembleCard, ModelCard, ModelList, ReloadRequest, ReloadResponse
 
-from ..errors import RELOAD_ERRORS, APIError
-from ..inference import shown
+from ..errors import RELOAD_ERRORS, APIError, shown
 from ..registry import ModelRegistry, ReloadFailed, ServedModel, UnknownModel
 
 router = APIRouter(tags=["models"])
