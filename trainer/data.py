@@ -816,13 +816,15 @@ def parse_data_spec(text: str, *, name: str | None = None) -> DataSpec:
     return DataSpec(path=path, weight=weight, max_rows=max_rows, name=name or path, objective=objective)
 
 
-def _apply_weight(records: list[PreferenceRecord], weight: float, rng: random.Random) -> list[PreferenceRecord]:
-    """Repeat the records floor(weight) times, plus a seeded random fraction (kept in file order)."""
+def weight_draw(n_records: int, weight: float, seed: int, path: str | Path) -> list[int]:
+    """The indices a file's records are used at under ``weight`` (``load_preferences``): each
+    floor(weight) times, then a random fraction drawn with ``seed`` and the file's path as given
+    (kept in file order)."""
     whole = math.floor(weight)
-    out = records * whole
-    extra = round((weight - whole) * len(records))
+    out = list(range(n_records)) * whole
+    extra = round((weight - whole) * n_records)
     if extra:
-        out += [records[i] for i in sorted(rng.sample(range(len(records)), extra))]
+        out += sorted(random.Random(f"{seed}:{path}").sample(range(n_records), extra))
     return out
 
 
@@ -857,11 +859,10 @@ def load_preferences(
             name=spec.name,
         )
         file_report = result.report.files[0]
-        rng = random.Random(f"{seed}:{spec.path}")
         loaded = result.records
         if spec.objective is not None:
             loaded = [dataclasses.replace(r, objective=spec.objective) for r in loaded]
-        weighted = _apply_weight(loaded, spec.weight, rng)
+        weighted = [loaded[i] for i in weight_draw(len(loaded), spec.weight, seed, spec.path)]
         file_report.weight = spec.weight
         file_report.records_used = len(weighted)
         records.extend(weighted)

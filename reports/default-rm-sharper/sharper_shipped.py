@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "reports" / "default-rm-gate"))
 
 from gate_probe import NON_ANSWER_SETS, NON_ANSWERS, SETS, GatedScorer, non_answer_records  # noqa: E402
 from sharper_gate import sharpened  # noqa: E402
-from trainer.data import load_file  # noqa: E402
+from trainer.data import load_file, weight_draw  # noqa: E402
 from trainer.evaluate.metrics import paired_bootstrap_diff  # noqa: E402
 
 TEMPERATURES = (1.0, 0.5, 0.25, 0.0)
@@ -33,12 +33,10 @@ ALPACA_TRAIN = "../shared/data/alpacaeval/train.jsonl.gz"  # the path string the
 
 
 def unused_alpaca(data_root: Path, n: int, seed: int) -> list:
-    """``n`` seeded AlpacaEval training pairs that neither shipped run drew (load_preferences draws a
-    0.6 weight with random.Random(f"{seed}:{path}"))."""
+    """``n`` seeded AlpacaEval training pairs that neither shipped run drew (its 0.6 weight, drawn
+    as load_preferences draws it)."""
     records = load_file(data_root / "alpacaeval" / "train.jsonl.gz").records
-    drawn: set[int] = set()
-    for run_seed in SHIPPED_SEEDS:
-        drawn |= set(random.Random(f"{run_seed}:{ALPACA_TRAIN}").sample(range(len(records)), round(0.6 * len(records))))
+    drawn = {i for run_seed in SHIPPED_SEEDS for i in weight_draw(len(records), 0.6, run_seed, ALPACA_TRAIN)}
     unused = [i for i in range(len(records)) if i not in drawn]
     return [records[i] for i in sorted(random.Random(seed).sample(unused, n))]
 
@@ -109,7 +107,7 @@ def analyse(scores: dict[str, np.ndarray], n_boot: int) -> dict:
 def decide(result: dict) -> dict:
     """QUESTION.txt's rule, applied to the point values."""
     acc, probes = result["accuracy"], result["non_answer_beats_chosen"]
-    dev = [s for s in SETS]
+    dev = list(SETS)
     verdicts = {}
     for t in CANDIDATES:
         k, base = f"T={t:g}", "T=1"
