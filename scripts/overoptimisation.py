@@ -198,28 +198,32 @@ def run_all_ppo(url: str, policy: Path, prompts: Path, rules: list[str], seeds: 
 # --------------------------------------------------------------------------- collecting
 
 
-def ppo_windows(rows: list[dict], window: int) -> list[dict]:
-    """One run's log in windows of ``window`` steps: the means of KL, proxy score (the run's own
-    rule), gold score and the members' spread."""
+WINDOW_KEYS = ("kl", "score", "gold_score", "ensemble_std")
+
+
+def ppo_windows(rows: list[dict], window: int, keys: tuple[str, ...] = WINDOW_KEYS) -> list[dict]:
+    """One run's log in windows of ``window`` steps: the means of ``keys`` (by default KL, proxy
+    score (the run's own rule), gold score and the members' spread)."""
     out = []
     for start in range(0, len(rows) - window + 1, window):
         part = rows[start:start + window]
         point = {"steps": [part[0]["step"], part[-1]["step"]]}
-        for key in ("kl", "score", "gold_score", "ensemble_std"):
+        for key in keys:
             values = [r[key] for r in part if r.get(key) is not None]
             point[key] = sum(values) / len(values) if values else None
         out.append(point)
     return out
 
 
-def across_seeds(runs: dict[str, list[dict]]) -> list[dict]:
-    """Window i of every seed (as far as all seeds got): the mean over seeds and its standard error."""
+def across_seeds(runs: dict[str, list[dict]], keys: tuple[str, ...] = WINDOW_KEYS) -> list[dict]:
+    """Window i of every seed (as far as all seeds got): the mean over seeds of ``keys`` and its
+    standard error."""
     length = min(len(points) for points in runs.values())
     curve = []
     for i in range(length):
         points = [runs[seed][i] for seed in runs]
         row = {"steps": points[0]["steps"], "seeds": len(points)}
-        for key in ("kl", "score", "gold_score", "ensemble_std"):
+        for key in keys:
             values = [p[key] for p in points if p[key] is not None]
             row[key] = sum(values) / len(values) if values else None
             row[f"{key}_sem"] = sem(values)

@@ -41,8 +41,9 @@ def read(ppo_dir: Path, penalty: float) -> dict:
     runs = logs(ppo_dir, penalty)
     windows = {rule: {seed: ppo_windows(rows, WINDOW) for seed, rows in by_seed.items()} for rule, by_seed in runs.items()}
     curves = {rule: across_seeds(by_seed) for rule, by_seed in windows.items()}
-    no_eos = {rule: [round(sum(r["no_eos_fraction"] for s in SEEDS for r in by_seed[s][i:i + WINDOW]) / (WINDOW * len(SEEDS)), 3)
-                     for i in range(0, min(len(by_seed[s]) for s in SEEDS) - WINDOW + 1, WINDOW)]
+    share = ("no_eos_fraction",)
+    no_eos = {rule: [round(p["no_eos_fraction"], 3) for p in across_seeds(
+                  {seed: ppo_windows(rows, WINDOW, share) for seed, rows in by_seed.items()}, share)]
               for rule, by_seed in runs.items()}
     return {
         "penalty": penalty,
