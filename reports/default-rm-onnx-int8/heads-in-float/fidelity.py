@@ -17,9 +17,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-from reward_core.backends import OnnxBackend, TorchBackend  # noqa: E402
+from reward_core.backends import OnnxBackend, TorchBackend, served_rewards  # noqa: E402
 from reward_core.formatting import encode_conversations  # noqa: E402
-from reward_core.forward import pad_batch, pad_token_id  # noqa: E402
+from reward_core.forward import pad_batch, pad_token_id, plan_batches  # noqa: E402
 from reward_core.loading import open_model_dir  # noqa: E402
 from trainer.data import load_file  # noqa: E402
 
@@ -28,15 +28,12 @@ BATCH = 16
 
 
 def rewards(backend, files, conversations) -> np.ndarray:
-    """The combined reward of each conversation, in length-sorted batches."""
+    """The reward a caller gets for each conversation, in length-sorted batches of ``BATCH``."""
     encoded = encode_conversations(conversations, files.tokenizer, files.spec)
-    order = np.argsort([len(e) for e in encoded])
     out = np.empty(len(encoded), np.float64)
     pad = pad_token_id(files.tokenizer)
-    for start in range(0, len(order), BATCH):
-        rows = order[start:start + BATCH]
-        scores = backend.score_batch(pad_batch([encoded[i] for i in rows], pad))
-        out[rows] = scores[:, 0] if scores.ndim == 2 else scores
+    for rows in plan_batches([len(e) for e in encoded], max_batch_tokens=2**62, max_batch_size=BATCH):
+        out[rows] = served_rewards(backend.score_batch(pad_batch([encoded[i] for i in rows], pad)))
     return out
 
 
