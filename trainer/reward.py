@@ -836,7 +836,8 @@ class _Trainer:
         With objectives, each pair's loss is on its objective's head only, and for a gate a second
         term trains the gate on every pair through the combined reward of the heads held fixed
         (detached), so a head moves only on its own data; with --gate-routing-weight the gate is
-        also taught each pair's objective (cross-entropy)."""
+        also taught each pair's objective (cross-entropy), and with --gate-pair-consistency-weight to
+        weigh a pair's two answers alike."""
         import torch
 
         from .losses import center_rewards_penalty, grouped_mean, pair_deltas, pair_losses
@@ -871,12 +872,19 @@ class _Trainer:
                 rewards = combine_heads(heads.detach(), self.objectives, gate, features)[:, 0]
                 delta = pair_deltas(rewards, batch["better"], batch["worse"])
                 gate_losses = pair_losses(delta, batch["margin"], batch["p"])
+                if c.gate_routing_weight or c.gate_pair_consistency_weight:
+                    log_weights = torch.log_softmax(gate(features).float(), dim=-1)
                 if c.gate_routing_weight:
                     # supervised routing: the source of a pair names the objective its prompt is about;
                     # both items of the pair carry the prompt, so both rows count
-                    log_weights = torch.log_softmax(gate(features).float(), dim=-1)
                     routing = -(log_weights[batch["better"], column] + log_weights[batch["worse"], column]) / 2
                     gate_losses = gate_losses + c.gate_routing_weight * routing
+                if c.gate_pair_consistency_weight:
+                    # one prompt, one mixture: what differs between a pair's two weightings is the answer
+                    # steering the gate, which lets a pair be judged by two heads on different scales
+                    weights = log_weights.exp()
+                    apart = (weights[batch["better"]] - weights[batch["worse"]]).pow(2).sum(dim=-1)
+                    gate_losses = gate_losses + c.gate_pair_consistency_weight * apart
                 loss = loss + grouped_mean(gate_losses, batch["group"], batch["n_groups"], batch["weight"])
             else:
                 rewards = combine_heads(heads, self.objectives)[:, 0]

@@ -56,6 +56,11 @@ class RewardTrainingConfig:
         "combine=gate: add this times the cross-entropy between the gate's weights and each pair's "
         "objective, so the gate also learns which objective a prompt is about (its source says), not "
         "only what helps the pairs through the combined reward. 0: the combined reward alone, as ArmoRM."))
+    gate_pair_consistency_weight: float = field(default=0.0, metadata=flag_help(
+        "combine=gate: add this times the squared distance between the gate's weights for the two answers of "
+        "each pair. Both answers share the prompt, which is what the gate should read; below --gate-layer 0 "
+        "the prompt's tokens also see the answer, and this teaches the gate to weigh both answers alike. "
+        "0: off."))
     gate_layer: int = field(default=-1, metadata=flag_help(
         "combine=gate: which hidden states the gate reads, indexed as the model's hidden_states (-1: the "
         "last block's output; -2: the one below; 0: the token embeddings). Below -1 the top block is read at "
@@ -199,6 +204,10 @@ class RewardTrainingConfig:
             raise TrainingConfigError("gate_routing_weight must be >= 0")
         if self.gate_routing_weight and self.combine != "gate":
             raise TrainingConfigError("--gate-routing-weight is for --combine gate")
+        if self.gate_pair_consistency_weight < 0:
+            raise TrainingConfigError("gate_pair_consistency_weight must be >= 0")
+        if self.gate_pair_consistency_weight and self.combine != "gate":
+            raise TrainingConfigError("--gate-pair-consistency-weight is for --combine gate")
         if self.gate_layer != -1 and self.combine != "gate":
             raise TrainingConfigError("--gate-layer is for --combine gate")
         if self.save_dtype not in ("float32", "float16"):
