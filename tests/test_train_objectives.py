@@ -151,6 +151,42 @@ def test_gate_routing_teaches_the_gate_each_prompts_objective(tiny_base, objecti
         train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "w", combine="weights", gate_routing_weight=1.0))
 
 
+def gate_apart_within_pairs(model_dir: Path, sets) -> float:
+    """Mean over dev pairs of the squared distance between the gate's weights for the chosen and
+    for the rejected answer."""
+    from reward_core.forward import reward_heads
+    from reward_core.objectives import gate_weights
+
+    files = open_model_dir(model_dir)
+    model = load_sequence_classifier(model_dir, files.spec).eval()
+    apart = []
+    for paths in sets.values():
+        rows = [json.loads(line) for line in paths["dev"].read_text().splitlines()]
+        convs = [([{"role": "user", "content": r["prompt"]}], resp) for r in rows for resp in (r["chosen"], r["rejected"])]
+        batch = pad_batch(encode_conversations(convs, files.tokenizer, files.spec), pad_token_id(files.tokenizer))
+        with torch.no_grad():
+            _, features = reward_heads(model, files.spec.architecture, *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)))
+            weights = gate_weights(model.reward_gate, features)
+        apart.append(((weights[0::2] - weights[1::2]) ** 2).sum(dim=-1))
+    return float(torch.cat(apart).mean())
+
+
+def test_pair_consistency_makes_the_gate_weigh_both_answers_alike(tiny_base, objective_sets, tmp_path):
+    """--gate-pair-consistency-weight: the gate reads the top block, where the prompt's tokens also
+    see the answer, so a pair's two answers can get different mixtures of the heads; the term
+    teaches the gate to give both the same, and the combination still ranks every objective."""
+    plain, consistent = tmp_path / "plain", tmp_path / "consistent"
+    train_reward_model(config_for(tiny_base, objective_sets, plain, cache_frozen=True))
+    train_reward_model(config_for(tiny_base, objective_sets, consistent, cache_frozen=True, gate_pair_consistency_weight=10.0))
+    before, after = gate_apart_within_pairs(plain, objective_sets), gate_apart_within_pairs(consistent, objective_sets)
+    assert after < before / 10, (before, after)
+    accuracy = head_accuracies(consistent, objective_sets)
+    assert min(accuracy[objective]["reward"] for objective in RULES) >= 0.9, accuracy
+    assert json.loads((consistent / "reward_model.json").read_text())["training"]["config"]["gate_pair_consistency_weight"] == 10.0
+    with pytest.raises(TrainingConfigError, match="--combine gate"):
+        train_reward_model(config_for(tiny_base, objective_sets, tmp_path / "w", combine="weights", gate_pair_consistency_weight=1.0))
+
+
 def test_a_pair_moves_only_its_own_objectives_head(tiny_base, objective_sets, tmp_path):
     trainer = _Trainer(config_for(tiny_base, objective_sets, tmp_path / "rm"), _Dist.from_env())
     trainer.setup()
