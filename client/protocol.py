@@ -33,7 +33,10 @@ than ignoring it. Revisions:
   top_layers, the served aggregate and penalty); ``reward_mean`` and ``reward_std`` in
   ``/get_reward``'s ``extra_logs``. Models that are not ensembles answer exactly as in 1.1.
 - ``1.3``: ``gate_temperature`` in a gated model's ``combine`` on the model card (the gate's
-  softmax temperature, ``objectives.gate_temperature`` in reward_model.json).
+  softmax temperature, ``objectives.gate_temperature`` in reward_model.json). The flags
+  (``normalize``, ``return_*``) take JSON ``true``/``false`` only, as the numbers here refuse
+  booleans: ``"yes"``, ``"off"`` or ``1`` were read as booleans before; now they are a 422 naming
+  the field, so a client that sends the wrong JSON type learns of it.
 
 Other frameworks' wire shapes, served beside ``/v1`` so their trainers work unchanged (last
 section of this module):
@@ -219,7 +222,7 @@ ScoreItem = Annotated[
 class ScoreRequest(_Strict):
     model: Text | None = Field(default=None, description="Model name; the server's default when omitted.")
     items: list[ScoreItem] = Field(min_length=1, description="Items to score, at least one.")
-    normalize: bool = Field(
+    normalize: StrictBool = Field(
         default=False,
         description="Return (reward - mean) / std using the statistics the model was trained with. Those are the "
         "statistics of the model's reward (the combination, for a model with objectives; the members' mean, for an "
@@ -230,18 +233,18 @@ class ScoreRequest(_Strict):
         description="A model with several reward heads: score with this objective's head instead of their "
         "combination (the names are on GET /v1/models). (1.1)",
     )
-    return_objectives: bool = Field(
+    return_objectives: StrictBool = Field(
         default=False,
         description="A model with several reward heads: also return each objective's raw reward (`objectives`). (1.1)",
     )
     aggregate: AggregateRule | None = Field(default=None, description=AGGREGATE_DESCRIPTION)
     uncertainty_penalty: UncertaintyPenalty | None = Field(default=None, description=PENALTY_DESCRIPTION)
-    return_uncertainty: bool = Field(
+    return_uncertainty: StrictBool = Field(
         default=False,
         description="An ensemble model: also return the members' mean and population standard deviation per item "
         "(`ensemble_mean`, `ensemble_std`). (1.2)",
     )
-    return_members: bool = Field(
+    return_members: StrictBool = Field(
         default=False, description="An ensemble model: also return each member's reward per item (`members`). (1.2)"
     )
 
@@ -301,18 +304,18 @@ class CompareRequest(_Strict):
         description="A model with several reward heads: compare by this objective's head instead of their "
         "combination. (1.1)",
     )
-    return_objectives: bool = Field(
+    return_objectives: StrictBool = Field(
         default=False,
         description="A model with several reward heads: also compare by each objective (`objectives` of each result). (1.1)",
     )
     aggregate: AggregateRule | None = Field(default=None, description=AGGREGATE_DESCRIPTION)
     uncertainty_penalty: UncertaintyPenalty | None = Field(default=None, description=PENALTY_DESCRIPTION)
-    return_uncertainty: bool = Field(
+    return_uncertainty: StrictBool = Field(
         default=False,
         description="An ensemble model: also return, per pair, the share of members that rank a above b "
         "(`member_agreement`) and each response's members' mean and standard deviation. (1.2)",
     )
-    return_members: bool = Field(
+    return_members: StrictBool = Field(
         default=False, description="An ensemble model: also return each member's reward of a and of b (`members_a`, "
         "`members_b`). (1.2)",
     )

@@ -171,6 +171,9 @@ BAD_BODIES = [
     ("messages not ending with the assistant", {"items": [{"messages": [{"role": "user", "content": "x"}]}]}, 422, "assistant"),
     ("unknown role", {"items": [{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}]}, 422, "role"),
     ("unknown model", {"model": "no-such-model", "items": [GOOD]}, 404, "no-such-model"),
+    # JSON true/false only, as numbers refuse booleans (lax parsing read "no" as false and 1 as true)
+    ("a flag as a string", {"items": [GOOD], "normalize": "no"}, 422, "normalize"),
+    ("a flag as a number", {"items": [GOOD], "return_objectives": 1}, 422, "return_objectives"),
     ("too many items", {"items": [GOOD] * (MAX_ITEMS + 1)}, 413, "--max-items"),
     ("body too large", {"items": [{"prompt": "x" * (MAX_BODY + 10), "response": "r"}]}, 413, "--max-body-bytes"),
 ]
