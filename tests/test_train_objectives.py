@@ -117,8 +117,9 @@ def test_bf16_autocast_on_cpu_trains_on_the_frozen_cache_too(tiny_base, objectiv
         assert accuracy[objective][objective] >= 0.9, accuracy
 
 
-def gate_weight_on_own_objective(model_dir: Path, sets) -> dict[str, float]:
-    """Per dev file: the mean weight the gate gives the file's own objective."""
+def dev_gate_weights(model_dir: Path, sets, answers) -> dict[str, torch.Tensor]:
+    """Per dev file: the gate's weights [items, objectives] for each row's answers, in row order
+    (``answers(row)`` names them)."""
     from reward_core.forward import reward_heads
     from reward_core.objectives import gate_weights
 
@@ -127,13 +128,19 @@ def gate_weight_on_own_objective(model_dir: Path, sets) -> dict[str, float]:
     out = {}
     for objective, paths in sets.items():
         rows = [json.loads(line) for line in paths["dev"].read_text().splitlines()]
-        convs = [([{"role": "user", "content": r["prompt"]}], r["chosen"]) for r in rows]
+        convs = [([{"role": "user", "content": r["prompt"]}], resp) for r in rows for resp in answers(r)]
         batch = pad_batch(encode_conversations(convs, files.tokenizer, files.spec), pad_token_id(files.tokenizer))
         with torch.no_grad():
             _, features = reward_heads(model, files.spec.architecture, *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)))
-            weights = gate_weights(model.reward_gate, features)
-        out[objective] = float(weights[:, files.spec.objectives.index(objective)].mean())
+            out[objective] = gate_weights(model.reward_gate, features)
     return out
+
+
+def gate_weight_on_own_objective(model_dir: Path, sets) -> dict[str, float]:
+    """Per dev file: the mean weight the gate gives the file's own objective."""
+    names = open_model_dir(model_dir).spec.objectives
+    weights = dev_gate_weights(model_dir, sets, lambda r: [r["chosen"]])
+    return {objective: float(w[:, names.index(objective)].mean()) for objective, w in weights.items()}
 
 
 def test_gate_routing_teaches_the_gate_each_prompts_objective(tiny_base, objective_sets, tmp_path):
@@ -154,21 +161,8 @@ def test_gate_routing_teaches_the_gate_each_prompts_objective(tiny_base, objecti
 def gate_apart_within_pairs(model_dir: Path, sets) -> float:
     """Mean over dev pairs of the squared distance between the gate's weights for the chosen and
     for the rejected answer."""
-    from reward_core.forward import reward_heads
-    from reward_core.objectives import gate_weights
-
-    files = open_model_dir(model_dir)
-    model = load_sequence_classifier(model_dir, files.spec).eval()
-    apart = []
-    for paths in sets.values():
-        rows = [json.loads(line) for line in paths["dev"].read_text().splitlines()]
-        convs = [([{"role": "user", "content": r["prompt"]}], resp) for r in rows for resp in (r["chosen"], r["rejected"])]
-        batch = pad_batch(encode_conversations(convs, files.tokenizer, files.spec), pad_token_id(files.tokenizer))
-        with torch.no_grad():
-            _, features = reward_heads(model, files.spec.architecture, *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)))
-            weights = gate_weights(model.reward_gate, features)
-        apart.append(((weights[0::2] - weights[1::2]) ** 2).sum(dim=-1))
-    return float(torch.cat(apart).mean())
+    weights = torch.cat(list(dev_gate_weights(model_dir, sets, lambda r: [r["chosen"], r["rejected"]]).values()))
+    return float(((weights[0::2] - weights[1::2]) ** 2).sum(dim=-1).mean())
 
 
 def test_pair_consistency_makes_the_gate_weigh_both_answers_alike(tiny_base, objective_sets, tmp_path):
