@@ -15,13 +15,12 @@ reward export-warm --model runs/gpair-s42 --model runs/gpair-s43 --out runs/gpai
   --stats-data "$DATA/truthfulqa/train.jsonl.gz:4"
 # held out: 1,000 AlpacaEval training pairs neither seed drew (both recipes draw the same 60% per seed)
 python - <<'PY'
-import json, sys
+import sys
 from pathlib import Path
 sys.path[:0] = [".", "scripts", "reports/default-rm-gate", "reports/default-rm-sharper"]
 from sharper_shipped import unused_alpaca
-with open("runs/alpacaeval-unused-1000.jsonl", "w") as f:
-    for r in unused_alpaca(Path("../shared/data"), 1000, 0):
-        f.write(json.dumps({"prompt": r.prompt, "chosen": r.responses[r.ranking[0]], "rejected": r.responses[r.ranking[1]]}) + "\n")
+from trainer.data import write_rankings_jsonl
+write_rankings_jsonl(unused_alpaca(Path("../shared/data"), 1000, 0), "runs/alpacaeval-unused-1000.jsonl")
 PY
 
 reward serve --port 8124 --model shipped=models/default-rm --model gpair=runs/gpair-warm > runs/gpair-warm.serve.log 2>&1 &
