@@ -101,7 +101,7 @@ class TRLRewardFunction:
         self, url: str | Sequence[str], name: str, score_options: dict[str, Any], on_error: OnError,
         client_options: dict[str, Any], client: RewardClient | None = None,
     ) -> None:
-        self.url = url if isinstance(url, str) else list(url)
+        self.url = _url_value(url)
         self.__name__ = self.__qualname__ = name
         self.score_options = score_options
         self.on_error = on_error
@@ -161,6 +161,12 @@ async def _async_trl_reward(
         return _failed(len(items), exc, _on_error)
 
 
+def _url_value(url: str | Sequence[str]) -> str | list[str]:
+    """The URL, or the replicas' URLs as a list: what a reward function keeps to open its clients
+    again after pickling (a caller's generator of URLs would be spent after the first)."""
+    return url if isinstance(url, str) else list(url)
+
+
 def _score_options(model, normalize, objective, aggregate, uncertainty_penalty) -> dict[str, Any]:
     return {"model": model, "normalize": normalize, "objective": objective, "aggregate": aggregate,
             "uncertainty_penalty": uncertainty_penalty}
@@ -217,7 +223,7 @@ def trl_async_reward_func(
     on the loop it runs on (an httpx async client cannot move between loops). It pickles.
     """
     reward_func = _NamedPartial(
-        _async_trl_reward, _url=url if isinstance(url, str) else list(url),
+        _async_trl_reward, _url=_url_value(url),
         _score_options=_score_options(model, normalize, objective, aggregate, uncertainty_penalty), _on_error=on_error,
         _client_options=client_options,
     )
