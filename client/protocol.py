@@ -65,6 +65,7 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -120,6 +121,73 @@ PENALTY_DESCRIPTION = (
     "An ensemble model, with the rule 'mean_minus_var' (sent or served by default): the λ of mean - λ·var, a finite "
     "number >= 0; the served default when omitted. (1.2)"
 )
+
+
+# A body with more invalid values than this is answered with one error that counts them: pydantic
+# reports every invalid value, and turning millions of them (a few MB of ``[1, 1, ...]`` where
+# items belong) into error objects held the event loop, and so every request, for half a minute.
+MAX_REPORTED_ERRORS = 1000
+_EXAMPLE_ENTRIES = 8  # entries per list kept to find the first errors again, cheaply
+
+
+def _first_entries(value: Any) -> Any:
+    """``value`` with every list cut to its first few entries, at every depth."""
+    if isinstance(value, list):
+        return [_first_entries(v) for v in value[:_EXAMPLE_ENTRIES]]
+    if isinstance(value, dict):
+        return {k: _first_entries(v) for k, v in value.items()}
+    return value
+
+
+# The tags of the protocol's tagged unions, which pydantic puts in the path of an error right
+# after the union-typed place: an item's shape after its index, a prompt's kind after "prompt",
+# a message content's kind after "content", vLLM's input's after "input". Only there are they
+# tags: "text" is also a field.
+_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}, "input": {"text", "texts"}}
+_ITEM_SHAPES = frozenset({"prompt_response", "messages"})
+
+
+def error_path(loc: tuple) -> str:
+    """A validation error's place as the caller wrote it (``items.0.prompt``): pydantic's loc less
+    "body" and the union tags."""
+    parts: list[str] = []
+    previous: object = None
+    for i, p in enumerate(loc):
+        if isinstance(previous, int):
+            tag = p in _ITEM_SHAPES
+        else:
+            tag = p in _UNION_TAGS_AFTER.get(previous, ()) if isinstance(previous, str) else False
+        last_shape = i == len(loc) - 1 and p in _ITEM_SHAPES  # an error of the whole item keeps its shape's name
+        if p != "body" and (not tag or last_shape):
+            parts.append(str(p))
+        previous = p
+    return ".".join(parts) or "body"
+
+
+class _FewErrors(BaseModel):
+    """A request body: validation errors past MAX_REPORTED_ERRORS are counted, not listed."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _count_many_errors(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            count = exc.error_count()  # cheap: the errors are not built as Python objects
+            if count <= MAX_REPORTED_ERRORS:
+                raise
+        example = ""
+        try:
+            handler(_first_entries(data))  # the same body, its lists cut short: a few errors, fast
+        except ValidationError as few:
+            first = few.errors(include_url=False)[0]
+            where = error_path(first["loc"])
+            example = f" (the first: {where}: {first['msg']})"
+        raise PydanticCustomError(
+            "too_many_errors",
+            "{count} values in the body are invalid{example}; check the body's shape against the API (/docs)",
+            {"count": count, "example": example},
+        )
 
 
 class _Strict(BaseModel):
@@ -219,7 +287,7 @@ ScoreItem = Annotated[
 ]
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(_Strict, _FewErrors):
     model: Text | None = Field(default=None, description="Model name; the server's default when omitted.")
     items: list[ScoreItem] = Field(min_length=1, description="Items to score, at least one.")
     normalize: StrictBool = Field(
@@ -296,7 +364,7 @@ class ComparePair(_Strict):
         return self
 
 
-class CompareRequest(_Strict):
+class CompareRequest(_Strict, _FewErrors):
     model: Text | None = None
     pairs: list[ComparePair] = Field(min_length=1, description="Pairs to compare, at least one.")
     objective: ObjectiveName | None = Field(
@@ -417,7 +485,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ReloadRequest(_Strict):
+class ReloadRequest(_Strict, _FewErrors):
     path: Text | None = Field(
         default=None, description="Directory to load instead; the model's current directory when omitted."
     )
@@ -464,7 +532,7 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class GetRewardRequest(_Lenient):
+class GetRewardRequest(_Lenient, _FewErrors):
     """OpenRLHF's remote reward model body (``--reward.remote_url http://host:port/get_reward``)."""
 
     query: list[Text] = Field(
@@ -544,7 +612,7 @@ InputTexts = text_or_list(
 )
 
 
-class _VLLMPoolingBase(_Lenient):
+class _VLLMPoolingBase(_Lenient, _FewErrors):
     model: Text | None = Field(
         default=None, description="Served model name or its directory path (verl sends the path); the default when omitted."
     )
@@ -656,7 +724,7 @@ ChatPrompt = text_or_list(
 )
 
 
-class SlimeRewardRequest(_Lenient):
+class SlimeRewardRequest(_Lenient, _FewErrors):
     """slime's remote reward model body (``--rm-type remote_rm --rm-url http://host:8000/slime_reward``):
     one sample per request; the answer is the reward, a bare JSON number."""
 
@@ -727,7 +795,7 @@ ShortText = Annotated[str, StringConstraints(max_length=200), AfterValidator(_ch
 ReasonText = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(_check_text)]
 
 
-class _StoredText(_Strict):
+class _StoredText(_Strict, _FewErrors):
     """Bodies whose text goes into the comparison store."""
 
     @model_validator(mode="after")
@@ -829,7 +897,7 @@ class LabelTaskRequest(_StoredText):
     _responses = field_validator("responses")(_check_responses)
 
 
-class LabelTasksRequest(_Strict):
+class LabelTasksRequest(_Strict, _FewErrors):
     tasks: list[LabelTaskRequest] = Field(min_length=1, description="Tasks to queue, at least one.")
 
 
