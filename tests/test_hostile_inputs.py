@@ -594,3 +594,23 @@ def test_millions_of_invalid_values_are_counted_in_one_error_not_listed(bert, tm
     error = assert_error(few, 422, "validation_error", "items.0", "items.2")  # a few are still listed one by one
     assert len(error["details"]) == 3
     assert fine.status_code == 200
+
+
+def test_a_tool_turn_in_the_prompt_gets_the_same_reward_on_every_chat_route(minilm):
+    # The protocol takes the role "tool"; /slime_reward refused it ("unsupported role 'tool'")
+    # while /v1/score and /classify scored the conversation.
+    prompt = [{"role": "user", "content": "What is 17 * 23?"}, {"role": "tool", "content": "calculator: 391"}]
+    response = "17 * 23 is 391."
+    rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in prompt) + "<|im_start|>assistant\n"
+    with serving(minilm) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        v1 = http.post("/v1/score", json={"items": [{"prompt": prompt, "response": response}]}).json()["scores"][0]
+        without_tool = http.post("/v1/score", json={"items": [{"prompt": prompt[:1], "response": response}]}).json()["scores"][0]
+        slime = http.post("/slime_reward", json={"prompt": prompt, "response": response, "label": None})
+        slime_rendered = http.post("/slime_reward", json={"prompt": rendered, "response": response})
+        classify = http.post("/classify", json={"messages": [*prompt, {"role": "assistant", "content": response}],
+                                                "use_activation": False})
+    assert abs(v1 - without_tool) > 1e-3, "the tool turn changes nothing: the test proves nothing"
+    assert slime.status_code == 200, slime.text
+    assert slime.json() == pytest.approx(v1, abs=1e-4)
+    assert slime_rendered.json() == pytest.approx(v1, abs=1e-4)
+    assert classify.json()["data"][0]["probs"][0] == pytest.approx(v1, abs=1e-4)
