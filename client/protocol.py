@@ -755,6 +755,7 @@ class SlimeRewardRequest(_Lenient, _FewErrors):
 # - GET  /v1/label/tasks/next     ?labeller= -> NextLabelTask
 
 MAX_COMPARISON_RESPONSES = 16
+TRAINED_ROLES = ("system", "user", "assistant")  # the roles of a training row's prompt (trainer/data.py ROLES)
 MAX_TAGS = 32
 
 
@@ -766,6 +767,15 @@ def _check_responses(responses: list[str]) -> list[str]:
     empty = [i for i, r in enumerate(responses) if not r.strip()]
     if empty:
         raise ValueError(f"response {empty[0]} is empty; every response must have text to judge")
+    # What `reward train-rm` (trainer/data.py) refuses as a malformed row, refused here rather than
+    # stored: a store of such rows fails training (past --max-bad-fraction) or silently loses them.
+    seen: dict[str, int] = {}
+    for i, r in enumerate(responses):
+        if r.strip() in seen:
+            raise ValueError(
+                f"responses {seen[r.strip()]} and {i} are the same text; a comparison is between different responses"
+            )
+        seen[r.strip()] = i
     return responses
 
 
@@ -773,6 +783,15 @@ def _check_prompt(prompt: Union[str, list[Message]]) -> Union[str, list[Message]
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("the prompt is empty; give the text (or messages) the responses answer")
     _no_empty_message_list(prompt)
+    if isinstance(prompt, list):  # what `reward train-rm` reads, as for the responses above
+        for i, m in enumerate(prompt):
+            if m.role not in TRAINED_ROLES:
+                raise ValueError(
+                    f"prompt message {i} has role {m.role!r}; a stored prompt takes {', '.join(TRAINED_ROLES)} turns "
+                    "(what reward train-rm reads)"
+                )
+        if not any(m.role == "user" and m.content.strip() for m in prompt):
+            raise ValueError("the prompt has no user message with text; give the user turn the responses answer")
     return prompt
 
 

@@ -614,3 +614,36 @@ def test_a_tool_turn_in_the_prompt_gets_the_same_reward_on_every_chat_route(mini
     assert slime.json() == pytest.approx(v1, abs=1e-4)
     assert slime_rendered.json() == pytest.approx(v1, abs=1e-4)
     assert classify.json()["data"][0]["probs"][0] == pytest.approx(v1, abs=1e-4)
+
+
+def test_the_store_refuses_comparisons_that_training_would_drop_as_malformed(bert, tmp_path):
+    # Stored with 201, then counted malformed by `reward train-rm --from-store` (which stops past
+    # --max-bad-fraction, 1% by default): two identical responses, a prompt without a user turn, a
+    # tool turn (the trainer reads system, user and assistant).
+    from client.protocol import TRAINED_ROLES
+    from trainer.data import ROLES, MalformedRowError, parse_candidates_row, parse_row
+
+    assert TRAINED_ROLES == ROLES
+    with pytest.raises(MalformedRowError, match="identical"):  # `reward queue-uncertain` does not send such a task
+        parse_candidates_row({"prompt": "p", "responses": ["same", "same"]})
+    base = {"prompt": "p", "responses": ["a", "b"], "choice": 0, "labeller": "ann"}
+    bad = {
+        "identical": ({**base, "responses": ["Paris.", " Paris. "]}, "responses", "same text"),
+        "identical of three": ({**base, "responses": ["x", "y", "x"], "choice": None, "ranking": [0, 1, 2]}, "responses 0 and 2", "same text"),
+        "assistant only": ({**base, "prompt": [{"role": "assistant", "content": "hi"}]}, "prompt", "no user message"),
+        "blank user": ({**base, "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": " "}]}, "prompt", "no user message"),
+        "tool turn": ({**base, "prompt": [{"role": "user", "content": "q"}, {"role": "tool", "content": "t"}]}, "prompt message 1", "'tool'"),
+    }
+    good = {**base, "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        answers = {name: http.post("/v1/comparisons", json=body) for name, (body, *_) in bad.items()}
+        task = http.post("/v1/label/tasks", json={"tasks": [{"prompt": "p", "responses": ["same", "same"]}]})
+        stored = http.post("/v1/comparisons", json=good)
+        exported = http.get("/v1/comparisons/export")
+
+    for name, (_, field, words) in bad.items():
+        assert_error(answers[name], 422, "validation_error", field, words)
+    assert_error(task, 422, "validation_error", "tasks.0.responses", "same text")
+    assert stored.status_code == 201, stored.text
+    rows = [json.loads(line) for line in exported.text.splitlines()]
+    assert len(rows) == 1 and parse_row(rows[0]).responses == ["a", "b"]
