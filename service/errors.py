@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from client.protocol import ErrorResponse, error_path
 
 from .metrics import ServiceMetrics
+from .routes import ROUTES
 
 
 class APIError(Exception):
@@ -127,6 +128,9 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
             kind, message = "invalid_body", _unreadable_body_message(exc.__cause__)
         elif exc.status_code == 404:
             message = f"no route {request.method} {path}; see /docs for the API"
+            bare = path.rstrip("/")
+            if bare != path and any(route.matches(bare) for route in ROUTES):
+                message = f"no route {request.method} {path}; the route is {bare}, without the trailing slash"
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
             message = f"{path} does not take {request.method}; send {' or '.join(allowed.split(', ')) or 'another method'}"

@@ -647,3 +647,17 @@ def test_the_store_refuses_comparisons_that_training_would_drop_as_malformed(ber
     assert stored.status_code == 201, stored.text
     rows = [json.loads(line) for line in exported.text.splitlines()]
     assert len(rows) == 1 and parse_row(rows[0]).responses == ["a", "b"]
+
+
+def test_a_trailing_slash_is_a_404_naming_the_route_not_a_redirect_to_the_host_header(bert):
+    # "/v1/score/" was a 307 to http://<Host header>/v1/score: another host when the Host header
+    # said so, and plain http behind a TLS proxy.
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        slashed = http.post("/v1/score/", json={"items": [{"prompt": "p", "response": "r"}]}, headers={"host": "evil.example"})
+        models = http.get("/v1/models/")
+        unknown = http.get("/nowhere/")
+    assert "location" not in slashed.headers
+    assert_error(slashed, 404, "not_found", "/v1/score/", "the route is /v1/score, without the trailing slash")
+    assert_error(models, 404, "not_found", "the route is /v1/models")
+    error = assert_error(unknown, 404, "not_found", "/nowhere/")
+    assert "trailing slash" not in error["message"]
