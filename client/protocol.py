@@ -646,6 +646,13 @@ class _VLLMPoolingBase(_Lenient, _FewErrors):
             raise ValueError("input is an empty list; send a string or at least one string")
         if self.messages is not None and (not self.messages or self.messages[-1].role != "assistant"):
             raise ValueError("messages must end with the assistant turn to score (a reward model scores a response)")
+        if self.messages is not None and self.truncate_prompt_tokens is not None:
+            # It was ignored: the answer was the whole chat's reward, as if it had not been sent.
+            raise ValueError(
+                "truncate_prompt_tokens applies to the text form (input); a chat (messages) is cut to the model's "
+                "max length keeping the response, as /v1/score cuts it: leave truncate_prompt_tokens out, or send "
+                "the rendered text as input"
+            )
         return self
 
     @property
