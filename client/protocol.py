@@ -578,10 +578,22 @@ class GetRewardResponse(BaseModel):
 
 
 class VLLMContentPart(_Lenient):
-    """One part of an OpenAI-style message content; only text parts are read."""
+    """One part of an OpenAI-style message content: a text part, the only kind a text reward
+    model reads. Another kind (an image, audio) is refused: dropped, it left a prompt or a
+    response without what the caller sent, and its reward answered for other input."""
 
-    type: str = "text"
+    type: Literal["text"] = Field(default="text", description="'text': a reward model here reads text only.")
     text: Text | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "text":
+            raise ValueError(
+                f"a content part of type {value[:40]!r} cannot be read: the reward model reads text, so send text "
+                "parts only ({\"type\": \"text\", \"text\": ...})"
+            )
+        return value
 
 
 # A chat message's content, OpenAI's shape: a string or a list of parts.
