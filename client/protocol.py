@@ -65,6 +65,7 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -120,6 +121,73 @@ PENALTY_DESCRIPTION = (
     "An ensemble model, with the rule 'mean_minus_var' (sent or served by default): the λ of mean - λ·var, a finite "
     "number >= 0; the served default when omitted. (1.2)"
 )
+
+
+# A body with more invalid values than this is answered with one error that counts them: pydantic
+# reports every invalid value, and turning millions of them (a few MB of ``[1, 1, ...]`` where
+# items belong) into error objects held the event loop, and so every request, for half a minute.
+MAX_REPORTED_ERRORS = 1000
+_EXAMPLE_ENTRIES = 8  # entries per list kept to find the first errors again, cheaply
+
+
+def _first_entries(value: Any) -> Any:
+    """``value`` with every list cut to its first few entries, at every depth."""
+    if isinstance(value, list):
+        return [_first_entries(v) for v in value[:_EXAMPLE_ENTRIES]]
+    if isinstance(value, dict):
+        return {k: _first_entries(v) for k, v in value.items()}
+    return value
+
+
+# The tags of the protocol's tagged unions, which pydantic puts in the path of an error right
+# after the union-typed place: an item's shape after its index, a prompt's kind after "prompt",
+# a message content's kind after "content", vLLM's input's after "input". Only there are they
+# tags: "text" is also a field.
+_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}, "input": {"text", "texts"}}
+_ITEM_SHAPES = frozenset({"prompt_response", "messages"})
+
+
+def error_path(loc: tuple) -> str:
+    """A validation error's place as the caller wrote it (``items.0.prompt``): pydantic's loc less
+    "body" and the union tags."""
+    parts: list[str] = []
+    previous: object = None
+    for i, p in enumerate(loc):
+        if isinstance(previous, int):
+            tag = p in _ITEM_SHAPES
+        else:
+            tag = p in _UNION_TAGS_AFTER.get(previous, ()) if isinstance(previous, str) else False
+        last_shape = i == len(loc) - 1 and p in _ITEM_SHAPES  # an error of the whole item keeps its shape's name
+        if p != "body" and (not tag or last_shape):
+            parts.append(str(p))
+        previous = p
+    return ".".join(parts) or "body"
+
+
+class _FewErrors(BaseModel):
+    """A request body: validation errors past MAX_REPORTED_ERRORS are counted, not listed."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _count_many_errors(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            count = exc.error_count()  # cheap: the errors are not built as Python objects
+            if count <= MAX_REPORTED_ERRORS:
+                raise
+        example = ""
+        try:
+            handler(_first_entries(data))  # the same body, its lists cut short: a few errors, fast
+        except ValidationError as few:
+            first = few.errors(include_url=False)[0]
+            where = error_path(first["loc"])
+            example = f" (the first: {where}: {first['msg']})"
+        raise PydanticCustomError(
+            "too_many_errors",
+            "{count} values in the body are invalid{example}; check the body's shape against the API (/docs)",
+            {"count": count, "example": example},
+        )
 
 
 class _Strict(BaseModel):
@@ -219,7 +287,7 @@ ScoreItem = Annotated[
 ]
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(_Strict, _FewErrors):
     model: Text | None = Field(default=None, description="Model name; the server's default when omitted.")
     items: list[ScoreItem] = Field(min_length=1, description="Items to score, at least one.")
     normalize: StrictBool = Field(
@@ -296,7 +364,7 @@ class ComparePair(_Strict):
         return self
 
 
-class CompareRequest(_Strict):
+class CompareRequest(_Strict, _FewErrors):
     model: Text | None = None
     pairs: list[ComparePair] = Field(min_length=1, description="Pairs to compare, at least one.")
     objective: ObjectiveName | None = Field(
@@ -417,7 +485,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ReloadRequest(_Strict):
+class ReloadRequest(_Strict, _FewErrors):
     path: Text | None = Field(
         default=None, description="Directory to load instead; the model's current directory when omitted."
     )
@@ -464,7 +532,7 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class GetRewardRequest(_Lenient):
+class GetRewardRequest(_Lenient, _FewErrors):
     """OpenRLHF's remote reward model body (``--reward.remote_url http://host:port/get_reward``)."""
 
     query: list[Text] = Field(
@@ -510,10 +578,22 @@ class GetRewardResponse(BaseModel):
 
 
 class VLLMContentPart(_Lenient):
-    """One part of an OpenAI-style message content; only text parts are read."""
+    """One part of an OpenAI-style message content: a text part, the only kind a text reward
+    model reads. Another kind (an image, audio) is refused: dropped, it left a prompt or a
+    response without what the caller sent, and its reward answered for other input."""
 
-    type: str = "text"
+    type: Literal["text"] = Field(default="text", description="'text': a reward model here reads text only.")
     text: Text | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "text":
+            raise ValueError(
+                f"a content part of type {value[:40]!r} cannot be read: the reward model reads text, so send text "
+                "parts only ({\"type\": \"text\", \"text\": ...})"
+            )
+        return value
 
 
 # A chat message's content, OpenAI's shape: a string or a list of parts.
@@ -544,7 +624,7 @@ InputTexts = text_or_list(
 )
 
 
-class _VLLMPoolingBase(_Lenient):
+class _VLLMPoolingBase(_Lenient, _FewErrors):
     model: Text | None = Field(
         default=None, description="Served model name or its directory path (verl sends the path); the default when omitted."
     )
@@ -578,6 +658,13 @@ class _VLLMPoolingBase(_Lenient):
             raise ValueError("input is an empty list; send a string or at least one string")
         if self.messages is not None and (not self.messages or self.messages[-1].role != "assistant"):
             raise ValueError("messages must end with the assistant turn to score (a reward model scores a response)")
+        if self.messages is not None and self.truncate_prompt_tokens is not None:
+            # It was ignored: the answer was the whole chat's reward, as if it had not been sent.
+            raise ValueError(
+                "truncate_prompt_tokens applies to the text form (input); a chat (messages) is cut to the model's "
+                "max length keeping the response, as /v1/score cuts it: leave truncate_prompt_tokens out, or send "
+                "the rendered text as input"
+            )
         return self
 
     @property
@@ -656,7 +743,7 @@ ChatPrompt = text_or_list(
 )
 
 
-class SlimeRewardRequest(_Lenient):
+class SlimeRewardRequest(_Lenient, _FewErrors):
     """slime's remote reward model body (``--rm-type remote_rm --rm-url http://host:8000/slime_reward``):
     one sample per request; the answer is the reward, a bare JSON number."""
 
@@ -687,6 +774,7 @@ class SlimeRewardRequest(_Lenient):
 # - GET  /v1/label/tasks/next     ?labeller= -> NextLabelTask
 
 MAX_COMPARISON_RESPONSES = 16
+TRAINED_ROLES = ("system", "user", "assistant")  # the roles of a training row's prompt (trainer/data.py ROLES)
 MAX_TAGS = 32
 
 
@@ -698,6 +786,15 @@ def _check_responses(responses: list[str]) -> list[str]:
     empty = [i for i, r in enumerate(responses) if not r.strip()]
     if empty:
         raise ValueError(f"response {empty[0]} is empty; every response must have text to judge")
+    # What `reward train-rm` (trainer/data.py) refuses as a malformed row, refused here rather than
+    # stored: a store of such rows fails training (past --max-bad-fraction) or silently loses them.
+    seen: dict[str, int] = {}
+    for i, r in enumerate(responses):
+        if r.strip() in seen:
+            raise ValueError(
+                f"responses {seen[r.strip()]} and {i} are the same text; a comparison is between different responses"
+            )
+        seen[r.strip()] = i
     return responses
 
 
@@ -705,6 +802,15 @@ def _check_prompt(prompt: Union[str, list[Message]]) -> Union[str, list[Message]
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("the prompt is empty; give the text (or messages) the responses answer")
     _no_empty_message_list(prompt)
+    if isinstance(prompt, list):  # what `reward train-rm` reads, as for the responses above
+        for i, m in enumerate(prompt):
+            if m.role not in TRAINED_ROLES:
+                raise ValueError(
+                    f"prompt message {i} has role {m.role!r}; a stored prompt takes {', '.join(TRAINED_ROLES)} turns "
+                    "(what reward train-rm reads)"
+                )
+        if not any(m.role == "user" and m.content.strip() for m in prompt):
+            raise ValueError("the prompt has no user message with text; give the user turn the responses answer")
     return prompt
 
 
@@ -727,7 +833,7 @@ ShortText = Annotated[str, StringConstraints(max_length=200), AfterValidator(_ch
 ReasonText = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(_check_text)]
 
 
-class _StoredText(_Strict):
+class _StoredText(_Strict, _FewErrors):
     """Bodies whose text goes into the comparison store."""
 
     @model_validator(mode="after")
@@ -829,7 +935,7 @@ class LabelTaskRequest(_StoredText):
     _responses = field_validator("responses")(_check_responses)
 
 
-class LabelTasksRequest(_Strict):
+class LabelTasksRequest(_Strict, _FewErrors):
     tasks: list[LabelTaskRequest] = Field(min_length=1, description="Tasks to queue, at least one.")
 
 

@@ -74,6 +74,9 @@ def create_app(
         version=API_REVISION,  # the protocol revision within /v1 (client/protocol.py)
         summary="Scores (prompt, response) pairs with reward models, batched across requests.",
         lifespan=lifespan,
+        # "/v1/score/" is a 404 naming "/v1/score", not a 307 to an absolute URL built from the
+        # Host header (another host, or http:// behind a TLS proxy) that a client may follow.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = metrics

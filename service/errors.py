@@ -17,9 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from client.protocol import ErrorResponse
+from client.protocol import ErrorResponse, error_path
 
 from .metrics import ServiceMetrics
+from .routes import ROUTES
 
 
 class APIError(Exception):
@@ -54,34 +55,11 @@ STORE_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503)
 NOT_READY_ERRORS = error_responses(503)
 
 
-# The tags of the protocol's tagged unions, which pydantic puts in the path of an error right
-# after the union-typed place: an item's shape after its index, a prompt's kind after "prompt",
-# a message content's kind after "content", vLLM's input's after "input". Only there are they
-# tags: "text" is also a field.
-_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}, "input": {"text", "texts"}}
-_ITEM_SHAPES = frozenset({"prompt_response", "messages"})
-
-
-def _field_path(loc: tuple) -> str:
-    parts: list[str] = []
-    previous: object = None
-    for i, p in enumerate(loc):
-        if isinstance(previous, int):
-            tag = p in _ITEM_SHAPES
-        else:
-            tag = p in _UNION_TAGS_AFTER.get(previous, ()) if isinstance(previous, str) else False
-        last_shape = i == len(loc) - 1 and p in _ITEM_SHAPES  # an error of the whole item keeps its shape's name
-        if p != "body" and (not tag or last_shape):
-            parts.append(str(p))
-        previous = p
-    return ".".join(parts) or "body"
-
-
 def _validation_message(errors: list[dict]) -> str:
     lines = []
     for err in errors[:5]:
         loc, kind, msg = tuple(err.get("loc", ())), err.get("type", ""), err.get("msg", "")
-        where = _field_path(loc)
+        where = error_path(loc)
         if kind == "json_invalid":
             lines.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', msg)}); send a UTF-8 JSON object")
         elif kind == "missing":
@@ -150,6 +128,9 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
             kind, message = "invalid_body", _unreadable_body_message(exc.__cause__)
         elif exc.status_code == 404:
             message = f"no route {request.method} {path}; see /docs for the API"
+            bare = path.rstrip("/")
+            if bare != path and any(route.matches(bare) for route in ROUTES):
+                message = f"no route {request.method} {path}; the route is {bare}, without the trailing slash"
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
             message = f"{path} does not take {request.method}; send {' or '.join(allowed.split(', ')) or 'another method'}"

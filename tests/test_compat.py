@@ -188,6 +188,12 @@ def test_vllm_pooling_returns_the_reward(server, model_dirs):
     # A boolean or a numeric string is not an integer (found by the OpenAPI fuzzer: true was read as 1).
     ("/classify", {"model": "bert", "input": "x", "priority": True}, 422, "priority"),
     ("/pooling", {"model": "bert", "input": "x", "truncate_prompt_tokens": "3"}, 422, "truncate_prompt_tokens"),
+    # The chat form has no truncation of its own: it was ignored, and the whole chat scored (adversarial probe).
+    ("/classify", {"model": "bert", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                   "truncate_prompt_tokens": 2}, 422, "truncate_prompt_tokens applies to the text form"),
+    # An image part was dropped: the answer was the reward of an empty response (adversarial probe).
+    ("/classify", {"model": "bert", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]}, 422, "messages.1.content.0.type"),
 ])
 def test_bad_vllm_bodies_get_a_4xx_naming_the_field(server, path, body, status, mentions):
     answer = httpx.post(f"{server.url}{path}", json=body)

@@ -563,3 +563,101 @@ def test_an_optional_text_over_its_length_is_counted_in_characters(bert, tmp_pat
     assert_error(category, 422, "validation_error", "category", "at most 200 characters")
     assert_error(source, 422, "validation_error", "tasks.0.source", "at most 200 characters")
     assert fine.status_code == 201, fine.text
+
+
+# -- 10: bodies of millions of invalid values (the adversarial probe of the service) --------------
+
+
+def test_millions_of_invalid_values_are_counted_in_one_error_not_listed(bert, tmp_path):
+    # pydantic reports every invalid value; FastAPI turned 2.6 million of them (8 MB of [1, 1, ...]
+    # where items belong) into error objects for 28 s, holding the event loop: /healthz too.
+    many = 1_500_000
+    bodies = {
+        "/v1/score": ({"items": [1] * many}, "items.0"),
+        "/get_reward": ({"query": [1] * many}, "query.0"),
+        "/classify": ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [1] * many}]},
+                      "messages.1.content.0"),
+        "/v1/comparisons": ({"prompt": "p", "responses": ["a", "b"], "ranking": ["x"] * many, "labeller": "ann"}, "ranking.0"),
+    }
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=120) as http:
+        answers = {}
+        for path, (body, _) in bodies.items():
+            started = time.perf_counter()
+            answers[path] = (http.post(path, json=body), time.perf_counter() - started)
+        few = http.post("/v1/score", json={"items": [1] * 3})
+        fine = http.post("/v1/score", json={"items": [{"prompt": "p", "response": "r"}]})
+
+    for path, (answer, took) in answers.items():
+        error = assert_error(answer, 422, "validation_error", f"{many} values in the body are invalid", bodies[path][1])
+        assert len(error["details"]) == 1, path
+        assert took < 10, f"{path}: {took:.1f} s to refuse"
+    error = assert_error(few, 422, "validation_error", "items.0", "items.2")  # a few are still listed one by one
+    assert len(error["details"]) == 3
+    assert fine.status_code == 200
+
+
+def test_a_tool_turn_in_the_prompt_gets_the_same_reward_on_every_chat_route(minilm):
+    # The protocol takes the role "tool"; /slime_reward refused it ("unsupported role 'tool'")
+    # while /v1/score and /classify scored the conversation.
+    prompt = [{"role": "user", "content": "What is 17 * 23?"}, {"role": "tool", "content": "calculator: 391"}]
+    response = "17 * 23 is 391."
+    rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in prompt) + "<|im_start|>assistant\n"
+    with serving(minilm) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        v1 = http.post("/v1/score", json={"items": [{"prompt": prompt, "response": response}]}).json()["scores"][0]
+        without_tool = http.post("/v1/score", json={"items": [{"prompt": prompt[:1], "response": response}]}).json()["scores"][0]
+        slime = http.post("/slime_reward", json={"prompt": prompt, "response": response, "label": None})
+        slime_rendered = http.post("/slime_reward", json={"prompt": rendered, "response": response})
+        classify = http.post("/classify", json={"messages": [*prompt, {"role": "assistant", "content": response}],
+                                                "use_activation": False})
+    assert abs(v1 - without_tool) > 1e-3, "the tool turn changes nothing: the test proves nothing"
+    assert slime.status_code == 200, slime.text
+    assert slime.json() == pytest.approx(v1, abs=1e-4)
+    assert slime_rendered.json() == pytest.approx(v1, abs=1e-4)
+    assert classify.json()["data"][0]["probs"][0] == pytest.approx(v1, abs=1e-4)
+
+
+def test_the_store_refuses_comparisons_that_training_would_drop_as_malformed(bert, tmp_path):
+    # Stored with 201, then counted malformed by `reward train-rm --from-store` (which stops past
+    # --max-bad-fraction, 1% by default): two identical responses, a prompt without a user turn, a
+    # tool turn (the trainer reads system, user and assistant).
+    from client.protocol import TRAINED_ROLES
+    from trainer.data import ROLES, MalformedRowError, parse_candidates_row, parse_row
+
+    assert TRAINED_ROLES == ROLES
+    with pytest.raises(MalformedRowError, match="identical"):  # `reward queue-uncertain` does not send such a task
+        parse_candidates_row({"prompt": "p", "responses": ["same", "same"]})
+    base = {"prompt": "p", "responses": ["a", "b"], "choice": 0, "labeller": "ann"}
+    bad = {
+        "identical": ({**base, "responses": ["Paris.", " Paris. "]}, "responses", "same text"),
+        "identical of three": ({**base, "responses": ["x", "y", "x"], "choice": None, "ranking": [0, 1, 2]}, "responses 0 and 2", "same text"),
+        "assistant only": ({**base, "prompt": [{"role": "assistant", "content": "hi"}]}, "prompt", "no user message"),
+        "blank user": ({**base, "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": " "}]}, "prompt", "no user message"),
+        "tool turn": ({**base, "prompt": [{"role": "user", "content": "q"}, {"role": "tool", "content": "t"}]}, "prompt message 1", "'tool'"),
+    }
+    good = {**base, "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        answers = {name: http.post("/v1/comparisons", json=body) for name, (body, *_) in bad.items()}
+        task = http.post("/v1/label/tasks", json={"tasks": [{"prompt": "p", "responses": ["same", "same"]}]})
+        stored = http.post("/v1/comparisons", json=good)
+        exported = http.get("/v1/comparisons/export")
+
+    for name, (_, field, words) in bad.items():
+        assert_error(answers[name], 422, "validation_error", field, words)
+    assert_error(task, 422, "validation_error", "tasks.0.responses", "same text")
+    assert stored.status_code == 201, stored.text
+    rows = [json.loads(line) for line in exported.text.splitlines()]
+    assert len(rows) == 1 and parse_row(rows[0]).responses == ["a", "b"]
+
+
+def test_a_trailing_slash_is_a_404_naming_the_route_not_a_redirect_to_the_host_header(bert):
+    # "/v1/score/" was a 307 to http://<Host header>/v1/score: another host when the Host header
+    # said so, and plain http behind a TLS proxy.
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        slashed = http.post("/v1/score/", json={"items": [{"prompt": "p", "response": "r"}]}, headers={"host": "evil.example"})
+        models = http.get("/v1/models/")
+        unknown = http.get("/nowhere/")
+    assert "location" not in slashed.headers
+    assert_error(slashed, 404, "not_found", "/v1/score/", "the route is /v1/score, without the trailing slash")
+    assert_error(models, 404, "not_found", "the route is /v1/models")
+    error = assert_error(unknown, 404, "not_found", "/nowhere/")
+    assert "trailing slash" not in error["message"]

@@ -705,8 +705,9 @@ def parse_candidates_row(row: Any, *, source: str = "", line: int = 0) -> Candid
         except PromptError as e:
             raise MalformedRowError(str(e)) from None
         responses = row["responses"]
-        if not isinstance(responses, list):
-            raise MalformedRowError("responses must be a list of strings")
+        # as a comparison's (parse_row): the service refuses a label task it could not train on
+        _check_prompt(prompt)
+        _check_responses(responses)
         _, _, category = _extras(row)
         return Candidates(prompt=prompt, responses=list(responses), category=category, source=source, line=line)
     record = parse_row(row, source=source, line=line)
