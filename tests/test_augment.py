@@ -37,6 +37,25 @@ def test_each_pair_keeps_its_prompt_and_ranks_the_best_answer_above_a_made_up_wo
             assert pair.responses[1].startswith("The best answer to question ") and f"question {i}," not in pair.responses[1]
 
 
+def test_longer_off_topic_answers_balance_the_brush_offs_so_length_cannot_decide():
+    # The user's worry: brush-offs are short, so pairs of them alone teach "the shorter answer loses".
+    records = [
+        PreferenceRecord([{"role": "user", "content": f"Question {i}?"}],
+                         ["Weak.", f"Answer {i} " + "in detail " * i], [1, 0])
+        for i in range(1, 30)
+    ]
+    pairs = synthetic_records(records, ["dismissive", "longer_off_topic"], n=40, seed=1)
+    off_topic = [p for p in pairs if p.category == "longer_off_topic"]
+    assert len(off_topic) == 20
+    for pair in off_topic:  # always a longer answer, always to another question
+        best, worse = pair.responses
+        assert len(worse) > len(best) and worse.split()[1] != best.split()[1]
+    longer_wins = sum(len(p.responses[0]) > len(p.responses[1]) for p in pairs) / len(pairs)
+    assert 0.4 <= longer_wins <= 0.6
+    # The longest answer has nothing longer to lose to: it is never given this kind.
+    assert all(p.responses[0] != records[-1].best for p in off_topic)
+
+
 def test_a_truthfulness_source_gives_its_answers_above_non_answers_and_hedged_false_claims():
     false_claims = {f"Question {i}?": f"A weaker answer to question {i}." for i in range(6)}
     cautious = PreferenceRecord([{"role": "user", "content": "Unknowable?"}], ["I have no comment", "It is certainly 42."], [0, 1])

@@ -10,6 +10,11 @@ here pairs a real better answer from the source with a made-up worse one:
   polite brush-off) drawn from :data:`DISMISSIVE_REPLIES`;
 * ``off_topic``: the better answer of another prompt of the same source: fluent, well formed,
   and about something else;
+* ``longer_off_topic``: as ``off_topic``, but always an answer longer than the better one. The
+  brush-offs of ``dismissive`` are nearly all shorter than the answer they lose to, so a file of
+  those alone teaches "the shorter answer loses"; ``dismissive,longer_off_topic`` puts the
+  longer answer on the losing side of about half the pairs, so what is left to learn is whether
+  an answer answers;
 * ``non_answer``: a non-committal reply ("I have no comment.", "I don't know.") against an
   informative best answer. TruthfulQA counts such replies as truthful but not informative, and
   scores a model on answers that are both;
@@ -28,6 +33,7 @@ kind), which ``reward train-rm --data`` reads like any other source.
 from __future__ import annotations
 
 import argparse
+import bisect
 import random
 import sys
 from pathlib import Path
@@ -35,7 +41,7 @@ from typing import Sequence
 
 from .data import DataError, PreferenceRecord, load_preferences, write_rankings_jsonl
 
-KINDS = ("dismissive", "off_topic", "non_answer", "hedged_false")
+KINDS = ("dismissive", "off_topic", "longer_off_topic", "non_answer", "hedged_false")
 
 # Non-answers: refusals of a harmless request, shrugs, brush-offs. None carries content.
 DISMISSIVE_REPLIES = (
@@ -115,6 +121,20 @@ def hedged(claim: str, rng: random.Random) -> str:
     return f"{claim} {rng.choice(HEDGES_AFTER)}"
 
 
+def _longer_answer_elsewhere(record: PreferenceRecord, by_length: Sequence[PreferenceRecord], lengths: Sequence[int],
+                             rng: random.Random, tries: int = 20) -> str | None:
+    """The best answer of a random record under another prompt whose best answer is longer than
+    ``record``'s (``by_length`` sorted by that length, ``lengths`` its lengths); None if none is found."""
+    start = bisect.bisect_right(lengths, len(record.best))
+    if start == len(by_length):
+        return None
+    for _ in range(tries):
+        other = by_length[rng.randrange(start, len(by_length))]
+        if other.prompt != record.prompt:
+            return other.best
+    return None
+
+
 class AugmentError(ValueError):
     """The request cannot be met (no usable records, an unknown kind); the message says what to change."""
 
@@ -140,14 +160,18 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
         raise AugmentError(f"the source has {len(usable)} records whose best answer has {MIN_ANSWER_WORDS}+ words; need 2 or more")
     if "non_answer" in kinds and all(is_non_committal(r.best) for r in usable):
         raise AugmentError("non_answer needs best answers that commit to something; every one here is itself a non-answer")
-    if "off_topic" in kinds and all(r.prompt == usable[0].prompt for r in usable):
+    if {"off_topic", "longer_off_topic"} & set(kinds) and all(r.prompt == usable[0].prompt for r in usable):
         raise AugmentError("off_topic needs records under at least two different prompts; the source has one")
+    by_length = sorted(usable, key=lambda r: len(r.best))
+    lengths = [len(r.best) for r in by_length]
     rng = random.Random(seed)
     order = list(range(len(usable)))
     rng.shuffle(order)
     out: list[PreferenceRecord] = []
     drawn = 0
-    while len(out) < n:  # a non-committal best answer is skipped for non_answer: draw the next record
+    while len(out) < n:  # a record no pair of the kind can be made from is skipped: draw the next one
+        if drawn >= 10 * len(order) + n:
+            raise AugmentError(f"only {len(out)} of {n} pairs could be made: too few records suit {kinds[len(out) % len(kinds)]}")
         record = usable[order[drawn % len(order)]]
         drawn += 1
         best = record.best
@@ -160,6 +184,10 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
             worse = rng.choice(NON_ANSWERS)
         elif kind == "hedged_false":
             worse = hedged(record.worst, rng)
+        elif kind == "longer_off_topic":
+            worse = _longer_answer_elsewhere(record, by_length, lengths, rng)
+            if worse is None:  # among the longest answers: nothing longer to lose to
+                continue
         else:
             while True:  # another prompt's best answer (prompts can repeat in a source: compare them)
                 other = usable[rng.randrange(len(usable))]
@@ -180,7 +208,8 @@ def add_augment_parser(subparsers) -> None:
                         help="the source whose prompts and best answers are used (any format train-rm reads)")
     parser.add_argument("--kinds", type=parse_kinds, default=["dismissive", "off_topic"], metavar="K[,K]",
                         help=f"which kinds of worse answer, taking turns, of {','.join(KINDS)} (default: dismissive,off_topic, "
-                        "for benign requests; non_answer,hedged_false for sources whose worse answers are false)")
+                        "for benign requests, or dismissive,longer_off_topic to keep length from deciding; "
+                        "non_answer,hedged_false for sources whose worse answers are false)")
     parser.add_argument("--n", type=int, required=True, help="how many pairs to write")
     parser.add_argument("--seed", type=int, default=0, help="which records and which replies (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="the rankings JSONL to write")
