@@ -24,6 +24,7 @@ MODELS = [
     ("recipes-compare.json", "gp44", "pair-consistency, seed 44"),
     ("gate0-compare.json", "g0", "gate on the token embeddings, seed 42"),
     ("augment-gpair-compare.json", "augp", "augment pairs + pair-consistency, seed 42"),
+    ("length-balanced-compare.json", "auglb", "length-balanced augment pairs + pair-consistency, seed 42"),
 ]
 CATEGORIES = ["truthful", "harmless", "helpful"]
 
