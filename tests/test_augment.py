@@ -102,6 +102,10 @@ def test_impossible_requests_say_what_to_change():
                    for i in range(3)]
     with pytest.raises(AugmentError, match="two different prompts"):  # rather than search for another prompt forever
         synthetic_records(same_prompt, ["off_topic"], n=2)
+    equal_lengths = [PreferenceRecord([{"role": "user", "content": f"Question {i}?"}], [f"Answer number {i}.", "Meh."], [0, 1])
+                     for i in range(3)]
+    with pytest.raises(AugmentError, match="too few records suit longer_off_topic"):  # none has a longer one to lose to
+        synthetic_records(equal_lengths, ["longer_off_topic"], n=2)
 
 
 def test_the_command_writes_a_file_train_rm_reads_as_a_source(tmp_path):

@@ -12,9 +12,9 @@ here pairs a real better answer from the source with a made-up worse one:
   and about something else;
 * ``longer_off_topic``: as ``off_topic``, but always an answer longer than the better one. The
   brush-offs of ``dismissive`` are nearly all shorter than the answer they lose to, so a file of
-  those alone teaches "the shorter answer loses"; ``dismissive,longer_off_topic`` puts the
-  longer answer on the losing side of about half the pairs, so what is left to learn is whether
-  an answer answers;
+  those alone tilt toward "the shorter answer loses"; ``dismissive,longer_off_topic`` puts the
+  longer answer on the losing side of about half the pairs, so the file itself has no length
+  tilt (what a model then learns is measured in docs/default-model.md, "Fresh obvious pairs");
 * ``non_answer``: a non-committal reply ("I have no comment.", "I don't know.") against an
   informative best answer. TruthfulQA counts such replies as truthful but not informative, and
   scores a model on answers that are both;
