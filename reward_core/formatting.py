@@ -154,10 +154,9 @@ def parse_hh_transcript(text: str, where: str = "transcript") -> list[dict]:
     ]
 
 
-def parse_message(m: Any, where: str, roles: dict[str, str] = ROLE_ALIASES) -> dict:
+def parse_message(m: Any, where: str) -> dict:
     """One chat turn, ``{"role", "content"}`` or ShareGPT ``{"from", "value"}``, as ``{"role", "content"}``
-    with a canonical role (``roles``: :data:`ROLE_ALIASES`, which training data is read with).
-    PromptError (naming ``where``) otherwise."""
+    with a canonical role (:data:`ROLE_ALIASES`). PromptError (naming ``where``) otherwise."""
     if not isinstance(m, dict):
         raise PromptError(f"{where} must be a message object")
     if "role" in m:
@@ -166,7 +165,7 @@ def parse_message(m: Any, where: str, roles: dict[str, str] = ROLE_ALIASES) -> d
         role, content = m["from"], m.get("value")
     else:
         raise PromptError(f"{where} has neither 'role' nor 'from'")
-    canonical = roles.get(role.lower() if isinstance(role, str) else role)
+    canonical = ROLE_ALIASES.get(role.lower() if isinstance(role, str) else role)
     if canonical is None:
         raise PromptError(f"{where} has unsupported role {role!r}")
     if not isinstance(content, str):
@@ -432,9 +431,8 @@ def prompt_response_conversation(prompt: Any, response: str) -> Conversation:
         if parsed is not None and parsed[0] and parsed[1] == response.strip():
             return parsed[0], response
         return parse_prompt(prompt), response
-    if isinstance(prompt, list):
-        # Chat messages are scored as /v1/score scores them: tool turns included, as in a templated prompt.
-        return [parse_message(m, f"prompt message {i}", _MARKUP_ROLES) for i, m in enumerate(prompt)], response
+    if isinstance(prompt, list):  # messages the protocol has validated: as /v1/score takes them, tool turns included
+        return item_to_conversation({"prompt": prompt, "response": response})
     return parse_prompt(prompt), response
 
 
