@@ -774,7 +774,7 @@ class SlimeRewardRequest(_Lenient, _FewErrors):
 # - GET  /v1/label/tasks/next     ?labeller= -> NextLabelTask
 
 MAX_COMPARISON_RESPONSES = 16
-TRAINED_ROLES = ("system", "user", "assistant")  # the roles of a training row's prompt (trainer/data.py ROLES)
+TRAINED_ROLES = ("system", "user", "assistant")  # the roles of a training row's prompt (trainer/data.py reads them)
 MAX_TAGS = 32
 
 

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from client.protocol import TRAINED_ROLES
 from reward_core.formatting import PromptError, looks_like_hh, parse_hh_transcript, parse_message, parse_prompt
 
 __all__ = [
@@ -86,7 +87,8 @@ __all__ = [
     "load_candidates",
 ]
 
-ROLES = ("system", "user", "assistant")
+# The prompt roles a training row may hold; the comparison store refuses others on the way in.
+ROLES = TRAINED_ROLES
 
 FORMATS = (
     "hh",
