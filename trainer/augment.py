@@ -121,11 +121,11 @@ def hedged(claim: str, rng: random.Random) -> str:
     return f"{claim} {rng.choice(HEDGES_AFTER)}"
 
 
-def _longer_answer_elsewhere(record: PreferenceRecord, by_length: Sequence[PreferenceRecord], lengths: Sequence[int],
-                             rng: random.Random, tries: int = 20) -> str | None:
+def _longer_answer_elsewhere(record: PreferenceRecord, by_length: Sequence[PreferenceRecord], rng: random.Random,
+                             tries: int = 20) -> str | None:
     """The best answer of a random record under another prompt whose best answer is longer than
-    ``record``'s (``by_length`` sorted by that length, ``lengths`` its lengths); None if none is found."""
-    start = bisect.bisect_right(lengths, len(record.best))
+    ``record``'s (``by_length``: the records sorted by that length); None if none is found."""
+    start = bisect.bisect_right(by_length, len(record.best), key=lambda r: len(r.best))
     if start == len(by_length):
         return None
     for _ in range(tries):
@@ -162,8 +162,7 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
         raise AugmentError("non_answer needs best answers that commit to something; every one here is itself a non-answer")
     if {"off_topic", "longer_off_topic"} & set(kinds) and all(r.prompt == usable[0].prompt for r in usable):
         raise AugmentError("off_topic needs records under at least two different prompts; the source has one")
-    by_length = sorted(usable, key=lambda r: len(r.best))
-    lengths = [len(r.best) for r in by_length]
+    by_length = sorted(usable, key=lambda r: len(r.best)) if "longer_off_topic" in kinds else []
     rng = random.Random(seed)
     order = list(range(len(usable)))
     rng.shuffle(order)
@@ -185,7 +184,7 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
         elif kind == "hedged_false":
             worse = hedged(record.worst, rng)
         elif kind == "longer_off_topic":
-            worse = _longer_answer_elsewhere(record, by_length, lengths, rng)
+            worse = _longer_answer_elsewhere(record, by_length, rng)
             if worse is None:  # among the longest answers: nothing longer to lose to
                 continue
         else:
