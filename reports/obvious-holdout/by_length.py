@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from client import RewardClient  # noqa: E402
+from trainer.evaluate.metrics import pair_outcomes  # noqa: E402
 
 
 def main() -> None:
@@ -25,14 +26,15 @@ def main() -> None:
     out = {}
     with RewardClient(args.url) as client:
         for model in args.models:
-            p = [res.p_a_better for res in client.compare(pairs, model=model).results]
+            results = client.compare(pairs, model=model).results
+            p = [res.p_a_better for res in results]
+            outcomes = pair_outcomes([res.reward_a for res in results], [res.reward_b for res in results])
             split = {}
             for category in ("truthful", "harmless", "helpful", "all"):
                 for longer in (True, False):
                     idx = [i for i, r in enumerate(rows) if category in ("all", r["category"])
                            and (len(r["chosen"]) > len(r["rejected"])) == longer]
-                    right = sum(1.0 if p[i] > 0.5 else 0.5 if p[i] == 0.5 else 0.0 for i in idx)
-                    split[f"{category}, better {'longer' if longer else 'shorter'}"] = round(100 * right / len(idx), 1)
+                    split[f"{category}, better {'longer' if longer else 'shorter'}"] = round(100 * float(outcomes[idx].mean()), 1)
             out[model] = {"accuracy_by_length": split, "p_chosen_better": [round(x, 4) for x in p]}
     print(json.dumps(out, indent=1))
 
