@@ -18,6 +18,7 @@ import tiny_models
 from reward_core.formatting import encode_conversations
 from reward_core.forward import pad_batch, pad_token_id, reward_columns
 from reward_core.loading import load_sequence_classifier, open_model_dir
+from reward_core.objectives import Objectives
 from trainer.reward import _Dist, _Trainer, train_reward_model
 from trainer.reward_config import RewardTrainingConfig, TrainingConfigError
 
@@ -117,9 +118,9 @@ def test_bf16_autocast_on_cpu_trains_on_the_frozen_cache_too(tiny_base, objectiv
         assert accuracy[objective][objective] >= 0.9, accuracy
 
 
-def dev_gate_weights(model_dir: Path, sets, answers) -> dict[str, torch.Tensor]:
-    """Per dev file: the gate's weights [items, objectives] for each row's answers, in row order
-    (``answers(row)`` names them)."""
+def dev_gate_weights(model_dir: Path, sets, answers) -> tuple[Objectives, dict[str, torch.Tensor]]:
+    """The model's objectives, and per dev file the gate's weights [items, objectives] for each
+    row's answers, in row order (``answers(row)`` names them)."""
     from reward_core.forward import reward_heads
     from reward_core.objectives import gate_weights
 
@@ -133,13 +134,12 @@ def dev_gate_weights(model_dir: Path, sets, answers) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             _, features = reward_heads(model, files.spec.architecture, *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.token_type_ids)))
             out[objective] = gate_weights(model.reward_gate, features)
-    return out
+    return files.spec.objectives, out
 
 
 def gate_weight_on_own_objective(model_dir: Path, sets) -> dict[str, float]:
     """Per dev file: the mean weight the gate gives the file's own objective."""
-    names = open_model_dir(model_dir).spec.objectives
-    weights = dev_gate_weights(model_dir, sets, lambda r: [r["chosen"]])
+    names, weights = dev_gate_weights(model_dir, sets, lambda r: [r["chosen"]])
     return {objective: float(w[:, names.index(objective)].mean()) for objective, w in weights.items()}
 
 
@@ -161,7 +161,8 @@ def test_gate_routing_teaches_the_gate_each_prompts_objective(tiny_base, objecti
 def gate_apart_within_pairs(model_dir: Path, sets) -> float:
     """Mean over dev pairs of the squared distance between the gate's weights for the chosen and
     for the rejected answer."""
-    weights = torch.cat(list(dev_gate_weights(model_dir, sets, lambda r: [r["chosen"], r["rejected"]]).values()))
+    _, per_file = dev_gate_weights(model_dir, sets, lambda r: [r["chosen"], r["rejected"]])
+    weights = torch.cat(list(per_file.values()))
     return float(((weights[0::2] - weights[1::2]) ** 2).sum(dim=-1).mean())
 
 
