@@ -15,6 +15,11 @@ here pairs a real better answer from the source with a made-up worse one:
   those alone tilt toward "the shorter answer loses"; ``dismissive,longer_off_topic`` puts the
   longer answer on the losing side of about half the pairs, so the file itself has no length
   tilt (what a model then learns is measured in docs/default-model.md, "Fresh obvious pairs");
+* ``related_answer``: the better answer of one of the most similar other prompts (TF-IDF over the
+  prompts' words): on the same topic, often sharing its words, but answering another question.
+  Off-topic answers can be told apart by their topic alone; these only by whether they answer
+  what was asked, as a padded answer that talks about the subject without doing the task does not.
+  Their lengths are those of the source's own answers, so the file has little length tilt;
 * ``non_answer``: a non-committal reply ("I have no comment.", "I don't know.") against an
   informative best answer. TruthfulQA counts such replies as truthful but not informative, and
   scores a model on answers that are both;
@@ -41,7 +46,7 @@ from typing import Sequence
 
 from .data import DataError, PreferenceRecord, load_preferences, write_rankings_jsonl
 
-KINDS = ("dismissive", "off_topic", "longer_off_topic", "non_answer", "hedged_false")
+KINDS = ("dismissive", "off_topic", "longer_off_topic", "related_answer", "non_answer", "hedged_false")
 
 # Non-answers: refusals of a harmless request, shrugs, brush-offs. None carries content.
 DISMISSIVE_REPLIES = (
@@ -107,6 +112,13 @@ NON_COMMITTAL_OPENINGS = ("i have no comment", "no comment", "i don't know", "i 
 # A better answer this short is left out: against a brush-off it may not be clearly better.
 MIN_ANSWER_WORDS = 3
 
+# related_answer draws from a prompt's few nearest neighbours (variety), never from one so close it
+# may be a paraphrase whose answer also answers this prompt, nor from one so far that its answer is
+# simply off topic (TF-IDF cosine; on AlpacaEval's instructions 40% of prompts have a neighbour at 0.2+).
+RELATED_TOP_K = 3
+RELATED_MIN_SIMILARITY = 0.2
+RELATED_MAX_SIMILARITY = 0.8
+
 
 def is_non_committal(answer: str) -> bool:
     return answer.strip().lower().replace("\u2019", "'").startswith(NON_COMMITTAL_OPENINGS)
@@ -135,6 +147,37 @@ def _longer_answer_elsewhere(record: PreferenceRecord, by_length: Sequence[Prefe
     return None
 
 
+def _prompt_text(record: PreferenceRecord) -> str:
+    return "\n".join(str(m.get("content", "")) for m in record.prompt)
+
+
+def _related_prompts(usable: Sequence[PreferenceRecord]) -> dict[str, list[list[int]]]:
+    """For each distinct prompt text, the records (indices into ``usable``) under each of its
+    :data:`RELATED_TOP_K` most similar other prompts by TF-IDF cosine, between
+    :data:`RELATED_MIN_SIMILARITY` and :data:`RELATED_MAX_SIMILARITY` (a near-paraphrase's answer
+    may answer this prompt too); a prompt with none is left out."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.neighbors import NearestNeighbors
+
+    by_text: dict[str, list[int]] = {}
+    for i, record in enumerate(usable):
+        by_text.setdefault(_prompt_text(record), []).append(i)
+    texts = list(by_text)
+    if len(texts) < 2:
+        return {}
+    vectors = TfidfVectorizer(stop_words="english", sublinear_tf=True).fit_transform(texts)
+    # brute-force cosine over the sparse vectors, computed in memory-bounded chunks by scikit-learn
+    k = min(len(texts), RELATED_TOP_K + 1 + 4)  # a few spare for itself, paraphrases and duplicates
+    distances, neighbours = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(vectors).kneighbors(vectors)
+    related: dict[str, list[list[int]]] = {}
+    for row, text in enumerate(texts):
+        picks = [by_text[texts[j]] for d, j in zip(distances[row], neighbours[row])
+                 if j != row and RELATED_MIN_SIMILARITY <= 1.0 - d < RELATED_MAX_SIMILARITY][:RELATED_TOP_K]
+        if picks:
+            related[text] = picks
+    return related
+
+
 class AugmentError(ValueError):
     """The request cannot be met (no usable records, an unknown kind); the message says what to change."""
 
@@ -160,9 +203,11 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
         raise AugmentError(f"the source has {len(usable)} records whose best answer has {MIN_ANSWER_WORDS}+ words; need 2 or more")
     if "non_answer" in kinds and all(is_non_committal(r.best) for r in usable):
         raise AugmentError("non_answer needs best answers that commit to something; every one here is itself a non-answer")
-    if {"off_topic", "longer_off_topic"} & set(kinds) and all(r.prompt == usable[0].prompt for r in usable):
-        raise AugmentError("off_topic needs records under at least two different prompts; the source has one")
+    if {"off_topic", "longer_off_topic", "related_answer"} & set(kinds) and all(r.prompt == usable[0].prompt for r in usable):
+        raise AugmentError("off_topic, longer_off_topic and related_answer need records under at least two different "
+                           "prompts; the source has one")
     by_length = sorted(usable, key=lambda r: len(r.best)) if "longer_off_topic" in kinds else []
+    related = _related_prompts(usable) if "related_answer" in kinds else {}
     rng = random.Random(seed)
     order = list(range(len(usable)))
     rng.shuffle(order)
@@ -187,6 +232,13 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
             worse = _longer_answer_elsewhere(record, by_length, rng)
             if worse is None:  # among the longest answers: nothing longer to lose to
                 continue
+        elif kind == "related_answer":
+            neighbours = related.get(_prompt_text(record))
+            if not neighbours:  # no other prompt is near enough, or only paraphrases are
+                continue
+            worse = usable[rng.choice(rng.choice(neighbours))].best
+            if worse == best:  # two prompts given the very same answer: no comparison there
+                continue
         else:
             while True:  # another prompt's best answer (prompts can repeat in a source: compare them)
                 other = usable[rng.randrange(len(usable))]
@@ -207,7 +259,8 @@ def add_augment_parser(subparsers) -> None:
                         help="the source whose prompts and best answers are used (any format train-rm reads)")
     parser.add_argument("--kinds", type=parse_kinds, default=["dismissive", "off_topic"], metavar="K[,K]",
                         help=f"which kinds of worse answer, taking turns, of {','.join(KINDS)} (default: dismissive,off_topic, "
-                        "for benign requests, or dismissive,longer_off_topic to keep length from deciding; "
+                        "for benign requests, or dismissive,longer_off_topic to keep length from deciding, or related_answer for "
+                        "answers on the topic that answer another question; "
                         "non_answer,hedged_false for sources whose worse answers are false)")
     parser.add_argument("--n", type=int, required=True, help="how many pairs to write")
     parser.add_argument("--seed", type=int, default=0, help="which records and which replies (default 0)")
