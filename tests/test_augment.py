@@ -56,6 +56,31 @@ def test_longer_off_topic_answers_balance_the_brush_offs_so_length_cannot_decide
     assert all(p.responses[0] != records[-1].best for p in off_topic)
 
 
+def test_related_answers_come_from_a_similar_prompt_never_an_unrelated_one_or_a_paraphrase():
+    # The user's worry: an answer about something else is easy to rank by topic alone; a padded answer
+    # on the subject that does not do the task needs pairs whose worse answer is on the subject too.
+    def record(prompt: str, answer: str) -> PreferenceRecord:
+        return PreferenceRecord([{"role": "user", "content": prompt}], [answer, "Meh, whatever."], [0, 1])
+    records = [
+        record("How do I check my Python version?", "Run python --version in a terminal."),
+        record("How do I install a package for Python?", "Use pip install followed by the package name."),
+        record("What is the capital of Norway?", "Oslo is the capital of Norway."),
+        record("What's the capital of Norway?", "The capital of Norway is Oslo, on its southern coast."),  # a paraphrase
+        record("Name a good sourdough bread recipe.", "Mix flour, water, salt and starter; prove overnight; bake hot."),
+        record("How long should sourdough bread prove?", "Prove it 8 to 12 hours in the fridge, or 4 to 6 at room temperature."),
+    ]
+    pairs = synthetic_records(records, ["related_answer"], n=12, seed=0)
+    assert len(pairs) == 12 and {p.category for p in pairs} == {"related_answer"}
+    partner = {"How do I check my Python version?": "Use pip install followed by the package name.",
+               "How do I install a package for Python?": "Run python --version in a terminal.",
+               "Name a good sourdough bread recipe.": "Prove it 8 to 12 hours in the fridge, or 4 to 6 at room temperature.",
+               "How long should sourdough bread prove?": "Mix flour, water, salt and starter; prove overnight; bake hot."}
+    for pair in pairs:  # the Norway questions are each other's paraphrase and share no word with the rest
+        assert pair.responses[1] == partner[pair.prompt[0]["content"]]
+    with pytest.raises(AugmentError, match="too few records suit related_answer"):
+        synthetic_records(records[2:4], ["related_answer"], n=2)
+
+
 def test_a_truthfulness_source_gives_its_answers_above_non_answers_and_hedged_false_claims():
     false_claims = {f"Question {i}?": f"A weaker answer to question {i}." for i in range(6)}
     cautious = PreferenceRecord([{"role": "user", "content": "Unknowable?"}], ["I have no comment", "It is certainly 42."], [0, 1])
