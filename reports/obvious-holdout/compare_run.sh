@@ -2,6 +2,7 @@
 # One exploratory run against the shipped recipe's seed 42, from the repo root (about 10 minutes):
 #   bash reports/obvious-holdout/compare_run.sh augp    # QUESTION-augment-gpair.txt
 #   bash reports/obvious-holdout/compare_run.sh auglb   # QUESTION-length-balanced.txt
+#   bash reports/obvious-holdout/compare_run.sh relans  # QUESTION-related-answer.txt
 # Training, on 2 cores with the store holding the recipe's inputs (36-37 minutes each):
 #   reward augment --data ../shared/data/alpacaeval/train.jsonl.gz --kinds dismissive,off_topic --n 3000 --seed 42 --out runs/augp/augment-help.jsonl
 #   reward augment --data ../shared/data/truthfulqa/train.jsonl.gz --kinds non_answer,hedged_false --n 1200 --seed 42 --out runs/augp/augment-truth.jsonl
@@ -11,6 +12,9 @@
 #       --data runs/$run/augment-help.jsonl:1:objective=helpfulness --data runs/augp/augment-truth.jsonl:2:objective=truthfulness \
 #       --gate-pair-consistency-weight 10 --frozen-cache-dir runs/frozen-store
 #   done
+#   reward augment --data ../shared/data/alpacaeval/train.jsonl.gz --kinds related_answer --n 3000 --seed 42 --out runs/relans/augment-help.jsonl
+#   SEEDS=42 bash scripts/train_default_rm.sh runs/relans/model \
+#     --data runs/relans/augment-help.jsonl:1:objective=helpfulness --frozen-cache-dir runs/frozen-store
 set -euo pipefail
 export OMP_WAIT_POLICY=PASSIVE PATH=.venv/bin:$PATH
 DATA=${DATA:-../shared/data}
@@ -20,7 +24,8 @@ URL=http://127.0.0.1:$PORT
 case "${1:-}" in
   augp)  out=augment-gpair;   other=gpair42; other_dir=runs/gpair-s42; vs_out=augment-vs-gpair-compare.json ;;
   auglb) out=length-balanced; other=augp;    other_dir=runs/augp/model; vs_out=length-balanced-vs-augp-compare.json ;;
-  *) echo "usage: $0 augp|auglb" >&2; exit 2 ;;
+  relans) out=related-answer; other=auglb;   other_dir=runs/auglb/model; vs_out=related-answer-vs-auglb-compare.json ;;
+  *) echo "usage: $0 augp|auglb|relans" >&2; exit 2 ;;
 esac
 run=$1
 
@@ -49,7 +54,7 @@ python scripts/compare_recipes.py --url "$URL" --recipe shipped42=s42 --recipe "
   --out "$REPORT/$out-compare.json" > /dev/null
 python scripts/compare_recipes.py --url "$URL" --recipe "$other=$other" --recipe "$run=$run" "${obvious[@]}" \
   --out "$REPORT/$vs_out" > /dev/null
-if [ "$run" = auglb ]; then  # augp's split is in by-length.json, beside the other models'
-  python "$REPORT/by_length.py" --url "$URL" auglb > "$REPORT/by-length-balanced.json"
+if [ "$run" != augp ]; then  # augp's split is in by-length.json, beside the other models'
+  python "$REPORT/by_length.py" --url "$URL" "$run" > "$REPORT/by-length-$out.json"
 fi
 python scripts/gate_probe.py "runs/$run/model" > "$REPORT/$out-probe.json"
