@@ -4,10 +4,10 @@
   ``inference.py``: the one scoring path (tokeniser pool, deadline, backpressure);
   ``routers/``: the routes, which only validate and shape; ``routes.py``: the table of every
   route's scope and limits; ``middleware.py``: request ids, body and deadline limits, metrics,
-  logs, API keys and rate limits; ``errors.py``: the error model and its handlers;
+  logs, HEAD on GET routes, API keys and rate limits; ``errors.py``: the error model and its handlers;
   ``lifecycle.py``: readiness and drain.
 
-A request: GuardMiddleware -> AccessMiddleware -> a router -> Inference -> the model's batcher
+A request: GuardMiddleware -> HeadMiddleware -> AccessMiddleware -> a router -> Inference -> the model's batcher
 (``batcher.py``) -> its backend (``reward_core.backends``).
 """
 
@@ -27,7 +27,7 @@ from .errors import install_error_handlers
 from .inference import Inference
 from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
-from .middleware import AccessMiddleware, GuardMiddleware
+from .middleware import AccessMiddleware, GuardMiddleware, HeadMiddleware
 from .registry import ModelRegistry, ServedModel, load_models
 from .routers import comparisons, compat, health, scoring
 from .routers import models as models_router
@@ -100,6 +100,9 @@ def create_app(
     # Starlette wraps in reverse order of adding: the guard is outermost, so every refusal by the
     # access check also gets a request id, a metric and a log line.
     app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics=metrics)
+    # HEAD on every GET route, here rather than per route; inside the guard (which logs it as
+    # HEAD), outside the access check (which checks it as the GET it runs).
+    app.add_middleware(HeadMiddleware, routes=app.router.routes)
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, request_timeout_s=settings.request_timeout_s, metrics=metrics
     )

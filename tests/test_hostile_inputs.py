@@ -661,3 +661,45 @@ def test_a_trailing_slash_is_a_404_naming_the_route_not_a_redirect_to_the_host_h
     assert_error(models, 404, "not_found", "the route is /v1/models")
     error = assert_error(unknown, 404, "not_found", "/nowhere/")
     assert "trailing slash" not in error["message"]
+
+
+# -- 11: the leftovers of the adversarial probe of the service ------------------------------------
+
+# Every GET route, with a query that gets a 200 where one is needed. A balancer's probe or
+# `curl -I` sends HEAD: it must get what the GET would get (status and headers), without a body.
+GET_ROUTES = ["/healthz", "/readyz", "/v1/models", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+              "/redoc", "/label", "/v1/comparisons", "/v1/comparisons/export"]
+CHANGING = {"date", "x-request-id", "content-length"}  # content-length: /metrics counts the GET itself
+
+
+def test_head_on_every_get_route_answers_as_the_get_would_without_a_body(bert, tmp_path):
+    keys = KeyRing([parse_key_entry("score-key-0123456789:score"), parse_key_entry("admin-key-0123456789:admin")])
+    comparison = {"prompt": "p", "responses": ["a", "b"], "choice": 0, "labeller": "ann"}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v1/comparisons", json=comparison).status_code == 201
+        documented = {path for path, ops in http.get("/openapi.json").json()["paths"].items() if "get" in ops}
+        pairs = {path: (http.head(path), http.get(path)) for path in GET_ROUTES}
+        bad_query = (http.head("/v1/comparisons", params={"limit": 0}), http.get("/v1/comparisons", params={"limit": 0}))
+        # A GET that changes something is not run for a HEAD: it would lease a task nobody sees.
+        assert http.post("/v1/label/tasks", json={"tasks": [{"prompt": "q", "responses": ["a", "b"]}]}).status_code == 201
+        lease = http.head("/v1/label/tasks/next", params={"labeller": "ann"})
+        next_for_bob = http.get("/v1/label/tasks/next", params={"labeller": "bob"})
+    with serving(bert, tmp_path, keys=keys) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        # HEAD needs the scope GET needs: listing comparisons is for admin keys.
+        score_key = http.head("/v1/comparisons", headers={"Authorization": "Bearer score-key-0123456789"})
+        admin_key = http.head("/v1/comparisons", headers={"Authorization": "Bearer admin-key-0123456789"})
+        no_key = http.head("/v1/models")
+
+    assert documented - {"/v1/label/tasks/next"} <= set(GET_ROUTES), "a GET route this test does not probe"
+    for path, (head, get) in pairs.items():
+        assert get.status_code == 200, (path, get.text)
+        assert head.status_code == 200, (path, head.status_code, head.headers)
+        assert head.content == b"", path
+        same = {k: v for k, v in head.headers.items() if k not in CHANGING}
+        assert same == {k: v for k, v in get.headers.items() if k not in CHANGING}, path
+        if path not in ("/metrics", "/v1/comparisons/export"):  # the scrape counts itself; the export streams
+            assert head.headers["content-length"] == str(len(get.content)), path
+    assert bad_query[0].status_code == bad_query[1].status_code == 422 and bad_query[0].content == b""
+    assert lease.status_code == 405 and lease.headers["allow"] == "GET" and lease.content == b""
+    assert next_for_bob.json()["task"]["prompt"] == "q", "the HEAD leased the task"
+    assert score_key.status_code == 403 and admin_key.status_code == 200 and no_key.status_code == 401
