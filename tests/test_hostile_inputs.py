@@ -703,3 +703,35 @@ def test_head_on_every_get_route_answers_as_the_get_would_without_a_body(bert, t
     assert lease.status_code == 405 and lease.headers["allow"] == "GET" and lease.content == b""
     assert next_for_bob.json()["task"]["prompt"] == "q", "the HEAD leased the task"
     assert score_key.status_code == 403 and admin_key.status_code == 200 and no_key.status_code == 401
+
+
+def test_a_conversation_of_more_messages_than_the_cap_is_a_422_saying_how_many_and_what_to_do(bert, tmp_path):
+    # 200,000 one-character messages (7 MB) were scored: 4-7 s each, and the event loop held for
+    # up to 2 s (every other request waited), to score the last few turns the model reads.
+    from client.protocol import MAX_MESSAGES
+
+    def chat(n: int) -> list[dict]:
+        return [{"role": ("user", "assistant")[i % 2], "content": "x"} for i in range(n)]
+
+    many = 200_000
+    bodies = {
+        "/v1/score": ({"items": [{"messages": chat(many)}]}, "items.0.messages"),
+        "/v1/compare": ({"pairs": [{"prompt": chat(many), "a": "a", "b": "b"}]}, "pairs.0.prompt"),
+        "/classify": ({"messages": chat(many)}, "messages"),
+        "/pooling": ({"messages": chat(many)}, "messages"),
+        "/slime_reward": ({"prompt": chat(many), "response": "r"}, "prompt"),
+        "/v1/comparisons": ({"prompt": chat(many), "responses": ["a", "b"], "choice": 0, "labeller": "ann"}, "prompt"),
+        "/v1/label/tasks": ({"tasks": [{"prompt": chat(many), "responses": ["a", "b"]}]}, "tasks.0.prompt"),
+    }
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=120) as http:
+        answers = {path: http.post(path, json=body) for path, (body, _) in bodies.items()}
+        prompt_list = http.post("/v1/score", json={"items": [{"prompt": chat(MAX_MESSAGES + 1), "response": "r"}]})
+        at_the_cap = http.post("/v1/score", json={"items": [{"messages": chat(MAX_MESSAGES)},
+                                                            {"prompt": chat(MAX_MESSAGES), "response": "r"}]})
+
+    for path, answer in answers.items():
+        error = assert_error(answer, 422, "validation_error", f"{many} messages", f"limit of {MAX_MESSAGES}", "recent turns")
+        assert error["message"].startswith(f"{bodies[path][1]}: "), (path, error["message"])
+    error = assert_error(prompt_list, 422, "validation_error", f"{MAX_MESSAGES + 1} messages")
+    assert error["message"].startswith("items.0.prompt: "), error["message"]
+    assert at_the_cap.status_code == 200, at_the_cap.text
