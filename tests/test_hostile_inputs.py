@@ -735,3 +735,22 @@ def test_a_conversation_of_more_messages_than_the_cap_is_a_422_saying_how_many_a
     error = assert_error(prompt_list, 422, "validation_error", f"{MAX_MESSAGES + 1} messages")
     assert error["message"].startswith("items.0.prompt: "), error["message"]
     assert at_the_cap.status_code == 200, at_the_cap.text
+
+
+def test_a_key_given_twice_in_a_body_is_read_as_its_last_value_as_documented(bert):
+    # Not refused (docs/security.md says why: any object_pairs_hook costs far over 3% of a parse);
+    # this pins what a proxy in front must expect: the last value counts, at every depth.
+    item = '{"prompt": "p", "response": "ignored", "response": "r"}'
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        def send(body: str) -> httpx.Response:
+            return http.post("/v1/score", content=body, headers={"content-type": "application/json"})
+
+        last_served = send('{"model": "nosuch", "items": [' + item + '], "model": "bert"}')
+        last_unknown = send('{"model": "bert", "items": [' + item + '], "model": "nosuch"}')
+        plain = http.post("/v1/score", json={"items": [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "ignored"}]})
+    last, first = plain.json()["scores"]
+    assert abs(last - first) > 1e-6, "the two responses score alike: the test proves nothing"
+    assert last_served.status_code == 200, last_served.text
+    assert last_served.json()["model"].startswith("bert@")
+    assert last_served.json()["scores"] == [pytest.approx(last, abs=1e-7)]  # batched apart: float noise only
+    assert_error(last_unknown, 404, "model_not_found", "'nosuch'")
