@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.routing import Route
 
 from client.protocol import API_REVISION
@@ -29,7 +29,7 @@ from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
 from .middleware import AccessMiddleware, GuardMiddleware, HeadMiddleware
 from .registry import ModelRegistry, ServedModel, load_models
-from .routers import comparisons, compat, health, scoring
+from .routers import comparisons, compat, health, scoring, strict_query
 from .routers import models as models_router
 from .routes import check_served
 from .score_cache import ScoreCache
@@ -77,6 +77,8 @@ def create_app(
         # "/v1/score/" is a 404 naming "/v1/score", not a 307 to an absolute URL built from the
         # Host header (another host, or http:// behind a TLS proxy) that a client may follow.
         redirect_slashes=False,
+        # A /v1 route refuses a query parameter it does not take, or one given twice (422).
+        dependencies=[Depends(strict_query)],
     )
     app.state.settings = settings
     app.state.metrics = metrics

@@ -754,3 +754,30 @@ def test_a_key_given_twice_in_a_body_is_read_as_its_last_value_as_documented(ber
     assert last_served.json()["model"].startswith("bert@")
     assert last_served.json()["scores"] == [pytest.approx(last, abs=1e-7)]  # batched apart: float noise only
     assert_error(last_unknown, 404, "model_not_found", "'nosuch'")
+
+
+def test_a_query_parameter_a_v1_route_does_not_take_or_one_given_twice_is_a_422_naming_it(bert, tmp_path):
+    # /v1/score?model=nosuch was scored by the default model, /v1/comparisons?limt=1 listed 100,
+    # ?labeller=a&labeller=b listed b's alone: each ignored what the caller sent, as a JSON body
+    # of ours never does (an unknown field is a 422).
+    body = {"items": [{"prompt": "p", "response": "r"}]}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v1/label/tasks", json={"tasks": [{"prompt": "q", "responses": ["a", "b"]}]}).status_code == 201
+        model_in_query = http.post("/v1/score", params={"model": "nosuch"}, json=body)
+        typo = http.get("/v1/comparisons", params={"limt": 1})
+        twice = http.get("/v1/comparisons", params=[("labeller", "a"), ("labeller", "b")])
+        lease_twice = http.get("/v1/label/tasks/next", params=[("labeller", "ann"), ("labeller", "bob")])
+        for_bob = http.get("/v1/label/tasks/next", params={"labeller": "bob"})
+        declared = http.get("/v1/comparisons", params={"limit": 1, "labeller": "a"})
+        # The trainers' routes ignore what they do not read, query and body alike (as the servers
+        # they imitate); probes may carry a cache-buster.
+        compat = http.post("/get_reward", params={"x": 1}, json={"query": ["q"]})
+        probe = http.get("/healthz", params={"_": 123})
+
+    assert_error(model_in_query, 422, "validation_error", "query.model", "unknown query parameter",
+                 "/v1/score takes no query parameters")
+    assert_error(typo, 422, "validation_error", "query.limt", "unknown query parameter", "limit")
+    assert_error(twice, 422, "validation_error", "query.labeller", "given 2 times", "once")
+    assert_error(lease_twice, 422, "validation_error", "query.labeller", "given 2 times")
+    assert for_bob.json()["task"]["prompt"] == "q", "the refused request leased the task"
+    assert declared.status_code == 200 and compat.status_code == 200 and probe.status_code == 200
