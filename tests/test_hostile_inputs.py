@@ -781,3 +781,16 @@ def test_a_query_parameter_a_v1_route_does_not_take_or_one_given_twice_is_a_422_
     assert_error(lease_twice, 422, "validation_error", "query.labeller", "given 2 times")
     assert for_bob.json()["task"]["prompt"] == "q", "the refused request leased the task"
     assert declared.status_code == 200 and compat.status_code == 200 and probe.status_code == 200
+
+
+def test_a_time_whose_plus_became_a_space_in_the_url_is_refused_saying_to_encode_it(bert, tmp_path):
+    # "?since=2026-01-01T00:00:00+02:00" typed into a URL: the "+" arrives as a space, and the
+    # answer said "unexpected extra characters at the end of the input".
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        plus = http.get("/v1/comparisons?since=2026-01-01T00:00:00+02:00")
+        export = http.get("/v1/comparisons/export?until=2026-01-01T00:00:00.5+0530")
+        encoded = http.get("/v1/comparisons", params={"since": "2026-01-01T00:00:00+02:00"})
+    assert_error(plus, 422, "validation_error", "query.since", "read as a space", "%2B")
+    assert_error(export, 422, "validation_error", "query.until", "%2B")
+    assert encoded.status_code == 200, encoded.text
+
