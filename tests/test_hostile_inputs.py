@@ -794,3 +794,17 @@ def test_a_time_whose_plus_became_a_space_in_the_url_is_refused_saying_to_encode
     assert_error(export, 422, "validation_error", "query.until", "%2B")
     assert encoded.status_code == 200, encoded.text
 
+
+def test_a_blank_labeller_id_is_refused_when_asking_for_a_task_as_when_posting_one(bert, tmp_path):
+    # GET /v1/label/tasks/next?labeller=%20 leased the oldest task to " ", an id POST
+    # /v1/comparisons refuses as blank: nobody saw the task until the lease ran out (10 min).
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v1/label/tasks", json={"tasks": [{"prompt": "q", "responses": ["a", "b"]}]}).status_code == 201
+        blank = http.get("/v1/label/tasks/next", params={"labeller": " "})
+        padded = http.get("/v1/label/tasks/next", params={"labeller": " ann "})
+        ann = http.get("/v1/label/tasks/next", params={"labeller": "ann"})
+        bob = http.get("/v1/label/tasks/next", params={"labeller": "bob"})
+    assert_error(blank, 422, "validation_error", "query.labeller", "blank")
+    # The id is read as POST /v1/comparisons reads it (trimmed): " ann " and "ann" hold one lease.
+    assert padded.json()["task"]["prompt"] == "q" and ann.json()["task"]["id"] == padded.json()["task"]["id"]
+    assert bob.json()["task"] is None

@@ -266,6 +266,11 @@ def next_label_task(
     """The oldest task nobody holds (or the one this labeller already holds); null when none."""
     store = _store(request)
     _no_nul(labeller=labeller)
+    # The id as POST /v1/comparisons reads it (trimmed, not blank): a blank one leased a task to
+    # an id no comparison can carry, and nobody saw the task until the lease ran out.
+    labeller = labeller.strip()
+    if not labeller:
+        raise APIError(422, "validation_error", "query.labeller: is blank; send the labeller's id")
     labellers = request.app.state.labellers
     if labellers is not None and labeller not in labellers:
         raise APIError(422, "unknown_labeller", f"labeller {labeller!r} is not one of this service's labellers (--labellers)")
