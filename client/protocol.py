@@ -58,6 +58,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -157,7 +158,8 @@ def error_path(loc: tuple) -> str:
             tag = p in _ITEM_SHAPES
         else:
             tag = p in _UNION_TAGS_AFTER.get(previous, ()) if isinstance(previous, str) else False
-        last_shape = i == len(loc) - 1 and p in _ITEM_SHAPES  # an error of the whole item keeps its shape's name
+        # An error of the whole item keeps its shape's name; one of a whole prompt list does not.
+        last_shape = i == len(loc) - 1 and isinstance(previous, int) and p in _ITEM_SHAPES
         if p != "body" and (not tag or last_shape):
             parts.append(str(p))
         previous = p
@@ -201,9 +203,33 @@ class Message(_Strict):
     content: Text
 
 
+# The most messages one conversation may hold: a prompt's message list, a ``messages`` item, vLLM's
+# chat body. Generous: a model reads at most its max_length tokens of a conversation (the prompt
+# is cut from its start), so thousands of turns are far more than any scored one; at the least
+# a message takes (``{"role":"user","content":"x"}``) 4096 of them are 1.5% of the default body
+# limit (8 MiB). Counted before any message is read.
+MAX_MESSAGES = 4096
+
+
+def _at_most_max_messages(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > MAX_MESSAGES:
+        raise PydanticCustomError(
+            "too_many_messages",
+            "{count} messages is over the limit of {limit} messages per conversation; send the recent turns (a "
+            "reward model reads only the last max_length tokens of a conversation; the rest is cut from its start)",
+            {"count": len(value), "limit": MAX_MESSAGES},
+        )
+    return value
+
+
+def message_list(message_type: Any) -> Any:
+    """A list of ``message_type``: one conversation, at most MAX_MESSAGES messages."""
+    return Annotated[list[message_type], BeforeValidator(_at_most_max_messages), Field(max_length=MAX_MESSAGES)]
+
+
 def text_or_list(list_type: Any, text_tag: str, list_tag: str, error_type: str, error_message: str) -> Any:
-    """A string or a list of ``list_type``, told apart by the JSON type (a tagged union), so a bad
-    value gets one error saying what the field takes instead of one per union member."""
+    """A string or a ``list_type`` (a list type), told apart by the JSON type (a tagged union), so a
+    bad value gets one error saying what the field takes instead of one per union member."""
 
     def kind(value: object) -> str | None:
         if isinstance(value, str):
@@ -213,14 +239,14 @@ def text_or_list(list_type: Any, text_tag: str, list_tag: str, error_type: str, 
         return None
 
     return Annotated[
-        Union[Annotated[Text, Tag(text_tag)], Annotated[list[list_type], Tag(list_tag)]],
+        Union[Annotated[Text, Tag(text_tag)], Annotated[list_type, Tag(list_tag)]],
         Discriminator(kind, custom_error_type=error_type, custom_error_message=error_message),
     ]
 
 
 # A prompt: plain text, or the chat messages that precede the response.
 Prompt = text_or_list(
-    Message, "text", "messages", "invalid_prompt", "the prompt is a string or a list of messages ({role, content})"
+    message_list(Message), "text", "messages", "invalid_prompt", "the prompt is a string or a list of messages ({role, content})"
 )
 
 
@@ -248,8 +274,8 @@ class PromptResponseItem(_Strict):
 class MessagesItem(_Strict):
     """A whole conversation; its last message is the assistant turn to score."""
 
-    messages: list[Message] = Field(
-        min_length=1, description="The conversation, ending with the assistant turn to score."
+    messages: message_list(Message) = Field(  # type: ignore[valid-type]
+        min_length=1, description=f"The conversation, ending with the assistant turn to score (at most {MAX_MESSAGES} messages)."
     )
 
     @model_validator(mode="after")
@@ -598,7 +624,7 @@ class VLLMContentPart(_Lenient):
 
 # A chat message's content, OpenAI's shape: a string or a list of parts.
 MessageContent = text_or_list(
-    VLLMContentPart, "string", "parts", "invalid_content", "the content is a string or a list of parts ({type, text})"
+    list[VLLMContentPart], "string", "parts", "invalid_content", "the content is a string or a list of parts ({type, text})"
 )
 
 
@@ -620,7 +646,7 @@ class VLLMChatMessage(_Lenient):
 
 # vLLM's text input: one text or a list of texts (token ids are not taken).
 InputTexts = text_or_list(
-    Text, "text", "texts", "invalid_input", "input is a string or a list of strings (text with the chat template applied)"
+    list[Text], "text", "texts", "invalid_input", "input is a string or a list of strings (text with the chat template applied)"
 )
 
 
@@ -631,10 +657,10 @@ class _VLLMPoolingBase(_Lenient, _FewErrors):
     input: InputTexts | None = Field(
         default=None, description="One text or a list of texts, chat template already applied. Send this or messages."
     )
-    messages: list[VLLMChatMessage] | None = Field(
+    messages: message_list(VLLMChatMessage) | None = Field(  # type: ignore[valid-type]
         default=None,
         description="vLLM's chat form: one conversation ending with the assistant turn to score, formatted by the "
-        "model's own template (as /v1/score formats it). Send this or input.",
+        f"model's own template (as /v1/score formats it), at most {MAX_MESSAGES} messages. Send this or input.",
     )
     use_activation: StrictBool | None = Field(
         default=None, description="Apply the head's activation (sigmoid for a one-output reward model)."
@@ -739,7 +765,7 @@ class PoolingResponse(BaseModel):
 
 # A prompt in the compatible routes' chat shape: plain or rendered text, or OpenAI-style messages.
 ChatPrompt = text_or_list(
-    VLLMChatMessage, "text", "messages", "invalid_prompt", "the prompt is a string or a list of messages ({role, content})"
+    message_list(VLLMChatMessage), "text", "messages", "invalid_prompt", "the prompt is a string or a list of messages ({role, content})"
 )
 
 

@@ -4,10 +4,10 @@
   ``inference.py``: the one scoring path (tokeniser pool, deadline, backpressure);
   ``routers/``: the routes, which only validate and shape; ``routes.py``: the table of every
   route's scope and limits; ``middleware.py``: request ids, body and deadline limits, metrics,
-  logs, API keys and rate limits; ``errors.py``: the error model and its handlers;
+  logs, HEAD on GET routes, API keys and rate limits; ``errors.py``: the error model and its handlers;
   ``lifecycle.py``: readiness and drain.
 
-A request: GuardMiddleware -> AccessMiddleware -> a router -> Inference -> the model's batcher
+A request: GuardMiddleware -> HeadMiddleware -> AccessMiddleware -> a router -> Inference -> the model's batcher
 (``batcher.py``) -> its backend (``reward_core.backends``).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.routing import Route
 
 from client.protocol import API_REVISION
@@ -27,9 +27,9 @@ from .errors import install_error_handlers
 from .inference import Inference
 from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
-from .middleware import AccessMiddleware, GuardMiddleware
+from .middleware import AccessMiddleware, GuardMiddleware, HeadMiddleware
 from .registry import ModelRegistry, ServedModel, load_models
-from .routers import comparisons, compat, health, scoring
+from .routers import comparisons, compat, health, scoring, strict_query
 from .routers import models as models_router
 from .routes import check_served
 from .score_cache import ScoreCache
@@ -77,6 +77,8 @@ def create_app(
         # "/v1/score/" is a 404 naming "/v1/score", not a 307 to an absolute URL built from the
         # Host header (another host, or http:// behind a TLS proxy) that a client may follow.
         redirect_slashes=False,
+        # A /v1 route refuses a query parameter it does not take, or one given twice (422).
+        dependencies=[Depends(strict_query)],
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -100,6 +102,9 @@ def create_app(
     # Starlette wraps in reverse order of adding: the guard is outermost, so every refusal by the
     # access check also gets a request id, a metric and a log line.
     app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics=metrics)
+    # HEAD on every GET route, here rather than per route; inside the guard (which logs it as
+    # HEAD), outside the access check (which checks it as the GET it runs).
+    app.add_middleware(HeadMiddleware, routes=app.router.routes)
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, request_timeout_s=settings.request_timeout_s, metrics=metrics
     )

@@ -4,6 +4,8 @@
   (415), the request deadline
   over the whole request (body included), the request count and latency per route, one log line
   per request, and a JSON 500 for a bug of ours.
+- ``HeadMiddleware``: HEAD on a GET route is answered as the GET, without the body (probes,
+  balancers, ``curl -I``), for every GET route at once.
 - ``AccessMiddleware``: the API key and its scope, and the caller's rate limit, before any body
   is read. Which route needs what comes from the one table in ``service/routes.py``. A request
   with more than one Authorization header is refused (400): which one counts would otherwise
@@ -25,12 +27,14 @@ import time
 import uuid
 
 from fastapi.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 
 from .auth import KeyRing, RateLimiter
 from .errors import error_response
 from .metrics import ServiceMetrics
 from .routes import (
     METERED_ROUTES,
+    NO_HEAD_ROUTES,
     OPEN_ROUTES,
     RATE_LIMITED_ROUTES,
     UNLOGGED_ROUTES,
@@ -162,6 +166,44 @@ class GuardMiddleware:
             f"request body is over the limit of {self.max_body_bytes} bytes; send fewer items per "
             "request (the client splits large inputs into chunks) or raise --max-body-bytes"
         )
+
+
+class HeadMiddleware:
+    """Pure ASGI, inside the guard and outside the access check: a HEAD request to a route that
+    serves GET but not HEAD (FastAPI's routes serve only the methods they declare) is passed on as
+    that GET, and its answer goes out with the same status and headers (Content-Length
+    included) and no body, as Starlette's own routes and TEI answer HEAD. The access check sees
+    the GET, so HEAD needs the scope GET needs. A route whose GET changes something (the table's
+    ``head=False``: leasing a label task) is left to answer 405: a probe must not change state.
+
+    ``routes``: the app's routes (``app.router.routes``), matched as the router matches them."""
+
+    def __init__(self, app, *, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD" or not self._runs_as_get(scope):
+            return await self.app(scope, receive, send)
+
+        async def send_without_body(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": b""}
+            await send(message)
+
+        # A copy: the server keeps its own scope saying HEAD (uvicorn sends no body for it either).
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
+
+    def _runs_as_get(self, scope) -> bool:
+        if scope["path"] in NO_HEAD_ROUTES:
+            return False
+        as_get = {**scope, "method": "GET"}
+        for route in self.routes:  # the first route matching the path decides, as in the router
+            if route.matches(scope)[0] is Match.FULL:
+                return False  # it serves HEAD itself (Starlette's routes: the docs)
+            if route.matches(as_get)[0] is Match.FULL:
+                return True
+        return False
 
 
 class AccessMiddleware:

@@ -1,6 +1,7 @@
 """The one table of the service's routes and what each needs: the scope of API key
 (service/auth.py explains the scopes), whether it counts against the rate limit, whether it has
-its own label in the request metrics, and whether each request to it is logged.
+its own label in the request metrics, whether each request to it is logged, and whether a HEAD
+may run its GET.
 
 The access middleware, the guard's metrics and its request log all read the sets derived here,
 and ``check_served`` (called by ``create_app``) fails the start when the app serves a route this
@@ -21,6 +22,9 @@ class Route:
     rate_limited: bool = False  # does model work, so counts against the rate limit
     metered: bool = True  # has its own route label in reward_requests (else "other")
     logged: bool = True  # each request logged (probes and scrapes would drown the log)
+    # HEAD runs the route's GET and drops the body (HeadMiddleware). False for a GET that changes
+    # something, which a probe's HEAD must not do: such a route answers HEAD 405.
+    head: bool = True
 
     @property
     def templated(self) -> bool:
@@ -51,7 +55,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/comparisons", "score", method_scopes={"GET": "admin"}),
     Route("/v1/comparisons/export", "admin"),
     Route("/v1/label/tasks", "score"),
-    Route("/v1/label/tasks/next", "score"),
+    Route("/v1/label/tasks/next", "score", head=False),  # its GET leases a task
     Route("/label", None),
     # Health (routers/health.py): probes reach them without a key; /metrics shows traffic and
     # model names, so it is for operators.
@@ -69,17 +73,19 @@ OPEN_ROUTES = frozenset(r.path for r in ROUTES if r.scope is None)
 RATE_LIMITED_ROUTES = frozenset(r.path for r in ROUTES if r.rate_limited)
 METERED_ROUTES = frozenset(r.path for r in ROUTES if r.metered and not r.templated)
 UNLOGGED_ROUTES = frozenset(r.path for r in ROUTES if not r.logged)
+NO_HEAD_ROUTES = frozenset(r.path for r in ROUTES if not r.head)
 _EXACT = {r.path: r for r in ROUTES if not r.templated}
 _TEMPLATED = [r for r in ROUTES if r.templated]
 
 
 def required_scope(path: str, method: str = "GET") -> str | None:
     """The scope a request needs. A path not in the table (an unknown one, say) needs a valid key
-    of any scope: None."""
+    of any scope: None. HEAD needs what GET needs (it runs the GET)."""
     route = _EXACT.get(path) or next((r for r in _TEMPLATED if r.matches(path)), None)
     if route is None:
         return None
-    return route.method_scopes.get(method.upper(), route.scope)
+    method = "GET" if method.upper() == "HEAD" else method.upper()
+    return route.method_scopes.get(method, route.scope)
 
 
 def check_served(paths: Iterable[str]) -> None:

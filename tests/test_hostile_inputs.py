@@ -661,3 +661,150 @@ def test_a_trailing_slash_is_a_404_naming_the_route_not_a_redirect_to_the_host_h
     assert_error(models, 404, "not_found", "the route is /v1/models")
     error = assert_error(unknown, 404, "not_found", "/nowhere/")
     assert "trailing slash" not in error["message"]
+
+
+# -- 11: the leftovers of the adversarial probe of the service ------------------------------------
+
+# Every GET route, with a query that gets a 200 where one is needed. A balancer's probe or
+# `curl -I` sends HEAD: it must get what the GET would get (status and headers), without a body.
+GET_ROUTES = ["/healthz", "/readyz", "/v1/models", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+              "/redoc", "/label", "/v1/comparisons", "/v1/comparisons/export"]
+CHANGING = {"date", "x-request-id", "content-length"}  # content-length: /metrics counts the GET itself
+
+
+def test_head_on_every_get_route_answers_as_the_get_would_without_a_body(bert, tmp_path):
+    keys = KeyRing([parse_key_entry("score-key-0123456789:score"), parse_key_entry("admin-key-0123456789:admin")])
+    comparison = {"prompt": "p", "responses": ["a", "b"], "choice": 0, "labeller": "ann"}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v1/comparisons", json=comparison).status_code == 201
+        documented = {path for path, ops in http.get("/openapi.json").json()["paths"].items() if "get" in ops}
+        pairs = {path: (http.head(path), http.get(path)) for path in GET_ROUTES}
+        bad_query = (http.head("/v1/comparisons", params={"limit": 0}), http.get("/v1/comparisons", params={"limit": 0}))
+        # A GET that changes something is not run for a HEAD: it would lease a task nobody sees.
+        assert http.post("/v1/label/tasks", json={"tasks": [{"prompt": "q", "responses": ["a", "b"]}]}).status_code == 201
+        lease = http.head("/v1/label/tasks/next", params={"labeller": "ann"})
+        next_for_bob = http.get("/v1/label/tasks/next", params={"labeller": "bob"})
+    with serving(bert, tmp_path, keys=keys) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        # HEAD needs the scope GET needs: listing comparisons is for admin keys.
+        score_key = http.head("/v1/comparisons", headers={"Authorization": "Bearer score-key-0123456789"})
+        admin_key = http.head("/v1/comparisons", headers={"Authorization": "Bearer admin-key-0123456789"})
+        no_key = http.head("/v1/models")
+
+    assert documented - {"/v1/label/tasks/next"} <= set(GET_ROUTES), "a GET route this test does not probe"
+    for path, (head, get) in pairs.items():
+        assert get.status_code == 200, (path, get.text)
+        assert head.status_code == 200, (path, head.status_code, head.headers)
+        assert head.content == b"", path
+        same = {k: v for k, v in head.headers.items() if k not in CHANGING}
+        assert same == {k: v for k, v in get.headers.items() if k not in CHANGING}, path
+        if path not in ("/metrics", "/v1/comparisons/export"):  # the scrape counts itself; the export streams
+            assert head.headers["content-length"] == str(len(get.content)), path
+    assert bad_query[0].status_code == bad_query[1].status_code == 422 and bad_query[0].content == b""
+    assert lease.status_code == 405 and lease.headers["allow"] == "GET" and lease.content == b""
+    assert next_for_bob.json()["task"]["prompt"] == "q", "the HEAD leased the task"
+    assert score_key.status_code == 403 and admin_key.status_code == 200 and no_key.status_code == 401
+
+
+def test_a_conversation_of_more_messages_than_the_cap_is_a_422_saying_how_many_and_what_to_do(bert, tmp_path):
+    # 200,000 one-character messages (7 MB) were scored: 4-7 s each, and the event loop held for
+    # up to 2 s (every other request waited), to score the last few turns the model reads.
+    from client.protocol import MAX_MESSAGES
+
+    def chat(n: int) -> list[dict]:
+        return [{"role": ("user", "assistant")[i % 2], "content": "x"} for i in range(n)]
+
+    many = 200_000
+    bodies = {
+        "/v1/score": ({"items": [{"messages": chat(many)}]}, "items.0.messages"),
+        "/v1/compare": ({"pairs": [{"prompt": chat(many), "a": "a", "b": "b"}]}, "pairs.0.prompt"),
+        "/classify": ({"messages": chat(many)}, "messages"),
+        "/pooling": ({"messages": chat(many)}, "messages"),
+        "/slime_reward": ({"prompt": chat(many), "response": "r"}, "prompt"),
+        "/v1/comparisons": ({"prompt": chat(many), "responses": ["a", "b"], "choice": 0, "labeller": "ann"}, "prompt"),
+        "/v1/label/tasks": ({"tasks": [{"prompt": chat(many), "responses": ["a", "b"]}]}, "tasks.0.prompt"),
+    }
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=120) as http:
+        answers = {path: http.post(path, json=body) for path, (body, _) in bodies.items()}
+        prompt_list = http.post("/v1/score", json={"items": [{"prompt": chat(MAX_MESSAGES + 1), "response": "r"}]})
+        at_the_cap = http.post("/v1/score", json={"items": [{"messages": chat(MAX_MESSAGES)},
+                                                            {"prompt": chat(MAX_MESSAGES), "response": "r"}]})
+
+    for path, answer in answers.items():
+        error = assert_error(answer, 422, "validation_error", f"{many} messages", f"limit of {MAX_MESSAGES}", "recent turns")
+        assert error["message"].startswith(f"{bodies[path][1]}: "), (path, error["message"])
+    error = assert_error(prompt_list, 422, "validation_error", f"{MAX_MESSAGES + 1} messages")
+    assert error["message"].startswith("items.0.prompt: "), error["message"]
+    assert at_the_cap.status_code == 200, at_the_cap.text
+
+
+def test_a_key_given_twice_in_a_body_is_read_as_its_last_value_as_documented(bert):
+    # Not refused (docs/security.md says why: any object_pairs_hook costs far over 3% of a parse);
+    # this pins what a proxy in front must expect: the last value counts, at every depth.
+    item = '{"prompt": "p", "response": "ignored", "response": "r"}'
+    with serving(bert) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        def send(body: str) -> httpx.Response:
+            return http.post("/v1/score", content=body, headers={"content-type": "application/json"})
+
+        last_served = send('{"model": "nosuch", "items": [' + item + '], "model": "bert"}')
+        last_unknown = send('{"model": "bert", "items": [' + item + '], "model": "nosuch"}')
+        plain = http.post("/v1/score", json={"items": [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "ignored"}]})
+    last, first = plain.json()["scores"]
+    assert abs(last - first) > 1e-6, "the two responses score alike: the test proves nothing"
+    assert last_served.status_code == 200, last_served.text
+    assert last_served.json()["model"].startswith("bert@")
+    assert last_served.json()["scores"] == [pytest.approx(last, abs=1e-7)]  # batched apart: float noise only
+    assert_error(last_unknown, 404, "model_not_found", "'nosuch'")
+
+
+def test_a_query_parameter_a_v1_route_does_not_take_or_one_given_twice_is_a_422_naming_it(bert, tmp_path):
+    # /v1/score?model=nosuch was scored by the default model, /v1/comparisons?limt=1 listed 100,
+    # ?labeller=a&labeller=b listed b's alone: each ignored what the caller sent, as a JSON body
+    # of ours never does (an unknown field is a 422).
+    body = {"items": [{"prompt": "p", "response": "r"}]}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v1/label/tasks", json={"tasks": [{"prompt": "q", "responses": ["a", "b"]}]}).status_code == 201
+        model_in_query = http.post("/v1/score", params={"model": "nosuch"}, json=body)
+        typo = http.get("/v1/comparisons", params={"limt": 1})
+        twice = http.get("/v1/comparisons", params=[("labeller", "a"), ("labeller", "b")])
+        lease_twice = http.get("/v1/label/tasks/next", params=[("labeller", "ann"), ("labeller", "bob")])
+        for_bob = http.get("/v1/label/tasks/next", params={"labeller": "bob"})
+        declared = http.get("/v1/comparisons", params={"limit": 1, "labeller": "a"})
+        # The trainers' routes ignore what they do not read, query and body alike (as the servers
+        # they imitate); probes may carry a cache-buster.
+        compat = http.post("/get_reward", params={"x": 1}, json={"query": ["q"]})
+        probe = http.get("/healthz", params={"_": 123})
+
+    assert_error(model_in_query, 422, "validation_error", "query.model", "unknown query parameter",
+                 "/v1/score takes no query parameters")
+    assert_error(typo, 422, "validation_error", "query.limt", "unknown query parameter", "limit")
+    assert_error(twice, 422, "validation_error", "query.labeller", "given 2 times", "once")
+    assert_error(lease_twice, 422, "validation_error", "query.labeller", "given 2 times")
+    assert for_bob.json()["task"]["prompt"] == "q", "the refused request leased the task"
+    assert declared.status_code == 200 and compat.status_code == 200 and probe.status_code == 200
+
+
+def test_a_time_whose_plus_became_a_space_in_the_url_is_refused_saying_to_encode_it(bert, tmp_path):
+    # "?since=2026-01-01T00:00:00+02:00" typed into a URL: the "+" arrives as a space, and the
+    # answer said "unexpected extra characters at the end of the input".
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        plus = http.get("/v1/comparisons?since=2026-01-01T00:00:00+02:00")
+        export = http.get("/v1/comparisons/export?until=2026-01-01T00:00:00.5+0530")
+        encoded = http.get("/v1/comparisons", params={"since": "2026-01-01T00:00:00+02:00"})
+    assert_error(plus, 422, "validation_error", "query.since", "read as a space", "%2B")
+    assert_error(export, 422, "validation_error", "query.until", "%2B")
+    assert encoded.status_code == 200, encoded.text
+
+
+def test_a_blank_labeller_id_is_refused_when_asking_for_a_task_as_when_posting_one(bert, tmp_path):
+    # GET /v1/label/tasks/next?labeller=%20 leased the oldest task to " ", an id POST
+    # /v1/comparisons refuses as blank: nobody saw the task until the lease ran out (10 min).
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v1/label/tasks", json={"tasks": [{"prompt": "q", "responses": ["a", "b"]}]}).status_code == 201
+        blank = http.get("/v1/label/tasks/next", params={"labeller": " "})
+        padded = http.get("/v1/label/tasks/next", params={"labeller": " ann "})
+        ann = http.get("/v1/label/tasks/next", params={"labeller": "ann"})
+        bob = http.get("/v1/label/tasks/next", params={"labeller": "bob"})
+    assert_error(blank, 422, "validation_error", "query.labeller", "blank")
+    # The id is read as POST /v1/comparisons reads it (trimmed): " ann " and "ann" hold one lease.
+    assert padded.json()["task"]["prompt"] == "q" and ann.json()["task"]["id"] == padded.json()["task"]["id"]
+    assert bob.json()["task"] is None

@@ -175,6 +175,12 @@ def _iso_only(value):
     # pydantic would read a bare number as a Unix timestamp; the filters take ISO 8601 only.
     if isinstance(value, str) and re.fullmatch(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*", value):
         raise ValueError("give an ISO 8601 time such as 2026-11-27T12:00:00Z, not a number")
+    # A "+02:00" typed into a URL arrives as " 02:00": a "+" in a query string means a space.
+    if isinstance(value, str) and re.fullmatch(r"\S+T[0-9:.,]+ [0-9]{2}:?[0-9]{2}", value):
+        raise ValueError(
+            f"{value[:40]!r} has a space where its UTC offset's '+' was: a '+' in a URL's query is read as a "
+            "space, so encode it as %2B (since=2026-01-01T00:00:00%2B02:00), or give the time in UTC ending in Z"
+        )
     return value
 
 
@@ -260,6 +266,11 @@ def next_label_task(
     """The oldest task nobody holds (or the one this labeller already holds); null when none."""
     store = _store(request)
     _no_nul(labeller=labeller)
+    # The id as POST /v1/comparisons reads it (trimmed, not blank): a blank one leased a task to
+    # an id no comparison can carry, and nobody saw the task until the lease ran out.
+    labeller = labeller.strip()
+    if not labeller:
+        raise APIError(422, "validation_error", "query.labeller: is blank; send the labeller's id")
     labellers = request.app.state.labellers
     if labellers is not None and labeller not in labellers:
         raise APIError(422, "unknown_labeller", f"labeller {labeller!r} is not one of this service's labellers (--labellers)")

@@ -1,5 +1,6 @@
-"""Probes and the scrape: ``GET`` (or ``HEAD``) ``/healthz`` (liveness), ``/readyz`` (readiness: models
-warmed up and not draining; see service/lifecycle.py) and ``GET /metrics`` (Prometheus)."""
+"""Probes and the scrape: ``GET /healthz`` (liveness), ``GET /readyz`` (readiness: models warmed up
+and not draining; see service/lifecycle.py) and ``GET /metrics`` (Prometheus). HEAD, which some
+balancers' health checks send, is answered for every GET route by ``HeadMiddleware``."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from ..registry import ModelRegistry
 router = APIRouter(tags=["health"])
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: probes and balancers that send it
+@router.get("/healthz")
 async def healthz() -> dict[str, Any]:
     """The process is up (liveness)."""
     return {"status": "ok"}
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], responses=NOT_READY_ERRORS)
+@router.get("/readyz", responses=NOT_READY_ERRORS)
 async def readyz(request: Request):
     """Models are loaded and warmed up, and the service is not stopping (readiness)."""
     lifecycle: Lifecycle = request.app.state.lifecycle
