@@ -17,7 +17,6 @@ Every path served is declared, with its scope and limits, in ``service/routes.py
 from __future__ import annotations
 
 from collections import Counter
-from functools import cache
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +25,6 @@ from fastapi.routing import APIRoute
 from client.protocol import API_VERSION
 
 
-@cache  # per route, once: the routes are fixed when the app is built
 def _query_names(route: APIRoute) -> frozenset[str]:
     """The query parameters a route declares, its dependencies' included."""
     names: set[str] = set()
