@@ -25,6 +25,7 @@ MODELS = [
     ("gate0-compare.json", "g0", "gate on the token embeddings, seed 42"),
     ("augment-gpair-compare.json", "augp", "augment pairs + pair-consistency, seed 42"),
     ("length-balanced-compare.json", "auglb", "length-balanced augment pairs + pair-consistency, seed 42"),
+    ("related-answer-compare.json", "relans", "related-prompt answers (related_answer), seed 42"),
 ]
 CATEGORIES = ["truthful", "harmless", "helpful"]
 
