@@ -868,6 +868,14 @@ class _StoredText(_Strict, _FewErrors):
         return self
 
 
+def labeller_id(value: str) -> str:
+    """A labeller's id as the store keeps it, in a comparison's body and in the task queue's query
+    alike: trimmed, and not blank (a blank id would hold a lease no comparison can carry)."""
+    if not value.strip():
+        raise ValueError("labeller is blank; send the labeller's id")
+    return value.strip()
+
+
 class ComparisonRequest(_StoredText):
     """A labeller's judgement of K responses to one prompt: a ``ranking`` (best first) or, for
     two responses, a pairwise ``choice`` (the index of the better one)."""
@@ -889,12 +897,7 @@ class ComparisonRequest(_StoredText):
     _prompt = field_validator("prompt")(_check_prompt)
     _responses = field_validator("responses")(_check_responses)
 
-    @field_validator("labeller")
-    @classmethod
-    def _labeller_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("labeller is blank; send the labeller's id")
-        return value.strip()
+    _labeller = field_validator("labeller")(labeller_id)
 
     @field_validator("tags")
     @classmethod

@@ -31,7 +31,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
 
 from client.protocol import (
     MAX_ID,
@@ -43,6 +43,7 @@ from client.protocol import (
     LabelTasksCreated,
     LabelTasksRequest,
     NextLabelTask,
+    labeller_id,
 )
 from reward_core.store import (
     ComparisonStore,
@@ -260,17 +261,18 @@ def create_label_tasks(body: LabelTasksRequest, request: Request) -> LabelTasksC
 @router.get("/v1/label/tasks/next", response_model=NextLabelTask, responses=STORE_ERRORS)
 def next_label_task(
     request: Request,
-    labeller: str = Query(min_length=1, max_length=200, description="Who will label it; the task is held for them."),
+    # The id as POST /v1/comparisons reads it (labeller_id: trimmed, not blank): a blank one leased a
+    # task to an id no comparison can carry, and nobody saw the task until the lease ran out.
+    labeller: Annotated[
+        str,
+        Query(min_length=1, max_length=200, description="Who will label it; the task is held for them."),
+        AfterValidator(labeller_id),
+    ],
     lease_s: float = Query(default=600, gt=0, le=86_400, description="How long the task is held for this labeller."),
 ) -> NextLabelTask:
     """The oldest task nobody holds (or the one this labeller already holds); null when none."""
     store = _store(request)
     _no_nul(labeller=labeller)
-    # The id as POST /v1/comparisons reads it (trimmed, not blank): a blank one leased a task to
-    # an id no comparison can carry, and nobody saw the task until the lease ran out.
-    labeller = labeller.strip()
-    if not labeller:
-        raise APIError(422, "validation_error", "query.labeller: is blank; send the labeller's id")
     labellers = request.app.state.labellers
     if labellers is not None and labeller not in labellers:
         raise APIError(422, "unknown_labeller", f"labeller {labeller!r} is not one of this service's labellers (--labellers)")
