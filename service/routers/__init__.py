@@ -41,6 +41,8 @@ async def strict_query(request: Request) -> None:  # async: no trip through the 
     or a body field such as ``model`` put in the URL) was ignored, and of one given twice the
     last was read, so the caller's request was not the one answered. The trainers' routes ignore
     what they do not read, query and body alike, as the servers they imitate."""
+    if not request.scope.get("query_string"):  # most requests (every scoring body): nothing to check
+        return
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not route.path.startswith(f"/{API_VERSION}/"):
         return
