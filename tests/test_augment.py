@@ -110,6 +110,16 @@ def test_the_same_seed_gives_the_same_pairs_and_another_seed_other_ones():
     assert [p.to_row() for p in a] == [p.to_row() for p in b] != [p.to_row() for p in c]
 
 
+def test_another_prompts_answer_of_the_very_same_text_is_never_made_a_pair():
+    # Sources repeat answers across prompts ("I have no comment." in TruthfulQA, boilerplate in
+    # AlpacaEval): such a pair compares a text with itself, which train-rm refuses as malformed.
+    same = "The same full answer to both of them."
+    records = [PreferenceRecord([{"role": "user", "content": f"Question {i}?"}], [same, "Meh."], [0, 1]) for i in range(2)]
+    records.append(PreferenceRecord([{"role": "user", "content": "Question 2?"}], ["Another answer in full.", "Meh."], [0, 1]))
+    pairs = synthetic_records(records, ["off_topic"], n=6, seed=0)
+    assert len(pairs) == 6 and all(p.responses[0].strip() != p.responses[1].strip() for p in pairs)
+
+
 def test_best_answers_too_short_to_beat_a_brush_off_are_left_out():
     records = source(3) + [PreferenceRecord([{"role": "user", "content": "Yes or no?"}], ["Yes.", "No."], [0, 1])]
     pairs = synthetic_records(records, ["dismissive"], n=30, seed=0)

@@ -237,14 +237,14 @@ def synthetic_records(records: Sequence[PreferenceRecord], kinds: Sequence[str],
             if not neighbours:  # no other prompt is near enough, or only paraphrases are
                 continue
             worse = usable[rng.choice(rng.choice(neighbours))].best
-            if worse == best:  # two prompts given the very same answer: no comparison there
-                continue
         else:
             while True:  # another prompt's best answer (prompts can repeat in a source: compare them)
                 other = usable[rng.randrange(len(usable))]
                 if other.prompt != record.prompt:
                     break
             worse = other.best
+        if worse.strip() == best.strip():  # the same text (another prompt's same answer): no comparison, and a malformed row
+            continue
         out.append(PreferenceRecord(prompt=[dict(m) for m in record.prompt], responses=[best, worse], ranking=[0, 1],
                                     category=kind, source=f"augment:{kind}", line=len(out) + 1))
     return out
