@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from concurrent.futures import Executor
@@ -191,6 +192,17 @@ class Reloaded:
     seconds: float
 
 
+def freeze_long_lived() -> None:
+    """Put what is alive now (the served models, their tokenizers, the libraries) out of the cyclic
+    collector's reach, after collecting what is garbage (a retired model). A large request's many
+    small objects set off full collections, which hold the GIL, and so the event loop, for as long
+    as they walk every tracked object: frozen, the models are not walked
+    (``bench/loop_stall.py``)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class ModelRegistry:
     """The served models by name, the first being the default. Owns their batchers (attached,
     warmed up and started at start, stopped at stop) and swaps a model on reload."""
@@ -242,10 +254,12 @@ class ModelRegistry:
         for m in self._models:
             await loop.run_in_executor(executor, m.warm_up)
             m.batcher.start()
+        freeze_long_lived()
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Stop every batcher; what is still queued gets ``drain_timeout_s`` to run."""
         await asyncio.gather(*(m.batcher.stop(drain_timeout_s=drain_timeout_s) for m in self._models))
+        gc.unfreeze()  # the models are done with: collectable again (a test process serves many apps)
 
     async def reload(self, name: str, path: Path | None = None) -> Reloaded:
         """Load ``name``'s directory again (or ``path``), warm it up, swap it in, and retire the
@@ -279,4 +293,5 @@ class ModelRegistry:
             self._by_name[name] = new
             log.info("reloaded %s: %s -> %s in %.1f s", name, old.spec.version, new.spec.version, seconds)
         await old.retire()
+        freeze_long_lived()  # the old model collectable, the new one out of the collector's way
         return Reloaded(model=new, previous_version=old.spec.version, seconds=seconds)

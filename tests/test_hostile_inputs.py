@@ -808,3 +808,50 @@ def test_a_blank_labeller_id_is_refused_when_asking_for_a_task_as_when_posting_o
     # The id is read as POST /v1/comparisons reads it (trimmed): " ann " and "ann" hold one lease.
     assert padded.json()["task"]["prompt"] == "q" and ann.json()["task"]["id"] == padded.json()["task"]["id"]
     assert bob.json()["task"] is None
+
+
+def test_a_large_body_is_validated_in_a_worker_thread_and_answered_as_a_small_one_is(bert, tmp_path, monkeypatch):
+    # FastAPI parses and validates a body on the event loop: a 7.5 MB body of tiny messages held
+    # every other request, /healthz included, for 1.4-2.2 s (bench/loop_stall.py).
+    import threading
+
+    from service import routers
+
+    where: list[tuple[int, int]] = []  # (the loop's thread, the thread that validated)
+    real = routers.run_in_threadpool
+
+    async def recording(work, *args):
+        def recorded(*a):
+            where[-1] = (where[-1][0], threading.get_ident())
+            return work(*a)
+        where.append((threading.get_ident(), 0))
+        return await real(recorded, *args)
+
+    monkeypatch.setattr(routers, "run_in_threadpool", recording)
+    long = "word " * (routers.OFF_LOOP_BODY_BYTES // 5)  # one field puts a body over the line
+    item, big_item, bad_item = {"prompt": "p", "response": "r"}, {"prompt": "p", "response": long}, {"prompt": "p", "respons": "r"}
+    with serving(bert, tmp_path) as (url, _), httpx.Client(base_url=url, timeout=60) as http:
+        small = post_raw(http, "/v1/score", {"items": [item]})
+        small_bad = post_raw(http, "/v1/score", {"items": [bad_item]})
+        small_broken = http.post("/v1/score", content=b'{"items": [', headers={"content-type": "application/json"})
+        assert where == [], "a small body went to a thread"
+        big = post_raw(http, "/v1/score", {"items": [item, big_item]})
+        big_bad = post_raw(http, "/v1/score", {"items": [big_item, bad_item]})
+        big_broken = http.post("/v1/score", content=json.dumps({"items": [big_item]}).encode()[:-2],
+                               headers={"content-type": "application/json"})
+        reward = post_raw(http, "/get_reward", {"query": ["p r", "p " + long]})
+        stored = post_raw(http, "/v1/comparisons", {"prompt": "p", "responses": ["r", long], "choice": 0, "labeller": "ann"})
+
+    assert len(where) == 5 and all(loop != worker and worker for loop, worker in where), where
+    assert small.status_code == big.status_code == 200, big.text
+    assert big.json()["scores"][0] == small.json()["scores"][0]
+    assert reward.status_code == 200 and len(reward.json()["rewards"]) == 2, reward.text
+    assert stored.status_code == 201, stored.text
+    # The same refusals, word for word, but for where the bad item is.
+    small_error, big_error = (assert_error(a, 422, "validation_error") for a in (small_bad, big_bad))
+    small_locs = [d["loc"] for d in small_error["details"]]
+    assert small_locs and all(loc[:3] == ["body", "items", 0] for loc in small_locs), small_locs
+    assert [d["loc"] for d in big_error["details"]] == [[*loc[:2], 1, *loc[3:]] for loc in small_locs]
+    assert big_error["message"] == small_error["message"].replace("items.0", "items.1")
+    small_error, big_error = (assert_error(a, 422, "validation_error") for a in (small_broken, big_broken))
+    assert [d["type"] for d in small_error["details"]] == [d["type"] for d in big_error["details"]] == ["json_invalid"]

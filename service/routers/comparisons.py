@@ -57,10 +57,11 @@ from reward_core.store import (
 
 from ..errors import STORE_ERRORS, APIError
 from ..inference import long_fields
+from . import OffLoopBodyRoute
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["comparisons"])
+router = APIRouter(tags=["comparisons"], route_class=OffLoopBodyRoute)
 LABEL_PAGE = Path(__file__).resolve().parents[1] / "static" / "label.html"
 RETRY_AFTER_S = 5
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, no spaces

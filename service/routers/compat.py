@@ -49,8 +49,9 @@ from reward_core.formatting import PromptError, prompt_response_conversation
 
 from ..errors import SCORING_ERRORS, APIError
 from ..inference import Inference, sigmoid
+from . import OffLoopBodyRoute
 
-router = APIRouter(tags=["compatibility"])
+router = APIRouter(tags=["compatibility"], route_class=OffLoopBodyRoute)
 
 
 @router.post("/get_reward", response_model=GetRewardResponse, responses=SCORING_ERRORS)

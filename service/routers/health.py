@@ -13,8 +13,9 @@ from ..errors import NOT_READY_ERRORS, error_response
 from ..lifecycle import Lifecycle
 from ..metrics import ServiceMetrics
 from ..registry import ModelRegistry
+from . import OffLoopBodyRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=OffLoopBodyRoute)
 
 
 @router.get("/healthz")

@@ -17,8 +17,9 @@ from client.protocol import CombineRule, EnsembleCard, ModelCard, ModelList, Rel
 
 from ..errors import RELOAD_ERRORS, APIError, shown
 from ..registry import ModelRegistry, ReloadFailed, ServedModel, UnknownModel
+from . import OffLoopBodyRoute
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=OffLoopBodyRoute)
 
 
 def _card(m: ServedModel, is_default: bool) -> ModelCard:

@@ -26,8 +26,9 @@ from reward_core.formatting import Conversation, item_to_conversation
 
 from ..errors import SCORING_ERRORS, APIError
 from ..inference import Inference, Rewards, sigmoid
+from . import OffLoopBodyRoute
 
-router = APIRouter(tags=["scoring"])
+router = APIRouter(tags=["scoring"], route_class=OffLoopBodyRoute)
 
 
 @router.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=SCORING_ERRORS)
