@@ -45,6 +45,8 @@ section of this module):
 - ``POST /classify``    ClassificationRequest -> ClassificationResponse  (vLLM; verl's reward loop)
 - ``POST /pooling``     PoolingRequest        -> PoolingResponse         (vLLM)
 - ``POST /slime_reward`` SlimeRewardRequest   -> a bare number           (slime's remote_rm)
+- ``POST /predict``     TEIPredictRequest     -> [TEIPrediction] or [[TEIPrediction]] (TEI)
+- ``POST /rerank``      TEIRerankRequest      -> [TEIRank], best first   (TEI)
 
 ``/classify`` and ``/pooling`` take either vLLM's text body (``input``) or its chat body
 (``messages``, scored through the model's own template as ``/v1/score`` scores them).
@@ -144,7 +146,10 @@ def _first_entries(value: Any) -> Any:
 # after the union-typed place: an item's shape after its index, a prompt's kind after "prompt",
 # a message content's kind after "content", vLLM's input's after "input". Only there are they
 # tags: "text" is also a field.
-_UNION_TAGS_AFTER = {"prompt": {"text", "messages"}, "content": {"string", "parts"}, "input": {"text", "texts"}}
+_UNION_TAGS_AFTER = {
+    "prompt": {"text", "messages"}, "content": {"string", "parts"}, "input": {"text", "texts"},
+    "inputs": {"text", "sequence", "batch"},
+}
 _ITEM_SHAPES = frozenset({"prompt_response", "messages"})
 
 
@@ -789,6 +794,93 @@ class SlimeRewardRequest(_Lenient, _FewErrors):
         if isinstance(self.prompt, str):
             return self.prompt
         return [{"role": m.role, "content": m.text} for m in self.prompt]
+
+
+# -- text-embeddings-inference (TEI): /predict and /rerank -----------------------------------
+#
+# TEI serves a one-output sequence classifier (a reward model) on both: /predict scores texts or
+# text pairs, /rerank scores one query against many texts. A pair [a, b] is read here as a prompt
+# and its response, and scored as /v1/score scores {"prompt": a, "response": b}; a single text as
+# /get_reward scores a query (already formatted, prompt and response together).
+
+# One TEI sequence: [text] or [text, text].
+TEISequence = Annotated[list[Text], Field(min_length=1, max_length=2)]
+
+
+def _tei_inputs_kind(value: object) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "batch" if value and isinstance(value[0], list) else "sequence"
+    return None
+
+
+# TEI's rule: a string is one text; a list whose first element is a string is one sequence (a
+# text or a pair); a list of lists is a batch of sequences.
+TEIInputs = Annotated[
+    Union[Annotated[Text, Tag("text")], Annotated[TEISequence, Tag("sequence")],
+          Annotated[list[TEISequence], Tag("batch")]],
+    Discriminator(
+        _tei_inputs_kind, custom_error_type="invalid_inputs",
+        custom_error_message="inputs is a text, a pair [text, text], or a batch of texts and pairs [[text], [text, text], ...]",
+    ),
+]
+
+TRUNCATION_DESCRIPTION = (
+    "true or left out: an input longer than the model reads is cut by the model's own rule, as on /v1/score (the "
+    "prompt's start first, the response's end only once the prompt is used up); false: such an input is a 422."
+)
+TruncationDirection = Literal["right", "Right", "left", "Left"]
+TRUNCATION_DIRECTION_DESCRIPTION = (
+    "Accepted for TEI's clients. It does not change the cut: a reward model keeps the response and the most recent "
+    "turns of the prompt whatever the direction (see truncate)."
+)
+
+
+class TEIPredictRequest(_Lenient, _FewErrors):
+    """TEI's ``/predict`` body."""
+
+    inputs: TEIInputs = Field(
+        description="A text, a pair [prompt, response], or a batch of them [[text], [prompt, response], ...]."
+    )
+    truncate: StrictBool | None = Field(default=None, description=TRUNCATION_DESCRIPTION)
+    truncation_direction: TruncationDirection = Field(default="right", description=TRUNCATION_DIRECTION_DESCRIPTION)
+    raw_scores: StrictBool = Field(default=False, description="The raw reward; false (TEI's default): sigmoid(reward).")
+    model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
+
+    @property
+    def batched(self) -> bool:
+        return isinstance(self.inputs, list) and bool(self.inputs) and isinstance(self.inputs[0], list)
+
+    @property
+    def sequences(self) -> list[list[str]]:
+        """Every input as [text] or [prompt, response], in order."""
+        if isinstance(self.inputs, str):
+            return [[self.inputs]]
+        return [list(s) for s in self.inputs] if self.batched else [list(self.inputs)]
+
+
+class TEIPrediction(BaseModel):
+    score: float = Field(description="sigmoid(reward), or the reward with raw_scores.")
+    label: str = Field(description="The model's one class (config.id2label[0]); 'reward' for a model with objectives.")
+
+
+class TEIRerankRequest(_Lenient, _FewErrors):
+    """TEI's ``/rerank`` body: each text is scored as the response to ``query``."""
+
+    query: Text = Field(description="The prompt.")
+    texts: list[Text] = Field(min_length=1, description="The responses to score against the query.")
+    truncate: StrictBool | None = Field(default=None, description=TRUNCATION_DESCRIPTION)
+    truncation_direction: TruncationDirection = Field(default="right", description=TRUNCATION_DIRECTION_DESCRIPTION)
+    raw_scores: StrictBool = Field(default=False, description="The raw reward; false (TEI's default): sigmoid(reward).")
+    return_text: StrictBool = Field(default=False, description="Echo each text in its rank.")
+    model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
+
+
+class TEIRank(BaseModel):
+    index: int = Field(description="The text's position in texts.")
+    text: str | None = Field(default=None, description="The text, with return_text.")
+    score: float = Field(description="sigmoid(reward), or the reward with raw_scores.")
 
 
 # -- Comparisons and the labelling queue (service/routers/comparisons.py) --------------------------

@@ -39,13 +39,15 @@ class Route:
 
 
 ROUTES: tuple[Route, ...] = (
-    # Scoring (routers/scoring.py) and the OpenRLHF / vLLM compatible ones (routers/compat.py).
+    # Scoring (routers/scoring.py) and the OpenRLHF / vLLM / slime / TEI compatible ones (routers/compat.py).
     Route("/v1/score", "score", rate_limited=True),
     Route("/v1/compare", "score", rate_limited=True),
     Route("/get_reward", "score", rate_limited=True),
     Route("/classify", "score", rate_limited=True),
     Route("/pooling", "score", rate_limited=True),
     Route("/slime_reward", "score", rate_limited=True),
+    Route("/predict", "score", rate_limited=True),  # text-embeddings-inference
+    Route("/rerank", "score", rate_limited=True),
     # Models (routers/models.py).
     Route("/v1/models", "score"),
     Route("/v1/models/{name}/reload", "admin", metered=False),

@@ -1,6 +1,7 @@
 """Other frameworks call the service in their own shapes, against the real server: OpenRLHF's
 remote RM (``/get_reward``), vLLM's ``/classify`` and ``/pooling`` as verl's reward loop calls
-them. Each reward must equal what ``/v1/score`` gives for the same input."""
+them, text-embeddings-inference's ``/predict`` and ``/rerank``. Each reward must equal what
+``/v1/score`` gives for the same input."""
 
 from __future__ import annotations
 
@@ -199,4 +200,80 @@ def test_bad_vllm_bodies_get_a_4xx_naming_the_field(server, path, body, status, 
     answer = httpx.post(f"{server.url}{path}", json=body)
 
     assert answer.status_code == status, answer.text
+    assert mentions in answer.json()["error"]["message"]
+
+
+# -- text-embeddings-inference: /predict and /rerank ---------------------------------------------
+
+
+def sigmoid(x: float) -> float:
+    import math
+
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_tei_predict_scores_a_pair_as_v1_score_and_a_text_as_get_reward(server, model_dirs, name):
+    # A TEI user sends [prompt, response] pairs (and perhaps texts already formatted) to /predict.
+    pairs = [("What is the capital of France?", "Paris."), ("Say hi", "Hi there, how can I help?")]
+    queries, prompts = formatted(model_dirs[name], name) if name == "llama" else (["Hello there"], None)
+    with RewardClient(server.url) as client:
+        want_pairs = client.score([{"prompt": p, "response": r} for p, r in pairs], model=name).scores
+        want_text = client.score_texts(queries[:1], model=name)
+    batch = {"model": name, "inputs": [list(pairs[0]), [queries[0]], list(pairs[1])]}
+    raw = httpx.post(f"{server.url}/predict", json={**batch, "raw_scores": True})
+    default = httpx.post(f"{server.url}/predict", json=batch)
+    one = httpx.post(f"{server.url}/predict", json={"model": name, "inputs": list(pairs[0]), "raw_scores": True})
+
+    assert raw.status_code == default.status_code == one.status_code == 200, (raw.text, default.text, one.text)
+    assert [len(p) for p in raw.json()] == [1, 1, 1] and {p[0]["label"] for p in raw.json()} == {"LABEL_0"}
+    assert [p[0]["score"] for p in raw.json()] == pytest.approx([want_pairs[0], want_text[0], want_pairs[1]], abs=1e-4)
+    assert [p[0]["score"] for p in default.json()] == pytest.approx([sigmoid(p[0]["score"]) for p in raw.json()], abs=1e-6)
+    # One input (not a batch) is answered with its list of predictions, not a list of lists.
+    assert len(one.json()) == 1 and one.json()[0]["score"] == pytest.approx(want_pairs[0], abs=1e-4), one.json()
+
+
+def test_tei_rerank_puts_the_best_response_first(server):
+    query, texts = "What is the capital of France?", ["I do not know.", "Paris.", "Paris is the capital of France."]
+    with RewardClient(server.url) as client:
+        want = client.score([{"prompt": query, "response": t} for t in texts], model="bert").scores
+    answer = httpx.post(f"{server.url}/rerank", json={"model": "bert", "query": query, "texts": texts, "raw_scores": True})
+    with_text = httpx.post(f"{server.url}/rerank", json={"model": "bert", "query": query, "texts": texts, "return_text": True})
+
+    assert answer.status_code == with_text.status_code == 200, (answer.text, with_text.text)
+    ranks = answer.json()
+    assert [r["index"] for r in ranks] == sorted(range(3), key=lambda i: -want[i])
+    assert [r["score"] for r in ranks] == pytest.approx(sorted(want, reverse=True), abs=1e-4)
+    assert all("text" not in r for r in ranks)
+    assert [(r["text"], r["score"]) for r in with_text.json()] == [
+        (texts[r["index"]], pytest.approx(sigmoid(r["score"]), abs=1e-6)) for r in ranks
+    ]
+
+
+def test_tei_truncate_false_refuses_an_input_the_model_would_cut(server):
+    long = "word " * 5000
+    refused = httpx.post(f"{server.url}/predict", json={"model": "bert", "inputs": [["q", "a"], ["q", long]], "truncate": False})
+    cut = httpx.post(f"{server.url}/predict", json={"model": "bert", "inputs": [["q", "a"], ["q", long]]})
+
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["type"] == "input_too_long" and error["message"].startswith("input 1 is longer than the"), error
+    assert "truncate: true" in error["message"]
+    assert cut.status_code == 200 and len(cut.json()) == 2, cut.text
+
+
+@pytest.mark.parametrize("path,body,mentions", [
+    ("/predict", {"inputs": []}, "inputs"),
+    ("/predict", {"inputs": ["a", "b", "c"]}, "at most 2"),
+    ("/predict", {"inputs": [["a"], "b"]}, "inputs.1"),
+    ("/predict", {"inputs": 3}, "a text, a pair [text, text], or a batch"),
+    ("/predict", {"inputs": "x", "raw_scores": "yes"}, "raw_scores"),
+    ("/predict", {"inputs": "x", "truncation_direction": "up"}, "truncation_direction"),
+    ("/rerank", {"query": "q", "texts": []}, "texts"),
+    ("/rerank", {"texts": ["a"]}, "query"),
+])
+def test_bad_tei_bodies_get_a_422_naming_the_field(server, path, body, mentions):
+    answer = httpx.post(f"{server.url}{path}", json={"model": "bert", **body})
+
+    assert answer.status_code == 422, answer.text
     assert mentions in answer.json()["error"]["message"]

@@ -32,6 +32,8 @@ SCORING_BODIES = {
     "/get_reward": lambda t: {"query": [t]},
     "/classify": lambda t: {"input": [t]},
     "/pooling": lambda t: {"input": t},
+    "/predict": lambda t: {"inputs": [t, t]},
+    "/rerank": lambda t: {"query": t, "texts": [t]},
 }
 SURROGATE = "x\ud800y"
 
@@ -83,7 +85,7 @@ def test_a_lone_surrogate_is_a_422_naming_the_field_on_every_route(bert, tmp_pat
         fine = http.post("/v1/score", json={"items": [{"prompt": "emoji \U0001F600", "response": "ok"}]})
 
     expected_field = {"/v1/score": "items.0.prompt", "/v1/compare": "pairs.0.prompt", "/get_reward": "query.0",
-                      "/classify": "input", "/pooling": "input"}
+                      "/classify": "input", "/pooling": "input", "/predict": "inputs.0", "/rerank": "query"}
     for path, answer in answers.items():
         assert_error(answer, 422, "validation_error", expected_field[path], "lone surrogate", "U+D800")
     assert_error(chat, 422, "validation_error", "items.0.messages.1.content", "lone surrogate")
@@ -168,7 +170,7 @@ def test_the_field_limit_applies_to_the_compatible_routes(bert):
         at_limit = {path: http.post(path, json=body("x" * 1000)) for path, body in SCORING_BODIES.items()}
 
     fields = {"/v1/score": "items.0.prompt", "/v1/compare": "pairs.0.prompt", "/get_reward": "query.0",
-              "/classify": "input.0", "/pooling": "input"}
+              "/classify": "input.0", "/pooling": "input", "/predict": "inputs.0", "/rerank": "query"}
     for path, answer in answers.items():
         assert_error(answer, 413, "field_too_long", fields[path], "--max-field-chars")
     assert_error(prompts, 413, "field_too_long", "prompts.0")

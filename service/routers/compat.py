@@ -6,6 +6,10 @@
 - ``POST /classify`` and ``POST /pooling``: vLLM's pooling API as verl's reward loop calls it
   (``data[-1].probs[-1]`` is the reward), in its text form (``input``) and its chat form
   (``messages``, rendered by the model's template like ``/v1/score``).
+- ``POST /predict`` and ``POST /rerank``: text-embeddings-inference's routes for a one-output
+  sequence classifier. A pair [prompt, response] (``/rerank``: the query and each text) is scored
+  as ``/v1/score`` scores that item, a single text as ``/get_reward`` scores a query;
+  ``raw_scores: false`` (TEI's default) gives sigmoid(reward).
 
 Each route only translates shapes: the texts go through ``formatting.encode_texts`` and the
 model's batcher via the inference path (``service/inference.py``, ``app.state.inference``: the
@@ -43,12 +47,17 @@ from client.protocol import (
     PoolingRequest,
     PoolingResponse,
     SlimeRewardRequest,
+    TEIPrediction,
+    TEIPredictRequest,
+    TEIRank,
+    TEIRerankRequest,
     VLLMUsage,
 )
-from reward_core.formatting import PromptError, prompt_response_conversation
+from reward_core.formatting import EncodedInput, PromptError, encode_conversations, item_to_conversation, prompt_response_conversation
 
 from ..errors import SCORING_ERRORS, APIError
-from ..inference import Inference, sigmoid
+from ..inference import Inference, conversation_chars, sigmoid
+from ..registry import ServedModel
 from . import OffLoopBodyRoute
 
 router = APIRouter(tags=["compatibility"], route_class=OffLoopBodyRoute)
@@ -148,3 +157,70 @@ async def slime_reward(body: SlimeRewardRequest, request: Request) -> float:
         raise APIError(422, "validation_error", f"prompt: {exc}") from None
     rewards, _ = await inference.score_conversations(request, model, [conversation])
     return rewards.column()[0]
+
+
+async def _score_tei_sequences(request: Request, model: ServedModel, sequences: list[list[str]], truncate: bool | None) -> list[float]:
+    """TEI's sequences, in order: a pair [prompt, response] through the model's formatting as
+    /v1/score formats it, a single text as /get_reward reads a query. With ``truncate`` false an
+    input the model would cut is a 422, as TEI refuses it."""
+    inference: Inference = request.app.state.inference
+    pairs = [i for i, s in enumerate(sequences) if len(s) == 2]
+    singles = [i for i, s in enumerate(sequences) if len(s) == 1]
+    scores: list[float] = [0.0] * len(sequences)
+    encoded_by_index: dict[int, EncodedInput] = {}
+    if pairs:
+        conversations = [item_to_conversation({"prompt": sequences[i][0], "response": sequences[i][1]}) for i in pairs]
+        sizes = [conversation_chars(c) for c in conversations]
+        rewards, encoded = await inference.score_encoded(request, model, encode_conversations, conversations, sizes)
+        for i, score, e in zip(pairs, rewards.column(), encoded):
+            scores[i], encoded_by_index[i] = score, e
+    if singles:
+        rewards, encoded = await inference.score_texts(request, model, [sequences[i][0] for i in singles])
+        for i, score, e in zip(singles, rewards.column(), encoded):
+            scores[i], encoded_by_index[i] = score, e
+    request.state.items = len(sequences)
+    if truncate is False:
+        cut = [i for i in range(len(sequences)) if encoded_by_index[i].truncated]
+        if cut:
+            more = f" (and {len(cut) - 1} more)" if len(cut) > 1 else ""
+            raise APIError(
+                422, "input_too_long",
+                f"input {cut[0]}{more} is longer than the {model.spec.max_length} tokens model {model.name!r} reads, and "
+                "truncate is false; shorten it, or send truncate: true (or leave it out) to have it cut, the prompt's "
+                "start first",
+            )
+    return scores
+
+
+def _tei_label(model: ServedModel) -> str:
+    # A model with objectives serves their combination, which has no class of its own in config.id2label.
+    return "reward" if model.spec.objective_names else model.label
+
+
+@router.post("/predict", response_model=list[TEIPrediction] | list[list[TEIPrediction]], responses=SCORING_ERRORS)
+async def predict(body: TEIPredictRequest, request: Request) -> list[TEIPrediction] | list[list[TEIPrediction]]:
+    """text-embeddings-inference's ``/predict``: per input its one prediction, the reward (or
+    sigmoid(reward), TEI's default) with the model's label; a batch gets one list per input."""
+    inference: Inference = request.app.state.inference
+    model = inference.pick_model(body.model)
+    sequences = body.sequences
+    inference.admit(body, len(sequences), "inputs")
+    scores = await _score_tei_sequences(request, model, sequences, body.truncate)
+    label = _tei_label(model)
+    predictions = [[TEIPrediction(score=s if body.raw_scores else sigmoid(s), label=label)] for s in scores]
+    return predictions if body.batched else predictions[0]
+
+
+@router.post("/rerank", response_model=list[TEIRank], response_model_exclude_none=True, responses=SCORING_ERRORS)
+async def rerank(body: TEIRerankRequest, request: Request) -> list[TEIRank]:
+    """text-embeddings-inference's ``/rerank``: every text scored as the response to the query,
+    best first."""
+    inference: Inference = request.app.state.inference
+    model = inference.pick_model(body.model)
+    inference.admit(body, len(body.texts), "texts")
+    scores = await _score_tei_sequences(request, model, [[body.query, text] for text in body.texts], body.truncate)
+    ranks = [
+        TEIRank(index=i, text=body.texts[i] if body.return_text else None, score=s if body.raw_scores else sigmoid(s))
+        for i, s in enumerate(scores)
+    ]
+    return sorted(ranks, key=lambda r: r.score, reverse=True)
