@@ -179,6 +179,8 @@ async def _score_tei_sequences(request: Request, model: ServedModel, sequences: 
         for i, score, e in zip(singles, rewards.column(), encoded):
             scores[i], encoded_by_index[i] = score, e
     request.state.items = len(sequences)
+    # Whether the model cut an input is known once it is encoded, and the inference path encodes
+    # and scores in one step: the refusal comes after the work, which --max-items bounds.
     if truncate is False:
         cut = [i for i in range(len(sequences)) if encoded_by_index[i].truncated]
         if cut:
