@@ -192,14 +192,16 @@ class Reloaded:
     seconds: float
 
 
-def freeze_long_lived() -> None:
+def freeze_long_lived(collect_first: bool = False) -> None:
     """Put what is alive now (the served models, their tokenizers, the libraries) out of the cyclic
-    collector's reach, after collecting what is garbage (a retired model). A large request's many
-    small objects set off full collections, which hold the GIL, and so the event loop, for as long
-    as they walk every tracked object: frozen, the models are not walked
-    (``bench/loop_stall.py``)."""
-    gc.unfreeze()
-    gc.collect()
+    collector's reach. A large request's many small objects set off full collections, which hold
+    the GIL, and so the event loop, for as long as they walk every tracked object: frozen, the
+    models are not walked (``bench/loop_stall.py``). ``collect_first`` (after a reload): the
+    frozen objects are thawed and the garbage among them (a retired model) collected first. At
+    start that full collection would cost more than the little garbage loading leaves."""
+    if collect_first:
+        gc.unfreeze()
+        gc.collect()
     gc.freeze()
 
 
@@ -293,5 +295,5 @@ class ModelRegistry:
             self._by_name[name] = new
             log.info("reloaded %s: %s -> %s in %.1f s", name, old.spec.version, new.spec.version, seconds)
         await old.retire()
-        freeze_long_lived()  # the old model collectable, the new one out of the collector's way
+        freeze_long_lived(collect_first=True)  # the old model collected, the new one out of the collector's way
         return Reloaded(model=new, previous_version=old.spec.version, seconds=seconds)
