@@ -178,7 +178,7 @@ class Inference:
             raise APIError(
                 413, "too_many_items",
                 f"{n} {what} in one request is over the limit of {self.settings.max_items}; split the "
-                "request (the client does it for you) or raise --max-items",
+                "request (our Python client does it for you) or raise --max-items",
             )
 
     @staticmethod
