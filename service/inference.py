@@ -270,12 +270,12 @@ class Inference:
 
     async def score_conversations(
         self, http: Request, model: ServedModel, conversations: list[Conversation]
-    ) -> tuple[Rewards, Usage]:
-        """/v1/score and /v1/compare: (prompt messages, response) conversations, formatted by the
-        model's template."""
+    ) -> tuple[Rewards, list]:
+        """/v1/score, /v1/compare and the compatible routes' chat forms: (prompt messages,
+        response) conversations, formatted by the model's template. Returns (rewards, the
+        EncodedInputs), as ``score_texts`` does."""
         sizes = [conversation_chars(c) for c in conversations]
-        rewards, encoded = await self.score_encoded(http, model, encode_conversations, conversations, sizes)
-        return rewards, usage_of(encoded)
+        return await self.score_encoded(http, model, encode_conversations, conversations, sizes)
 
     async def score_texts(
         self, http: Request, model: ServedModel, texts: list[str], *, prompt_prefixes: list[str | None] | None = None,

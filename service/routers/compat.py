@@ -53,10 +53,10 @@ from client.protocol import (
     TEIRerankRequest,
     VLLMUsage,
 )
-from reward_core.formatting import EncodedInput, PromptError, encode_conversations, item_to_conversation, prompt_response_conversation
+from reward_core.formatting import EncodedInput, PromptError, item_to_conversation, prompt_response_conversation
 
 from ..errors import SCORING_ERRORS, APIError
-from ..inference import Inference, conversation_chars, sigmoid
+from ..inference import Inference, sigmoid
 from ..registry import ServedModel
 from . import OffLoopBodyRoute
 
@@ -98,15 +98,14 @@ async def _score_vllm_texts(body, request: Request):
     if conversation is not None:
         # vLLM's chat form: rendered by the model's own template, exactly as /v1/score renders it.
         inference.admit(body, 1, "conversations")
-        rewards, usage = await inference.score_conversations(request, model, [conversation])
-        tokens = usage.tokens
+        rewards, encoded = await inference.score_conversations(request, model, [conversation])
     else:
         texts = body.texts
         inference.admit(body, len(texts), "inputs")
         rewards, encoded = await inference.score_texts(
             request, model, texts, add_special_tokens=body.add_special_tokens, max_length=body.truncate_prompt_tokens
         )
-        tokens = sum(len(e) for e in encoded)
+    tokens = sum(len(e) for e in encoded)
     # the model's reward: for a model with objectives their combination, for an ensemble its served aggregate
     scores = rewards.column()
     # vLLM echoes the model name it was asked for; ours when none was given.
@@ -170,8 +169,7 @@ async def _score_tei_sequences(request: Request, model: ServedModel, sequences: 
     encoded_by_index: dict[int, EncodedInput] = {}
     if pairs:
         conversations = [item_to_conversation({"prompt": sequences[i][0], "response": sequences[i][1]}) for i in pairs]
-        sizes = [conversation_chars(c) for c in conversations]
-        rewards, encoded = await inference.score_encoded(request, model, encode_conversations, conversations, sizes)
+        rewards, encoded = await inference.score_conversations(request, model, conversations)
         for i, score, e in zip(pairs, rewards.column(), encoded):
             scores[i], encoded_by_index[i] = score, e
     if singles:

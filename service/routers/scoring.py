@@ -25,7 +25,7 @@ from reward_core.ensemble import member_agreement
 from reward_core.formatting import Conversation, item_to_conversation
 
 from ..errors import SCORING_ERRORS, APIError
-from ..inference import Inference, Rewards, sigmoid
+from ..inference import Inference, Rewards, sigmoid, usage_of
 from . import OffLoopBodyRoute
 
 router = APIRouter(tags=["scoring"], route_class=OffLoopBodyRoute)
@@ -56,7 +56,7 @@ async def score(request: ScoreRequest, http: Request) -> ScoreResponse:
             f"model {model.name!r} has no reward_mean/reward_std in its reward_model.json, so "
             "normalize is not possible; send normalize=false or serve a model trained by `reward train-rm`",
         )
-    rewards, usage = await inference.score_conversations(http, model, [item_to_conversation(i) for i in request.items])
+    rewards, encoded = await inference.score_conversations(http, model, [item_to_conversation(i) for i in request.items])
     scores = rewards.column(request.objective, aggregation)
     if request.normalize:
         mean, std = model.spec.reward_mean, model.spec.reward_std
@@ -66,7 +66,7 @@ async def score(request: ScoreRequest, http: Request) -> ScoreResponse:
     members = rewards.member_rewards().tolist() if request.return_members else None
     return ScoreResponse(
         model=model.display_name, scores=scores, objectives=objectives, ensemble_mean=ensemble_mean,
-        ensemble_std=ensemble_std, members=members, usage=usage,
+        ensemble_std=ensemble_std, members=members, usage=usage_of(encoded),
     )
 
 
@@ -91,7 +91,7 @@ async def compare(request: CompareRequest, http: Request) -> CompareResponse:
     for pair in request.pairs:
         messages, _ = item_to_conversation({**pair.model_dump(include={"prompt"}), "response": ""})
         conversations += [(messages, pair.a), (messages, pair.b)]
-    rewards, usage = await inference.score_conversations(http, model, conversations)
+    rewards, encoded = await inference.score_conversations(http, model, conversations)
     scores = rewards.column(request.objective, aggregation)
     heads = rewards.by_objective() if request.return_objectives else {}
     ensemble = _ensemble_comparisons(rewards, request.return_uncertainty, request.return_members)
@@ -103,7 +103,7 @@ async def compare(request: CompareRequest, http: Request) -> CompareResponse:
                 name: ObjectiveComparison(**_compared(values[2 * i], values[2 * i + 1])) for name, values in heads.items()
             }
         results.append(CompareResult(**_compared(a, b), objectives=by_objective, **ensemble[i]))
-    return CompareResponse(model=model.display_name, results=results, usage=usage)
+    return CompareResponse(model=model.display_name, results=results, usage=usage_of(encoded))
 
 
 def _ensemble_comparisons(rewards: Rewards, uncertainty: bool, members: bool) -> list[dict]:
