@@ -837,16 +837,21 @@ TRUNCATION_DIRECTION_DESCRIPTION = (
 )
 
 
-class TEIPredictRequest(_Lenient, _FewErrors):
+class _TEIOptions(_Lenient, _FewErrors):
+    """What /predict and /rerank take beside their inputs."""
+
+    truncate: StrictBool | None = Field(default=None, description=TRUNCATION_DESCRIPTION)
+    truncation_direction: TruncationDirection = Field(default="right", description=TRUNCATION_DIRECTION_DESCRIPTION)
+    raw_scores: StrictBool = Field(default=False, description="The raw reward; false (TEI's default): sigmoid(reward).")
+    model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
+
+
+class TEIPredictRequest(_TEIOptions):
     """TEI's ``/predict`` body."""
 
     inputs: TEIInputs = Field(
         description="A text, a pair [prompt, response], or a batch of them [[text], [prompt, response], ...]."
     )
-    truncate: StrictBool | None = Field(default=None, description=TRUNCATION_DESCRIPTION)
-    truncation_direction: TruncationDirection = Field(default="right", description=TRUNCATION_DIRECTION_DESCRIPTION)
-    raw_scores: StrictBool = Field(default=False, description="The raw reward; false (TEI's default): sigmoid(reward).")
-    model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
 
     @property
     def batched(self) -> bool:
@@ -865,16 +870,12 @@ class TEIPrediction(BaseModel):
     label: str = Field(description="The model's one class (config.id2label[0]); 'reward' for a model with objectives.")
 
 
-class TEIRerankRequest(_Lenient, _FewErrors):
+class TEIRerankRequest(_TEIOptions):
     """TEI's ``/rerank`` body: each text is scored as the response to ``query``."""
 
     query: Text = Field(description="The prompt.")
     texts: list[Text] = Field(min_length=1, description="The responses to score against the query.")
-    truncate: StrictBool | None = Field(default=None, description=TRUNCATION_DESCRIPTION)
-    truncation_direction: TruncationDirection = Field(default="right", description=TRUNCATION_DIRECTION_DESCRIPTION)
-    raw_scores: StrictBool = Field(default=False, description="The raw reward; false (TEI's default): sigmoid(reward).")
     return_text: StrictBool = Field(default=False, description="Echo each text in its rank.")
-    model: Text | None = Field(default=None, description="Served model name (our extension); the default when omitted.")
 
 
 class TEIRank(BaseModel):
