@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ sys.path.insert(0, str(HERE / "bench"))
 
 from bench_serving import machine  # noqa: E402  (also puts tests/ on the path)
 from server import free_port  # noqa: E402
+from trainer.loop import wait_until_ready  # noqa: E402
 
 
 def bodies() -> dict[str, bytes]:
@@ -71,22 +73,19 @@ def measure(url: str, body: bytes, interval: float) -> dict:
             "healthz_max_s": round(max(latencies), 4), "healthz_median_s": round(statistics.median(latencies), 4)}
 
 
-def serve(repo: Path) -> tuple[subprocess.Popen, str]:
+def serve(repo: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(repo), "REWARD_SHUTDOWN_DRAIN_S": "0"}
-    server = subprocess.Popen([sys.executable, "-m", "reward_cli", "serve", "--port", str(port)], cwd=repo, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise SystemExit(f"the server from {repo} did not become ready")
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "reward_cli", "serve", "--port", str(port)], cwd=repo, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_ready(url, server, 180, log_path)
+    except RuntimeError:
+        server.kill()
+        raise
+    return server, url
 
 
 def main() -> int:
@@ -99,7 +98,7 @@ def main() -> int:
     result = {"machine": machine(), "bodies_mb": {k: round(len(b) / 1e6, 2) for k, b in kinds.items()}, "runs": {}}
     for spec in args.repo:
         label, _, path = spec.partition("=")
-        server, url = serve(Path(path).resolve())
+        server, url = serve(Path(path).resolve(), Path(tempfile.gettempdir()) / f"loop-stall-{label}.log")
         try:
             result["runs"][label] = {kind: measure(url, body, args.interval) for kind, body in kinds.items()}
         finally:

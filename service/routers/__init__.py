@@ -102,7 +102,7 @@ class OffLoopBodyRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         params = self.dependant.body_params
-        if len(params) != 1 or self.body_field is None or self.body_field is not params[0]:
+        if len(params) != 1 or self.body_field is not params[0]:
             return handler  # no body, or several embedded fields: FastAPI's own path
         field = self.body_field
 
